@@ -1,0 +1,47 @@
+# ml-template: the cookiecutter template, its step library and pipelines. `make` lists targets.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(abspath $(VENV))/bin
+DEMO := demo/digits-classifier
+
+.DEFAULT_GOAL := help
+.PHONY: help venv demo test test-fast lint format bench clean
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: requirements/lock.txt components/pyproject.toml pipelines/pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements/lock.txt
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation \
+		-e components -e pipelines
+	touch $@
+
+venv: $(VENV)/.installed ## Create .venv with every pinned dependency (once)
+
+demo: venv ## Generate the default project into demo/ and run its whole pipeline locally
+	@if [ -d $(DEMO) ]; then $(BIN)/handoff stop --project $(DEMO); fi
+	rm -rf demo
+	COOKIECUTTER_CONFIG=$(abspath tests/cookiecutter-config.yaml) $(BIN)/cookiecutter . --no-input --output-dir demo
+	cd $(DEMO) && PATH=$(BIN):$$PATH $(MAKE) --no-print-directory run
+
+test: venv ## The whole test suite (what CI runs)
+	$(BIN)/python -m pytest
+
+test-fast: venv ## Unit tests only (seconds)
+	$(BIN)/python -m pytest -m unit
+
+lint: venv ## ruff over the library, pipelines, hooks, tests and benchmarks
+	$(BIN)/ruff check components pipelines hooks tests bench
+	$(BIN)/ruff format --check components pipelines hooks tests bench
+
+format: venv ## Apply ruff's fixes and formatting
+	$(BIN)/ruff check --fix components pipelines hooks tests bench
+	$(BIN)/ruff format components pipelines hooks tests bench
+
+bench: venv ## Benchmarks (ratios side by side; see bench/README.md)
+	$(BIN)/python bench/pipeline_overhead.py
+
+clean: ## Stop the demo server, remove demo/ and the venv
+	@if [ -d $(DEMO) ] && [ -x $(BIN)/handoff ]; then $(BIN)/handoff stop --project $(DEMO); fi
+	rm -rf demo $(VENV)

@@ -1,0 +1,5 @@
+"""Names of the files steps hand to each other (kept apart so no step imports another's engine)."""
+
+ONNX_FILE = "model.onnx"  # the one self-contained ONNX model
+EXAMPLE_FILE = "example.json"  # contract example as a V2 request, with the expected outputs
+CONFIG_FILE = "config.json"  # the model.py Config the weights were trained with

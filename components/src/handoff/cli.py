@@ -1,0 +1,157 @@
+"""The ``handoff`` command: check a project, run its pipeline, or run one step by hand.
+
+User errors (``HandoffError``) print as one ``error:`` line and exit 1; step commands print
+their result as JSON on stdout so scripts and orchestrators can read it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from handoff import __version__
+from handoff.errors import HandoffError
+from handoff.step_entry import record_json
+
+app = typer.Typer(help="Take a model.py project from training to a served, smoke-tested model.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+ProjectOpt = Annotated[Path, typer.Option("--project", "-p", help="The project folder.",
+                                          file_okay=False)]
+
+
+def _print_record(result: Any) -> None:
+    typer.echo(json.dumps(json.loads(record_json(result)), indent=2))
+
+
+def _overrides(pairs: list[str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise HandoffError(f"--set expects FIELD=VALUE, got {pair!r}")
+        try:
+            values[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            values[key] = raw
+    return values
+
+
+@app.command()
+def version() -> None:
+    """Print the step library version (the template version it belongs to)."""
+    typer.echo(__version__)
+
+
+@app.command()
+def check(project: ProjectOpt = Path(".")) -> None:
+    """Check that model.py satisfies contract.yaml (hooks, shapes, overfit, ONNX round trip)."""
+    from handoff.check import check as run_check
+
+    report = run_check(project, progress=lambda name, detail: typer.echo(f"  ok  {name}: {detail}"))
+    typer.echo(f"model.py satisfies the contract ({len(report.passed)} checks, {report.seconds:.1f} s)")
+
+
+@app.command()
+def run(project: ProjectOpt = Path("."),
+        local: Annotated[bool, typer.Option("--local", help="Run with kfp.local on this machine.")] = False) -> None:
+    """Run the whole pipeline: train, export, evaluate, register, deploy and smoke-test."""
+    if not local:
+        raise HandoffError("only local runs are available in this version: use `handoff run --local`")
+    from handoff_pipelines.local import run_local
+    from handoff_pipelines.summary import format_summary
+
+    summary = run_local(project)
+    typer.echo(format_summary(summary))
+    if summary["status"] != "succeeded":
+        raise typer.Exit(1)
+
+
+@app.command()
+def train(project: ProjectOpt = Path("."),
+          checkpoint: Annotated[Path, typer.Option(help="Where to write the checkpoint.")] = Path("checkpoint.pt"),
+          set_: Annotated[list[str], typer.Option("--set", help="Config override FIELD=VALUE.")] = []) -> None:  # noqa: B006
+    """Train model.py's model and write a checkpoint."""
+    from handoff.steps.train import train as step
+
+    _print_record(step(project, checkpoint, overrides=_overrides(set_)))
+
+
+@app.command()
+def export(project: ProjectOpt = Path("."),
+           checkpoint: Annotated[Path, typer.Option(exists=True, dir_okay=False)] = Path("checkpoint.pt"),
+           out: Annotated[Path, typer.Option(help="Folder for model.onnx and example.json.")] = Path("onnx")) -> None:
+    """Export a checkpoint to one self-contained ONNX file, parity-checked against torch."""
+    from handoff.steps.export import export as step
+
+    _print_record(step(project, checkpoint, out))
+
+
+@app.command()
+def evaluate(project: ProjectOpt = Path("."),
+             model_dir: Annotated[Path, typer.Option(exists=True, file_okay=False)] = Path("onnx"),
+             out: Annotated[Path | None, typer.Option(help="Also write the result here (JSON).")] = None) -> None:
+    """Evaluate the ONNX model on the held-out split and decide the gate."""
+    from handoff.steps.evaluate import evaluate as step
+
+    result = step(project, model_dir)
+    if out:
+        out.write_text(record_json(result))
+    _print_record(result)
+
+
+@app.command()
+def register(project: ProjectOpt = Path("."),
+             model_dir: Annotated[Path, typer.Option(exists=True, file_okay=False)] = Path("onnx"),
+             evaluation: Annotated[Path, typer.Option(exists=True, dir_okay=False,
+                                                      help="JSON written by `handoff evaluate --out`.")] = Path("evaluation.json"),
+             run_id: Annotated[str, typer.Option(help="MLflow run of the training.")] = "") -> None:
+    """Register the ONNX model in MLflow; alias champion only if the gate passed."""
+    from handoff.steps.register import register as step
+
+    _print_record(step(project, model_dir, json.loads(evaluation.read_text()), run_id))
+
+
+@app.command()
+def deploy(project: ProjectOpt = Path("."),
+           version: Annotated[str, typer.Option(help="Registered version, or an alias.")] = "champion") -> None:
+    """Serve a registered version locally with the KServe model server and smoke-test it."""
+    from handoff.project import Project
+    from handoff.steps.deploy import deploy as step
+    from handoff.tracking import use_tracking
+
+    loaded = Project.load(project)
+    name = loaded.settings.model_name
+    if not version.isdigit():
+        try:
+            version = str(use_tracking(loaded).get_model_version_by_alias(name, version).version)
+        except Exception:  # noqa: BLE001 - MLflow raises a generic error for a missing alias
+            raise HandoffError(f"model {name!r} has no version with alias {version!r}") from None
+    _print_record(step(project, name, version))
+
+
+@app.command()
+def stop(project: ProjectOpt = Path(".")) -> None:
+    """Stop the project's local model server."""
+    from handoff.project import Project
+    from handoff.serving import local_server
+
+    handle = local_server.stop(Project.load(project).state_dir)
+    typer.echo(f"stopped {handle.model_name} v{handle.version} at {handle.url}" if handle
+               else "no local model server is running for this project")
+
+
+def main() -> None:
+    try:
+        app()
+    except HandoffError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""The project contract (``contract.yaml``): the one schema that export, evaluation, serving and
+smoke tests all enforce.
+
+Shapes use -1 for a dynamic axis (the batch). Dtypes are named as numpy names them; the V2
+datatype (``FP32``) and the ONNX element type follow from that one name, so they cannot drift.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from handoff.yaml_files import load_yaml_model
+
+CONTRACT_FILE = "contract.yaml"
+
+# numpy dtype name -> Open Inference Protocol v2 datatype
+V2_DATATYPES: dict[str, str] = {
+    "float32": "FP32",
+    "float16": "FP16",
+    "float64": "FP64",
+    "int8": "INT8",
+    "int16": "INT16",
+    "int32": "INT32",
+    "int64": "INT64",
+    "uint8": "UINT8",
+    "bool": "BOOL",
+}
+
+Dtype = Literal["float32", "float16", "float64", "int8", "int16", "int32", "int64", "uint8", "bool"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TensorSpec(_Strict):
+    """One named model input or output."""
+
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.:-]*$")
+    dtype: Dtype
+    shape: list[int] = Field(min_length=1)
+
+    @field_validator("shape")
+    @classmethod
+    def _dims_are_positive_or_dynamic(cls, shape: list[int]) -> list[int]:
+        if any(dim == 0 or dim < -1 for dim in shape):
+            raise ValueError("each dimension must be a positive size or -1 for a dynamic axis")
+        if shape[0] != -1:
+            raise ValueError("the first (batch) dimension must be -1 so requests can be batched")
+        return shape
+
+    @property
+    def numpy_dtype(self) -> np.dtype:
+        return np.dtype(self.dtype)
+
+    @property
+    def v2_datatype(self) -> str:
+        return V2_DATATYPES[self.dtype]
+
+    def accepts(self, shape: tuple[int, ...] | list[int]) -> bool:
+        """True when a concrete shape fits this spec (-1 matches any size)."""
+        return len(shape) == len(self.shape) and all(
+            want in (-1, got) for want, got in zip(self.shape, shape, strict=True)
+        )
+
+
+class Slo(_Strict):
+    """Service-level objectives the gate checks before a model may be promoted."""
+
+    latency_p99_ms: float = Field(gt=0)
+    latency_batch_size: int = Field(default=1, ge=1)
+    min_metrics: dict[str, float] = Field(default_factory=dict)
+    parity_tolerance: float = Field(default=1e-4, gt=0)
+
+
+class Owners(_Strict):
+    research: str = Field(min_length=1)
+    engineering: str = Field(min_length=1)
+
+
+class Contract(_Strict):
+    """The handoff contract between the researcher and the platform."""
+
+    name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)
+    task: Literal["classification", "regression"]
+    inputs: list[TensorSpec] = Field(min_length=1)
+    outputs: list[TensorSpec] = Field(min_length=1)
+    slo: Slo
+    owners: Owners
+    sha256: str = Field(default="", exclude=True)
+
+    @field_validator("outputs")
+    @classmethod
+    def _names_are_unique(cls, outputs: list[TensorSpec]) -> list[TensorSpec]:
+        names = [spec.name for spec in outputs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"output names must be unique, found {names}")
+        return outputs
+
+    @property
+    def input_names(self) -> list[str]:
+        return [spec.name for spec in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [spec.name for spec in self.outputs]
+
+
+def load_contract(project_dir: Path) -> Contract:
+    """Read and validate ``<project_dir>/contract.yaml``; the file's hash travels with it."""
+    path = project_dir / CONTRACT_FILE
+    contract = load_yaml_model(path, Contract)
+    return contract.model_copy(update={"sha256": hashlib.sha256(path.read_bytes()).hexdigest()})

@@ -1,0 +1,53 @@
+"""ONNX Runtime sessions and contract checks shared by export, evaluate, check and serving."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from handoff.contract import Contract, TensorSpec
+from handoff.errors import HandoffError
+
+
+def open_session(path: Path, *, threads: int = 0) -> ort.InferenceSession:
+    """A CPU ONNX Runtime session (the engine the model will be served with)."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own untyped errors
+        raise HandoffError(f"ONNX Runtime cannot load the model: {exc}", file=path) from None
+
+
+def check_arrays(specs: Sequence[TensorSpec], arrays: Sequence[np.ndarray], *, what: str,
+                 source: str) -> None:
+    """Check count, dtype and shape of arrays against contract specs, naming the first mismatch."""
+    if len(arrays) != len(specs):
+        raise HandoffError(
+            f"{what}: contract.yaml declares {len(specs)} ({', '.join(s.name for s in specs)}), "
+            f"{source} produced {len(arrays)}",
+            file="contract.yaml", field=what,
+        )
+    for index, (spec, array) in enumerate(zip(specs, arrays, strict=True)):
+        if array.dtype != spec.numpy_dtype:
+            raise HandoffError(
+                f"{what}[{index}] '{spec.name}': expected dtype {spec.dtype}, {source} produced {array.dtype}",
+                file="contract.yaml", field=f"{what}[{index}].dtype",
+            )
+        if not spec.accepts(array.shape):
+            raise HandoffError(
+                f"{what}[{index}] '{spec.name}': expected shape {spec.shape} (-1 = any), "
+                f"{source} produced {list(array.shape)}",
+                file="contract.yaml", field=f"{what}[{index}].shape",
+            )
+
+
+def run_session(session: ort.InferenceSession, contract: Contract,
+                inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+    feeds = dict(zip(contract.input_names, inputs, strict=True))
+    return session.run(contract.output_names, feeds)

@@ -1,0 +1,1 @@
+"""Local serving: the KServe Python model server over ONNX Runtime, its process control and smoke test."""

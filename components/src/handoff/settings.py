@@ -1,0 +1,59 @@
+"""Platform settings of a project (``handoff.yaml``): where things run, not what the model is."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from handoff.yaml_files import load_yaml_model
+
+SETTINGS_FILE = "handoff.yaml"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MlflowSettings(_Strict):
+    # A relative sqlite path is resolved against the project folder, so every step and the
+    # researcher's own `mlflow ui` see the same registry whatever their working directory.
+    tracking_uri: str = "sqlite:///mlflow.db"
+    experiment: str = Field(min_length=1)
+
+
+class ServingSettings(_Strict):
+    host: str = "127.0.0.1"
+    # 0 picks a free port; the chosen one is printed and written to the run summary.
+    port: int = Field(default=8080, ge=0, le=65535)
+    ready_timeout_s: float = Field(default=60, gt=0)
+
+
+class TrainingSettings(_Strict):
+    # Overrides applied to model.py's Config (field name -> value) for pipeline runs.
+    overrides: dict[str, object] = Field(default_factory=dict)
+    gpus: int = Field(default=0, ge=0)
+
+
+class Settings(_Strict):
+    project: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)
+    model_name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)
+    template_version: str
+    orchestrator: str = Field(pattern=r"^(kfp|argo|both)$")
+    image: str = Field(min_length=1)
+    namespace: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)
+    mlflow: MlflowSettings
+    serving: ServingSettings = ServingSettings()
+    training: TrainingSettings = TrainingSettings()
+
+    def tracking_uri(self, project_dir: Path) -> str:
+        """The MLflow tracking URI with a relative sqlite path made absolute under the project."""
+        uri = self.mlflow.tracking_uri
+        prefix = "sqlite:///"
+        if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+            return prefix + str((project_dir / uri[len(prefix) :]).resolve())
+        return uri
+
+
+def load_settings(project_dir: Path) -> Settings:
+    return load_yaml_model(project_dir / SETTINGS_FILE, Settings)

@@ -1,0 +1,40 @@
+"""MLflow set-up shared by the steps that write to the tracking server or registry."""
+
+from __future__ import annotations
+
+import os
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from handoff.project import Project
+
+# Steps run in short-lived processes: keep MLflow from spending seconds on telemetry and
+# environment inference that nobody reads.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+
+
+def use_tracking(project: Project) -> MlflowClient:
+    """Point MLflow at the project's store and make sure its experiment exists.
+
+    With a local store the experiment's artifacts go to ``<project>/mlartifacts`` rather than
+    the working directory of whichever process happened to create it first.
+    """
+    uri = project.tracking_uri
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    name = project.settings.mlflow.experiment
+    if client.get_experiment_by_name(name) is None:
+        location = None
+        if uri.startswith(("sqlite:", "file:")) or "://" not in uri:
+            location = (project.root / "mlartifacts").as_uri()
+        try:
+            client.create_experiment(name, artifact_location=location)
+        except mlflow.exceptions.MlflowException:
+            # Another step created it at the same moment; that one is as good.
+            if client.get_experiment_by_name(name) is None:
+                raise
+    mlflow.set_experiment(name)
+    return client

@@ -1,0 +1,58 @@
+"""Validate the answers before anything is written, with one clear line per problem.
+
+Runs inside cookiecutter (and cruft); it only reads the rendered answers and exits non-zero,
+so a bad answer leaves no partial project behind.
+"""
+
+import keyword
+import re
+import sys
+
+DNS_1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+# Names that would shadow a library the project imports, or the platform's own modules.
+RESERVED = {
+    "torch", "torchvision", "numpy", "onnx", "onnxruntime", "onnxscript", "kfp", "hera", "mlflow",
+    "kserve", "kubernetes", "sklearn", "yaml", "typer", "requests", "handoff", "handoff_pipelines",
+    "model", "tests", "test", "pipelines", "components",
+}
+TRACKING_SCHEMES = ("sqlite:///", "http://", "https://", "file:", "databricks")
+
+# tojson makes each answer a valid Python string literal, whatever it contains.
+answers = {
+    "project": {{ cookiecutter.project | tojson }},
+    "package_name": {{ cookiecutter.package_name | tojson }},
+    "namespace": {{ cookiecutter.namespace | tojson }},
+    "container_registry": {{ cookiecutter.container_registry | tojson }},
+    "mlflow_tracking_uri": {{ cookiecutter.mlflow_tracking_uri | tojson }},
+}
+
+
+def problems() -> list[str]:
+    found = []
+    for field in ("project", "namespace"):
+        value = answers[field]
+        if len(value) > 63 or not DNS_1123_LABEL.match(value):
+            found.append(f"{field} {value!r} is not a DNS-1123 label: use lowercase letters, digits "
+                         "and '-', start and end with a letter or digit, at most 63 characters")
+    package = answers["package_name"]
+    if not package.isidentifier() or keyword.iskeyword(package):
+        found.append(f"package_name {package!r} is not a Python identifier: use letters, digits "
+                     "and '_', not starting with a digit")
+    elif package.lower() in RESERVED:
+        found.append(f"package_name {package!r} is reserved (it would shadow a library or platform "
+                     f"module); reserved names: {', '.join(sorted(RESERVED))}")
+    registry = answers["container_registry"]
+    if not registry or registry != registry.lower() or " " in registry or registry.endswith("/"):
+        found.append(f"container_registry {registry!r} must be a lowercase image prefix such as "
+                     "registry.example.com/team, without a trailing '/'")
+    if not answers["mlflow_tracking_uri"].startswith(TRACKING_SCHEMES):
+        found.append(f"mlflow_tracking_uri {answers['mlflow_tracking_uri']!r} must start with one of "
+                     f"{', '.join(TRACKING_SCHEMES)}")
+    return found
+
+
+if __name__ == "__main__":
+    errors = problems()
+    for line in errors:
+        print(f"ERROR: {line}", file=sys.stderr)
+    sys.exit(1 if errors else 0)

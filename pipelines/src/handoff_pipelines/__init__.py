@@ -1,0 +1,1 @@
+"""The pipeline graph of handoff steps, once for Kubeflow Pipelines v2 (also run by kfp.local)."""

@@ -1,0 +1,66 @@
+"""Thin KFP wrappers: each calls one handoff step and hands files on.
+
+KFP ships each function's source to the task on its own, so every import sits inside the
+function, and the annotations are real types (no ``from __future__ import annotations``). All
+logic lives in the ``handoff`` library, which the project image already has installed.
+
+Every step writes its result to a ``record`` artifact (JSON): later steps read what they need
+from it and the local runner builds the run summary from it. The gate is evaluate's single
+return value because conditions on single outputs are what every engine, kfp.local included,
+resolves.
+"""
+
+from kfp.dsl import Artifact, Input, Metrics, Model, Output
+
+
+def train(project_dir: str, checkpoint: Output[Model], record: Output[Artifact]):
+    """Train model.py's model (handoff.steps.train)."""
+    from handoff.step_entry import run_step
+    from handoff.steps.train import train as step
+
+    run_step("train", step, record.path, project_dir=project_dir, checkpoint=checkpoint.path)
+
+
+def export(project_dir: str, checkpoint: Input[Model], onnx_model: Output[Model],
+           record: Output[Artifact]):
+    """Export to one parity-checked ONNX file (handoff.steps.export)."""
+    from handoff.step_entry import run_step
+    from handoff.steps.export import export as step
+
+    result = run_step("export", step, record.path, project_dir=project_dir,
+                      checkpoint=checkpoint.path, model_dir=onnx_model.path)
+    onnx_model.metadata.update({"onnx_sha256": result.onnx_sha256, "opset": result.opset})
+
+
+def evaluate(project_dir: str, onnx_model: Input[Model], metrics: Output[Metrics],
+             record: Output[Artifact]) -> bool:
+    """Evaluate in ONNX Runtime; returns whether the gate passed (handoff.steps.evaluate)."""
+    from handoff.step_entry import run_step
+    from handoff.steps.evaluate import evaluate as step
+
+    result = run_step("evaluate", step, record.path, project_dir=project_dir, model_dir=onnx_model.path)
+    for name, value in result.metrics.items():
+        metrics.log_metric(name, value)
+    metrics.log_metric("latency_p99_ms", result.latency_p99_ms)
+    return result.gate.passed
+
+
+def register(project_dir: str, onnx_model: Input[Model], evaluation: Input[Artifact],
+             training: Input[Artifact], record: Output[Artifact]):
+    """Register in MLflow: challenger always, champion if the gate passed (handoff.steps.register)."""
+    from handoff.step_entry import read_record, run_step
+    from handoff.steps.register import register as step
+
+    run_step("register", step, record.path, project_dir=project_dir, model_dir=onnx_model.path,
+             evaluation=read_record(evaluation.path),
+             mlflow_run_id=read_record(training.path)["mlflow_run_id"])
+
+
+def deploy(project_dir: str, registration: Input[Artifact], record: Output[Artifact]):
+    """Serve the registered version and smoke-test it (handoff.steps.deploy)."""
+    from handoff.step_entry import read_record, run_step
+    from handoff.steps.deploy import deploy as step
+
+    registered = read_record(registration.path)
+    run_step("deploy", step, record.path, project_dir=project_dir,
+             model_name=registered["model_name"], version=registered["version"])

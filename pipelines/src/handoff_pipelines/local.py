@@ -1,0 +1,94 @@
+"""Run a project's pipeline on this machine with kfp.local: no Docker, no Kubernetes.
+
+Each run gets ``<project>/runs/<run-id>/``: kfp.local's artifacts under ``artifacts/`` and the
+run's ``summary.json``. Steps run in this Python (SubprocessRunner without per-task venvs);
+their scratch folders go to ``<project>/.handoff/tmp`` and are removed afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from handoff.files import read_json, write_json
+from handoff.model_source import precheck_source
+from handoff.project import Project
+from handoff.step_entry import ERROR_FILE_ENV
+
+from handoff_pipelines.graph import PIPELINE_NAME, STEPS, build_pipeline
+from handoff_pipelines.summary import build_summary
+
+RUNS_DIR = "runs"
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """Set variables the step subprocesses inherit, and restore them afterwards."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    tempfile.tempdir = None  # re-read TMPDIR
+    try:
+        yield
+    finally:
+        for key, old in saved.items():
+            if old is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = old
+        tempfile.tempdir = None
+
+
+def task_records(pipeline_root: Path) -> dict[str, dict[str, Any]]:
+    """Each finished task's ``record`` artifact (kfp.local: ``<root>/<pipeline>-<time>/<task>/``)."""
+    return {path.parent.name: read_json(path) for path in pipeline_root.glob(f"{PIPELINE_NAME}-*/*/record")}
+
+
+def new_run_dir(project: Project) -> Path:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-%f")
+    path = project.root / RUNS_DIR / stamp
+    path.mkdir(parents=True)
+    return path
+
+
+def run_local(project_dir: Path | str) -> dict[str, Any]:
+    """Run train → export → evaluate → register → deploy; return (and write) the run summary."""
+    from kfp import local
+
+    project = Project.load(project_dir)
+    precheck_source(project.root)  # a broken model.py fails here, before any step starts
+    run_dir = new_run_dir(project)
+    pipeline_root = run_dir / "artifacts"
+    scratch = project.state_dir / "tmp"
+    scratch.mkdir(exist_ok=True)
+    error_file = run_dir / "error.json"
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root),
+               raise_on_error=False)
+    pipeline = build_pipeline(image=project.settings.image)
+    started = time.perf_counter()
+    try:
+        with _environment({ERROR_FILE_ENV: str(error_file), "TMPDIR": str(scratch)}):
+            pipeline(project_dir=str(project.root))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    failure = read_json(error_file) if error_file.is_file() else None
+    records = task_records(pipeline_root)
+    gate_passed = records.get("evaluate", {}).get("gate", {}).get("passed", True)
+    expected = STEPS if gate_passed else STEPS[:-1]
+    missing = [step for step in expected if step not in records]
+    if failure is None and missing:
+        failure = {"step": missing[0], "message": f"the pipeline stopped before {missing[0]} finished; "
+                   f"see the log above and {pipeline_root}"}
+    summary = build_summary(project, run_dir, records, failure,
+                            total_seconds=round(time.perf_counter() - started, 3))
+    write_json(run_dir / "summary.json", summary)
+    latest = project.root / RUNS_DIR / "latest"
+    latest.unlink(missing_ok=True)
+    latest.symlink_to(run_dir.name)
+    return summary

@@ -1,0 +1,80 @@
+"""{{ cookiecutter.project_name }}: the model, its data, loss and metrics in plain PyTorch.
+
+This is the one file a researcher edits. The platform (`handoff`) trains it, exports it to ONNX,
+evaluates it against contract.yaml, registers and serves it. Conventions:
+
+* every dataset item is ``(inputs, target)``; ``inputs`` matches contract.yaml ``inputs``;
+* the model is called as ``model(inputs)`` and returns what contract.yaml ``outputs`` declares;
+* ``example_inputs`` is a small real batch: export and the serving smoke test replay it.
+
+Run ``make check`` after each change (seconds), ``make run`` for the whole pipeline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from sklearn.datasets import load_digits
+from torch import nn
+from torch.utils.data import TensorDataset
+
+
+@dataclass
+class Config:
+    epochs: int = 12  # passes over the ~1,400 training images
+    batch_size: int = 64
+    lr: float = 3e-3  # AdamW learning rate
+    channels: int = 16  # width of the first convolution
+    val_fraction: float = 0.2  # share of the data held out for evaluation
+    seed: int = 0  # seeds weights, data split and batch order
+
+    @classmethod
+    def tiny(cls) -> Config:
+        """A seconds-long run for smoke tests."""
+        return cls(epochs=1)
+
+
+def build_model(cfg: Config) -> nn.Module:
+    """A small CNN for 1x8x8 images: two convolutions, then a linear classifier."""
+    c = cfg.channels
+    return nn.Sequential(
+        nn.Conv2d(1, c, kernel_size=3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(c, 2 * c, kernel_size=3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),  # 8x8 -> 4x4
+        nn.Flatten(),
+        nn.Linear(2 * c * 4 * 4, 64),
+        nn.ReLU(),
+        nn.Linear(64, 10),
+    )
+
+
+def build_datasets(cfg: Config) -> tuple[TensorDataset, TensorDataset]:
+    """scikit-learn's bundled digits (offline), scaled to [0, 1], split with a seeded permutation."""
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    labels = torch.tensor(digits.target, dtype=torch.long)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(cfg.seed))
+    n_val = int(len(labels) * cfg.val_fraction)
+    val, train = order[:n_val], order[n_val:]
+    return TensorDataset(images[train], labels[train]), TensorDataset(images[val], labels[val])
+
+
+def loss(outputs: torch.Tensor, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    _, target = batch
+    return F.cross_entropy(outputs, target)
+
+
+def metrics(outputs: torch.Tensor, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
+    """Computed once over the whole held-out split (not averaged over batches)."""
+    _, target = batch
+    return {"accuracy": (outputs.argmax(dim=1) == target).float().mean().item()}
+
+
+def example_inputs(cfg: Config) -> torch.Tensor:
+    """Four held-out digits: the export example and the serving smoke-test request."""
+    _, val = build_datasets(cfg)
+    return val.tensors[0][:4]
