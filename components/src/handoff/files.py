@@ -34,9 +34,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def write_json(path: Path, payload: Any) -> None:
-    """Write JSON atomically with stable key order, so files diff cleanly between runs."""
-    atomic_write_bytes(path, (json.dumps(payload, indent=2, sort_keys=True) + "\n").encode())
+def write_json(path: Path, payload: Any, *, sort_keys: bool = True) -> None:
+    """Write JSON atomically; sorted keys by default so files diff cleanly between runs."""
+    atomic_write_bytes(path, (json.dumps(payload, indent=2, sort_keys=sort_keys) + "\n").encode())
 
 
 def read_json(path: Path) -> Any:

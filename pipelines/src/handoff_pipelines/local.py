@@ -87,7 +87,7 @@ def run_local(project_dir: Path | str) -> dict[str, Any]:
                    f"see the log above and {pipeline_root}"}
     summary = build_summary(project, run_dir, records, failure,
                             total_seconds=round(time.perf_counter() - started, 3))
-    write_json(run_dir / "summary.json", summary)
+    write_json(run_dir / "summary.json", summary, sort_keys=False)  # reads in pipeline order
     latest = project.root / RUNS_DIR / "latest"
     latest.unlink(missing_ok=True)
     latest.symlink_to(run_dir.name)

@@ -1,0 +1,67 @@
+"""Shared fixtures: generate projects from this template with the real cookiecutter."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from cookiecutter.main import cookiecutter
+
+TEMPLATE = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+HANDOFF = str(BIN / "handoff")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cookiecutter_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Keep cookiecutter's replay and clone folders out of $HOME."""
+    home = tmp_path_factory.mktemp("cookiecutter-home")
+    config = home / "config.yaml"
+    config.write_text(f"cookiecutters_dir: {home / 'dirs'}\nreplay_dir: {home / 'replay'}\n")
+    old = os.environ.get("COOKIECUTTER_CONFIG")
+    os.environ["COOKIECUTTER_CONFIG"] = str(config)
+    yield
+    if old is None:
+        os.environ.pop("COOKIECUTTER_CONFIG", None)
+    else:
+        os.environ["COOKIECUTTER_CONFIG"] = old
+
+
+def generate(output_dir: Path, **answers: str) -> Path:
+    return Path(cookiecutter(str(TEMPLATE), no_input=True, extra_context=answers, output_dir=str(output_dir)))
+
+
+@pytest.fixture(scope="session")
+def default_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default project, generated once; tests copy it before changing anything."""
+    return generate(tmp_path_factory.mktemp("default"))
+
+
+@pytest.fixture
+def project(default_project: Path, tmp_path: Path) -> Path:
+    """A private copy of the default project, safe to edit and run."""
+    return Path(shutil.copytree(default_project, tmp_path / default_project.name))
+
+
+def edit_yaml(path: Path, change: Callable[[dict[str, Any]], None]) -> None:
+    data = yaml.safe_load(path.read_text())
+    change(data)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def replace_in(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text, f"{old!r} not in {path}"
+    path.write_text(text.replace(old, new))
+
+
+def handoff(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    """Run the real ``handoff`` CLI as a user would."""
+    return subprocess.run([HANDOFF, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)

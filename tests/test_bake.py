@@ -1,0 +1,119 @@
+"""Generating projects: the exact file set, fully rendered files, answer validation, cruft."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import TEMPLATE
+
+pytestmark = pytest.mark.bake
+
+EXPECTED_FILES = {
+    ".github/workflows/ci.yml", ".gitignore", "Makefile", "README.md", "contract.yaml",
+    "handoff.yaml", "model.py", "model_card.md", "pyproject.toml", "tests/test_model.py",
+}
+# GitHub Actions expressions are meant to reach the generated project unrendered.
+JINJA_ALLOWED = {".github/workflows/ci.yml": re.compile(r"\$\{\{ [a-z.]+ \}\}")}
+
+
+def files_of(project: Path) -> set[str]:
+    return {str(p.relative_to(project)) for p in project.rglob("*") if p.is_file()}
+
+
+def test_default_bake_has_exactly_the_expected_files(cookies) -> None:
+    result = cookies.bake()
+    assert result.exit_code == 0, result.exception
+    assert result.project_path.name == "digits-classifier"
+    assert files_of(result.project_path) == EXPECTED_FILES
+
+
+@pytest.mark.parametrize("answers", [
+    {},
+    {"project_name": "Churn Model", "orchestrator": "argo", "namespace": "team-a",
+     "container_registry": "registry.example.com/team-a", "author": "Ada: \"research\" lead"},
+])
+def test_no_unrendered_jinja(cookies, answers: dict[str, str]) -> None:
+    result = cookies.bake(extra_context=answers)
+    assert result.exit_code == 0, result.exception
+    for name in files_of(result.project_path):
+        text = (result.project_path / name).read_text()
+        allowed = JINJA_ALLOWED.get(name)
+        if allowed:
+            text = allowed.sub("", text)
+        assert "{{" not in text and "{%" not in text, f"unrendered Jinja in {name}"
+
+
+def test_answers_reach_the_project(cookies) -> None:
+    result = cookies.bake(extra_context={"project_name": "Churn Model", "orchestrator": "both",
+                                         "namespace": "team-a"})
+    assert result.exit_code == 0, result.exception
+    project = result.project_path
+    assert project.name == "churn-model"
+    handoff_yaml = (project / "handoff.yaml").read_text()
+    assert "orchestrator: both" in handoff_yaml and "namespace: team-a" in handoff_yaml
+    assert 'name = "churn_model"' in (project / "pyproject.toml").read_text()
+    assert '"ml-handoff==0.1.0"' in (project / "pyproject.toml").read_text()
+    assert "name: churn-model" in (project / "contract.yaml").read_text()
+
+
+@pytest.mark.parametrize(("answers", "message"), [
+    ({"project": "Bad_Name"}, "ERROR: project 'Bad_Name' is not a DNS-1123 label"),
+    ({"package_name": "2fast"}, "ERROR: package_name '2fast' is not a Python identifier"),
+    ({"package_name": "torch"}, "ERROR: package_name 'torch' is reserved"),
+    ({"namespace": "-ns"}, "ERROR: namespace '-ns' is not a DNS-1123 label"),
+    ({"mlflow_tracking_uri": "mlflow.db"}, "ERROR: mlflow_tracking_uri 'mlflow.db' must start with"),
+], ids=["slug", "identifier", "reserved", "namespace", "tracking-uri"])
+def test_invalid_answer_fails_with_one_line_and_no_output(tmp_path: Path, answers: dict[str, str],
+                                                          message: str) -> None:
+    args = [f"{k}={v}" for k, v in answers.items()]
+    result = subprocess.run([sys.executable, "-m", "cookiecutter", str(TEMPLATE), "--no-input",
+                             "--output-dir", str(tmp_path), *args], capture_output=True, text=True)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert list(tmp_path.iterdir()) == []  # no partial project
+
+
+def test_interactive_prompts_accept_defaults(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "cookiecutter", str(TEMPLATE), "--output-dir", str(tmp_path)],
+                            input="Fraud Scorer\n" + "\n" * 12, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "Project slug" in result.stdout
+    assert (tmp_path / "fraud-scorer" / "model.py").is_file()
+
+
+def test_cruft_create_records_the_template_commit(tmp_path: Path) -> None:
+    repo = tmp_path / "template"
+    tracked = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=TEMPLATE,
+                             capture_output=True, text=True, check=True).stdout.splitlines()
+    for name in tracked:
+        if (TEMPLATE / name).is_file():
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(TEMPLATE / name, repo / name)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com"]
+    subprocess.run(["git", "init", "-q", "-b", "main"], cwd=repo, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
+    subprocess.run([*git, "commit", "-qm", "template"], cwd=repo, check=True)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
+                            check=True).stdout.strip()
+    out = tmp_path / "out"
+    result = subprocess.run([str(Path(sys.executable).parent / "cruft"), "create", str(repo), "--no-input",
+                             "--output-dir", str(out)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    record = json.loads((out / "digits-classifier" / ".cruft.json").read_text())
+    assert record["commit"] == commit
+    assert record["context"]["cookiecutter"]["project"] == "digits-classifier"
+
+
+def test_generated_project_tests_pass(default_project: Path, tmp_path: Path) -> None:
+    project = Path(shutil.copytree(default_project, tmp_path / "p"))
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"], cwd=project,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "3 passed" in result.stdout

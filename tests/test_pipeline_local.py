@@ -1,0 +1,135 @@
+"""The whole local pipeline on real engines: kfp.local, MLflow (sqlite), ONNX Runtime, KServe."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import pytest
+import requests
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from handoff.files import sha256_of
+
+from .conftest import edit_yaml, handoff, replace_in
+
+pytestmark = pytest.mark.local
+
+
+def registry(project: Path) -> MlflowClient:
+    """A client of the project's registry (also set as the default for mlflow.artifacts)."""
+    uri = f"sqlite:///{project / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def use_free_port(project: Path) -> None:
+    """Tests must not collide with a developer's server on 8080 (or with each other)."""
+    edit_yaml(project / "handoff.yaml", lambda s: s["serving"].update(port=0))
+
+
+@pytest.fixture
+def served_project(project: Path) -> Iterator[Path]:
+    use_free_port(project)
+    yield project
+    handoff("stop", cwd=project)
+
+
+def test_run_local_trains_registers_and_serves(served_project: Path) -> None:
+    project = served_project
+    result = handoff("run", "--local", cwd=project)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "== digits-classifier: SUCCEEDED ==" in result.stdout
+
+    summary = json.loads((project / "runs" / "latest" / "summary.json").read_text())
+    assert summary["status"] == "succeeded"
+    assert summary["metrics"]["accuracy"] >= 0.95  # the contract's minimum, on the ONNX model
+    assert summary["gate"] == {"passed": True, "reasons": []}
+    assert summary["latency_ms"]["p99"] <= summary["contract"]["latency_p99_ms"]
+    assert list(summary["step_seconds"]) == ["train", "export", "evaluate", "register", "deploy"]
+    assert summary["smoke_test"]["passed"] is True
+
+    # The registry: version 1 carries both aliases and its lineage tags.
+    client = registry(project)
+    champion = client.get_model_version_by_alias("digits-classifier", "champion")
+    assert str(champion.version) == "1" == summary["registered"]["version"]  # int on sqlite, str over REST
+    assert str(client.get_model_version_by_alias("digits-classifier", "challenger").version) == "1"
+    assert champion.tags["handoff.onnx_sha256"] == summary["onnx_sha256"]
+    assert champion.tags["handoff.gate"] == "passed"
+    assert champion.tags["handoff.template_version"] == "0.1.0"
+
+    # What is registered is one self-contained ONNX file with the exported bytes.
+    downloaded = Path(mlflow.artifacts.download_artifacts(
+        artifact_uri="models:/digits-classifier@champion", dst_path=str(project / "check")))
+    assert sha256_of(downloaded / "model.onnx") == summary["onnx_sha256"]
+    assert not list(downloaded.rglob("*.data"))
+
+    # A real V2 request to the server the pipeline left running.
+    example = json.loads(next(downloaded.rglob("example.json")).read_text())
+    response = requests.post(f"{summary['endpoint']}/v2/models/digits-classifier/infer",
+                             json={"inputs": example["inputs"]}, timeout=10)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["id"]  # a request without id still gets one back
+    logits = body["outputs"][0]
+    assert (logits["name"], logits["datatype"], logits["shape"]) == ("logits", "FP32", [4, 10])
+    wrong = requests.post(f"{summary['endpoint']}/v2/models/digits-classifier/infer",
+                          json={"inputs": [{**example["inputs"][0], "name": "pixels"}]}, timeout=10)
+    assert wrong.status_code == 400
+    assert "unknown input(s) ['pixels']; expected inputs ['image']" in wrong.json()["error"]
+
+    stopped = handoff("stop", cwd=project)
+    assert "stopped digits-classifier v1" in stopped.stdout
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{summary['endpoint']}/v2/health/ready", timeout=2)
+
+
+def test_nan_loss_stops_the_pipeline_with_nothing_registered(served_project: Path) -> None:
+    project = served_project
+    replace_in(project / "model.py", "return F.cross_entropy(outputs, target)",
+               "return F.cross_entropy(outputs, target) * float('nan')")
+    result = handoff("run", "--local", cwd=project)
+    assert result.returncode == 1
+    assert "error: train failed:" in result.stdout
+    assert "model.py: loss: loss() returned nan at epoch 1, step 1" in result.stdout
+    summary = json.loads((project / "runs" / "latest" / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["error"]["step"] == "train"
+    assert summary["registered"] is None and summary["endpoint"] is None
+    with pytest.raises(MlflowException):
+        registry(project).get_registered_model("digits-classifier")
+    assert not (project / ".handoff" / "server.json").exists()
+
+
+def test_broken_model_py_fails_before_any_step(served_project: Path) -> None:
+    project = served_project
+    replace_in(project / "model.py", "def build_model(", "def make_model(")
+    result = handoff("run", "--local", cwd=project)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: {project.resolve() / 'model.py'}: missing hook(s) build_model; model.py must define "
+        "Config, build_model, build_datasets, loss, example_inputs (see the template's model.py for "
+        "each one's signature)"
+    ]
+    assert not (project / "mlflow.db").exists()
+
+
+def test_failed_gate_registers_a_challenger_but_does_not_promote_or_serve(served_project: Path) -> None:
+    project = served_project
+    edit_yaml(project / "handoff.yaml", lambda s: s["training"].update(overrides={"epochs": 1}))
+    edit_yaml(project / "contract.yaml", lambda c: c["slo"].update(min_metrics={"accuracy": 0.999}))
+    result = handoff("run", "--local", cwd=project)
+    assert result.returncode == 1
+    assert "gate       FAILED: accuracy 0." in result.stdout
+    assert "deploy     skipped: the gate failed" in result.stdout
+    summary = json.loads((project / "runs" / "latest" / "summary.json").read_text())
+    assert summary["status"] == "gate_failed"
+    assert summary["registered"]["aliases"] == ["challenger"]
+    assert summary["endpoint"] is None
+    client = registry(project)
+    assert client.get_model_version_by_alias("digits-classifier", "challenger").tags["handoff.gate"] == "failed"
+    with pytest.raises(MlflowException):
+        client.get_model_version_by_alias("digits-classifier", "champion")
