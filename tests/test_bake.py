@@ -16,8 +16,16 @@ from .conftest import TEMPLATE
 pytestmark = pytest.mark.bake
 
 EXPECTED_FILES = {
-    ".github/workflows/ci.yml", ".gitignore", "Makefile", "README.md", "contract.yaml",
-    "handoff.yaml", "model.py", "model_card.md", "pyproject.toml", "tests/test_model.py",
+    ".github/workflows/ci.yml",
+    ".gitignore",
+    "Makefile",
+    "README.md",
+    "contract.yaml",
+    "handoff.yaml",
+    "model.py",
+    "model_card.md",
+    "pyproject.toml",
+    "tests/test_model.py",
 }
 # GitHub Actions expressions are meant to reach the generated project unrendered.
 JINJA_ALLOWED = {".github/workflows/ci.yml": re.compile(r"\$\{\{ [a-z.]+ \}\}")}
@@ -34,11 +42,19 @@ def test_default_bake_has_exactly_the_expected_files(cookies) -> None:
     assert files_of(result.project_path) == EXPECTED_FILES
 
 
-@pytest.mark.parametrize("answers", [
-    {},
-    {"project_name": "Churn Model", "orchestrator": "argo", "namespace": "team-a",
-     "container_registry": "registry.example.com/team-a", "author": "Ada: \"research\" lead"},
-])
+@pytest.mark.parametrize(
+    "answers",
+    [
+        {},
+        {
+            "project_name": "Churn Model",
+            "orchestrator": "argo",
+            "namespace": "team-a",
+            "container_registry": "registry.example.com/team-a",
+            "author": 'Ada: "research" lead',
+        },
+    ],
+)
 def test_no_unrendered_jinja(cookies, answers: dict[str, str]) -> None:
     result = cookies.bake(extra_context=answers)
     assert result.exit_code == 0, result.exception
@@ -51,8 +67,9 @@ def test_no_unrendered_jinja(cookies, answers: dict[str, str]) -> None:
 
 
 def test_answers_reach_the_project(cookies) -> None:
-    result = cookies.bake(extra_context={"project_name": "Churn Model", "orchestrator": "both",
-                                         "namespace": "team-a"})
+    result = cookies.bake(
+        extra_context={"project_name": "Churn Model", "orchestrator": "both", "namespace": "team-a"}
+    )
     assert result.exit_code == 0, result.exception
     project = result.project_path
     assert project.name == "churn-model"
@@ -63,26 +80,48 @@ def test_answers_reach_the_project(cookies) -> None:
     assert "name: churn-model" in (project / "contract.yaml").read_text()
 
 
-@pytest.mark.parametrize(("answers", "message"), [
-    ({"project": "Bad_Name"}, "ERROR: project 'Bad_Name' is not a DNS-1123 label"),
-    ({"package_name": "2fast"}, "ERROR: package_name '2fast' is not a Python identifier"),
-    ({"package_name": "torch"}, "ERROR: package_name 'torch' is reserved"),
-    ({"namespace": "-ns"}, "ERROR: namespace '-ns' is not a DNS-1123 label"),
-    ({"mlflow_tracking_uri": "mlflow.db"}, "ERROR: mlflow_tracking_uri 'mlflow.db' must start with"),
-], ids=["slug", "identifier", "reserved", "namespace", "tracking-uri"])
-def test_invalid_answer_fails_with_one_line_and_no_output(tmp_path: Path, answers: dict[str, str],
-                                                          message: str) -> None:
+@pytest.mark.parametrize(
+    ("answers", "message"),
+    [
+        ({"project": "Bad_Name"}, "ERROR: project 'Bad_Name' is not a DNS-1123 label"),
+        ({"package_name": "2fast"}, "ERROR: package_name '2fast' is not a Python identifier"),
+        ({"package_name": "torch"}, "ERROR: package_name 'torch' is reserved"),
+        ({"namespace": "-ns"}, "ERROR: namespace '-ns' is not a DNS-1123 label"),
+        ({"mlflow_tracking_uri": "mlflow.db"}, "ERROR: mlflow_tracking_uri 'mlflow.db' must start with"),
+    ],
+    ids=["slug", "identifier", "reserved", "namespace", "tracking-uri"],
+)
+def test_invalid_answer_fails_with_one_line_and_no_output(
+    tmp_path: Path, answers: dict[str, str], message: str
+) -> None:
     args = [f"{k}={v}" for k, v in answers.items()]
-    result = subprocess.run([sys.executable, "-m", "cookiecutter", str(TEMPLATE), "--no-input",
-                             "--output-dir", str(tmp_path), *args], capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cookiecutter",
+            str(TEMPLATE),
+            "--no-input",
+            "--output-dir",
+            str(tmp_path),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode != 0
     assert message in result.stderr
     assert list(tmp_path.iterdir()) == []  # no partial project
 
 
 def test_interactive_prompts_accept_defaults(tmp_path: Path) -> None:
-    result = subprocess.run([sys.executable, "-m", "cookiecutter", str(TEMPLATE), "--output-dir", str(tmp_path)],
-                            input="Fraud Scorer\n" + "\n" * 12, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "cookiecutter", str(TEMPLATE), "--output-dir", str(tmp_path)],
+        input="Fraud Scorer\n" + "\n" * 12,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     assert "Project slug" in result.stdout
     assert (tmp_path / "fraud-scorer" / "model.py").is_file()
@@ -90,8 +129,13 @@ def test_interactive_prompts_accept_defaults(tmp_path: Path) -> None:
 
 def test_cruft_create_records_the_template_commit(tmp_path: Path) -> None:
     repo = tmp_path / "template"
-    tracked = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=TEMPLATE,
-                             capture_output=True, text=True, check=True).stdout.splitlines()
+    tracked = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"],
+        cwd=TEMPLATE,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
     for name in tracked:
         if (TEMPLATE / name).is_file():
             (repo / name).parent.mkdir(parents=True, exist_ok=True)
@@ -100,20 +144,41 @@ def test_cruft_create_records_the_template_commit(tmp_path: Path) -> None:
     subprocess.run(["git", "init", "-q", "-b", "main"], cwd=repo, check=True)
     subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
     subprocess.run([*git, "commit", "-qm", "template"], cwd=repo, check=True)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
-                            check=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True
+    ).stdout.strip()
     out = tmp_path / "out"
-    result = subprocess.run([str(Path(sys.executable).parent / "cruft"), "create", str(repo), "--no-input",
-                             "--output-dir", str(out)], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "cruft"),
+            "create",
+            str(repo),
+            "--no-input",
+            "--output-dir",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     record = json.loads((out / "digits-classifier" / ".cruft.json").read_text())
     assert record["commit"] == commit
     assert record["context"]["cookiecutter"]["project"] == "digits-classifier"
 
 
-def test_generated_project_tests_pass(default_project: Path, tmp_path: Path) -> None:
+def test_generated_project_is_lint_clean_and_its_tests_pass(default_project: Path, tmp_path: Path) -> None:
     project = Path(shutil.copytree(default_project, tmp_path / "p"))
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"], cwd=project,
-                            capture_output=True, text=True, timeout=300)
+    ruff = str(Path(sys.executable).parent / "ruff")
+    for command in ([ruff, "check", "."], [ruff, "format", "--check", "."]):
+        linted = subprocess.run(command, cwd=project, capture_output=True, text=True)
+        assert linted.returncode == 0, linted.stdout
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout[-3000:]
     assert "3 passed" in result.stdout

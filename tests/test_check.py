@@ -18,8 +18,12 @@ pytestmark = pytest.mark.unit
 def test_default_project_passes_every_check(project: Path) -> None:
     report = check(project)
     assert [name for name, _ in report.passed] == [
-        "contract.yaml and handoff.yaml", "model.py hooks", "datasets", "forward pass",
-        "two-step overfit", "ONNX export round trip",
+        "contract.yaml and handoff.yaml",
+        "model.py hooks",
+        "datasets",
+        "forward pass",
+        "two-step overfit",
+        "ONNX export round trip",
     ]
 
 
@@ -59,13 +63,18 @@ def test_output_shape_that_breaks_the_contract(project: Path) -> None:
 
 
 def test_hook_that_raises_points_at_its_line(project: Path) -> None:
-    replace_in(project / "model.py", "    _, target = batch\n    return F.cross_entropy",
-               "    _, target = batch\n    raise ValueError('labels missing')\n    return F.cross_entropy")
+    replace_in(
+        project / "model.py",
+        "    _, target = batch\n    return F.cross_entropy",
+        "    _, target = batch\n    raise ValueError('labels missing')\n    return F.cross_entropy",
+    )
     with pytest.raises(HandoffError, match=r"model.py: line \d+: loss\(\) raised ValueError: labels missing"):
         check(project)
 
 
 def test_unknown_config_override_fails_before_training(project: Path) -> None:
     edit_yaml(project / "handoff.yaml", lambda s: s["training"].update(overrides={"epoch": 3}))
-    with pytest.raises(HandoffError, match=r"handoff.yaml: training.overrides: Config has no field\(s\) epoch"):
+    with pytest.raises(
+        HandoffError, match=r"handoff.yaml: training.overrides: Config has no field\(s\) epoch"
+    ):
         check(project)

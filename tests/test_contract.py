@@ -27,7 +27,10 @@ def test_default_contract_loads_and_is_hashed(project: Path) -> None:
     ("change", "expected"),
     [
         (lambda c: c["inputs"][0].update(dtype="float"), "inputs[0].dtype: Input should be 'float32'"),
-        (lambda c: c["inputs"][0].update(shape=[1, 1, 8, 8]), "inputs[0].shape: Value error, the first (batch)"),
+        (
+            lambda c: c["inputs"][0].update(shape=[1, 1, 8, 8]),
+            "inputs[0].shape: Value error, the first (batch)",
+        ),
         (lambda c: c["outputs"][0].update(shape=[-1, 0]), "outputs[0].shape: Value error, each dimension"),
         (lambda c: c["slo"].update(latency_p99_ms=-1), "slo.latency_p99_ms: Input should be greater than 0"),
         (lambda c: c.pop("owners"), "owners: Field required"),

@@ -63,22 +63,31 @@ def test_run_local_trains_registers_and_serves(served_project: Path) -> None:
     assert champion.tags["handoff.template_version"] == "0.1.0"
 
     # What is registered is one self-contained ONNX file with the exported bytes.
-    downloaded = Path(mlflow.artifacts.download_artifacts(
-        artifact_uri="models:/digits-classifier@champion", dst_path=str(project / "check")))
+    downloaded = Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri="models:/digits-classifier@champion", dst_path=str(project / "check")
+        )
+    )
     assert sha256_of(downloaded / "model.onnx") == summary["onnx_sha256"]
     assert not list(downloaded.rglob("*.data"))
 
     # A real V2 request to the server the pipeline left running.
     example = json.loads(next(downloaded.rglob("example.json")).read_text())
-    response = requests.post(f"{summary['endpoint']}/v2/models/digits-classifier/infer",
-                             json={"inputs": example["inputs"]}, timeout=10)
+    response = requests.post(
+        f"{summary['endpoint']}/v2/models/digits-classifier/infer",
+        json={"inputs": example["inputs"]},
+        timeout=10,
+    )
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["id"]  # a request without id still gets one back
     logits = body["outputs"][0]
     assert (logits["name"], logits["datatype"], logits["shape"]) == ("logits", "FP32", [4, 10])
-    wrong = requests.post(f"{summary['endpoint']}/v2/models/digits-classifier/infer",
-                          json={"inputs": [{**example["inputs"][0], "name": "pixels"}]}, timeout=10)
+    wrong = requests.post(
+        f"{summary['endpoint']}/v2/models/digits-classifier/infer",
+        json={"inputs": [{**example["inputs"][0], "name": "pixels"}]},
+        timeout=10,
+    )
     assert wrong.status_code == 400
     assert "unknown input(s) ['pixels']; expected inputs ['image']" in wrong.json()["error"]
 
@@ -90,8 +99,11 @@ def test_run_local_trains_registers_and_serves(served_project: Path) -> None:
 
 def test_nan_loss_stops_the_pipeline_with_nothing_registered(served_project: Path) -> None:
     project = served_project
-    replace_in(project / "model.py", "return F.cross_entropy(outputs, target)",
-               "return F.cross_entropy(outputs, target) * float('nan')")
+    replace_in(
+        project / "model.py",
+        "return F.cross_entropy(outputs, target)",
+        "return F.cross_entropy(outputs, target) * float('nan')",
+    )
     result = handoff("run", "--local", cwd=project)
     assert result.returncode == 1
     assert "error: train failed:" in result.stdout
@@ -130,6 +142,8 @@ def test_failed_gate_registers_a_challenger_but_does_not_promote_or_serve(served
     assert summary["registered"]["aliases"] == ["challenger"]
     assert summary["endpoint"] is None
     client = registry(project)
-    assert client.get_model_version_by_alias("digits-classifier", "challenger").tags["handoff.gate"] == "failed"
+    assert (
+        client.get_model_version_by_alias("digits-classifier", "challenger").tags["handoff.gate"] == "failed"
+    )
     with pytest.raises(MlflowException):
         client.get_model_version_by_alias("digits-classifier", "champion")

@@ -53,7 +53,7 @@ def build_model(cfg: Config) -> nn.Module:
 
 
 def build_datasets(cfg: Config) -> tuple[TensorDataset, TensorDataset]:
-    """scikit-learn's bundled digits (offline), scaled to [0, 1], split with a seeded permutation."""
+    """scikit-learn's bundled digits (offline), scaled to [0, 1], split by a seeded permutation."""
     digits = load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
     labels = torch.tensor(digits.target, dtype=torch.long)

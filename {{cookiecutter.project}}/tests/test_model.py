@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-
 from handoff.check import check
 from handoff.contract import load_contract
 from handoff.hooks import load_model_module

@@ -17,11 +17,14 @@ from handoff import __version__
 from handoff.errors import HandoffError
 from handoff.step_entry import record_json
 
-app = typer.Typer(help="Take a model.py project from training to a served, smoke-tested model.",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="Take a model.py project from training to a served, smoke-tested model.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
 
-ProjectOpt = Annotated[Path, typer.Option("--project", "-p", help="The project folder.",
-                                          file_okay=False)]
+ProjectOpt = Annotated[Path, typer.Option("--project", "-p", help="The project folder.", file_okay=False)]
 
 
 def _print_record(result: Any) -> None:
@@ -57,8 +60,10 @@ def check(project: ProjectOpt = Path(".")) -> None:
 
 
 @app.command()
-def run(project: ProjectOpt = Path("."),
-        local: Annotated[bool, typer.Option("--local", help="Run with kfp.local on this machine.")] = False) -> None:
+def run(
+    project: ProjectOpt = Path("."),
+    local: Annotated[bool, typer.Option("--local", help="Run with kfp.local on this machine.")] = False,
+) -> None:
     """Run the whole pipeline: train, export, evaluate, register, deploy and smoke-test."""
     if not local:
         raise HandoffError("only local runs are available in this version: use `handoff run --local`")
@@ -72,19 +77,25 @@ def run(project: ProjectOpt = Path("."),
 
 
 @app.command()
-def train(project: ProjectOpt = Path("."),
-          checkpoint: Annotated[Path, typer.Option(help="Where to write the checkpoint.")] = Path("checkpoint.pt"),
-          set_: Annotated[list[str], typer.Option("--set", help="Config override FIELD=VALUE.")] = []) -> None:  # noqa: B006
+def train(
+    project: ProjectOpt = Path("."),
+    checkpoint: Annotated[Path, typer.Option(help="Where to write the checkpoint.")] = Path("checkpoint.pt"),
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Config override FIELD=VALUE.")] = None,
+) -> None:
     """Train model.py's model and write a checkpoint."""
     from handoff.steps.train import train as step
 
+    if set_ is None:
+        set_ = []
     _print_record(step(project, checkpoint, overrides=_overrides(set_)))
 
 
 @app.command()
-def export(project: ProjectOpt = Path("."),
-           checkpoint: Annotated[Path, typer.Option(exists=True, dir_okay=False)] = Path("checkpoint.pt"),
-           out: Annotated[Path, typer.Option(help="Folder for model.onnx and example.json.")] = Path("onnx")) -> None:
+def export(
+    project: ProjectOpt = Path("."),
+    checkpoint: Annotated[Path, typer.Option(exists=True, dir_okay=False)] = Path("checkpoint.pt"),
+    out: Annotated[Path, typer.Option(help="Folder for model.onnx and example.json.")] = Path("onnx"),
+) -> None:
     """Export a checkpoint to one self-contained ONNX file, parity-checked against torch."""
     from handoff.steps.export import export as step
 
@@ -92,9 +103,11 @@ def export(project: ProjectOpt = Path("."),
 
 
 @app.command()
-def evaluate(project: ProjectOpt = Path("."),
-             model_dir: Annotated[Path, typer.Option(exists=True, file_okay=False)] = Path("onnx"),
-             out: Annotated[Path | None, typer.Option(help="Also write the result here (JSON).")] = None) -> None:
+def evaluate(
+    project: ProjectOpt = Path("."),
+    model_dir: Annotated[Path, typer.Option(exists=True, file_okay=False)] = Path("onnx"),
+    out: Annotated[Path | None, typer.Option(help="Also write the result here (JSON).")] = None,
+) -> None:
     """Evaluate the ONNX model on the held-out split and decide the gate."""
     from handoff.steps.evaluate import evaluate as step
 
@@ -105,11 +118,14 @@ def evaluate(project: ProjectOpt = Path("."),
 
 
 @app.command()
-def register(project: ProjectOpt = Path("."),
-             model_dir: Annotated[Path, typer.Option(exists=True, file_okay=False)] = Path("onnx"),
-             evaluation: Annotated[Path, typer.Option(exists=True, dir_okay=False,
-                                                      help="JSON written by `handoff evaluate --out`.")] = Path("evaluation.json"),
-             run_id: Annotated[str, typer.Option(help="MLflow run of the training.")] = "") -> None:
+def register(
+    project: ProjectOpt = Path("."),
+    model_dir: Annotated[Path, typer.Option(exists=True, file_okay=False)] = Path("onnx"),
+    evaluation: Annotated[
+        Path, typer.Option(exists=True, dir_okay=False, help="JSON written by `handoff evaluate --out`.")
+    ] = Path("evaluation.json"),
+    run_id: Annotated[str, typer.Option(help="MLflow run of the training.")] = "",
+) -> None:
     """Register the ONNX model in MLflow; alias champion only if the gate passed."""
     from handoff.steps.register import register as step
 
@@ -117,8 +133,10 @@ def register(project: ProjectOpt = Path("."),
 
 
 @app.command()
-def deploy(project: ProjectOpt = Path("."),
-           version: Annotated[str, typer.Option(help="Registered version, or an alias.")] = "champion") -> None:
+def deploy(
+    project: ProjectOpt = Path("."),
+    version: Annotated[str, typer.Option(help="Registered version, or an alias.")] = "champion",
+) -> None:
     """Serve a registered version locally with the KServe model server and smoke-test it."""
     from handoff.project import Project
     from handoff.steps.deploy import deploy as step
@@ -141,8 +159,11 @@ def stop(project: ProjectOpt = Path(".")) -> None:
     from handoff.serving import local_server
 
     handle = local_server.stop(Project.load(project).state_dir)
-    typer.echo(f"stopped {handle.model_name} v{handle.version} at {handle.url}" if handle
-               else "no local model server is running for this project")
+    typer.echo(
+        f"stopped {handle.model_name} v{handle.version} at {handle.url}"
+        if handle
+        else "no local model server is running for this project"
+    )
 
 
 def main() -> None:

@@ -25,7 +25,6 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from handoff.errors import HandoffError
-
 from handoff.model_source import MODEL_FILE, REQUIRED_HOOKS
 
 
@@ -70,9 +69,7 @@ def load_model_module(project_dir: Path) -> ModelModule:
     except Exception as exc:  # noqa: BLE001 - any import-time failure is the researcher's to fix
         sys.modules.pop(module_name, None)
         where = _user_frame(exc, path)
-        raise HandoffError(
-            f"{where}importing it raised {type(exc).__name__}: {exc}", file=path
-        ) from None
+        raise HandoffError(f"{where}importing it raised {type(exc).__name__}: {exc}", file=path) from None
     finally:
         sys.path.remove(str(path.parent))
     _check_hooks(module, path)
@@ -142,9 +139,9 @@ def as_tuple(value: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor
 def split_batch(batch: Any) -> tuple[tuple[torch.Tensor, ...], Any]:
     """``(inputs, target)`` from a collated batch, with ``inputs`` as a tuple."""
     if not isinstance(batch, (list, tuple)) or len(batch) != 2:
+        length = f" of length {len(batch)}" if isinstance(batch, (list, tuple)) else ""
         raise HandoffError(
-            "each dataset item must be (inputs, target); got a batch of "
-            f"{type(batch).__name__}{'' if not isinstance(batch, (list, tuple)) else f' of length {len(batch)}'}",
+            f"each dataset item must be (inputs, target); got a batch of {type(batch).__name__}{length}",
             file=MODEL_FILE,
             field="build_datasets",
         )
@@ -160,9 +157,14 @@ def hook_batch(batch: tuple[tuple[torch.Tensor, ...], Any]) -> tuple[Any, Any]:
 def metric_values(values: Any) -> dict[str, float]:
     """Check what ``metrics()`` returned and make every value a plain float."""
     if not isinstance(values, dict):
-        raise HandoffError(f"metrics() must return a dict of name -> number, got {type(values).__name__}",
-                           file=MODEL_FILE, field="metrics")
+        raise HandoffError(
+            f"metrics() must return a dict of name -> number, got {type(values).__name__}",
+            file=MODEL_FILE,
+            field="metrics",
+        )
     try:
         return {str(k): float(v) for k, v in values.items()}
     except (TypeError, ValueError) as exc:
-        raise HandoffError(f"metrics() values must be numbers: {exc}", file=MODEL_FILE, field="metrics") from None
+        raise HandoffError(
+            f"metrics() values must be numbers: {exc}", file=MODEL_FILE, field="metrics"
+        ) from None

@@ -24,30 +24,36 @@ def open_session(path: Path, *, threads: int = 0) -> ort.InferenceSession:
         raise HandoffError(f"ONNX Runtime cannot load the model: {exc}", file=path) from None
 
 
-def check_arrays(specs: Sequence[TensorSpec], arrays: Sequence[np.ndarray], *, what: str,
-                 source: str) -> None:
+def check_arrays(
+    specs: Sequence[TensorSpec], arrays: Sequence[np.ndarray], *, what: str, source: str
+) -> None:
     """Check count, dtype and shape of arrays against contract specs, naming the first mismatch."""
     if len(arrays) != len(specs):
         raise HandoffError(
             f"{what}: contract.yaml declares {len(specs)} ({', '.join(s.name for s in specs)}), "
             f"{source} produced {len(arrays)}",
-            file="contract.yaml", field=what,
+            file="contract.yaml",
+            field=what,
         )
     for index, (spec, array) in enumerate(zip(specs, arrays, strict=True)):
         if array.dtype != spec.numpy_dtype:
             raise HandoffError(
-                f"{what}[{index}] '{spec.name}': expected dtype {spec.dtype}, {source} produced {array.dtype}",
-                file="contract.yaml", field=f"{what}[{index}].dtype",
+                f"{what}[{index}] '{spec.name}': expected dtype {spec.dtype}, "
+                f"{source} produced {array.dtype}",
+                file="contract.yaml",
+                field=f"{what}[{index}].dtype",
             )
         if not spec.accepts(array.shape):
             raise HandoffError(
                 f"{what}[{index}] '{spec.name}': expected shape {spec.shape} (-1 = any), "
                 f"{source} produced {list(array.shape)}",
-                file="contract.yaml", field=f"{what}[{index}].shape",
+                file="contract.yaml",
+                field=f"{what}[{index}].shape",
             )
 
 
-def run_session(session: ort.InferenceSession, contract: Contract,
-                inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+def run_session(
+    session: ort.InferenceSession, contract: Contract, inputs: Sequence[np.ndarray]
+) -> list[np.ndarray]:
     feeds = dict(zip(contract.input_names, inputs, strict=True))
     return session.run(contract.output_names, feeds)

@@ -49,9 +49,7 @@ class Project:
         from handoff.hooks import make_config
 
         names = {f.name for f in dataclasses.fields(self.hooks.Config)}
-        return make_config(
-            self.hooks, {k: v for k, v in values.items() if k in names}, source="checkpoint"
-        )
+        return make_config(self.hooks, {k: v for k, v in values.items() if k in names}, source="checkpoint")
 
     @property
     def state_dir(self) -> Path:

@@ -51,7 +51,7 @@ def run_step(step: str, function: Callable[..., ResultT], record: str | Path, **
     except HandoffError as exc:
         _report(step, str(exc))
         raise SystemExit(2) from None
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - anything else is a platform bug: keep its traceback
         traceback.print_exc()
         _report(step, f"unexpected {type(exc).__name__}: {exc} (full traceback in the step's log)")
         raise SystemExit(1) from None

@@ -21,19 +21,25 @@ def train(project_dir: str, checkpoint: Output[Model], record: Output[Artifact])
     run_step("train", step, record.path, project_dir=project_dir, checkpoint=checkpoint.path)
 
 
-def export(project_dir: str, checkpoint: Input[Model], onnx_model: Output[Model],
-           record: Output[Artifact]):
+def export(project_dir: str, checkpoint: Input[Model], onnx_model: Output[Model], record: Output[Artifact]):
     """Export to one parity-checked ONNX file (handoff.steps.export)."""
     from handoff.step_entry import run_step
     from handoff.steps.export import export as step
 
-    result = run_step("export", step, record.path, project_dir=project_dir,
-                      checkpoint=checkpoint.path, model_dir=onnx_model.path)
+    result = run_step(
+        "export",
+        step,
+        record.path,
+        project_dir=project_dir,
+        checkpoint=checkpoint.path,
+        model_dir=onnx_model.path,
+    )
     onnx_model.metadata.update({"onnx_sha256": result.onnx_sha256, "opset": result.opset})
 
 
-def evaluate(project_dir: str, onnx_model: Input[Model], metrics: Output[Metrics],
-             record: Output[Artifact]) -> bool:
+def evaluate(
+    project_dir: str, onnx_model: Input[Model], metrics: Output[Metrics], record: Output[Artifact]
+) -> bool:
     """Evaluate in ONNX Runtime; returns whether the gate passed (handoff.steps.evaluate)."""
     from handoff.step_entry import run_step
     from handoff.steps.evaluate import evaluate as step
@@ -45,15 +51,26 @@ def evaluate(project_dir: str, onnx_model: Input[Model], metrics: Output[Metrics
     return result.gate.passed
 
 
-def register(project_dir: str, onnx_model: Input[Model], evaluation: Input[Artifact],
-             training: Input[Artifact], record: Output[Artifact]):
+def register(
+    project_dir: str,
+    onnx_model: Input[Model],
+    evaluation: Input[Artifact],
+    training: Input[Artifact],
+    record: Output[Artifact],
+):
     """Register in MLflow: challenger always, champion if the gate passed (handoff.steps.register)."""
     from handoff.step_entry import read_record, run_step
     from handoff.steps.register import register as step
 
-    run_step("register", step, record.path, project_dir=project_dir, model_dir=onnx_model.path,
-             evaluation=read_record(evaluation.path),
-             mlflow_run_id=read_record(training.path)["mlflow_run_id"])
+    run_step(
+        "register",
+        step,
+        record.path,
+        project_dir=project_dir,
+        model_dir=onnx_model.path,
+        evaluation=read_record(evaluation.path),
+        mlflow_run_id=read_record(training.path)["mlflow_run_id"],
+    )
 
 
 def deploy(project_dir: str, registration: Input[Artifact], record: Output[Artifact]):
@@ -62,5 +79,11 @@ def deploy(project_dir: str, registration: Input[Artifact], record: Output[Artif
     from handoff.steps.deploy import deploy as step
 
     registered = read_record(registration.path)
-    run_step("deploy", step, record.path, project_dir=project_dir,
-             model_name=registered["model_name"], version=registered["version"])
+    run_step(
+        "deploy",
+        step,
+        record.path,
+        project_dir=project_dir,
+        model_name=registered["model_name"],
+        version=registered["version"],
+    )

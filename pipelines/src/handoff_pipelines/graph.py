@@ -33,8 +33,12 @@ def build_pipeline(image: str) -> Callable[..., Any]:
         trained = train(project_dir=project_dir)
         exported = export(project_dir=project_dir, checkpoint=trained.outputs["checkpoint"])
         evaluated = evaluate(project_dir=project_dir, onnx_model=exported.outputs["onnx_model"])
-        registered = register(project_dir=project_dir, onnx_model=exported.outputs["onnx_model"],
-                              evaluation=evaluated.outputs["record"], training=trained.outputs["record"])
+        registered = register(
+            project_dir=project_dir,
+            onnx_model=exported.outputs["onnx_model"],
+            evaluation=evaluated.outputs["record"],
+            training=trained.outputs["record"],
+        )
         with dsl.If(evaluated.outputs["Output"] == True, name="gate-passed"):  # noqa: E712
             deploy(project_dir=project_dir, registration=registered.outputs["record"])
 

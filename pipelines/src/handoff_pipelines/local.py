@@ -13,7 +13,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,6 @@ from handoff.files import read_json, write_json
 from handoff.model_source import precheck_source
 from handoff.project import Project
 from handoff.step_entry import ERROR_FILE_ENV
-
 from handoff_pipelines.graph import PIPELINE_NAME, STEPS, build_pipeline
 from handoff_pipelines.summary import build_summary
 
@@ -51,7 +50,7 @@ def task_records(pipeline_root: Path) -> dict[str, dict[str, Any]]:
 
 
 def new_run_dir(project: Project) -> Path:
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-%f")
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S-%f")
     path = project.root / RUNS_DIR / stamp
     path.mkdir(parents=True)
     return path
@@ -68,8 +67,9 @@ def run_local(project_dir: Path | str) -> dict[str, Any]:
     scratch = project.state_dir / "tmp"
     scratch.mkdir(exist_ok=True)
     error_file = run_dir / "error.json"
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root),
-               raise_on_error=False)
+    local.init(
+        runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=False
+    )
     pipeline = build_pipeline(image=project.settings.image)
     started = time.perf_counter()
     try:
@@ -83,10 +83,14 @@ def run_local(project_dir: Path | str) -> dict[str, Any]:
     expected = STEPS if gate_passed else STEPS[:-1]
     missing = [step for step in expected if step not in records]
     if failure is None and missing:
-        failure = {"step": missing[0], "message": f"the pipeline stopped before {missing[0]} finished; "
-                   f"see the log above and {pipeline_root}"}
-    summary = build_summary(project, run_dir, records, failure,
-                            total_seconds=round(time.perf_counter() - started, 3))
+        failure = {
+            "step": missing[0],
+            "message": f"the pipeline stopped before {missing[0]} finished; "
+            f"see the log above and {pipeline_root}",
+        }
+    summary = build_summary(
+        project, run_dir, records, failure, total_seconds=round(time.perf_counter() - started, 3)
+    )
     write_json(run_dir / "summary.json", summary, sort_keys=False)  # reads in pipeline order
     latest = project.root / RUNS_DIR / "latest"
     latest.unlink(missing_ok=True)

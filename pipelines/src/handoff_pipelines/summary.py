@@ -6,12 +6,16 @@ from pathlib import Path
 from typing import Any
 
 from handoff.project import Project
-
 from handoff_pipelines.graph import STEPS
 
 
-def build_summary(project: Project, run_dir: Path, records: dict[str, dict[str, Any]],
-                  failure: dict[str, str] | None, total_seconds: float) -> dict[str, Any]:
+def build_summary(
+    project: Project,
+    run_dir: Path,
+    records: dict[str, dict[str, Any]],
+    failure: dict[str, str] | None,
+    total_seconds: float,
+) -> dict[str, Any]:
     evaluation = records.get("evaluate", {})
     registered = records.get("register")
     deployed = records.get("deploy")
@@ -29,18 +33,36 @@ def build_summary(project: Project, run_dir: Path, records: dict[str, dict[str, 
         "status": status,
         "error": failure,
         "metrics": evaluation.get("metrics", {}),
-        "contract": {"min_metrics": slo.min_metrics, "latency_p99_ms": slo.latency_p99_ms,
-                     "latency_batch_size": slo.latency_batch_size},
-        "latency_ms": ({"p50": evaluation["latency_p50_ms"], "p99": evaluation["latency_p99_ms"]}
-                       if evaluation else None),
+        "contract": {
+            "min_metrics": slo.min_metrics,
+            "latency_p99_ms": slo.latency_p99_ms,
+            "latency_batch_size": slo.latency_batch_size,
+        },
+        "latency_ms": (
+            {"p50": evaluation["latency_p50_ms"], "p99": evaluation["latency_p99_ms"]} if evaluation else None
+        ),
         "gate": gate,
-        "registered": ({"name": registered["model_name"], "version": registered["version"],
-                        "aliases": registered["aliases"], "uri": registered["model_uri"]}
-                       if registered else None),
+        "registered": (
+            {
+                "name": registered["model_name"],
+                "version": registered["version"],
+                "aliases": registered["aliases"],
+                "uri": registered["model_uri"],
+            }
+            if registered
+            else None
+        ),
         "onnx_sha256": records.get("export", {}).get("onnx_sha256"),
         "endpoint": deployed["url"] if deployed else None,
-        "smoke_test": ({"passed": deployed["smoke_passed"], "detail": deployed["smoke_detail"],
-                        "latency_ms": deployed["smoke_latency_ms"]} if deployed else None),
+        "smoke_test": (
+            {
+                "passed": deployed["smoke_passed"],
+                "detail": deployed["smoke_detail"],
+                "latency_ms": deployed["smoke_latency_ms"],
+            }
+            if deployed
+            else None
+        ),
         "step_seconds": {step: records[step]["seconds"] for step in STEPS if step in records},
         "total_seconds": total_seconds,
     }
@@ -56,14 +78,21 @@ def format_summary(summary: dict[str, Any]) -> str:
         bound = f"  (contract: >= {minimums[name]:g})" if name in minimums else ""
         lines.append(f"metric     {name:<14} {value:.4f}{bound}")
     if summary["latency_ms"]:
-        lines.append(f"latency    p50 {summary['latency_ms']['p50']:.3f} ms, p99 {summary['latency_ms']['p99']:.3f} ms "
-                     f"(contract: p99 <= {summary['contract']['latency_p99_ms']:g} ms)")
+        lines.append(
+            f"latency    p50 {summary['latency_ms']['p50']:.3f} ms, "
+            f"p99 {summary['latency_ms']['p99']:.3f} ms "
+            f"(contract: p99 <= {summary['contract']['latency_p99_ms']:g} ms)"
+        )
     if summary["gate"]:
         gate = summary["gate"]
-        lines.append("gate       " + ("passed" if gate["passed"] else "FAILED: " + "; ".join(gate["reasons"])))
+        lines.append(
+            "gate       " + ("passed" if gate["passed"] else "FAILED: " + "; ".join(gate["reasons"]))
+        )
     if summary["registered"]:
         reg = summary["registered"]
-        lines.append(f"registered {reg['name']} version {reg['version']} (aliases: {', '.join(reg['aliases'])})")
+        lines.append(
+            f"registered {reg['name']} version {reg['version']} (aliases: {', '.join(reg['aliases'])})"
+        )
     if summary["onnx_sha256"]:
         lines.append(f"onnx       sha256 {summary['onnx_sha256']}")
     if summary["endpoint"]:

@@ -24,16 +24,20 @@ def serve(spec_path: Path) -> None:
     from kserve.constants.constants import FASTAPI_APP_IMPORT_STRING
     from kserve.protocol.rest.server import RESTServer
 
-    server = ModelServer(http_port=spec["port"], enable_grpc=False, workers=1,
-                         enable_docs_url=False)
+    server = ModelServer(http_port=spec["port"], enable_grpc=False, workers=1, enable_docs_url=False)
     server.register_model(model)
     # kserve's RESTServer binds 0.0.0.0; binding the socket here keeps a laptop's model
     # server on the host the settings name (127.0.0.1 by default).
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((spec["host"], spec["port"]))
-    rest = RESTServer(FASTAPI_APP_IMPORT_STRING, server.dataplane, server.model_repository_extension,
-                      spec["port"], grace_period=10)
+    rest = RESTServer(
+        FASTAPI_APP_IMPORT_STRING,
+        server.dataplane,
+        server.model_repository_extension,
+        spec["port"],
+        grace_period=10,
+    )
     rest.run(sockets=[sock])
 
 

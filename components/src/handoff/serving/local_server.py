@@ -6,6 +6,7 @@ and log live in ``<project>/.handoff/server.json``; ``handoff stop`` and the nex
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -44,9 +45,12 @@ def ensure_port_free(host: str, port: int) -> None:
         try:
             sock.bind((host, port))
         except OSError as exc:
-            raise HandoffError(f"{host}:{port} is not available ({exc.strerror}); stop the program "
-                               "using it or set serving.port (0 = any free port)",
-                               file="handoff.yaml", field="serving.port") from None
+            raise HandoffError(
+                f"{host}:{port} is not available ({exc.strerror}); stop the program "
+                "using it or set serving.port (0 = any free port)",
+                file="handoff.yaml",
+                field="serving.port",
+            ) from None
 
 
 def _is_our_server(pid: int) -> bool:
@@ -92,20 +96,21 @@ def stop(state_dir: Path, timeout_s: float = 15.0) -> ServerHandle | None:
 
 def _reap(pid: int) -> None:
     """Collect the exit status when the server is our own child, so it does not linger as a zombie."""
-    try:
+    with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
 
 
-def start(spec_file: Path, *, url: str, model_name: str, version: str, state_dir: Path,
-          ready_timeout_s: float) -> ServerHandle:
+def start(
+    spec_file: Path, *, url: str, model_name: str, version: str, state_dir: Path, ready_timeout_s: float
+) -> ServerHandle:
     """Start ``python -m handoff.serving spec_file`` detached and wait until it is ready."""
     log = state_dir / "server.log"
     with log.open("ab") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "handoff.serving", str(spec_file)],
-            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
             start_new_session=True,  # outlives the pipeline step and ignores its Ctrl-C
         )
     handle = ServerHandle(pid=process.pid, url=url, model_name=model_name, version=version, log=str(log))
@@ -114,8 +119,10 @@ def start(spec_file: Path, *, url: str, model_name: str, version: str, state_dir
     while time.monotonic() < deadline:
         if process.poll() is not None:
             (state_dir / STATE_FILE).unlink(missing_ok=True)
-            raise HandoffError(f"the model server exited with code {process.returncode} before it was "
-                               f"ready; last lines of {log}:\n{_tail(log)}")
+            raise HandoffError(
+                f"the model server exited with code {process.returncode} before it was "
+                f"ready; last lines of {log}:\n{_tail(log)}"
+            )
         try:
             if requests.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
                 return handle
@@ -123,5 +130,8 @@ def start(spec_file: Path, *, url: str, model_name: str, version: str, state_dir
             pass
         time.sleep(0.1)
     stop(state_dir)
-    raise HandoffError(f"the model server was not ready within {ready_timeout_s:g} s "
-                       f"(serving.ready_timeout_s); last lines of {log}:\n{_tail(log)}", file="handoff.yaml")
+    raise HandoffError(
+        f"the model server was not ready within {ready_timeout_s:g} s "
+        f"(serving.ready_timeout_s); last lines of {log}:\n{_tail(log)}",
+        file="handoff.yaml",
+    )

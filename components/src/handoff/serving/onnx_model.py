@@ -31,8 +31,9 @@ class OnnxModel(kserve.Model):
         self.session = open_session(self.onnx_path)
         served = [i.name for i in self.session.get_inputs()]
         if served != self.contract.input_names:
-            raise ValueError(f"{self.onnx_path} has inputs {served}, contract.yaml declares "
-                             f"{self.contract.input_names}")
+            raise ValueError(
+                f"{self.onnx_path} has inputs {served}, contract.yaml declares {self.contract.input_names}"
+            )
         self.ready = True
         return self.ready
 
@@ -46,23 +47,30 @@ class OnnxModel(kserve.Model):
     def _array(self, spec: TensorSpec, request: InferRequest) -> np.ndarray:
         tensor = request.get_input_by_name(spec.name)
         if tensor is None:
-            raise InvalidInput(f"input '{spec.name}' is missing; expected inputs "
-                               f"{self.contract.input_names}")
+            raise InvalidInput(f"input '{spec.name}' is missing; expected inputs {self.contract.input_names}")
         if tensor.datatype != spec.v2_datatype:
-            raise InvalidInput(f"input '{spec.name}': expected datatype {spec.v2_datatype}, "
-                               f"got {tensor.datatype}")
+            raise InvalidInput(
+                f"input '{spec.name}': expected datatype {spec.v2_datatype}, got {tensor.datatype}"
+            )
         if not spec.accepts(list(tensor.shape)):
-            raise InvalidInput(f"input '{spec.name}': expected shape {spec.shape} (-1 = any), "
-                               f"got {list(tensor.shape)}")
+            raise InvalidInput(
+                f"input '{spec.name}': expected shape {spec.shape} (-1 = any), got {list(tensor.shape)}"
+            )
         try:
             array = tensor.as_numpy()
         except Exception as exc:  # noqa: BLE001 - malformed data is the client's error
-            raise InvalidInput(f"input '{spec.name}': data does not match shape "
-                               f"{list(tensor.shape)} and datatype {tensor.datatype}: {exc}") from None
+            raise InvalidInput(
+                f"input '{spec.name}': data does not match shape "
+                f"{list(tensor.shape)} and datatype {tensor.datatype}: {exc}"
+            ) from None
         return array.astype(spec.numpy_dtype, copy=False).reshape(tensor.shape)
 
-    def predict(self, payload: InferRequest, headers: dict[str, str] | None = None,
-                response_headers: dict[str, str] | None = None) -> InferResponse:
+    def predict(
+        self,
+        payload: InferRequest,
+        headers: dict[str, str] | None = None,
+        response_headers: dict[str, str] | None = None,
+    ) -> InferResponse:
         unknown = sorted({i.name for i in payload.inputs} - set(self.contract.input_names))
         if unknown:
             raise InvalidInput(f"unknown input(s) {unknown}; expected inputs {self.contract.input_names}")
@@ -73,5 +81,6 @@ class OnnxModel(kserve.Model):
             output = InferOutput(name=spec.name, shape=list(array.shape), datatype=spec.v2_datatype)
             output.set_data_from_numpy(array, binary_data=False)
             outputs.append(output)
-        return InferResponse(response_id=payload.id or str(uuid.uuid4()), model_name=self.name,
-                             infer_outputs=outputs)
+        return InferResponse(
+            response_id=payload.id or str(uuid.uuid4()), model_name=self.name, infer_outputs=outputs
+        )

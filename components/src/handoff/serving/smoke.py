@@ -24,25 +24,47 @@ def smoke_test(url: str, model_name: str, contract: Contract, example: dict[str,
     """POST the example to ``/v2/models/<name>/infer``; outputs must match the contract and values."""
     started = time.perf_counter()
     try:
-        response = requests.post(f"{url}/v2/models/{model_name}/infer",
-                                 json={"id": "smoke-test", "inputs": example["inputs"]}, timeout=30)
+        response = requests.post(
+            f"{url}/v2/models/{model_name}/infer",
+            json={"id": "smoke-test", "inputs": example["inputs"]},
+            timeout=30,
+        )
     except requests.RequestException as exc:
         return SmokeResult(False, f"request failed: {exc}", 0.0, float("nan"))
     latency = (time.perf_counter() - started) * 1000
     if response.status_code != 200:
-        return SmokeResult(False, f"HTTP {response.status_code}: {response.text[:300]}", latency, float("nan"))
+        return SmokeResult(
+            False, f"HTTP {response.status_code}: {response.text[:300]}", latency, float("nan")
+        )
     outputs = {o["name"]: o for o in response.json().get("outputs", [])}
     worst = 0.0
     for spec, expected in zip(contract.outputs, example["expected_outputs"], strict=True):
         got = outputs.get(spec.name)
         if got is None:
-            return SmokeResult(False, f"output '{spec.name}' missing from the response", latency, float("nan"))
+            return SmokeResult(
+                False, f"output '{spec.name}' missing from the response", latency, float("nan")
+            )
         if got["datatype"] != spec.v2_datatype or list(got["shape"]) != list(expected["shape"]):
-            return SmokeResult(False, f"output '{spec.name}': expected {spec.v2_datatype} {expected['shape']}, "
-                               f"got {got['datatype']} {got['shape']}", latency, float("nan"))
-        diff = np.max(np.abs(np.asarray(got["data"], dtype=np.float64) - np.asarray(expected["data"], dtype=np.float64)), initial=0.0)
+            return SmokeResult(
+                False,
+                f"output '{spec.name}': expected {spec.v2_datatype} {expected['shape']}, "
+                f"got {got['datatype']} {got['shape']}",
+                latency,
+                float("nan"),
+            )
+        diff = np.max(
+            np.abs(
+                np.asarray(got["data"], dtype=np.float64) - np.asarray(expected["data"], dtype=np.float64)
+            ),
+            initial=0.0,
+        )
         worst = max(worst, float(diff))
     if not worst <= contract.slo.parity_tolerance:
-        return SmokeResult(False, f"served outputs differ from the exported model by {worst:.3g} "
-                           f"(> slo.parity_tolerance {contract.slo.parity_tolerance:g})", latency, worst)
+        return SmokeResult(
+            False,
+            f"served outputs differ from the exported model by {worst:.3g} "
+            f"(> slo.parity_tolerance {contract.slo.parity_tolerance:g})",
+            latency,
+            worst,
+        )
     return SmokeResult(True, "outputs match the contract example", round(latency, 3), worst)

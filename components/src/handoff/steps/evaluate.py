@@ -87,13 +87,19 @@ def decide_gate(project: Project, metrics: dict[str, float], p99_ms: float) -> G
     reasons = []
     for name, minimum in sorted(slo.min_metrics.items()):
         if name not in metrics:
-            reasons.append(f"metric '{name}' (slo.min_metrics) was not produced by model.py metrics(); "
-                           f"produced: {', '.join(sorted(metrics))}")
+            reasons.append(
+                f"metric '{name}' (slo.min_metrics) was not produced by model.py metrics(); "
+                f"produced: {', '.join(sorted(metrics))}"
+            )
         elif not metrics[name] >= minimum:
-            reasons.append(f"{name} {metrics[name]:.4f} < minimum {minimum:g} (short by {minimum - metrics[name]:.4f})")
+            reasons.append(
+                f"{name} {metrics[name]:.4f} < minimum {minimum:g} (short by {minimum - metrics[name]:.4f})"
+            )
     if not p99_ms <= slo.latency_p99_ms:
-        reasons.append(f"latency p99 {p99_ms:.2f} ms > slo.latency_p99_ms {slo.latency_p99_ms:g} ms "
-                       f"at batch {slo.latency_batch_size}")
+        reasons.append(
+            f"latency p99 {p99_ms:.2f} ms > slo.latency_p99_ms {slo.latency_p99_ms:g} ms "
+            f"at batch {slo.latency_batch_size}"
+        )
     return Gate(passed=not reasons, reasons=reasons)
 
 
@@ -108,6 +114,12 @@ def evaluate(project_dir: Path | str, model_dir: Path | str) -> EvalResult:
     example = [t.numpy() for t in example_arrays(project, cfg)]
     p50, p99 = measure_latency(project, session, example)
     gate = decide_gate(project, metrics, p99)
-    return EvalResult(metrics=metrics, latency_p50_ms=round(p50, 4), latency_p99_ms=round(p99, 4),
-                      latency_batch_size=project.contract.slo.latency_batch_size, gate=gate,
-                      samples=samples, seconds=round(time.perf_counter() - started, 3))
+    return EvalResult(
+        metrics=metrics,
+        latency_p50_ms=round(p50, 4),
+        latency_p99_ms=round(p99, 4),
+        latency_batch_size=project.contract.slo.latency_batch_size,
+        gate=gate,
+        samples=samples,
+        seconds=round(time.perf_counter() - started, 3),
+    )

@@ -46,10 +46,17 @@ class ExportResult:
 def example_arrays(project: Project, cfg: Any) -> tuple[torch.Tensor, ...]:
     example = as_tuple(call_hook(project.hooks, "example_inputs", cfg))
     if not all(isinstance(t, torch.Tensor) for t in example):
-        raise HandoffError("example_inputs() must return a tensor or a tuple of tensors",
-                           file=MODEL_FILE, field="example_inputs")
-    check_arrays(project.contract.inputs, [t.numpy() for t in example], what="inputs",
-                 source="model.py example_inputs()")
+        raise HandoffError(
+            "example_inputs() must return a tensor or a tuple of tensors",
+            file=MODEL_FILE,
+            field="example_inputs",
+        )
+    check_arrays(
+        project.contract.inputs,
+        [t.numpy() for t in example],
+        what="inputs",
+        source="model.py example_inputs()",
+    )
     return example
 
 
@@ -62,12 +69,16 @@ def call_model(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> Any:
     try:
         return model(*inputs)
     except Exception as exc:  # noqa: BLE001 - a forward failure is the researcher's to fix
-        raise HandoffError(f"the model's forward pass raised {type(exc).__name__}: {exc}",
-                           file=MODEL_FILE, field="build_model") from None
+        raise HandoffError(
+            f"the model's forward pass raised {type(exc).__name__}: {exc}",
+            file=MODEL_FILE,
+            field="build_model",
+        ) from None
 
 
-def export_onnx(model: torch.nn.Module, contract: Contract, example: tuple[torch.Tensor, ...],
-                path: Path) -> int:
+def export_onnx(
+    model: torch.nn.Module, contract: Contract, example: tuple[torch.Tensor, ...], path: Path
+) -> int:
     """Export with a dynamic batch axis to a single file; returns the opset used."""
     # Export at batch 2 or more so the exporter cannot specialise the batch axis to 1.
     batch = tuple(torch.cat([t, t]) if t.shape[0] == 1 else t for t in example)
@@ -82,9 +93,14 @@ def export_onnx(model: torch.nn.Module, contract: Contract, example: tuple[torch
         with warnings.catch_warnings(), contextlib.redirect_stdout(log):
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
-                model, batch, input_names=contract.input_names,
-                output_names=contract.output_names, dynamic_shapes=dynamic_shapes,
-                dynamo=True, external_data=False, verbose=False,
+                model,
+                batch,
+                input_names=contract.input_names,
+                output_names=contract.output_names,
+                dynamic_shapes=dynamic_shapes,
+                dynamo=True,
+                external_data=False,
+                verbose=False,
             )
             assert program is not None
             program.save(str(path), external_data=False)
@@ -92,15 +108,21 @@ def export_onnx(model: torch.nn.Module, contract: Contract, example: tuple[torch
         raise
     except Exception as exc:  # noqa: BLE001 - exporter errors are long; keep the first line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise HandoffError(f"torch.onnx.export failed: {first}", file=MODEL_FILE,
-                           field="build_model") from None
+        raise HandoffError(
+            f"torch.onnx.export failed: {first}", file=MODEL_FILE, field="build_model"
+        ) from None
     onnx.checker.check_model(str(path), full_check=True)
-    opsets = [o.version for o in onnx.load(str(path), load_external_data=False).opset_import if o.domain in ("", "ai.onnx")]
+    opsets = [
+        o.version
+        for o in onnx.load(str(path), load_external_data=False).opset_import
+        if o.domain in ("", "ai.onnx")
+    ]
     return opsets[0] if opsets else 0
 
 
-def check_parity(model: torch.nn.Module, project: Project, path: Path,
-                 example: tuple[torch.Tensor, ...]) -> tuple[float, list[np.ndarray]]:
+def check_parity(
+    model: torch.nn.Module, project: Project, path: Path, example: tuple[torch.Tensor, ...]
+) -> tuple[float, list[np.ndarray]]:
     """Max |torch - onnxruntime| over the example and a 3x batch of it (proves a dynamic batch)."""
     session = open_session(path)
     contract = project.contract
@@ -110,30 +132,42 @@ def check_parity(model: torch.nn.Module, project: Project, path: Path,
         check_arrays(contract.outputs, expected, what="outputs", source="the model")
         got = run_session(session, contract, [t.numpy() for t in inputs])
         check_arrays(contract.outputs, got, what="outputs", source="the exported ONNX model")
-        worst = max(worst, *(float(np.max(np.abs(e - g), initial=0.0)) for e, g in zip(expected, got, strict=True)))
+        worst = max(
+            worst, *(float(np.max(np.abs(e - g), initial=0.0)) for e, g in zip(expected, got, strict=True))
+        )
         example_outputs = example_outputs or got
     tolerance = contract.slo.parity_tolerance
     if not worst <= tolerance:
         raise HandoffError(
             f"ONNX Runtime differs from torch by {worst:.3g}, above slo.parity_tolerance "
             f"{tolerance:g}; the exported graph does not compute what the model does",
-            file="contract.yaml", field="slo.parity_tolerance",
+            file="contract.yaml",
+            field="slo.parity_tolerance",
         )
     return worst, example_outputs
 
 
-def example_payload(contract: Contract, inputs: tuple[torch.Tensor, ...],
-                    outputs: list[np.ndarray]) -> dict[str, Any]:
+def example_payload(
+    contract: Contract, inputs: tuple[torch.Tensor, ...], outputs: list[np.ndarray]
+) -> dict[str, Any]:
     """The contract example as an Open Inference Protocol v2 request plus expected outputs."""
     return {
         "inputs": [
-            {"name": spec.name, "datatype": spec.v2_datatype, "shape": list(t.shape),
-             "data": t.numpy().reshape(-1).tolist()}
+            {
+                "name": spec.name,
+                "datatype": spec.v2_datatype,
+                "shape": list(t.shape),
+                "data": t.numpy().reshape(-1).tolist(),
+            }
             for spec, t in zip(contract.inputs, inputs, strict=True)
         ],
         "expected_outputs": [
-            {"name": spec.name, "datatype": spec.v2_datatype, "shape": list(a.shape),
-             "data": a.reshape(-1).tolist()}
+            {
+                "name": spec.name,
+                "datatype": spec.v2_datatype,
+                "shape": list(a.shape),
+                "data": a.reshape(-1).tolist(),
+            }
             for spec, a in zip(contract.outputs, outputs, strict=True)
         ],
     }
@@ -153,8 +187,15 @@ def export(project_dir: Path | str, checkpoint: Path | str, model_dir: Path | st
     write_json(out / CONFIG_FILE, dataclasses.asdict(cfg))
     leftovers = sorted(p.name for p in out.iterdir() if p.name not in {ONNX_FILE, EXAMPLE_FILE, CONFIG_FILE})
     if leftovers:
-        raise HandoffError(f"export must write one self-contained ONNX file, found extra {leftovers}", file=out)
-    return ExportResult(model_dir=str(out), onnx_sha256=sha256_of(path), onnx_bytes=path.stat().st_size,
-                        opset=opset, parity_max_abs_diff=worst,
-                        parity_tolerance=project.contract.slo.parity_tolerance,
-                        seconds=round(time.perf_counter() - started, 3))
+        raise HandoffError(
+            f"export must write one self-contained ONNX file, found extra {leftovers}", file=out
+        )
+    return ExportResult(
+        model_dir=str(out),
+        onnx_sha256=sha256_of(path),
+        onnx_bytes=path.stat().st_size,
+        opset=opset,
+        parity_max_abs_diff=worst,
+        parity_tolerance=project.contract.slo.parity_tolerance,
+        seconds=round(time.perf_counter() - started, 3),
+    )

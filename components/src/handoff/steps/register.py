@@ -22,8 +22,8 @@ from mlflow.types import Schema
 from mlflow.types import TensorSpec as MlflowTensorSpec
 
 from handoff import __version__
-from handoff.contract import Contract
 from handoff.artifacts import EXAMPLE_FILE, ONNX_FILE
+from handoff.contract import Contract
 from handoff.files import sha256_of
 from handoff.project import Project
 from handoff.tracking import use_tracking
@@ -52,14 +52,17 @@ def signature_of(contract: Contract) -> ModelSignature:
 
 def git_sha(path: Path) -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, check=True
+        )
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return out.stdout.strip()
 
 
-def register(project_dir: Path | str, model_dir: Path | str, evaluation: dict[str, Any],
-             mlflow_run_id: str = "") -> RegisterResult:
+def register(
+    project_dir: Path | str, model_dir: Path | str, evaluation: dict[str, Any], mlflow_run_id: str = ""
+) -> RegisterResult:
     """Register ``model_dir/model.onnx``; promote to champion only if ``evaluation`` passed its gate."""
     started = time.perf_counter()
     project = Project.load(project_dir)
@@ -71,13 +74,18 @@ def register(project_dir: Path | str, model_dir: Path | str, evaluation: dict[st
     gate = evaluation["gate"]
     with mlflow.start_run(run_id=mlflow_run_id or None, run_name=f"{project.settings.project}-register"):
         mlflow.log_metrics({f"onnx_{k}": v for k, v in evaluation["metrics"].items()})
-        mlflow.log_metrics({"latency_p50_ms": evaluation["latency_p50_ms"],
-                            "latency_p99_ms": evaluation["latency_p99_ms"]})
+        mlflow.log_metrics(
+            {"latency_p50_ms": evaluation["latency_p50_ms"], "latency_p99_ms": evaluation["latency_p99_ms"]}
+        )
         info = mlflow.onnx.log_model(
-            onnx_model=onnx.load(str(onnx_path)), name="model", registered_model_name=name,
-            signature=signature_of(project.contract), pip_requirements=["onnxruntime"],
+            onnx_model=onnx.load(str(onnx_path)),
+            name="model",
+            registered_model_name=name,
+            signature=signature_of(project.contract),
+            pip_requirements=["onnxruntime"],
             # One self-contained file, byte-identical to what export checked (same sha256).
-            save_as_external_data=False, extra_files=[str(model_dir / EXAMPLE_FILE)],
+            save_as_external_data=False,
+            extra_files=[str(model_dir / EXAMPLE_FILE)],
         )
         run_id = mlflow.active_run().info.run_id
     version = str(info.registered_model_version)
@@ -97,6 +105,11 @@ def register(project_dir: Path | str, model_dir: Path | str, evaluation: dict[st
     if gate["passed"]:
         client.set_registered_model_alias(name, CHAMPION, version)
         aliases.append(CHAMPION)
-    return RegisterResult(model_name=name, version=version, aliases=aliases,
-                          model_uri=f"models:/{name}/{version}", onnx_sha256=sha,
-                          seconds=round(time.perf_counter() - started, 3))
+    return RegisterResult(
+        model_name=name,
+        version=version,
+        aliases=aliases,
+        model_uri=f"models:/{name}/{version}",
+        onnx_sha256=sha,
+        seconds=round(time.perf_counter() - started, 3),
+    )

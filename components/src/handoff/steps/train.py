@@ -21,8 +21,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from handoff import __version__
-from handoff.errors import HandoffError
 from handoff.checkpoints import save_checkpoint
+from handoff.errors import HandoffError
 from handoff.hooks import MODEL_FILE, build_optimizer, call_hook, hook_batch, metric_values, split_batch
 from handoff.project import Project
 from handoff.runtime import pick_device, seed_everything
@@ -60,7 +60,9 @@ def evaluate_torch(project: Project, model: torch.nn.Module, loader: DataLoader)
     return values
 
 
-def train(project_dir: Path | str, checkpoint: Path | str, *, overrides: dict[str, Any] | None = None) -> TrainResult:
+def train(
+    project_dir: Path | str, checkpoint: Path | str, *, overrides: dict[str, Any] | None = None
+) -> TrainResult:
     """Train the project's model and write ``checkpoint`` (state dict + the Config used)."""
     started = time.perf_counter()
     project = Project.load(project_dir)
@@ -79,14 +81,25 @@ def train(project_dir: Path | str, checkpoint: Path | str, *, overrides: dict[st
 
     use_tracking(project)
     run = mlflow.start_run(run_name=f"{project.settings.project}-train")
-    mlflow.set_tags({"handoff.template_version": __version__, "handoff.step": "train",
-                     "handoff.contract_sha256": project.contract.sha256})
+    mlflow.set_tags(
+        {
+            "handoff.template_version": __version__,
+            "handoff.step": "train",
+            "handoff.contract_sha256": project.contract.sha256,
+        }
+    )
     mlflow.log_params(dataclasses.asdict(cfg))
     step, last_loss, val_metrics = 0, math.nan, {}
     try:
         for epoch in range(1, epochs + 1):
-            bar = tqdm(train_loader, desc=f"epoch {epoch}/{epochs}", file=sys.stdout,
-                       disable=None, leave=False, mininterval=1.0)
+            bar = tqdm(
+                train_loader,
+                desc=f"epoch {epoch}/{epochs}",
+                file=sys.stdout,
+                disable=None,
+                leave=False,
+                mininterval=1.0,
+            )
             running, seen = 0.0, 0
             for batch in bar:
                 inputs, target = split_batch(batch)
@@ -99,7 +112,8 @@ def train(project_dir: Path | str, checkpoint: Path | str, *, overrides: dict[st
                         f"loss() returned {loss.item()} at epoch {epoch}, step {step + 1}; training "
                         "stopped and nothing was exported or registered (lower the learning rate "
                         "or check the data and loss for divide-by-zero / log(0))",
-                        file=MODEL_FILE, field="loss",
+                        file=MODEL_FILE,
+                        field="loss",
                     )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -113,13 +127,26 @@ def train(project_dir: Path | str, checkpoint: Path | str, *, overrides: dict[st
             mlflow.log_metrics({"train_loss": last_loss, **val_metrics}, step=epoch)
             shown = ", ".join(f"{k}={v:.4f}" for k, v in val_metrics.items())
             print(f"epoch {epoch}/{epochs}: train_loss={last_loss:.4f} {shown}", flush=True)
-        save_checkpoint(checkpoint, {"model": model.state_dict(), "config": dataclasses.asdict(cfg),
-                                     "epochs": epochs, "steps": step, "template_version": __version__})
+        save_checkpoint(
+            checkpoint,
+            {
+                "model": model.state_dict(),
+                "config": dataclasses.asdict(cfg),
+                "epochs": epochs,
+                "steps": step,
+                "template_version": __version__,
+            },
+        )
     except BaseException:
         mlflow.end_run(status="FAILED")
         raise
     mlflow.end_run()
-    return TrainResult(checkpoint=str(checkpoint), mlflow_run_id=run.info.run_id, epochs=epochs,
-                       steps=step, train_loss=last_loss, val_metrics=val_metrics,
-                       seconds=round(time.perf_counter() - started, 3))
-
+    return TrainResult(
+        checkpoint=str(checkpoint),
+        mlflow_run_id=run.info.run_id,
+        epochs=epochs,
+        steps=step,
+        train_loss=last_loss,
+        val_metrics=val_metrics,
+        seconds=round(time.perf_counter() - started, 3),
+    )
