@@ -129,6 +129,18 @@ def test_broken_model_py_fails_before_any_step(served_project: Path) -> None:
     assert not (project / "mlflow.db").exists()
 
 
+def test_malformed_contract_fails_before_any_step(served_project: Path) -> None:
+    project = served_project
+    edit_yaml(project / "contract.yaml", lambda c: c["outputs"][0].update(dtype="float"))
+    line = (project / "contract.yaml").read_text().splitlines().index("  dtype: float") + 1
+    result = handoff("run", "--local", cwd=project)
+    assert result.returncode == 1
+    assert result.stderr.startswith(
+        f"error: {project.resolve() / 'contract.yaml'}: line {line}: outputs[0].dtype: Input should be"
+    )
+    assert not (project / "mlflow.db").exists() and not (project / "runs").exists()
+
+
 def test_failed_gate_registers_a_challenger_but_does_not_promote_or_serve(served_project: Path) -> None:
     project = served_project
     edit_yaml(project / "handoff.yaml", lambda s: s["training"].update(overrides={"epochs": 1}))
