@@ -104,7 +104,8 @@ def test_nan_loss_stops_the_pipeline_with_nothing_registered(served_project: Pat
         "return F.cross_entropy(outputs, target)",
         "return F.cross_entropy(outputs, target) * float('nan')",
     )
-    result = handoff("run", "--local", cwd=project)
+    # Also the plain path: every step a fresh interpreter, as kfp.local starts it by default.
+    result = handoff("run", "--local", "--no-fork-server", cwd=project)
     assert result.returncode == 1
     assert "error: train failed:" in result.stdout
     assert "model.py: loss: loss() returned nan at epoch 1, step 1" in result.stdout

@@ -63,6 +63,9 @@ def check(project: ProjectOpt = Path(".")) -> None:
 def run(
     project: ProjectOpt = Path("."),
     local: Annotated[bool, typer.Option("--local", help="Run with kfp.local on this machine.")] = False,
+    fork_server: Annotated[
+        bool, typer.Option(help="Start local steps as forks of a warm process (imports paid once).")
+    ] = True,
 ) -> None:
     """Run the whole pipeline: train, export, evaluate, register, deploy and smoke-test."""
     if not local:
@@ -70,7 +73,7 @@ def run(
     from handoff_pipelines.local import run_local
     from handoff_pipelines.summary import format_summary
 
-    summary = run_local(project)
+    summary = run_local(project, fork_server=fork_server)
     typer.echo(format_summary(summary))
     if summary["status"] != "succeeded":
         raise typer.Exit(1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from handoff.files import read_json, write_json
 from handoff.model_source import precheck_source
 from handoff.project import Project
 from handoff.step_entry import ERROR_FILE_ENV
+from handoff_pipelines import forkserver
 from handoff_pipelines.graph import PIPELINE_NAME, STEPS, build_pipeline
 from handoff_pipelines.summary import build_summary
 
@@ -56,7 +58,27 @@ def new_run_dir(project: Project) -> Path:
     return path
 
 
-def run_local(project_dir: Path | str) -> dict[str, Any]:
+@contextlib.contextmanager
+def _step_python(client: str | None, socket_path: str) -> Iterator[None]:
+    """Have kfp.local start steps through the fork-server client.
+
+    kfp.local launches each step with ``sys.executable``; pointing it at the client for the
+    duration of the run is the one lever it offers. The client falls back to the real
+    interpreter (kept in the environment) for anything that is not a step.
+    """
+    if client is None:
+        yield
+        return
+    real = sys.executable
+    with _environment({forkserver.SOCKET_ENV: socket_path, forkserver.PYTHON_ENV: real}):
+        sys.executable = client
+        try:
+            yield
+        finally:
+            sys.executable = real
+
+
+def run_local(project_dir: Path | str, *, fork_server: bool = True) -> dict[str, Any]:
     """Run train → export → evaluate → register → deploy; return (and write) the run summary."""
     from kfp import local
 
@@ -74,7 +96,14 @@ def run_local(project_dir: Path | str) -> dict[str, Any]:
     started = time.perf_counter()
     try:
         with _environment({ERROR_FILE_ENV: str(error_file), "TMPDIR": str(scratch)}):
-            pipeline(project_dir=str(project.root))
+            if fork_server:
+                with (
+                    forkserver.running(project.root, scratch) as client,
+                    _step_python(client, str(scratch / "forkserver.sock")),
+                ):
+                    pipeline(project_dir=str(project.root))
+            else:
+                pipeline(project_dir=str(project.root))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     failure = read_json(error_file) if error_file.is_file() else None

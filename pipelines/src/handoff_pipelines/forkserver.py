@@ -1,0 +1,197 @@
+"""Warm step processes for local runs: a fork server with the step libraries already imported.
+
+kfp.local starts every step as a new Python process (``<python> -m kfp.dsl.executor_main ...``),
+so each step used to pay interpreter start-up and the imports of torch, MLflow, ONNX and the
+project's own model.py imports (~3 s a step) before doing any work. Here one server process
+imports all of that once; each step process is a ``fork()`` of it, started through a tiny client
+that stands in for the Python executable (kfp.local launches ``sys.executable``). The client
+hands over its argv, environment, working folder and stdin/stdout/stderr, and exits with the
+step's exit code, so kfp.local sees an ordinary process.
+
+Anything the client does not recognise (not ``-m MODULE ...``) or a missing server makes it
+``exec`` the real interpreter instead: a local run is never less correct, only slower.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import os
+import runpy
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+
+SOCKET_ENV = "HANDOFF_FORKSERVER_SOCKET"
+PYTHON_ENV = "HANDOFF_FORKSERVER_PYTHON"
+# What every step imports; model.py's own imports are added by importing model.py itself.
+PRELOAD = (
+    "kfp.dsl.executor_main",
+    "handoff.steps.train",
+    "handoff.steps.export",
+    "handoff.steps.evaluate",
+    "handoff.steps.register",
+    "handoff.steps.deploy",
+    "onnxscript",
+)
+EXIT_DIED = 70  # the step process ended without reporting (killed by a signal)
+
+
+def _send_message(sock: socket.socket, payload: bytes) -> None:
+    sock.sendall(struct.pack("!I", len(payload)) + payload)
+
+
+def _receive_exact(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise ConnectionError("closed")
+        data += chunk
+    return data
+
+
+def _receive_message(sock: socket.socket) -> bytes:
+    (size,) = struct.unpack("!I", _receive_exact(sock, 4))
+    return _receive_exact(sock, size)
+
+
+# --- the server -------------------------------------------------------------------------------
+
+
+def _run_child(conn: socket.socket, request: dict, fds: list[int]) -> None:
+    """In the forked process: become the step process the client asked for, report its exit code."""
+    code = 1
+    try:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # steps start and wait for their own children
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)
+            os.close(fd)
+        os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(request["env"])
+        tempfile.tempdir = None  # TMPDIR comes from the step's environment
+        sys.stdout.reconfigure(line_buffering=True)  # kfp.local streams the log line by line
+        # As `python -m` would: the working folder, then PYTHONPATH, ahead of the rest.
+        extra = [request["cwd"], *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+        sys.path[:0] = [p for p in extra if p not in sys.path]
+        sys.argv = [request["module"], *request["args"]]
+        runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr)
+    except BaseException:  # noqa: BLE001 - the step's own crash: report it like Python would
+        traceback.print_exc()
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        with contextlib.suppress(OSError):
+            _send_message(conn, json.dumps({"code": code}).encode())
+        os._exit(code)
+
+
+def serve(socket_path: str, project_dir: str) -> None:
+    """Import the step libraries (and model.py's imports), then fork one child per request."""
+    for module in PRELOAD:
+        importlib.import_module(module)
+    with contextlib.suppress(Exception):  # a broken model.py fails in its step, with its message
+        from handoff.hooks import load_model_module
+
+        load_model_module(Path(project_dir))
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # finished children are reaped automatically
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(socket_path)
+    server.listen(16)
+    print("ready", flush=True)
+    while True:
+        conn, _ = server.accept()
+        fds: list[int] = []
+        try:
+            _, fds, _, _ = socket.recv_fds(conn, 1, 3)
+            request = json.loads(_receive_message(conn))
+            if len(fds) != 3:
+                raise ValueError("expected stdin, stdout and stderr")
+        except (OSError, ValueError, ConnectionError, struct.error):
+            conn.close()
+            for fd in fds:
+                os.close(fd)
+            continue
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if os.fork() == 0:
+            server.close()
+            _run_child(conn, request, fds)
+        conn.close()
+        for fd in fds:
+            os.close(fd)
+
+
+# --- the client (stands in for the Python executable) -----------------------------------------
+
+
+def client_main(argv: list[str] | None = None) -> None:
+    """Entry point of ``handoff-step-python``: run ``-m MODULE ARGS`` in a fork of the server."""
+    args = sys.argv[1:] if argv is None else argv
+    real_python = os.environ.get(PYTHON_ENV, sys.executable)
+    socket_path = os.environ.get(SOCKET_ENV)
+    if not socket_path or len(args) < 2 or args[0] != "-m":
+        os.execv(real_python, [real_python, *args])
+    request = {"module": args[1], "args": args[2:], "cwd": os.getcwd(), "env": dict(os.environ)}
+    payload = json.dumps(request).encode()
+    try:
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn.connect(socket_path)
+        socket.send_fds(conn, [b"\0"], [0, 1, 2])
+        _send_message(conn, payload)
+    except OSError:
+        os.execv(real_python, [real_python, *args])
+    try:
+        reply = json.loads(_receive_message(conn))
+    except (ConnectionError, ValueError):
+        print("handoff: the step process died without an exit status", file=sys.stderr)
+        sys.exit(EXIT_DIED)
+    sys.exit(int(reply["code"]))
+
+
+@contextlib.contextmanager
+def running(project_dir: Path, scratch: Path) -> Iterator[str | None]:
+    """Start the server for one local run; yields the client executable (None if unavailable)."""
+    client = Path(sys.executable).with_name("handoff-step-python")
+    if not client.is_file() or not hasattr(socket, "send_fds") or os.name != "posix":
+        yield None
+        return
+    socket_path = str(scratch / "forkserver.sock")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "handoff_pipelines.forkserver", socket_path, str(project_dir)],
+        stdout=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        if process.stdout is None or process.stdout.readline().strip() != "ready":
+            yield None
+            return
+        yield str(client)
+    finally:
+        process.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=5)
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        Path(socket_path).unlink(missing_ok=True)
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1], sys.argv[2])

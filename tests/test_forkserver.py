@@ -1,0 +1,72 @@
+"""The fork-server client stands in for Python: anything it cannot fork runs on the real interpreter."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from handoff_pipelines import forkserver
+
+pytestmark = pytest.mark.unit
+
+CLIENT = str(Path(sys.executable).with_name("handoff-step-python"))
+
+
+def test_client_runs_plain_commands_on_the_real_interpreter() -> None:
+    env = {**os.environ, forkserver.PYTHON_ENV: sys.executable}
+    result = subprocess.run(
+        [CLIENT, "-c", "import sys; print(sys.executable)"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
+    assert result.stdout.strip() == sys.executable
+
+
+def test_client_without_a_server_falls_back_and_keeps_the_exit_code(tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        forkserver.PYTHON_ENV: sys.executable,
+        forkserver.SOCKET_ENV: str(tmp_path / "absent.sock"),
+    }
+    result = subprocess.run(
+        [CLIENT, "-m", "json.tool", "--no-such-flag"], capture_output=True, text=True, env=env
+    )
+    assert result.returncode == 2
+    assert "unrecognized arguments: --no-such-flag" in result.stderr
+
+
+def test_forked_step_gets_argv_cwd_env_streams_and_exit_code(tmp_path: Path) -> None:
+    (tmp_path / "model.py").write_text("")  # nothing to preload for this check
+    module = tmp_path / "probe_step.py"
+    module.write_text(
+        "import os, sys\n"
+        "print('args', sys.argv[1:], 'cwd', os.getcwd(), 'var', os.environ['PROBE'])\n"
+        "print('to stderr', file=sys.stderr)\n"
+        "sys.exit(int(sys.argv[1]))\n"
+    )
+    with forkserver.running(tmp_path, tmp_path) as client:
+        assert client == CLIENT
+        env = {
+            **os.environ,
+            forkserver.PYTHON_ENV: sys.executable,
+            "PROBE": "42",
+            forkserver.SOCKET_ENV: str(tmp_path / "forkserver.sock"),
+            "PYTHONPATH": str(tmp_path),
+        }
+        result = subprocess.run(
+            [client, "-m", "probe_step", "3"],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+            timeout=60,
+        )
+    assert result.returncode == 3
+    assert result.stdout.strip() == f"args ['3'] cwd {tmp_path} var 42"
+    assert result.stderr.strip() == "to stderr"
