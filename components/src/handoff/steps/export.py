@@ -111,6 +111,7 @@ def export_onnx(
         raise HandoffError(
             f"torch.onnx.export failed: {first}", file=MODEL_FILE, field="build_model"
         ) from None
+    _strip_stack_traces(path)
     onnx.checker.check_model(str(path), full_check=True)
     opsets = [
         o.version
@@ -118,6 +119,21 @@ def export_onnx(
         if o.domain in ("", "ai.onnx")
     ]
     return opsets[0] if opsets else 0
+
+
+def _strip_stack_traces(path: Path) -> None:
+    """Drop the exporter's per-node Python stack traces.
+
+    They hold the exporting machine's file paths, so the same weights would hash differently on
+    every machine and folder; without them the sha256 identifies the model, not where it was built.
+    """
+    model = onnx.load(str(path))
+    for node in [*model.graph.node, *(n for f in model.functions for n in f.node)]:
+        kept = [p for p in node.metadata_props if p.key != "pkg.torch.onnx.stack_trace"]
+        if len(kept) != len(node.metadata_props):
+            del node.metadata_props[:]
+            node.metadata_props.extend(kept)
+    onnx.save(model, str(path))
 
 
 def check_parity(
