@@ -16,9 +16,13 @@ RESERVED = {
     "model", "tests", "test", "pipelines", "components",
 }
 TRACKING_SCHEMES = ("sqlite:///", "http://", "https://", "file:", "databricks")
+# Free text pasted into one-line places: a Markdown heading, model.py's docstring, a TOML string.
+FREE_TEXT = ("project_name", "description")
 
 # tojson makes each answer a valid Python string literal, whatever it contains.
 answers = {
+    "project_name": {{ cookiecutter.project_name | tojson }},
+    "description": {{ cookiecutter.description | tojson }},
     "project": {{ cookiecutter.project | tojson }},
     "package_name": {{ cookiecutter.package_name | tojson }},
     "namespace": {{ cookiecutter.namespace | tojson }},
@@ -27,8 +31,30 @@ answers = {
 }
 
 
+def free_text_problems(field: str) -> list[str]:
+    """Rules for text pasted verbatim into Markdown, model.py's docstring and pyproject.toml."""
+    value = answers[field]
+    if not value.strip():
+        return [f"{field} must not be empty"]
+    found = []
+    if "\n" in value or "\r" in value:
+        found.append(f"{field} {value!r} must be a single line (no newline)")
+    if "\\" in value:
+        found.append(f"{field} {value!r} must not contain a backslash")
+    if '"""' in value:
+        found.append(f"{field} {value!r} must not contain '\"\"\"'")
+    # pyproject.toml gets the description through tojson, which writes characters such as emoji
+    # as surrogate-pair escapes that TOML rejects; here (through tojson too) they are surrogates.
+    if field == "description" and any(0xD800 <= ord(c) <= 0xDFFF or ord(c) > 0xFFFF for c in value):
+        found.append(f"{field} {value!r} must not contain characters outside the Basic "
+                     "Multilingual Plane (such as emoji)")
+    return found
+
+
 def problems() -> list[str]:
     found = []
+    for field in FREE_TEXT:
+        found.extend(free_text_problems(field))
     for field in ("project", "namespace"):
         value = answers[field]
         if len(value) > 63 or not DNS_1123_LABEL.match(value):

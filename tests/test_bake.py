@@ -7,9 +7,11 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
+import yaml
 
 from .conftest import TEMPLATE
 
@@ -80,6 +82,19 @@ def test_answers_reach_the_project(cookies) -> None:
     assert "name: churn-model" in (project / "contract.yaml").read_text()
 
 
+def test_quotes_in_free_text_keep_pyproject_valid(cookies) -> None:
+    description = "A \"small\" CNN <for> 'digits' & more"
+    author = 'Ada "the" Lead\'s team'
+    result = cookies.bake(extra_context={"description": description, "author": author})
+    assert result.exit_code == 0, result.exception
+    project = result.project_path
+    pyproject = tomllib.loads((project / "pyproject.toml").read_text())
+    assert pyproject["project"]["description"] == description
+    assert description in (project / "README.md").read_text()
+    assert f"Research: {author}." in (project / "model_card.md").read_text()
+    assert yaml.safe_load((project / "contract.yaml").read_text())["owners"]["research"] == author
+
+
 @pytest.mark.parametrize(
     ("answers", "message"),
     [
@@ -88,8 +103,36 @@ def test_answers_reach_the_project(cookies) -> None:
         ({"package_name": "torch"}, "ERROR: package_name 'torch' is reserved"),
         ({"namespace": "-ns"}, "ERROR: namespace '-ns' is not a DNS-1123 label"),
         ({"mlflow_tracking_uri": "mlflow.db"}, "ERROR: mlflow_tracking_uri 'mlflow.db' must start with"),
+        # An explicit slug: an empty one would make cookiecutter refuse before the hook runs.
+        ({"project_name": "", "project": "churn"}, "ERROR: project_name must not be empty"),
+        ({"project_name": "Churn\nModel"}, "ERROR: project_name 'Churn\\nModel' must be a single line"),
+        (
+            {"project_name": "Churn\\Model"},
+            "ERROR: project_name 'Churn\\\\Model' must not contain a backslash",
+        ),
+        ({"project_name": 'Churn """ Model'}, 'ERROR: project_name \'Churn """ Model\' must not contain'),
+        ({"description": " "}, "ERROR: description must not be empty"),
+        ({"description": "Two\nlines"}, "ERROR: description 'Two\\nlines' must be a single line"),
+        ({"description": "C:\\data"}, "ERROR: description 'C:\\\\data' must not contain a backslash"),
+        ({"description": 'A """ CNN'}, 'ERROR: description \'A """ CNN\' must not contain'),
+        ({"description": "A CNN \U0001f600"}, "ERROR: description 'A CNN \\ud83d\\ude00' must not contain"),
     ],
-    ids=["slug", "identifier", "reserved", "namespace", "tracking-uri"],
+    ids=[
+        "slug",
+        "identifier",
+        "reserved",
+        "namespace",
+        "tracking-uri",
+        "name-empty",
+        "name-newline",
+        "name-backslash",
+        "name-triple-quote",
+        "description-blank",
+        "description-newline",
+        "description-backslash",
+        "description-triple-quote",
+        "description-emoji",
+    ],
 )
 def test_invalid_answer_fails_with_one_line_and_no_output(
     tmp_path: Path, answers: dict[str, str], message: str

@@ -22,6 +22,7 @@ def test_default_project_passes_every_check(project: Path) -> None:
         "model.py hooks",
         "datasets",
         "forward pass",
+        "metrics",
         "two-step overfit",
         "ONNX export round trip",
     ]
@@ -31,7 +32,7 @@ def test_cli_check_reports_each_check(project: Path) -> None:
     result = handoff("check", cwd=project)
     assert result.returncode == 0, result.stderr
     assert "ok  forward pass: logits [4, 10] float32" in result.stdout
-    assert "model.py satisfies the contract (6 checks" in result.stdout
+    assert "model.py satisfies the contract (7 checks" in result.stdout
 
 
 def test_syntax_error_names_file_and_line(project: Path) -> None:

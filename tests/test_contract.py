@@ -10,7 +10,7 @@ from handoff.contract import load_contract
 from handoff.errors import HandoffError
 from handoff.settings import load_settings
 
-from .conftest import edit_yaml
+from .conftest import edit_yaml, replace_in
 
 pytestmark = pytest.mark.unit
 
@@ -65,4 +65,80 @@ def test_settings_reject_a_bad_port_and_resolve_sqlite_under_the_project(project
     assert settings.tracking_uri(project) == f"sqlite:///{project.resolve()}/mlflow.db"
     edit_yaml(project / "handoff.yaml", lambda s: s["serving"].update(port=70000))
     with pytest.raises(HandoffError, match=r"handoff.yaml: line \d+: serving.port: Input should be less"):
+        load_settings(project)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        (
+            "task: classification\n",
+            "task: classification\ntask: regression\n",
+            "line 5: task: duplicate key (first given on line 4); "
+            "YAML would silently keep only the last one, so remove one of them",
+        ),
+        (
+            "  latency_batch_size: 1\n",
+            "  latency_batch_size: 1\n  latency_batch_size: 8\n",
+            "line 16: slo.latency_batch_size: duplicate key (first given on line 15)",
+        ),
+    ],
+    ids=["top-level", "nested"],
+)
+def test_duplicate_yaml_key_names_file_line_and_key(project: Path, old: str, new: str, expected: str) -> None:
+    replace_in(project / "contract.yaml", old, new)
+    with pytest.raises(HandoffError) as raised:
+        load_contract(project)
+    assert str(raised.value).startswith(f"{project / 'contract.yaml'}: {expected}")
+
+
+def test_yaml_merge_key_may_be_overridden_without_a_duplicate_error(project: Path) -> None:
+    replace_in(
+        project / "contract.yaml", "slo:\n", "slo:\n  <<: {latency_p99_ms: 50, latency_batch_size: 2}\n"
+    )
+    slo = load_contract(project).slo
+    assert (slo.latency_p99_ms, slo.latency_batch_size) == (25, 1)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        (
+            "outputs:\n",
+            "  - name: image\n    dtype: float32\n    shape: [-1, 64]\noutputs:\n",
+            "line 9: inputs[1].name: 'image' is used twice",
+        ),
+        (
+            "  - name: logits\n",
+            "  - name: image\n",
+            "line 10: outputs[0].name: 'image' is also an input name",
+        ),
+        (
+            "slo:\n",
+            "  - name: logits\n    dtype: float32\n    shape: [-1, 10]\nslo:\n",
+            "line 13: outputs[1].name: 'logits' is used twice",
+        ),
+    ],
+    ids=["input-twice", "output-is-input", "output-twice"],
+)
+def test_tensor_names_must_be_unique(project: Path, old: str, new: str, expected: str) -> None:
+    replace_in(project / "contract.yaml", old, new)
+    with pytest.raises(HandoffError) as raised:
+        load_contract(project)
+    assert str(raised.value) == f"{project / 'contract.yaml'}: {expected}"
+
+
+def test_contract_that_is_not_utf8(project: Path) -> None:
+    path = project / "contract.yaml"
+    path.write_bytes(path.read_bytes().replace(b"platform-team", "plateforme-équipe".encode("latin-1")))
+    with pytest.raises(HandoffError) as raised:
+        load_contract(project)
+    assert str(raised.value) == (
+        f"{path}: line 21: not UTF-8 text (byte 0xe9); save the file with UTF-8 encoding"
+    )
+
+
+def test_settings_reject_a_namespace_that_is_not_a_dns_label(project: Path) -> None:
+    edit_yaml(project / "handoff.yaml", lambda s: s.update(namespace="ML_Team"))
+    with pytest.raises(HandoffError, match=r"handoff.yaml: line 6: namespace: String should match pattern"):
         load_settings(project)

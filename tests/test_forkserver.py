@@ -42,7 +42,6 @@ def test_client_without_a_server_falls_back_and_keeps_the_exit_code(tmp_path: Pa
 
 
 def test_forked_step_gets_argv_cwd_env_streams_and_exit_code(tmp_path: Path) -> None:
-    (tmp_path / "model.py").write_text("")  # nothing to preload for this check
     module = tmp_path / "probe_step.py"
     module.write_text(
         "import os, sys\n"
@@ -50,17 +49,18 @@ def test_forked_step_gets_argv_cwd_env_streams_and_exit_code(tmp_path: Path) -> 
         "print('to stderr', file=sys.stderr)\n"
         "sys.exit(int(sys.argv[1]))\n"
     )
-    with forkserver.running(tmp_path, tmp_path) as client:
-        assert client == CLIENT
+    (tmp_path / "model.py").write_text("print('model.py may print at import')\n")
+    with forkserver.running(tmp_path) as step_python:
+        assert step_python is not None and step_python.executable == CLIENT
         env = {
             **os.environ,
             forkserver.PYTHON_ENV: sys.executable,
             "PROBE": "42",
-            forkserver.SOCKET_ENV: str(tmp_path / "forkserver.sock"),
+            forkserver.SOCKET_ENV: step_python.socket_path,
             "PYTHONPATH": str(tmp_path),
         }
         result = subprocess.run(
-            [client, "-m", "probe_step", "3"],
+            [step_python.executable, "-m", "probe_step", "3"],
             capture_output=True,
             text=True,
             env=env,

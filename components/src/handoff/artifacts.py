@@ -3,3 +3,4 @@
 ONNX_FILE = "model.onnx"  # the one self-contained ONNX model
 EXAMPLE_FILE = "example.json"  # contract example as a V2 request, with the expected outputs
 CONFIG_FILE = "config.json"  # the model.py Config the weights were trained with
+EXTRA_DIR = "extra_files"  # where MLflow's log_model(extra_files=...) puts them in a model's folder

@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
-from handoff.yaml_files import load_yaml_model
+from handoff.k8s_names import Dns1123Label
+from handoff.yaml_files import FieldError, StrictModel, load_yaml_model
 
 CONTRACT_FILE = "contract.yaml"
 
@@ -34,11 +35,7 @@ V2_DATATYPES: dict[str, str] = {
 Dtype = Literal["float32", "float16", "float64", "int8", "int16", "int32", "int64", "uint8", "bool"]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class TensorSpec(_Strict):
+class TensorSpec(StrictModel):
     """One named model input or output."""
 
     name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.:-]*$")
@@ -69,7 +66,7 @@ class TensorSpec(_Strict):
         )
 
 
-class Slo(_Strict):
+class Slo(StrictModel):
     """Service-level objectives the gate checks before a model may be promoted."""
 
     latency_p99_ms: float = Field(gt=0)
@@ -78,15 +75,15 @@ class Slo(_Strict):
     parity_tolerance: float = Field(default=1e-4, gt=0)
 
 
-class Owners(_Strict):
+class Owners(StrictModel):
     research: str = Field(min_length=1)
     engineering: str = Field(min_length=1)
 
 
-class Contract(_Strict):
+class Contract(StrictModel):
     """The handoff contract between the researcher and the platform."""
 
-    name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)
+    name: Dns1123Label
     task: Literal["classification", "regression"]
     inputs: list[TensorSpec] = Field(min_length=1)
     outputs: list[TensorSpec] = Field(min_length=1)
@@ -94,13 +91,27 @@ class Contract(_Strict):
     owners: Owners
     sha256: str = Field(default="", exclude=True)
 
-    @field_validator("outputs")
-    @classmethod
-    def _names_are_unique(cls, outputs: list[TensorSpec]) -> list[TensorSpec]:
-        names = [spec.name for spec in outputs]
-        if len(set(names)) != len(names):
-            raise ValueError(f"output names must be unique, found {names}")
-        return outputs
+    @model_validator(mode="after")
+    def _tensor_names_are_unique(self) -> Contract:
+        """Every input and output needs its own name.
+
+        Requests and responses address tensors by name, so a repeated input name leaves one
+        input unreachable, and ONNX itself refuses a graph whose input and output share a name,
+        but only at export time and with an error that does not mention contract.yaml.
+        """
+        inputs: set[str] = set()
+        for i, spec in enumerate(self.inputs):
+            if spec.name in inputs:
+                raise FieldError(("inputs", i, "name"), f"{spec.name!r} is used twice")
+            inputs.add(spec.name)
+        outputs: set[str] = set()
+        for i, spec in enumerate(self.outputs):
+            if spec.name in inputs:
+                raise FieldError(("outputs", i, "name"), f"{spec.name!r} is also an input name")
+            if spec.name in outputs:
+                raise FieldError(("outputs", i, "name"), f"{spec.name!r} is used twice")
+            outputs.add(spec.name)
+        return self
 
     @property
     def input_names(self) -> list[str]:

@@ -20,9 +20,11 @@ def precheck_source(project_dir: Path) -> None:
     if not path.is_file():
         raise HandoffError("file not found: every project defines its model here", file=path)
     try:
-        tree = ast.parse(path.read_text(), filename=str(path))
+        tree = ast.parse(path.read_bytes(), filename=str(path))
     except SyntaxError as exc:
         raise HandoffError(f"line {exc.lineno}: syntax error: {exc.msg}", file=path) from None
+    except ValueError as exc:  # e.g. a NUL byte: not Python source at all
+        raise HandoffError(f"not Python source: {exc}", file=path) from None
     defined: set[str] = set()
     for node in tree.body:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):

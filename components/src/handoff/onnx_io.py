@@ -30,7 +30,7 @@ def check_arrays(
     """Check count, dtype and shape of arrays against contract specs, naming the first mismatch."""
     if len(arrays) != len(specs):
         raise HandoffError(
-            f"{what}: contract.yaml declares {len(specs)} ({', '.join(s.name for s in specs)}), "
+            f"contract.yaml declares {len(specs)} ({', '.join(s.name for s in specs)}), "
             f"{source} produced {len(arrays)}",
             file="contract.yaml",
             field=what,

@@ -4,44 +4,41 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from handoff.yaml_files import load_yaml_model
+from handoff.k8s_names import Dns1123Label
+from handoff.yaml_files import StrictModel, load_yaml_model
 
 SETTINGS_FILE = "handoff.yaml"
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class MlflowSettings(_Strict):
+class MlflowSettings(StrictModel):
     # A relative sqlite path is resolved against the project folder, so every step and the
     # researcher's own `mlflow ui` see the same registry whatever their working directory.
     tracking_uri: str = "sqlite:///mlflow.db"
     experiment: str = Field(min_length=1)
 
 
-class ServingSettings(_Strict):
+class ServingSettings(StrictModel):
     host: str = "127.0.0.1"
     # 0 picks a free port; the chosen one is printed and written to the run summary.
     port: int = Field(default=8080, ge=0, le=65535)
     ready_timeout_s: float = Field(default=60, gt=0)
 
 
-class TrainingSettings(_Strict):
+class TrainingSettings(StrictModel):
     # Overrides applied to model.py's Config (field name -> value) for pipeline runs.
     overrides: dict[str, object] = Field(default_factory=dict)
     gpus: int = Field(default=0, ge=0)
 
 
-class Settings(_Strict):
-    project: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)
-    model_name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)
+class Settings(StrictModel):
+    project: Dns1123Label
+    model_name: Dns1123Label
     template_version: str
     orchestrator: str = Field(pattern=r"^(kfp|argo|both)$")
     image: str = Field(min_length=1)
-    namespace: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)
+    namespace: Dns1123Label
     mlflow: MlflowSettings
     serving: ServingSettings = ServingSettings()
     training: TrainingSettings = TrainingSettings()

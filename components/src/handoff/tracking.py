@@ -9,11 +9,6 @@ from mlflow.tracking import MlflowClient
 
 from handoff.project import Project
 
-# Steps run in short-lived processes: keep MLflow from spending seconds on telemetry and
-# environment inference that nobody reads.
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("DO_NOT_TRACK", "true")
-
 
 def use_tracking(project: Project) -> MlflowClient:
     """Point MLflow at the project's store and make sure its experiment exists.
@@ -21,6 +16,8 @@ def use_tracking(project: Project) -> MlflowClient:
     With a local store the experiment's artifacts go to ``<project>/mlartifacts`` rather than
     the working directory of whichever process happened to create it first.
     """
+    # Steps run in short-lived processes on machines that may have no network: no telemetry.
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     uri = project.tracking_uri
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)

@@ -19,14 +19,17 @@ import importlib
 import json
 import os
 import runpy
+import shutil
 import signal
 import socket
 import struct
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 SOCKET_ENV = "HANDOFF_FORKSERVER_SOCKET"
@@ -113,7 +116,6 @@ def serve(socket_path: str, project_dir: str) -> None:
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(socket_path)
     server.listen(16)
-    print("ready", flush=True)
     while True:
         conn, _ = server.accept()
         fds: list[int] = []
@@ -164,25 +166,51 @@ def client_main(argv: list[str] | None = None) -> None:
     sys.exit(int(reply["code"]))
 
 
+def _wait_until_listening(process: subprocess.Popen[bytes], socket_path: str, timeout_s: float) -> bool:
+    """Ready means accepting connections (not a line on stdout, which model.py may print to)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and process.poll() is None:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(socket_path)
+                return True
+            except OSError:
+                time.sleep(0.05)
+    return False
+
+
+@dataclass(frozen=True)
+class StepPython:
+    """How to start a step in the fork server: the client executable and the server's socket."""
+
+    executable: str
+    socket_path: str
+
+
 @contextlib.contextmanager
-def running(project_dir: Path, scratch: Path) -> Iterator[str | None]:
-    """Start the server for one local run; yields the client executable (None if unavailable)."""
+def running(project_dir: Path, timeout_s: float = 120) -> Iterator[StepPython | None]:
+    """Start the server for one local run; yields how to reach it (None if unavailable)."""
     client = Path(sys.executable).with_name("handoff-step-python")
     if not client.is_file() or not hasattr(socket, "send_fds") or os.name != "posix":
         yield None
         return
-    socket_path = str(scratch / "forkserver.sock")
+    # A short private folder: socket paths are limited to ~100 bytes.
+    folder = tempfile.mkdtemp(prefix="handoff-")
+    socket_path = os.path.join(folder, "steps.sock")
     process = subprocess.Popen(
         [sys.executable, "-m", "handoff_pipelines.forkserver", socket_path, str(project_dir)],
-        stdout=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
-        text=True,
+        stdout=subprocess.DEVNULL,
     )
     try:
-        if process.stdout is None or process.stdout.readline().strip() != "ready":
+        if _wait_until_listening(process, socket_path, timeout_s):
+            yield StepPython(str(client), socket_path)
+        else:
+            print(
+                "handoff: the step fork server did not start; running each step in a new interpreter",
+                file=sys.stderr,
+            )
             yield None
-            return
-        yield str(client)
     finally:
         process.terminate()
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -190,7 +218,7 @@ def running(project_dir: Path, scratch: Path) -> Iterator[str | None]:
         if process.poll() is None:
             process.kill()
             process.wait()
-        Path(socket_path).unlink(missing_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == "__main__":

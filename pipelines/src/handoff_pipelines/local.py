@@ -2,7 +2,7 @@
 
 Each run gets ``<project>/runs/<run-id>/``: kfp.local's artifacts under ``artifacts/`` and the
 run's ``summary.json``. Steps run in this Python (SubprocessRunner without per-task venvs);
-their scratch folders go to ``<project>/.handoff/tmp`` and are removed afterwards.
+their scratch folders go to ``runs/<run-id>/tmp`` and are removed afterwards.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -59,19 +60,19 @@ def new_run_dir(project: Project) -> Path:
 
 
 @contextlib.contextmanager
-def _step_python(client: str | None, socket_path: str) -> Iterator[None]:
+def _step_python(step_python: forkserver.StepPython | None) -> Iterator[None]:
     """Have kfp.local start steps through the fork-server client.
 
     kfp.local launches each step with ``sys.executable``; pointing it at the client for the
     duration of the run is the one lever it offers. The client falls back to the real
     interpreter (kept in the environment) for anything that is not a step.
     """
-    if client is None:
+    if step_python is None:
         yield
         return
     real = sys.executable
-    with _environment({forkserver.SOCKET_ENV: socket_path, forkserver.PYTHON_ENV: real}):
-        sys.executable = client
+    with _environment({forkserver.SOCKET_ENV: step_python.socket_path, forkserver.PYTHON_ENV: real}):
+        sys.executable = step_python.executable
         try:
             yield
         finally:
@@ -86,8 +87,8 @@ def run_local(project_dir: Path | str, *, fork_server: bool = True) -> dict[str,
     precheck_source(project.root)  # a broken model.py fails here, before any step starts
     run_dir = new_run_dir(project)
     pipeline_root = run_dir / "artifacts"
-    scratch = project.state_dir / "tmp"
-    scratch.mkdir(exist_ok=True)
+    scratch = run_dir / "tmp"  # per run: two runs of one project must not share scratch space
+    scratch.mkdir()
     error_file = run_dir / "error.json"
     local.init(
         runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=False
@@ -95,15 +96,16 @@ def run_local(project_dir: Path | str, *, fork_server: bool = True) -> dict[str,
     pipeline = build_pipeline(image=project.settings.image)
     started = time.perf_counter()
     try:
-        with _environment({ERROR_FILE_ENV: str(error_file), "TMPDIR": str(scratch)}):
-            if fork_server:
-                with (
-                    forkserver.running(project.root, scratch) as client,
-                    _step_python(client, str(scratch / "forkserver.sock")),
-                ):
-                    pipeline(project_dir=str(project.root))
-            else:
-                pipeline(project_dir=str(project.root))
+        with (
+            forkserver.running(project.root) if fork_server else contextlib.nullcontext() as step_python,
+            _step_python(step_python),
+            _environment({ERROR_FILE_ENV: str(error_file), "TMPDIR": str(scratch)}),
+            warnings.catch_warnings(),
+        ):
+            # kfp.local warns that the project image is not a python image; locally the image is
+            # not used at all (steps run in this environment), so the warning would only mislead.
+            warnings.filterwarnings("ignore", message=".*non-Python base image", category=RuntimeWarning)
+            pipeline(project_dir=str(project.root))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     failure = read_json(error_file) if error_file.is_file() else None

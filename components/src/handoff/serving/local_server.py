@@ -1,63 +1,90 @@
 """Start, find and stop the project's local model server (a detached child process).
 
-The server outlives the step that started it (``make run`` leaves it serving), so its pid, URL
-and log live in ``<project>/.handoff/server.json``; ``handoff stop`` and the next deploy use it.
+The server outlives the step that started it (``make run`` leaves it serving), so what identifies
+it (pid, process start time, spec file) lives in ``<project>/.handoff/server.json``; ``handoff
+stop`` and the next deploy use it. The listening socket is bound here and handed to the child, so
+a busy port is reported before anything is stopped, and no other program can take the port in
+between.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import json
 import os
-import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import psutil
 import requests
 
 from handoff.errors import HandoffError
-from handoff.files import read_json, write_json
+from handoff.files import write_json
 
 STATE_FILE = "server.json"
+LOCK_FILE = "deploy.lock"
+# The run's own plumbing: a server that outlives the run must not point at its scratch folders.
+RUN_ONLY_ENV = ("TMPDIR", "HANDOFF_ERROR_FILE", "HANDOFF_FORKSERVER_SOCKET", "HANDOFF_FORKSERVER_PYTHON")
 
 
 @dataclass(frozen=True)
 class ServerHandle:
+    """What identifies a running server: pid plus start time (pids are reused) and its spec."""
+
     pid: int
+    started: float
+    spec: str
     url: str
     model_name: str
     version: str
     log: str
 
 
-def free_port(host: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-def ensure_port_free(host: str, port: int) -> None:
-    """Fail with the setting to change, rather than a bind error buried in the server log."""
-    with socket.socket() as sock:
+@contextlib.contextmanager
+def deploy_lock(state_dir: Path) -> Iterator[None]:
+    """One deploy at a time per project: two would each stop the other's server and orphan one."""
+    with (state_dir / LOCK_FILE).open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            sock.bind((host, port))
-        except OSError as exc:
-            raise HandoffError(
-                f"{host}:{port} is not available ({exc.strerror}); stop the program "
-                "using it or set serving.port (0 = any free port)",
-                file="handoff.yaml",
-                field="serving.port",
-            ) from None
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _is_our_server(pid: int) -> bool:
-    """Guard against signalling a recycled pid that now belongs to another program."""
+def bind(host: str, port: int) -> socket.socket:
+    """Bind the server's socket here (port 0 = any free one), with the setting to change on failure."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        return b"handoff.serving" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise HandoffError(
+            f"cannot listen on {host}:{port} ({exc.strerror}); stop the program using it or set "
+            "serving.port (0 = any free port)",
+            file="handoff.yaml",
+            field="serving.port",
+        ) from None
+    sock.listen(128)
+    return sock
+
+
+def _alive(handle: ServerHandle) -> bool:
+    """True only for the very process recorded (same pid, start time and spec file)."""
+    try:
+        process = psutil.Process(handle.pid)
+        return (
+            abs(process.create_time() - handle.started) < 1.0
+            and handle.spec in process.cmdline()
+            and process.status() != psutil.STATUS_ZOMBIE
+        )
+    except psutil.Error:
         return False
 
 
@@ -69,51 +96,65 @@ def _tail(path: Path, lines: int = 15) -> str:
 
 
 def current(state_dir: Path) -> ServerHandle | None:
-    """The running server recorded in ``state_dir``, or None."""
+    """The running server recorded in ``state_dir``, or None (also for a stale or corrupt record)."""
     path = state_dir / STATE_FILE
-    if not path.is_file():
+    try:
+        handle = ServerHandle(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
         return None
-    handle = ServerHandle(**read_json(path))
-    return handle if _is_our_server(handle.pid) else None
+    return handle if _alive(handle) else None
 
 
 def stop(state_dir: Path, timeout_s: float = 15.0) -> ServerHandle | None:
-    """SIGTERM the recorded server and wait for it (SIGKILL after ``timeout_s``)."""
+    """SIGTERM the recorded server (in-flight requests finish), SIGKILL after ``timeout_s``."""
     handle = current(state_dir)
+    if handle is not None:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process = psutil.Process(handle.pid)
+            process.terminate()
+            try:
+                process.wait(timeout=timeout_s)
+            except psutil.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=5)
     (state_dir / STATE_FILE).unlink(missing_ok=True)
-    if handle is None:
-        return None
-    os.kill(handle.pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout_s
-    while _is_our_server(handle.pid) and time.monotonic() < deadline:
-        _reap(handle.pid)
-        time.sleep(0.05)
-    if _is_our_server(handle.pid):
-        os.kill(handle.pid, signal.SIGKILL)
-    _reap(handle.pid)
     return handle
 
 
-def _reap(pid: int) -> None:
-    """Collect the exit status when the server is our own child, so it does not linger as a zombie."""
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, os.WNOHANG)
-
-
 def start(
-    spec_file: Path, *, url: str, model_name: str, version: str, state_dir: Path, ready_timeout_s: float
+    spec_file: Path,
+    sock: socket.socket,
+    *,
+    model_name: str,
+    version: str,
+    state_dir: Path,
+    ready_timeout_s: float,
 ) -> ServerHandle:
-    """Start ``python -m handoff.serving spec_file`` detached and wait until it is ready."""
+    """Start ``python -m handoff.serving spec_file`` on ``sock``, detached, and wait until ready."""
+    host, port = sock.getsockname()[:2]
+    url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
     log = state_dir / "server.log"
+    env = {k: v for k, v in os.environ.items() if k not in RUN_ONLY_ENV}
     with log.open("ab") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "handoff.serving", str(spec_file)],
+            [sys.executable, "-m", "handoff.serving", str(spec_file), str(sock.fileno())],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
+            env=env,
+            pass_fds=(sock.fileno(),),
             start_new_session=True,  # outlives the pipeline step and ignores its Ctrl-C
         )
-    handle = ServerHandle(pid=process.pid, url=url, model_name=model_name, version=version, log=str(log))
+    sock.close()  # the child holds it now
+    handle = ServerHandle(
+        pid=process.pid,
+        started=psutil.Process(process.pid).create_time(),
+        spec=str(spec_file),
+        url=url,
+        model_name=model_name,
+        version=version,
+        log=str(log),
+    )
     write_json(state_dir / STATE_FILE, asdict(handle))
     deadline = time.monotonic() + ready_timeout_s
     while time.monotonic() < deadline:
@@ -123,15 +164,13 @@ def start(
                 f"the model server exited with code {process.returncode} before it was "
                 f"ready; last lines of {log}:\n{_tail(log)}"
             )
-        try:
+        with contextlib.suppress(requests.RequestException):
             if requests.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
                 return handle
-        except requests.RequestException:
-            pass
         time.sleep(0.1)
     stop(state_dir)
     raise HandoffError(
-        f"the model server was not ready within {ready_timeout_s:g} s "
-        f"(serving.ready_timeout_s); last lines of {log}:\n{_tail(log)}",
+        f"the model server was not ready within {ready_timeout_s:g} s; last lines of {log}:\n{_tail(log)}",
         file="handoff.yaml",
+        field="serving.ready_timeout_s",
     )

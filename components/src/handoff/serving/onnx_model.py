@@ -29,11 +29,14 @@ class OnnxModel(kserve.Model):
 
     def load(self) -> bool:
         self.session = open_session(self.onnx_path)
-        served = [i.name for i in self.session.get_inputs()]
-        if served != self.contract.input_names:
-            raise ValueError(
-                f"{self.onnx_path} has inputs {served}, contract.yaml declares {self.contract.input_names}"
-            )
+        for kind, found, declared in (
+            ("inputs", [i.name for i in self.session.get_inputs()], self.contract.input_names),
+            ("outputs", [o.name for o in self.session.get_outputs()], self.contract.output_names),
+        ):
+            if found != declared:
+                # Never becomes ready: serving a model its own contract does not describe would
+                # turn every request into a 500.
+                raise ValueError(f"{self.onnx_path} has {kind} {found}, its contract declares {declared}")
         self.ready = True
         return self.ready
 

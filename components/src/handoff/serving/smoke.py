@@ -38,7 +38,13 @@ def smoke_test(url: str, model_name: str, contract: Contract, example: dict[str,
         )
     outputs = {o["name"]: o for o in response.json().get("outputs", [])}
     worst = 0.0
-    for spec, expected in zip(contract.outputs, example["expected_outputs"], strict=True):
+    expected_by_name = {o["name"]: o for o in example["expected_outputs"]}
+    for spec in contract.outputs:
+        expected = expected_by_name.get(spec.name)
+        if expected is None:
+            return SmokeResult(
+                False, f"the example has no expected value for output '{spec.name}'", latency, float("nan")
+            )
         got = outputs.get(spec.name)
         if got is None:
             return SmokeResult(

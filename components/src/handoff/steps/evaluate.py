@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from handoff.artifacts import CONFIG_FILE, ONNX_FILE
 from handoff.errors import HandoffError
 from handoff.files import read_json
-from handoff.hooks import MODEL_FILE, call_hook, hook_batch, metric_values, split_batch
+from handoff.hooks import MODEL_FILE, call_hook, score_split, split_batch, user_code
 from handoff.onnx_io import open_session, run_session
 from handoff.project import Project
 from handoff.steps.export import example_arrays
@@ -30,12 +30,16 @@ LATENCY_RUNS = 300
 
 @dataclass(frozen=True)
 class Gate:
+    """The promotion verdict, with one reason per failed objective."""
+
     passed: bool
     reasons: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
 class EvalResult:
+    """What will be served, measured: metrics, latency, and the gate decided from them."""
+
     metrics: dict[str, float]
     latency_p50_ms: float
     latency_p99_ms: float
@@ -46,26 +50,19 @@ class EvalResult:
 
 
 def onnx_metrics(project: Project, session: Any, cfg: Any) -> tuple[dict[str, float], int]:
-    """Run the held-out split through ONNX Runtime and apply the researcher's hooks to it."""
+    """Run the held-out split through ONNX Runtime and score it with the researcher's hooks."""
     _, val_set = call_hook(project.hooks, "build_datasets", cfg)
-    loader = DataLoader(val_set, batch_size=256)
-    outputs: list[list[np.ndarray]] = []
-    inputs: list[tuple[torch.Tensor, ...]] = []
-    targets = []
-    for batch in loader:
-        x, y = split_batch(batch)
-        outputs.append(run_session(session, project.contract, [t.numpy() for t in x]))
-        inputs.append(x)
-        targets.append(y)
+    outputs, inputs, targets = [], [], []
+    with user_code(project.hooks, "loading the validation split"):
+        for batch in DataLoader(val_set, batch_size=256):
+            x, y = split_batch(batch)
+            got = run_session(session, project.contract, [t.numpy() for t in x])
+            outputs.append(tuple(torch.from_numpy(a) for a in got))
+            inputs.append(x)
+            targets.append(y)
     if not targets:
         raise HandoffError("the validation dataset is empty", file=MODEL_FILE, field="build_datasets")
-    merged = [torch.from_numpy(np.concatenate(parts)) for parts in zip(*outputs, strict=True)]
-    out = merged[0] if len(merged) == 1 else tuple(merged)
-    batch = hook_batch((tuple(torch.cat(p) for p in zip(*inputs, strict=True)), torch.cat(targets)))
-    values = {"val_loss": float(call_hook(project.hooks, "loss", out, batch))}
-    if hasattr(project.hooks, "metrics"):
-        values.update(metric_values(call_hook(project.hooks, "metrics", out, batch)))
-    return values, len(batch[1])
+    return score_split(project.hooks, outputs, inputs, targets), sum(len(x[0]) for x in inputs)
 
 
 def measure_latency(project: Project, session: Any, example: list[np.ndarray]) -> tuple[float, float]:

@@ -44,13 +44,16 @@ class ExportResult:
 
 
 def example_arrays(project: Project, cfg: Any) -> tuple[torch.Tensor, ...]:
-    example = as_tuple(call_hook(project.hooks, "example_inputs", cfg))
-    if not all(isinstance(t, torch.Tensor) for t in example):
+    """model.py's example batch, checked against the contract's inputs."""
+    value = call_hook(project.hooks, "example_inputs", cfg)
+    try:
+        example = tuple(t.detach().cpu() for t in as_tuple(value))
+    except HandoffError:
         raise HandoffError(
-            "example_inputs() must return a tensor or a tuple of tensors",
+            f"example_inputs() must return a tensor or a tuple of tensors, got {type(value).__name__}",
             file=MODEL_FILE,
             field="example_inputs",
-        )
+        ) from None
     check_arrays(
         project.contract.inputs,
         [t.numpy() for t in example],
@@ -146,7 +149,7 @@ def check_parity(
     for inputs in (example, tuple(torch.cat([t, t, t]) for t in example)):
         expected = torch_outputs(model, inputs)
         check_arrays(contract.outputs, expected, what="outputs", source="the model")
-        got = run_session(session, contract, [t.numpy() for t in inputs])
+        got = run_session(session, contract, [t.detach().numpy() for t in inputs])
         check_arrays(contract.outputs, got, what="outputs", source="the exported ONNX model")
         worst = max(
             worst, *(float(np.max(np.abs(e - g), initial=0.0)) for e, g in zip(expected, got, strict=True))
@@ -173,7 +176,7 @@ def example_payload(
                 "name": spec.name,
                 "datatype": spec.v2_datatype,
                 "shape": list(t.shape),
-                "data": t.numpy().reshape(-1).tolist(),
+                "data": t.detach().numpy().reshape(-1).tolist(),
             }
             for spec, t in zip(contract.inputs, inputs, strict=True)
         ],

@@ -23,7 +23,8 @@ from mlflow.types import TensorSpec as MlflowTensorSpec
 
 from handoff import __version__
 from handoff.artifacts import EXAMPLE_FILE, ONNX_FILE
-from handoff.contract import Contract
+from handoff.contract import CONTRACT_FILE, Contract
+from handoff.errors import HandoffError
 from handoff.files import sha256_of
 from handoff.project import Project
 from handoff.tracking import use_tracking
@@ -35,6 +36,8 @@ SHA_TAG = "handoff.onnx_sha256"
 
 @dataclass(frozen=True)
 class RegisterResult:
+    """The registered version and the aliases it holds after this step."""
+
     model_name: str
     version: str
     aliases: list[str]
@@ -44,6 +47,8 @@ class RegisterResult:
 
 
 def signature_of(contract: Contract) -> ModelSignature:
+    """The MLflow signature, from the contract (ONNX signatures are not inferred by MLflow)."""
+
     def schema(specs: list[Any]) -> Schema:
         return Schema([MlflowTensorSpec(s.numpy_dtype, tuple(s.shape), s.name) for s in specs])
 
@@ -51,6 +56,7 @@ def signature_of(contract: Contract) -> ModelSignature:
 
 
 def git_sha(path: Path) -> str:
+    """The project's commit, for lineage; 'unknown' outside a git checkout."""
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, check=True
@@ -60,49 +66,73 @@ def git_sha(path: Path) -> str:
     return out.stdout.strip()
 
 
+def _gate_of(evaluation: dict[str, Any]) -> dict[str, Any]:
+    """The parts of an evaluation result register relies on, checked before anything is written."""
+    try:
+        gate = evaluation["gate"]
+        return {
+            "passed": bool(gate["passed"]),
+            "reasons": list(gate["reasons"]),
+            "metrics": {str(k): float(v) for k, v in evaluation["metrics"].items()},
+            "latency_p50_ms": float(evaluation["latency_p50_ms"]),
+            "latency_p99_ms": float(evaluation["latency_p99_ms"]),
+        }
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise HandoffError(
+            f"not an evaluation result written by `handoff evaluate` (problem: {exc!r})", field="evaluation"
+        ) from None
+
+
 def register(
     project_dir: Path | str, model_dir: Path | str, evaluation: dict[str, Any], mlflow_run_id: str = ""
 ) -> RegisterResult:
-    """Register ``model_dir/model.onnx``; promote to champion only if ``evaluation`` passed its gate."""
+    """Register ``model_dir/model.onnx``; promote to champion only if ``evaluation`` passed its gate.
+
+    The version is created with all its lineage tags in one call, so a crash never leaves an
+    untagged version behind; aliases follow once it exists.
+    """
     started = time.perf_counter()
     project = Project.load(project_dir)
     model_dir = Path(model_dir)
+    checked = _gate_of(evaluation)
     client = use_tracking(project)
     name = project.settings.model_name
     onnx_path = model_dir / ONNX_FILE
     sha = sha256_of(onnx_path)
-    gate = evaluation["gate"]
-    with mlflow.start_run(run_id=mlflow_run_id or None, run_name=f"{project.settings.project}-register"):
-        mlflow.log_metrics({f"onnx_{k}": v for k, v in evaluation["metrics"].items()})
+    # Log into the training run (one run holds the whole lineage) without letting a failure
+    # here mark that finished run as FAILED, which `with start_run(...)` would do.
+    run = mlflow.start_run(run_id=mlflow_run_id or None, run_name=f"{project.settings.project}-register")
+    try:
+        mlflow.log_metrics({f"onnx_{k}": v for k, v in checked["metrics"].items()})
         mlflow.log_metrics(
-            {"latency_p50_ms": evaluation["latency_p50_ms"], "latency_p99_ms": evaluation["latency_p99_ms"]}
+            {"latency_p50_ms": checked["latency_p50_ms"], "latency_p99_ms": checked["latency_p99_ms"]}
         )
         info = mlflow.onnx.log_model(
             onnx_model=onnx.load(str(onnx_path)),
             name="model",
-            registered_model_name=name,
             signature=signature_of(project.contract),
             pip_requirements=["onnxruntime"],
-            # One self-contained file, byte-identical to what export checked (same sha256).
+            # One self-contained file, byte-identical to what export checked (same sha256),
+            # with the example the smoke test replays and the contract it is served with.
             save_as_external_data=False,
-            extra_files=[str(model_dir / EXAMPLE_FILE)],
+            extra_files=[str(model_dir / EXAMPLE_FILE), str(project.root / CONTRACT_FILE)],
         )
-        run_id = mlflow.active_run().info.run_id
-    version = str(info.registered_model_version)
+    finally:
+        mlflow.end_run()
     tags = {
         SHA_TAG: sha,
         "handoff.contract_sha256": project.contract.sha256,
         "handoff.template_version": __version__,
-        "handoff.run_id": run_id,
+        "handoff.run_id": run.info.run_id,
         "handoff.git_sha": git_sha(project.root),
-        "handoff.gate": "passed" if gate["passed"] else "failed",
-        "handoff.gate_reasons": "; ".join(gate["reasons"]) or "-",
+        "handoff.gate": "passed" if checked["passed"] else "failed",
+        "handoff.gate_reasons": "; ".join(checked["reasons"]) or "-",
     }
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, value)
+    registered = mlflow.register_model(info.model_uri, name, tags=tags)
+    version = str(registered.version)
     aliases = [CHALLENGER]
     client.set_registered_model_alias(name, CHALLENGER, version)
-    if gate["passed"]:
+    if checked["passed"]:
         client.set_registered_model_alias(name, CHAMPION, version)
         aliases.append(CHAMPION)
     return RegisterResult(

@@ -17,13 +17,24 @@ from typing import Any
 
 import mlflow
 import torch
+from mlflow.exceptions import MlflowException
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from handoff import __version__
 from handoff.checkpoints import save_checkpoint
 from handoff.errors import HandoffError
-from handoff.hooks import MODEL_FILE, build_optimizer, call_hook, hook_batch, metric_values, split_batch
+from handoff.hooks import (
+    MODEL_FILE,
+    ModelModule,
+    as_tuple,
+    build_optimizer,
+    call_hook,
+    hook_batch,
+    score_split,
+    split_batch,
+    user_code,
+)
 from handoff.project import Project
 from handoff.runtime import pick_device, seed_everything
 from handoff.tracking import use_tracking
@@ -31,6 +42,8 @@ from handoff.tracking import use_tracking
 
 @dataclass(frozen=True)
 class TrainResult:
+    """What training produced; ``mlflow_run_id`` ties later steps to the same MLflow run."""
+
     checkpoint: str
     mlflow_run_id: str
     epochs: int
@@ -40,24 +53,29 @@ class TrainResult:
     seconds: float
 
 
-def evaluate_torch(project: Project, model: torch.nn.Module, loader: DataLoader) -> dict[str, float]:
-    """Researcher metrics over a whole split, computed once on all outputs (not batch means)."""
-    outputs, targets, inputs = [], [], []
+def int_setting(cfg: Any, name: str, default: int) -> int:
+    """A Config field the trainer reads (epochs, batch_size, seed), checked to be a whole number."""
+    value = getattr(cfg, name, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise HandoffError(
+            f"Config.{name} must be an integer, got {value!r}", file=MODEL_FILE, field="Config"
+        )
+    return value
+
+
+def evaluate_torch(hooks: ModelModule, model: torch.nn.Module, loader: DataLoader) -> dict[str, float]:
+    """Loss and researcher metrics over a whole split with the torch model."""
+    outputs, inputs, targets = [], [], []
     device = next(model.parameters()).device
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), user_code(hooks, "the forward pass on the validation split"):
         for batch in loader:
             x, y = split_batch(batch)
-            outputs.append(model(*(t.to(device) for t in x)).cpu())
-            targets.append(y)
+            outputs.append(tuple(t.cpu() for t in as_tuple(model(*(t.to(device) for t in x)))))
             inputs.append(x)
+            targets.append(y)
     model.train()
-    all_out = torch.cat(outputs)
-    all_batch = (tuple(torch.cat(parts) for parts in zip(*inputs, strict=True)), torch.cat(targets))
-    values = {"val_loss": float(call_hook(project.hooks, "loss", all_out, hook_batch(all_batch)))}
-    if hasattr(project.hooks, "metrics"):
-        values.update(metric_values(call_hook(project.hooks, "metrics", all_out, hook_batch(all_batch))))
-    return values
+    return score_split(hooks, outputs, inputs, targets)
 
 
 def train(
@@ -66,31 +84,34 @@ def train(
     """Train the project's model and write ``checkpoint`` (state dict + the Config used)."""
     started = time.perf_counter()
     project = Project.load(project_dir)
+    hooks = project.hooks
     cfg = project.config(overrides)
-    seed = int(getattr(cfg, "seed", 0))
+    seed, batch_size, epochs = (
+        int_setting(cfg, "seed", 0),
+        int_setting(cfg, "batch_size", 64),
+        int_setting(cfg, "epochs", 1),
+    )
     generator = seed_everything(seed)
     device = pick_device()
 
-    train_set, val_set = call_hook(project.hooks, "build_datasets", cfg)
-    batch_size = int(getattr(cfg, "batch_size", 64))
-    epochs = int(getattr(cfg, "epochs", 1))
+    train_set, val_set = call_hook(hooks, "build_datasets", cfg)
     train_loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=generator)
     val_loader = DataLoader(val_set, batch_size=max(batch_size, 256))
-    model = call_hook(project.hooks, "build_model", cfg).to(device)
-    optimizer = build_optimizer(project.hooks, model, cfg)
+    model = call_hook(hooks, "build_model", cfg).to(device)
+    optimizer = build_optimizer(hooks, model, cfg)
 
     use_tracking(project)
     run = mlflow.start_run(run_name=f"{project.settings.project}-train")
-    mlflow.set_tags(
-        {
-            "handoff.template_version": __version__,
-            "handoff.step": "train",
-            "handoff.contract_sha256": project.contract.sha256,
-        }
-    )
-    mlflow.log_params(dataclasses.asdict(cfg))
     step, last_loss, val_metrics = 0, math.nan, {}
     try:
+        mlflow.set_tags(
+            {
+                "handoff.template_version": __version__,
+                "handoff.step": "train",
+                "handoff.contract_sha256": project.contract.sha256,
+            }
+        )
+        mlflow.log_params(dataclasses.asdict(cfg))
         for epoch in range(1, epochs + 1):
             bar = tqdm(
                 train_loader,
@@ -101,29 +122,29 @@ def train(
                 mininterval=1.0,
             )
             running, seen = 0.0, 0
-            for batch in bar:
-                inputs, target = split_batch(batch)
-                inputs = tuple(x.to(device) for x in inputs)
-                target = target.to(device) if isinstance(target, torch.Tensor) else target
-                outputs = model(*inputs)
-                loss = call_hook(project.hooks, "loss", outputs, hook_batch((inputs, target)))
-                if not torch.isfinite(loss):
-                    raise HandoffError(
-                        f"loss() returned {loss.item()} at epoch {epoch}, step {step + 1}; training "
-                        "stopped and nothing was exported or registered (lower the learning rate "
-                        "or check the data and loss for divide-by-zero / log(0))",
-                        file=MODEL_FILE,
-                        field="loss",
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                step += 1
-                running += loss.item() * len(target)
-                seen += len(target)
-                bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+            with user_code(hooks, f"training (epoch {epoch})"):
+                for batch in bar:
+                    inputs, target = split_batch(batch)
+                    inputs = tuple(x.to(device) for x in inputs)
+                    target = target.to(device) if isinstance(target, torch.Tensor) else target
+                    loss = call_hook(hooks, "loss", model(*inputs), hook_batch((inputs, target)))
+                    if not torch.isfinite(loss):
+                        raise HandoffError(
+                            f"loss() returned {loss.item()} at epoch {epoch}, step {step + 1}; training "
+                            "stopped and nothing was exported or registered (lower the learning rate "
+                            "or check the data and loss for divide-by-zero / log(0))",
+                            file=MODEL_FILE,
+                            field="loss",
+                        )
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    step += 1
+                    running += loss.item() * len(target)
+                    seen += len(target)
+                    bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
             last_loss = running / max(seen, 1)
-            val_metrics = evaluate_torch(project, model, val_loader)
+            val_metrics = evaluate_torch(hooks, model, val_loader)
             mlflow.log_metrics({"train_loss": last_loss, **val_metrics}, step=epoch)
             shown = ", ".join(f"{k}={v:.4f}" for k, v in val_metrics.items())
             print(f"epoch {epoch}/{epochs}: train_loss={last_loss:.4f} {shown}", flush=True)
@@ -137,6 +158,11 @@ def train(
                 "template_version": __version__,
             },
         )
+    except MlflowException as exc:
+        mlflow.end_run(status="FAILED")
+        raise HandoffError(
+            f"MLflow rejected what training logged: {exc.message}", file=MODEL_FILE, field="Config/metrics"
+        ) from None
     except BaseException:
         mlflow.end_run(status="FAILED")
         raise
