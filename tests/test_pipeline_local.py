@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -90,6 +91,19 @@ def test_run_local_trains_registers_and_serves(served_project: Path) -> None:
     )
     assert wrong.status_code == 400
     assert "unknown input(s) ['pixels']; expected inputs ['image']" in wrong.json()["error"]
+
+    # A redeploy onto a busy port fails before the serving version is touched.
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        edit_yaml(project / "handoff.yaml", lambda s: s["serving"].update(port=busy.getsockname()[1]))
+        refused = handoff("deploy", cwd=project)
+    assert refused.returncode == 1
+    assert "handoff.yaml: serving.port: cannot listen on 127.0.0.1:" in refused.stderr
+    assert requests.get(f"{summary['endpoint']}/v2/health/ready", timeout=5).status_code == 200
+    missing = handoff("deploy", "--version", "7", cwd=project)
+    assert missing.returncode == 1
+    assert "error: model 'digits-classifier' has no version '7' in the registry" in missing.stderr
 
     stopped = handoff("stop", cwd=project)
     assert "stopped digits-classifier v1" in stopped.stdout

@@ -141,17 +141,24 @@ def deploy(
     version: Annotated[str, typer.Option(help="Registered version, or an alias.")] = "champion",
 ) -> None:
     """Serve a registered version locally with the KServe model server and smoke-test it."""
+    from mlflow.exceptions import MlflowException
+
     from handoff.project import Project
     from handoff.steps.deploy import deploy as step
     from handoff.tracking import use_tracking
 
     loaded = Project.load(project)
-    name = loaded.settings.model_name
+    name = loaded.contract.name
     if not version.isdigit():
         try:
             version = str(use_tracking(loaded).get_model_version_by_alias(name, version).version)
-        except Exception:  # noqa: BLE001 - MLflow raises a generic error for a missing alias
-            raise HandoffError(f"model {name!r} has no version with alias {version!r}") from None
+        except MlflowException as exc:
+            if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                raise
+            raise HandoffError(
+                f"model {name!r} has no version with alias {version!r} in the registry "
+                f"({loaded.tracking_uri})"
+            ) from None
     _print_record(step(project, name, version))
 
 

@@ -34,7 +34,6 @@ class TrainingSettings(StrictModel):
 
 class Settings(StrictModel):
     project: Dns1123Label
-    model_name: Dns1123Label
     template_version: str
     orchestrator: str = Field(pattern=r"^(kfp|argo|both)$")
     image: str = Field(min_length=1)

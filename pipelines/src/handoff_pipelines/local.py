@@ -123,7 +123,13 @@ def run_local(project_dir: Path | str, *, fork_server: bool = True) -> dict[str,
         project, run_dir, records, failure, total_seconds=round(time.perf_counter() - started, 3)
     )
     write_json(run_dir / "summary.json", summary, sort_keys=False)  # reads in pipeline order
-    latest = project.root / RUNS_DIR / "latest"
-    latest.unlink(missing_ok=True)
-    latest.symlink_to(run_dir.name)
+    _point_latest_at(run_dir)
     return summary
+
+
+def _point_latest_at(run_dir: Path) -> None:
+    """``runs/latest`` -> this run, swapped atomically so a concurrent run never sees it missing."""
+    temporary = run_dir.parent / f".latest-{run_dir.name}"
+    temporary.unlink(missing_ok=True)
+    temporary.symlink_to(run_dir.name)
+    os.replace(temporary, run_dir.parent / "latest")

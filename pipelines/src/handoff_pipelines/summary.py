@@ -101,7 +101,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"smoke test {'passed' if smoke['passed'] else 'FAILED'}: {smoke['detail']}")
     elif summary["status"] == "gate_failed":
         lines.append("deploy     skipped: the gate failed, so the model was not promoted or served")
-    steps = ", ".join(f"{k} {v:.1f}s" for k, v in summary["step_seconds"].items())
-    lines.append(f"time       {steps}; total {summary['total_seconds']:.1f}s")
+    steps = "".join(f"{k} {v:.1f}s, " for k, v in summary["step_seconds"].items())
+    lines.append(f"time       {steps}total {summary['total_seconds']:.1f}s")
     lines.append(f"summary    {summary['run_dir']}/summary.json")
     return "\n".join(lines)

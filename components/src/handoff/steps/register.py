@@ -96,7 +96,7 @@ def register(
     model_dir = Path(model_dir)
     checked = _gate_of(evaluation)
     client = use_tracking(project)
-    name = project.settings.model_name
+    name = project.contract.name  # registered and served under the contract's name
     onnx_path = model_dir / ONNX_FILE
     sha = sha256_of(onnx_path)
     # Log into the training run (one run holds the whole lineage) without letting a failure
