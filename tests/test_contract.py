@@ -140,5 +140,5 @@ def test_contract_that_is_not_utf8(project: Path) -> None:
 
 def test_settings_reject_a_namespace_that_is_not_a_dns_label(project: Path) -> None:
     edit_yaml(project / "handoff.yaml", lambda s: s.update(namespace="ML_Team"))
-    with pytest.raises(HandoffError, match=r"handoff.yaml: line 6: namespace: String should match pattern"):
+    with pytest.raises(HandoffError, match=r"handoff.yaml: line 5: namespace: String should match pattern"):
         load_settings(project)
