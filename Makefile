@@ -25,19 +25,21 @@ demo: venv ## Generate the default project into demo/ and run its whole pipeline
 	COOKIECUTTER_CONFIG=$(abspath tests/cookiecutter-config.yaml) $(BIN)/cookiecutter . --no-input --output-dir demo
 	cd $(DEMO) && PATH=$(BIN):$$PATH $(MAKE) --no-print-directory run
 
-test: venv ## The whole test suite (what CI runs)
+test: lint ## Lint, then the whole test suite (what CI runs)
 	$(BIN)/python -m pytest
 
 test-fast: venv ## Unit tests only (seconds)
 	$(BIN)/python -m pytest -m unit
 
-lint: venv ## ruff over the library, pipelines, hooks, tests and benchmarks
-	$(BIN)/ruff check components pipelines hooks tests bench
-	$(BIN)/ruff format --check components pipelines hooks tests bench
+lint: venv ## ruff (lint + format check) everywhere, mypy on the two packages
+	$(BIN)/ruff check components pipelines tests bench
+	$(BIN)/ruff format --check components pipelines tests bench
+	cd components/src && $(BIN)/mypy -p handoff
+	cd pipelines/src && $(BIN)/mypy -p handoff_pipelines
 
 format: venv ## Apply ruff's fixes and formatting
-	$(BIN)/ruff check --fix components pipelines hooks tests bench
-	$(BIN)/ruff format components pipelines hooks tests bench
+	$(BIN)/ruff check --fix components pipelines tests bench
+	$(BIN)/ruff format components pipelines tests bench
 
 bench: venv ## Benchmarks (ratios side by side; see bench/README.md)
 	$(BIN)/python bench/pipeline_overhead.py

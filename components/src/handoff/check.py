@@ -218,7 +218,7 @@ def check(project_dir: Path | str, progress: Callable[[str, str], None] | None =
         ),
     )
     with user_code(project.hooks, "loading a training batch"):
-        batch = next(iter(DataLoader(train_set, batch_size=min(OVERFIT_BATCH, len(train_set)))))
+        batch = next(iter(DataLoader(train_set, batch_size=OVERFIT_BATCH)))
     passed("metrics", _metrics(project, model, batch))
     passed("two-step overfit", _overfit(project, model, cfg, batch))
     with tempfile.TemporaryDirectory() as tmp:

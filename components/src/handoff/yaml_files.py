@@ -148,7 +148,7 @@ def load_yaml_model(path: Path, model: type[ModelT]) -> ModelT:
             if isinstance(cause, FieldError):
                 # The message already says what was found, and the input is the whole parent.
                 loc, msg, found = (*loc, *cause.loc), cause.message, ""
-            line = _line_of(root, loc)
-            prefix = f"line {line}: " if line else ""
+            line_no = _line_of(root, loc)
+            prefix = f"line {line_no}: " if line_no else ""
             problems.append(f"{prefix}{_field_path(loc)}: {msg}{found}")
         raise HandoffError("; ".join(problems), file=path) from None

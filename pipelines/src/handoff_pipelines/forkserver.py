@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import io
 import json
 import os
 import runpy
@@ -82,7 +83,8 @@ def _run_child(conn: socket.socket, request: dict, fds: list[int]) -> None:
         os.environ.clear()
         os.environ.update(request["env"])
         tempfile.tempdir = None  # TMPDIR comes from the step's environment
-        sys.stdout.reconfigure(line_buffering=True)  # kfp.local streams the log line by line
+        if isinstance(sys.stdout, io.TextIOWrapper):
+            sys.stdout.reconfigure(line_buffering=True)  # kfp.local streams the log line by line
         # As `python -m` would: the working folder, then PYTHONPATH, ahead of the rest.
         extra = [request["cwd"], *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
         sys.path[:0] = [p for p in extra if p not in sys.path]

@@ -145,7 +145,7 @@ def check_parity(
     """Max |torch - onnxruntime| over the example and a 3x batch of it (proves a dynamic batch)."""
     session = open_session(path)
     contract = project.contract
-    worst, example_outputs = 0.0, []
+    worst, example_outputs = 0.0, list[np.ndarray]()
     for inputs in (example, tuple(torch.cat([t, t, t]) for t in example)):
         expected = torch_outputs(model, inputs)
         check_arrays(contract.outputs, expected, what="outputs", source="the model")
