@@ -209,7 +209,7 @@ def check(project_dir: Path | str, progress: Callable[[str, str], None] | None =
         )
     model.eval()
     example = example_arrays(project, cfg)
-    outputs = torch_outputs(model, example)
+    outputs = torch_outputs(project.hooks, model, example)
     check_arrays(contract.outputs, outputs, what="outputs", source="the model")
     passed(
         "forward pass",

@@ -40,4 +40,5 @@ def write_json(path: Path, payload: Any, *, sort_keys: bool = True) -> None:
 
 
 def read_json(path: Path) -> Any:
+    """Parse a JSON file this library wrote."""
     return json.loads(path.read_text())

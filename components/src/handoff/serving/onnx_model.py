@@ -21,6 +21,8 @@ from handoff.onnx_io import open_session
 
 
 class OnnxModel(kserve.Model):
+    """One ONNX model behind the V2 protocol; the contract is its request and metadata schema."""
+
     def __init__(self, name: str, onnx_path: Path, contract: Contract):
         super().__init__(name)
         self.onnx_path = onnx_path
@@ -28,6 +30,7 @@ class OnnxModel(kserve.Model):
         self.session: Any = None
 
     def load(self) -> bool:
+        """Open the ONNX Runtime session once; a model that contradicts its contract never gets ready."""
         self.session = open_session(self.onnx_path)
         for kind, found, declared in (
             ("inputs", [i.name for i in self.session.get_inputs()], self.contract.input_names),
@@ -74,6 +77,7 @@ class OnnxModel(kserve.Model):
         headers: dict[str, str] | None = None,
         response_headers: dict[str, str] | None = None,
     ) -> InferResponse:
+        """Check each input against the contract (400 on mismatch), run the session, answer V2."""
         unknown = sorted({i.name for i in payload.inputs} - set(self.contract.input_names))
         if unknown:
             raise InvalidInput(f"unknown input(s) {unknown}; expected inputs {self.contract.input_names}")

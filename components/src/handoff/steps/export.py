@@ -27,13 +27,15 @@ from handoff.checkpoints import load_checkpoint
 from handoff.contract import Contract
 from handoff.errors import HandoffError
 from handoff.files import sha256_of, write_json
-from handoff.hooks import MODEL_FILE, as_tuple, call_hook
+from handoff.hooks import MODEL_FILE, ModelModule, as_tuple, call_hook, user_code
 from handoff.onnx_io import check_arrays, open_session, run_session
 from handoff.project import Project
 
 
 @dataclass(frozen=True)
 class ExportResult:
+    """The exported file's identity and how closely it matches the torch model."""
+
     model_dir: str
     onnx_sha256: str
     onnx_bytes: int
@@ -63,20 +65,12 @@ def example_arrays(project: Project, cfg: Any) -> tuple[torch.Tensor, ...]:
     return example
 
 
-def torch_outputs(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[np.ndarray]:
-    with torch.no_grad():
-        return [t.detach().cpu().numpy() for t in as_tuple(call_model(model, inputs))]
-
-
-def call_model(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> Any:
-    try:
-        return model(*inputs)
-    except Exception as exc:  # noqa: BLE001 - a forward failure is the researcher's to fix
-        raise HandoffError(
-            f"the model's forward pass raised {type(exc).__name__}: {exc}",
-            file=MODEL_FILE,
-            field="build_model",
-        ) from None
+def torch_outputs(
+    hooks: ModelModule, model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]
+) -> list[np.ndarray]:
+    """The torch model's outputs as arrays, in the contract's order."""
+    with torch.no_grad(), user_code(hooks, "the model's forward pass"):
+        return [t.detach().cpu().numpy() for t in as_tuple(model(*inputs))]
 
 
 def export_onnx(
@@ -147,7 +141,7 @@ def check_parity(
     contract = project.contract
     worst, example_outputs = 0.0, list[np.ndarray]()
     for inputs in (example, tuple(torch.cat([t, t, t]) for t in example)):
-        expected = torch_outputs(model, inputs)
+        expected = torch_outputs(project.hooks, model, inputs)
         check_arrays(contract.outputs, expected, what="outputs", source="the model")
         got = run_session(session, contract, [t.detach().numpy() for t in inputs])
         check_arrays(contract.outputs, got, what="outputs", source="the exported ONNX model")
