@@ -79,3 +79,72 @@ def test_unknown_config_override_fails_before_training(project: Path) -> None:
         HandoffError, match=r"handoff.yaml: training.overrides: Config has no field\(s\) epoch"
     ):
         check(project)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        (
+            "    return F.cross_entropy(outputs, target)",
+            "    return F.cross_entropy(outputs.detach(), target)",
+            r"model.py: loss.backward\(\) raised RuntimeError: element 0 of tensors does not require grad.*"
+            r"; loss\(\) must be computed from the model outputs",
+        ),
+        (
+            '    return {"accuracy": ',
+            '    return {"acc@1": ',
+            r"model.py: metrics: metric name\(s\) \['acc@1'\] are not accepted by MLflow",
+        ),
+        (
+            "    seed: int = 0  # seeds",
+            "    seed: int = 0\n    data_dir: Path = Path('data')  # seeds",
+            r"model.py: Config: Config values must be JSON values",
+        ),
+        (
+            "    epochs: int = 12",
+            "    epochs: int",
+            r"model.py: Config: field\(s\) epochs need a default",
+        ),
+        (
+            "from torch import nn\n",
+            "from torch import nn\n\nraise SystemExit('run me as a script')\n",
+            r"model.py: line \d+: importing it raised SystemExit: run me as a script",
+        ),
+        (
+            "        nn.Linear(64, 10),\n    )",
+            "        nn.Linear(64, 10),\n        Dictify(),\n    )\n\n\nclass Dictify(nn.Module):\n"
+            "    def forward(self, x):\n        return {'logits': x}",
+            r"model.py: expected a tensor or a tuple of tensors, got dict",
+        ),
+    ],
+    ids=[
+        "loss-without-grad",
+        "metric-name",
+        "config-not-json",
+        "config-no-default",
+        "exit-at-import",
+        "dict-output",
+    ],
+)
+def test_researcher_mistakes_are_named_not_tracebacks(
+    project: Path, old: str, new: str, expected: str
+) -> None:
+    replace_in(project / "model.py", old, new)
+    if "Path(" in new:
+        replace_in(
+            project / "model.py",
+            "from dataclasses import dataclass\n",
+            "from dataclasses import dataclass\nfrom pathlib import Path\n",
+        )
+    with pytest.raises(HandoffError, match=expected):
+        check(project)
+
+
+def test_gated_metric_that_model_py_never_produces(project: Path) -> None:
+    edit_yaml(project / "contract.yaml", lambda c: c["slo"].update(min_metrics={"f1": 0.9}))
+    with pytest.raises(HandoffError) as raised:
+        check(project)
+    assert str(raised.value).endswith(
+        "contract.yaml: slo.min_metrics: the gate needs ['f1'], which model.py metrics() does not "
+        "produce (it produces ['accuracy', 'val_loss'])"
+    )

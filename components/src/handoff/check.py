@@ -121,7 +121,7 @@ def _metrics(project: Project, model: torch.nn.Module, batch: Any) -> str:
     missing = sorted(set(project.contract.slo.min_metrics) - produced)
     if missing:
         raise HandoffError(
-            f"slo.min_metrics gates on {missing}, which model.py metrics() does not "
+            f"the gate needs {missing}, which model.py metrics() does not "
             f"produce (it produces {sorted(produced)})",
             file="contract.yaml",
             field="slo.min_metrics",
