@@ -50,7 +50,9 @@ def test_forked_step_gets_argv_cwd_env_streams_and_exit_code(tmp_path: Path) -> 
         "sys.exit(int(sys.argv[1]))\n"
     )
     (tmp_path / "model.py").write_text("print('model.py may print at import')\n")
-    with forkserver.running(tmp_path) as step_python:
+    with forkserver.running(tmp_path) as server:
+        assert server is not None
+        step_python = server.wait()
         assert step_python is not None and step_python.executable == CLIENT
         env = {
             **os.environ,

@@ -44,6 +44,10 @@ PRELOAD = (
     "handoff.steps.register",
     "handoff.steps.deploy",
     "onnxscript",
+    "torch._dynamo",  # the ONNX exporter and the optimizers import it on first use (~0.8 s)
+    # MLflow imports its sqlite stores on first use (~0.6 s); only modules, no connections.
+    "mlflow.store.tracking.sqlalchemy_store",
+    "mlflow.store.model_registry.sqlalchemy_store",
 )
 EXIT_DIED = 70  # the step process ended without reporting (killed by a signal)
 
@@ -108,8 +112,11 @@ def _run_child(conn: socket.socket, request: dict, fds: list[int]) -> None:
 
 def serve(socket_path: str, project_dir: str) -> None:
     """Import the step libraries (and model.py's imports), then fork one child per request."""
+    # Single-threaded from here to fork(): every import above leaves no threads running (checked:
+    # only the main thread exists after them), which is what makes forking this process safe.
     for module in PRELOAD:
-        importlib.import_module(module)
+        with contextlib.suppress(ImportError):  # a missing extra only costs its step the import
+            importlib.import_module(module)
     with contextlib.suppress(Exception):  # a broken model.py fails in its step, with its message
         from handoff.hooks import load_model_module
 
@@ -189,9 +196,26 @@ class StepPython:
     socket_path: str
 
 
+class Starting:
+    """A fork server whose imports are under way; ``wait()`` once the caller's own set-up is done."""
+
+    def __init__(self, process: subprocess.Popen[bytes], client: str, socket_path: str, timeout_s: float):
+        self.process, self.client, self.socket_path, self.timeout_s = process, client, socket_path, timeout_s
+
+    def wait(self) -> StepPython | None:
+        """The way to reach the server once it accepts connections; None if it failed to start."""
+        if _wait_until_listening(self.process, self.socket_path, self.timeout_s):
+            return StepPython(self.client, self.socket_path)
+        print(
+            "handoff: the step fork server did not start; running each step in a new interpreter",
+            file=sys.stderr,
+        )
+        return None
+
+
 @contextlib.contextmanager
-def running(project_dir: Path, timeout_s: float = 120) -> Iterator[StepPython | None]:
-    """Start the server for one local run; yields how to reach it (None if unavailable)."""
+def running(project_dir: Path, timeout_s: float = 120) -> Iterator[Starting | None]:
+    """Start the server for one local run (None where fork servers are unavailable); stop it after."""
     client = Path(sys.executable).with_name("handoff-step-python")
     if not client.is_file() or not hasattr(socket, "send_fds") or os.name != "posix":
         yield None
@@ -205,14 +229,7 @@ def running(project_dir: Path, timeout_s: float = 120) -> Iterator[StepPython | 
         stdout=subprocess.DEVNULL,
     )
     try:
-        if _wait_until_listening(process, socket_path, timeout_s):
-            yield StepPython(str(client), socket_path)
-        else:
-            print(
-                "handoff: the step fork server did not start; running each step in a new interpreter",
-                file=sys.stderr,
-            )
-            yield None
+        yield Starting(process, str(client), socket_path, timeout_s)
     finally:
         process.terminate()
         with contextlib.suppress(subprocess.TimeoutExpired):

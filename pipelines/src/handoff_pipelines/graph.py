@@ -12,10 +12,7 @@ from typing import Any
 
 from kfp import dsl
 
-from handoff_pipelines import components
-
-PIPELINE_NAME = "handoff"
-STEPS = ("train", "export", "evaluate", "register", "deploy")
+from handoff_pipelines import PIPELINE_NAME, STEPS, components
 
 
 def build_pipeline(image: str) -> Callable[..., Any]:

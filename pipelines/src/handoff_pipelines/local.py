@@ -23,8 +23,7 @@ from handoff.files import read_json, write_json
 from handoff.model_source import precheck_source
 from handoff.project import Project
 from handoff.step_entry import ERROR_FILE_ENV
-from handoff_pipelines import forkserver
-from handoff_pipelines.graph import PIPELINE_NAME, STEPS, build_pipeline
+from handoff_pipelines import PIPELINE_NAME, STEPS, forkserver
 from handoff_pipelines.summary import build_summary
 
 RUNS_DIR = "runs"
@@ -81,8 +80,7 @@ def _step_python(step_python: forkserver.StepPython | None) -> Iterator[None]:
 
 def run_local(project_dir: Path | str, *, fork_server: bool = True) -> dict[str, Any]:
     """Run train → export → evaluate → register → deploy; return (and write) the run summary."""
-    from kfp import local
-
+    started = time.perf_counter()
     project = Project.load(project_dir)
     precheck_source(project.root)  # a broken model.py fails here, before any step starts
     run_dir = new_run_dir(project)
@@ -90,18 +88,23 @@ def run_local(project_dir: Path | str, *, fork_server: bool = True) -> dict[str,
     scratch = run_dir / "tmp"  # per run: two runs of one project must not share scratch space
     scratch.mkdir()
     error_file = run_dir / "error.json"
-    local.init(
-        runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=False
-    )
-    pipeline = build_pipeline(image=project.settings.image)
-    started = time.perf_counter()
     try:
-        with (
-            forkserver.running(project.root) if fork_server else contextlib.nullcontext() as step_python,
-            _step_python(step_python),
-            _environment({ERROR_FILE_ENV: str(error_file), "TMPDIR": str(scratch)}),
-            warnings.catch_warnings(),
-        ):
+        with contextlib.ExitStack() as stack:
+            # The fork server imports torch & co. while this process imports kfp and builds the graph.
+            server = stack.enter_context(forkserver.running(project.root)) if fork_server else None
+            from kfp import local
+
+            from handoff_pipelines.graph import build_pipeline
+
+            local.init(
+                runner=local.SubprocessRunner(use_venv=False),
+                pipeline_root=str(pipeline_root),
+                raise_on_error=False,
+            )
+            pipeline = build_pipeline(image=project.settings.image)
+            stack.enter_context(_step_python(server.wait() if server else None))
+            stack.enter_context(_environment({ERROR_FILE_ENV: str(error_file), "TMPDIR": str(scratch)}))
+            stack.enter_context(warnings.catch_warnings())
             # kfp.local warns that the project image is not a python image; locally the image is
             # not used at all (steps run in this environment), so the warning would only mislead.
             warnings.filterwarnings("ignore", message=".*non-Python base image", category=RuntimeWarning)

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from handoff.project import Project
-from handoff_pipelines.graph import STEPS
+from handoff_pipelines import STEPS
 
 
 def build_summary(
