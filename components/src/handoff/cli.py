@@ -7,6 +7,7 @@ their result as JSON on stdout so scripts and orchestrators can read it.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -84,13 +85,16 @@ def train(
     project: ProjectOpt = Path("."),
     checkpoint: Annotated[Path, typer.Option(help="Where to write the checkpoint.")] = Path("checkpoint.pt"),
     set_: Annotated[list[str] | None, typer.Option("--set", help="Config override FIELD=VALUE.")] = None,
+    fresh: Annotated[
+        bool, typer.Option(help="Ignore saved state in <checkpoint>.state/ and start over.")
+    ] = False,
 ) -> None:
-    """Train model.py's model and write a checkpoint."""
+    """Train model.py's model and write a checkpoint (resumes from <checkpoint>.state/)."""
     from handoff.steps.train import train as step
 
-    if set_ is None:
-        set_ = []
-    _print_record(step(project, checkpoint, overrides=_overrides(set_)))
+    result = step(project, checkpoint, overrides=_overrides(set_ or []), fresh=fresh)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one record, from rank 0
+        _print_record(result)
 
 
 @app.command()

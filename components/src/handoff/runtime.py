@@ -1,4 +1,4 @@
-"""Process-level choices every step makes the same way: seeds, device, threads."""
+"""Process-level choices every step makes the same way."""
 
 from __future__ import annotations
 
@@ -8,14 +8,8 @@ import numpy as np
 import torch
 
 
-def seed_everything(seed: int) -> torch.Generator:
-    """Seed Python, numpy and torch; return a generator for data order that nothing else shares."""
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch (weights, dropout); data order has its own generator."""
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
-
-
-def pick_device() -> torch.device:
-    """CUDA when present, else CPU: the same code runs on a laptop and on a GPU node."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

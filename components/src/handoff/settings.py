@@ -30,6 +30,8 @@ class TrainingSettings(StrictModel):
     # Overrides applied to model.py's Config (field name -> value) for pipeline runs.
     overrides: dict[str, object] = Field(default_factory=dict)
     gpus: int = Field(default=0, ge=0)
+    # Resumable state every N optimizer steps (and at every epoch end); 0 = epoch ends only.
+    checkpoint_every_steps: int = Field(default=50, ge=0)
 
 
 class Settings(StrictModel):

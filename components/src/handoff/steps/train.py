@@ -7,10 +7,14 @@ file where export expects a model.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import shutil
+import signal
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,11 +22,13 @@ from typing import Any
 import mlflow
 import torch
 from mlflow.exceptions import MlflowException
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from handoff import __version__
-from handoff.checkpoints import save_checkpoint
+from handoff import __version__, distributed
+from handoff.checkpoints import latest_state, save_checkpoint, save_state
+from handoff.data_order import EpochBatches
 from handoff.errors import HandoffError
 from handoff.hooks import (
     MODEL_FILE,
@@ -31,13 +37,17 @@ from handoff.hooks import (
     build_optimizer,
     call_hook,
     hook_batch,
+    hook_outputs,
     score_split,
     split_batch,
     user_code,
 )
 from handoff.project import Project
-from handoff.runtime import pick_device, seed_everything
+from handoff.runtime import seed_everything
 from handoff.tracking import use_tracking
+
+# EX_TEMPFAIL: "temporary failure, try again". Retry policies (KFP, Argo retryStrategy) key on it.
+PREEMPTED_EXIT_CODE = 75
 
 
 @dataclass(frozen=True)
@@ -50,6 +60,8 @@ class TrainResult:
     steps: int
     train_loss: float
     val_metrics: dict[str, float]
+    world_size: int
+    resumed_from_step: int
     seconds: float
 
 
@@ -78,10 +90,50 @@ def evaluate_torch(hooks: ModelModule, model: torch.nn.Module, loader: DataLoade
     return score_split(hooks, outputs, inputs, targets)
 
 
+class Preempted(SystemExit):
+    """SIGTERM (preemption, eviction): state was saved; exit with a code that asks for a retry."""
+
+    def __init__(self, message: str):
+        super().__init__(PREEMPTED_EXIT_CODE)
+        self.message = message
+
+
+@contextlib.contextmanager
+def sigterm_requested() -> Iterator[list[bool]]:
+    """A flag set by SIGTERM, checked between optimizer steps (a step is never cut in half)."""
+    flag = [False]
+
+    def handle(signum: int, frame: Any) -> None:
+        flag[0] = True
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handle)
+    except ValueError:  # not the main thread (e.g. called from a notebook worker): no handler
+        yield flag
+        return
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def state_dir_for(checkpoint: Path | str) -> Path:
+    """Where resumable state lives: beside the final checkpoint, so a retried step finds it."""
+    return Path(f"{checkpoint}.state")
+
+
 def train(
-    project_dir: Path | str, checkpoint: Path | str, *, overrides: dict[str, Any] | None = None
+    project_dir: Path | str,
+    checkpoint: Path | str,
+    *,
+    overrides: dict[str, Any] | None = None,
+    fresh: bool = False,
 ) -> TrainResult:
-    """Train the project's model and write ``checkpoint`` (state dict + the Config used)."""
+    """Train the project's model and write ``checkpoint`` (state dict + the Config used).
+
+    Resumes from the newest complete state in ``<checkpoint>.state/`` unless ``fresh``; runs
+    data parallel when started by torchrun.
+    """
     started = time.perf_counter()
     project = Project.load(project_dir)
     hooks = project.hooks
@@ -91,88 +143,194 @@ def train(
         int_setting(cfg, "batch_size", 64),
         int_setting(cfg, "epochs", 1),
     )
-    generator = seed_everything(seed)
-    device = pick_device()
-
+    ctx = distributed.init_from_env()
+    if batch_size % ctx.world_size:
+        raise HandoffError(
+            f"Config.batch_size {batch_size} is the global batch and must divide evenly over "
+            f"{ctx.world_size} processes",
+            file=MODEL_FILE,
+            field="Config.batch_size",
+        )
+    seed_everything(seed)
+    device = ctx.device()
     train_set, val_set = call_hook(hooks, "build_datasets", cfg)
-    train_loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=generator)
-    val_loader = DataLoader(val_set, batch_size=max(batch_size, 256))
     model = call_hook(hooks, "build_model", cfg).to(device)
     optimizer = build_optimizer(hooks, model, cfg)
+    every = project.settings.training.checkpoint_every_steps
 
-    use_tracking(project)
-    run = mlflow.start_run(run_name=f"{project.settings.project}-train")
-    step, last_loss, val_metrics = 0, math.nan, {}
-    try:
-        mlflow.set_tags(
-            {
-                "handoff.template_version": __version__,
-                "handoff.step": "train",
-                "handoff.contract_sha256": project.contract.sha256,
-            }
-        )
-        mlflow.log_params(dataclasses.asdict(cfg))
-        for epoch in range(1, epochs + 1):
-            bar = tqdm(
-                train_loader,
-                desc=f"epoch {epoch}/{epochs}",
-                file=sys.stdout,
-                disable=None,
-                leave=False,
-                mininterval=1.0,
+    states = state_dir_for(checkpoint)
+    if fresh and ctx.is_main:
+        shutil.rmtree(states, ignore_errors=True)
+    ctx.barrier()
+    states.mkdir(parents=True, exist_ok=True)
+    state = latest_state(states)
+    epoch0, step_in_epoch, step, run_id, sums = 1, 0, 0, "", [0.0, 0.0]
+    last_loss, val_metrics = math.nan, {}
+    if state is not None:
+        if state["config"] != dataclasses.asdict(cfg):
+            raise HandoffError(
+                f"the saved training state {state['path']} was written with a different "
+                "Config; start over with `handoff train --fresh`",
+                file=MODEL_FILE,
+                field="Config",
             )
-            running, seen = 0.0, 0
-            with user_code(hooks, f"training (epoch {epoch})"):
-                for batch in bar:
-                    inputs, target = split_batch(batch)
-                    inputs = tuple(x.to(device) for x in inputs)
-                    target = target.to(device) if isinstance(target, torch.Tensor) else target
-                    loss = call_hook(hooks, "loss", model(*inputs), hook_batch((inputs, target)))
-                    if not torch.isfinite(loss):
-                        raise HandoffError(
-                            f"loss() returned {loss.item()} at epoch {epoch}, step {step + 1}; training "
-                            "stopped and nothing was exported or registered (lower the learning rate "
-                            "or check the data and loss for divide-by-zero / log(0))",
-                            file=MODEL_FILE,
-                            field="loss",
-                        )
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    step += 1
-                    running += loss.item() * len(target)
-                    seen += len(target)
-                    bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-            last_loss = running / max(seen, 1)
-            val_metrics = evaluate_torch(hooks, model, val_loader)
-            mlflow.log_metrics({"train_loss": last_loss, **val_metrics}, step=epoch)
-            shown = ", ".join(f"{k}={v:.4f}" for k, v in val_metrics.items())
-            print(f"epoch {epoch}/{epochs}: train_loss={last_loss:.4f} {shown}", flush=True)
-        save_checkpoint(
-            checkpoint,
-            {
-                "model": model.state_dict(),
-                "config": dataclasses.asdict(cfg),
-                "epochs": epochs,
-                "steps": step,
-                "template_version": __version__,
-            },
-        )
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        epoch0, step_in_epoch, step = state["epoch"], state["step_in_epoch"], state["step"]
+        run_id, sums = state["mlflow_run_id"], list(state["loss_sums"])
+        last_loss, val_metrics = state["last"]["train_loss"], dict(state["last"]["val_metrics"])
+        if ctx.is_main:
+            print(f"resuming from {state['path']}: epoch {epoch0}, step {step}", flush=True)
+    trained = DistributedDataParallel(model) if ctx.enabled else model
+
+    def snapshot(epoch: int, in_epoch: int) -> None:
+        if ctx.is_main:
+            save_state(
+                states,
+                step,
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "rng": torch.get_rng_state(),
+                    "config": dataclasses.asdict(cfg),
+                    "epoch": epoch,
+                    "step_in_epoch": in_epoch,
+                    "step": step,
+                    "mlflow_run_id": run_id,
+                    "loss_sums": sums,
+                    "last": {"train_loss": last_loss, "val_metrics": val_metrics},
+                },
+            )
+        ctx.barrier()
+
+    if ctx.is_main:
+        use_tracking(project)
+        run_id = mlflow.start_run(
+            run_id=run_id or None, run_name=f"{project.settings.project}-train"
+        ).info.run_id
+    try:
+        if ctx.is_main and state is None:
+            mlflow.set_tags(
+                {
+                    "handoff.template_version": __version__,
+                    "handoff.step": "train",
+                    "handoff.contract_sha256": project.contract.sha256,
+                    "handoff.world_size": str(ctx.world_size),
+                }
+            )
+            mlflow.log_params(dataclasses.asdict(cfg))
+        val_loader = DataLoader(val_set, batch_size=max(batch_size, 256))
+        with sigterm_requested() as stop:
+            for epoch in range(epoch0, epochs + 1):
+                sampler = EpochBatches(
+                    len(train_set),
+                    batch_size,
+                    seed=seed,
+                    epoch=epoch,
+                    rank=ctx.rank,
+                    world_size=ctx.world_size,
+                    start_step=step_in_epoch,
+                )
+                bar = tqdm(
+                    DataLoader(train_set, batch_sampler=sampler),
+                    desc=f"epoch {epoch}/{epochs}",
+                    file=sys.stdout,
+                    disable=None if ctx.is_main else True,
+                    leave=False,
+                    mininterval=1.0,
+                )
+                with user_code(hooks, f"training (epoch {epoch})"):
+                    for batch in bar:
+                        loss, size = _train_step(hooks, trained, optimizer, batch, device, epoch, step)
+                        step += 1
+                        step_in_epoch += 1
+                        sums[0] += loss * size
+                        sums[1] += size
+                        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+                        if ctx.any(stop[0]):
+                            snapshot(epoch, step_in_epoch)
+                            raise Preempted(
+                                f"SIGTERM at epoch {epoch}, step {step}: state saved in {states}; "
+                                f"run the step again to resume (exit code {PREEMPTED_EXIT_CODE})"
+                            )
+                        if every and step % every == 0:
+                            snapshot(epoch, step_in_epoch)
+                total, seen = ctx.sum(sums)
+                last_loss, step_in_epoch, sums = total / max(seen, 1), 0, [0.0, 0.0]
+                if ctx.is_main:
+                    val_metrics = evaluate_torch(hooks, model, val_loader)
+                snapshot(epoch + 1, 0)  # saved before logging: a resume never logs an epoch twice
+                if ctx.is_main:
+                    mlflow.log_metrics({"train_loss": last_loss, **val_metrics}, step=epoch)
+                    shown = ", ".join(f"{k}={v:.4f}" for k, v in val_metrics.items())
+                    print(f"epoch {epoch}/{epochs}: train_loss={last_loss:.4f} {shown}", flush=True)
+        if ctx.is_main:
+            save_checkpoint(
+                checkpoint,
+                {
+                    "model": model.state_dict(),
+                    "config": dataclasses.asdict(cfg),
+                    "epochs": epochs,
+                    "steps": step,
+                    "template_version": __version__,
+                },
+            )
+        ctx.barrier()
+    except Preempted as exc:
+        if ctx.is_main:
+            mlflow.end_run(status="KILLED")
+            print(f"handoff: train preempted: {exc.message}", file=sys.stderr, flush=True)
+        raise
     except MlflowException as exc:
         mlflow.end_run(status="FAILED")
         raise HandoffError(
             f"MLflow rejected what training logged: {exc.message}", file=MODEL_FILE, field="Config/metrics"
         ) from None
     except BaseException:
-        mlflow.end_run(status="FAILED")
+        if ctx.is_main:
+            mlflow.end_run(status="FAILED")
         raise
-    mlflow.end_run()
+    finally:
+        distributed.shutdown(ctx)
+    if ctx.is_main:
+        mlflow.end_run()
     return TrainResult(
         checkpoint=str(checkpoint),
-        mlflow_run_id=run.info.run_id,
+        mlflow_run_id=run_id,
         epochs=epochs,
         steps=step,
         train_loss=last_loss,
         val_metrics=val_metrics,
+        world_size=ctx.world_size,
+        resumed_from_step=int(state["step"]) if state else 0,
         seconds=round(time.perf_counter() - started, 3),
     )
+
+
+def _train_step(
+    hooks: ModelModule,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: Any,
+    device: torch.device,
+    epoch: int,
+    step: int,
+) -> tuple[float, int]:
+    """One optimizer step; returns the loss and the number of items, after the NaN guard."""
+    inputs, target = split_batch(batch)
+    inputs = tuple(x.to(device) for x in inputs)
+    target = target.to(device) if isinstance(target, torch.Tensor) else target
+    loss = call_hook(hooks, "loss", hook_outputs(as_tuple(model(*inputs))), hook_batch((inputs, target)))
+    if not torch.isfinite(loss):
+        raise HandoffError(
+            f"loss() returned {loss.item()} at epoch {epoch}, step {step + 1}; training stopped and "
+            "nothing was exported or registered (lower the learning rate or check the data and loss "
+            "for divide-by-zero / log(0))",
+            file=MODEL_FILE,
+            field="loss",
+        )
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item(), len(target)
