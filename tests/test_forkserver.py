@@ -72,3 +72,47 @@ def test_forked_step_gets_argv_cwd_env_streams_and_exit_code(tmp_path: Path) -> 
     assert result.returncode == 3
     assert result.stdout.strip() == f"args ['3'] cwd {tmp_path} var 42"
     assert result.stderr.strip() == "to stderr"
+
+
+def run_through_server(project: Path, code: str, *args: str) -> subprocess.CompletedProcess[str]:
+    (project / "probe_step.py").write_text(code)
+    with forkserver.running(project) as server:
+        assert server is not None
+        step_python = server.wait()
+        assert step_python is not None
+        env = {
+            **os.environ,
+            forkserver.PYTHON_ENV: sys.executable,
+            forkserver.SOCKET_ENV: step_python.socket_path,
+            "PYTHONPATH": str(project),
+        }
+        return subprocess.run(
+            [step_python.executable, "-m", "probe_step", *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=project,
+            timeout=60,
+        )
+
+
+def test_server_imports_model_py_imports_but_never_runs_model_py(tmp_path: Path) -> None:
+    (tmp_path / "model.py").write_text("import json\nopen('ran-at-import', 'a').write('x')\n")
+    result = run_through_server(tmp_path, "import sys\nprint('json' in sys.modules)\n")
+    assert result.stdout.strip() == "True"  # model.py's imports were preloaded
+    assert not (tmp_path / "ran-at-import").exists()  # its top-level code was not run
+
+
+def test_exit_code_is_the_steps_own_even_when_it_forks_and_atexit_runs(tmp_path: Path) -> None:
+    (tmp_path / "model.py").write_text("")
+    code = (
+        "import atexit, os, sys\n"
+        "atexit.register(lambda: print('atexit ran', flush=True))\n"
+        "if os.fork() == 0:\n"
+        "    sys.exit(0)\n"
+        "os.wait()\n"
+        "sys.exit(5)\n"
+    )
+    result = run_through_server(tmp_path, code)
+    assert result.returncode == 5
+    assert "atexit ran" in result.stdout

@@ -32,6 +32,12 @@ class TrainingSettings(StrictModel):
     gpus: int = Field(default=0, ge=0)
     # Resumable state every N optimizer steps (and at every epoch end); 0 = epoch ends only.
     checkpoint_every_steps: int = Field(default=50, ge=0)
+    # bf16 (or fp16 + loss scaling) autocast on GPUs; CPUs always train in fp32.
+    mixed_precision: bool = True
+    # torch.compile the model (GPU runs of minutes and more; compiling costs tens of seconds).
+    compile: bool = False
+    # channels-last memory format: faster convolutions on GPUs with tensor cores.
+    channels_last: bool = False
 
 
 class Settings(StrictModel):

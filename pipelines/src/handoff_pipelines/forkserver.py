@@ -14,12 +14,17 @@ Anything the client does not recognise (not ``-m MODULE ...``) or a missing serv
 
 from __future__ import annotations
 
+import ast
+import atexit
 import contextlib
+import ctypes
 import importlib
+import importlib.util
 import io
 import json
 import os
 import runpy
+import select
 import shutil
 import signal
 import socket
@@ -27,17 +32,19 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NoReturn
 
 SOCKET_ENV = "HANDOFF_FORKSERVER_SOCKET"
 PYTHON_ENV = "HANDOFF_FORKSERVER_PYTHON"
 # What every step imports; model.py's own imports are added by importing model.py itself.
 PRELOAD = (
-    "kfp.dsl.executor_main",
+    "kfp.dsl.executor",  # not executor_main: runpy warns when the module it runs is already loaded
     "handoff.steps.train",
     "handoff.steps.export",
     "handoff.steps.evaluate",
@@ -74,12 +81,12 @@ def _receive_message(sock: socket.socket) -> bytes:
 # --- the server -------------------------------------------------------------------------------
 
 
-def _run_child(conn: socket.socket, request: dict, fds: list[int]) -> None:
+def _run_child(conn: socket.socket, request: dict[str, Any], fds: list[int]) -> NoReturn:
     """In the forked process: become the step process the client asked for, report its exit code."""
-    code = 1
+    me, code = os.getpid(), 1
     try:
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # steps start and wait for their own children
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL)  # a step behaves like a freshly started Python
         for target, fd in enumerate(fds):
             os.dup2(fd, target)
             os.close(fd)
@@ -101,31 +108,87 @@ def _run_child(conn: socket.socket, request: dict, fds: list[int]) -> None:
             print(exc.code, file=sys.stderr)
     except BaseException:  # noqa: BLE001 - the step's own crash: report it like Python would
         traceback.print_exc()
-    finally:
+    if os.getpid() == me:  # not a process the step forked, which unwinds through here too
         with contextlib.suppress(Exception):
             sys.stdout.flush()
             sys.stderr.flush()
         with contextlib.suppress(OSError):
             _send_message(conn, json.dumps({"code": code}).encode())
-        os._exit(code)
+    conn.close()
+    _finish(code)
+
+
+def _finish(code: int) -> NoReturn:
+    """End like a `python -m` process would, without tearing down the server's whole interpreter.
+
+    Non-daemon threads are joined, atexit handlers run and C stdio buffers are flushed, then the
+    process exits at once (a full interpreter finalisation of everything the server imported is
+    slow and has been seen to spin).
+    """
+    # What the interpreter itself calls at exit: runs threading's own exit hooks (which tell
+    # thread pools such as MLflow's downloaders to stop), then joins non-daemon threads.
+    shutdown = getattr(threading, "_shutdown", None)
+    if shutdown is not None:
+        with contextlib.suppress(Exception):
+            shutdown()
+    with contextlib.suppress(Exception):
+        atexit._run_exitfuncs()
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None).fflush(None)  # printf output of extensions, when stdout is a pipe
+    os._exit(code)
+
+
+def preload_model_imports(project_dir: Path) -> None:
+    """Import what model.py imports from installed packages, without running model.py itself.
+
+    Running it here would run its top-level code once in this process and again in every step
+    (a second TORCH_LIBRARY registration fails), and could start thread pools that do not survive
+    fork(). Its imports are the expensive part anyway (scikit-learn alone is ~1 s).
+    """
+    try:
+        tree = ast.parse((project_dir / "model.py").read_bytes())
+    except (OSError, SyntaxError, ValueError):
+        return
+    names: list[str] = []
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            names.extend(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.append(node.module)
+    for name in names:
+        with contextlib.suppress(Exception):
+            spec = importlib.util.find_spec(name.split(".")[0])
+            if spec is None or spec.origin is None or Path(spec.origin).resolve().is_relative_to(project_dir):
+                continue  # a helper beside model.py runs project code: leave it to the step
+            importlib.import_module(name)
 
 
 def serve(socket_path: str, project_dir: str) -> None:
-    """Import the step libraries (and model.py's imports), then fork one child per request."""
-    # Single-threaded from here to fork(): every import above leaves no threads running (checked:
-    # only the main thread exists after them), which is what makes forking this process safe.
+    """Import the step libraries and model.py's imports, then fork one child per request.
+
+    Exits, stopping its running steps, when its parent (the local runner) closes our stdin.
+    """
     for module in PRELOAD:
         with contextlib.suppress(ImportError):  # a missing extra only costs its step the import
             importlib.import_module(module)
-    with contextlib.suppress(Exception):  # a broken model.py fails in its step, with its message
-        from handoff.hooks import load_model_module
-
-        load_model_module(Path(project_dir))
+    preload_model_imports(Path(project_dir).resolve())
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # finished children are reaped automatically
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(socket_path)
     server.listen(16)
+    children: set[int] = set()
     while True:
+        ready, _, _ = select.select([server, sys.stdin], [], [])
+        if sys.stdin in ready and not os.read(sys.stdin.fileno(), 1024):
+            for pid in children:  # the run is gone: so are its steps
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+            return
+        if server not in ready:
+            continue
         conn, _ = server.accept()
         fds: list[int] = []
         try:
@@ -140,12 +203,22 @@ def serve(socket_path: str, project_dir: str) -> None:
             continue
         sys.stdout.flush()
         sys.stderr.flush()
-        if os.fork() == 0:
+        pid = os.fork()
+        if pid == 0:
             server.close()
             _run_child(conn, request, fds)
+        children = {p for p in children if _exists(p)} | {pid}
         conn.close()
         for fd in fds:
             os.close(fd)
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 # --- the client (stands in for the Python executable) -----------------------------------------
@@ -200,6 +273,7 @@ class Starting:
     """A fork server whose imports are under way; ``wait()`` once the caller's own set-up is done."""
 
     def __init__(self, process: subprocess.Popen[bytes], client: str, socket_path: str, timeout_s: float):
+        """``process`` is the server being started; ``client`` the executable that reaches it."""
         self.process, self.client, self.socket_path, self.timeout_s = process, client, socket_path, timeout_s
 
     def wait(self) -> StepPython | None:
@@ -225,13 +299,17 @@ def running(project_dir: Path, timeout_s: float = 120) -> Iterator[Starting | No
     socket_path = os.path.join(folder, "steps.sock")
     process = subprocess.Popen(
         [sys.executable, "-m", "handoff_pipelines.forkserver", socket_path, str(project_dir)],
-        stdin=subprocess.DEVNULL,
+        # Our end of its stdin is its lifeline: when this process ends, however, the server sees
+        # EOF and stops its steps. Its own session keeps Ctrl-C (meant for us) away from it.
+        stdin=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
+        start_new_session=True,
     )
     try:
         yield Starting(process, str(client), socket_path, timeout_s)
     finally:
-        process.terminate()
+        if process.stdin is not None:
+            process.stdin.close()  # the server stops its steps and exits
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=5)
         if process.poll() is None:

@@ -105,18 +105,30 @@ def current(state_dir: Path) -> ServerHandle | None:
     return handle if _alive(handle) else None
 
 
+def terminate(handle: ServerHandle, timeout_s: float = 15.0) -> None:
+    """SIGTERM one server (in-flight requests finish), SIGKILL after ``timeout_s``."""
+    if not _alive(handle):
+        return
+    with contextlib.suppress(psutil.NoSuchProcess):
+        process = psutil.Process(handle.pid)
+        process.terminate()
+        try:
+            process.wait(timeout=timeout_s)
+        except psutil.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
+
+
+def record(state_dir: Path, handle: ServerHandle) -> None:
+    """Make ``handle`` the project's recorded server (what `handoff stop` and deploy act on)."""
+    write_json(state_dir / STATE_FILE, asdict(handle))
+
+
 def stop(state_dir: Path, timeout_s: float = 15.0) -> ServerHandle | None:
-    """SIGTERM the recorded server (in-flight requests finish), SIGKILL after ``timeout_s``."""
+    """Stop the project's recorded server, if one is running."""
     handle = current(state_dir)
     if handle is not None:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            process = psutil.Process(handle.pid)
-            process.terminate()
-            try:
-                process.wait(timeout=timeout_s)
-            except psutil.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=5)
+        terminate(handle, timeout_s)
     (state_dir / STATE_FILE).unlink(missing_ok=True)
     return handle
 
@@ -155,7 +167,7 @@ def start(
         version=version,
         log=str(log),
     )
-    write_json(state_dir / STATE_FILE, asdict(handle))
+    record(state_dir, handle)
     deadline = time.monotonic() + ready_timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -168,7 +180,8 @@ def start(
             if requests.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
                 return handle
         time.sleep(0.1)
-    stop(state_dir)
+    terminate(handle)
+    (state_dir / STATE_FILE).unlink(missing_ok=True)
     raise HandoffError(
         f"the model server was not ready within {ready_timeout_s:g} s; last lines of {log}:\n{_tail(log)}",
         file="handoff.yaml",

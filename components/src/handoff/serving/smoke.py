@@ -22,6 +22,13 @@ class SmokeResult:
 
 def smoke_test(url: str, model_name: str, contract: Contract, example: dict[str, Any]) -> SmokeResult:
     """POST the example to ``/v2/models/<name>/infer``; outputs must match the contract and values."""
+    try:
+        return _smoke_test(url, model_name, contract, example)
+    except Exception as exc:  # noqa: BLE001 - a malformed answer is a failed smoke test, not a crash
+        return SmokeResult(False, f"unexpected response: {type(exc).__name__}: {exc}", 0.0, float("nan"))
+
+
+def _smoke_test(url: str, model_name: str, contract: Contract, example: dict[str, Any]) -> SmokeResult:
     started = time.perf_counter()
     try:
         response = requests.post(

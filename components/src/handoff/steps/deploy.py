@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 import socket
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,12 +54,17 @@ def fetch_model(project: Project, name: str, version: str) -> Path:
         raise HandoffError(
             f"model {name!r} has no version {version!r} in the registry ({project.tracking_uri})"
         ) from None
-    dest = project.state_dir / "models" / f"{name}-v{version}"
-    shutil.rmtree(dest, ignore_errors=True)
-    dest.mkdir(parents=True)
-    local = Path(
-        mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(dest))
-    )
+    models = project.state_dir / "models"
+    models.mkdir(exist_ok=True)
+    # Downloaded beside, then moved into place: a failed download never leaves half a model.
+    download = Path(tempfile.mkdtemp(dir=models, prefix=".download-"))
+    try:
+        mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(download))
+        local = models / f"{name}-v{version}"
+        shutil.rmtree(local, ignore_errors=True)  # a running server has already loaded its copy
+        download.rename(local)
+    finally:
+        shutil.rmtree(download, ignore_errors=True)
     for needed in (ONNX_FILE, f"{EXTRA_DIR}/{EXAMPLE_FILE}", f"{EXTRA_DIR}/{CONTRACT_FILE}"):
         if not (local / needed).is_file():
             raise HandoffError(
@@ -98,53 +104,76 @@ def _restore(project: Project, previous: ServerHandle | None) -> str:
     return f"the previous version {previous.version} is serving again at {previous.url}"
 
 
+def _start(
+    project: Project, model_dir: Path, model_name: str, version: str, sock: socket.socket
+) -> ServerHandle:
+    spec_file = model_dir / "server.json"
+    write_json(
+        spec_file,
+        {
+            "model_name": model_name,
+            "onnx_path": str(model_dir / ONNX_FILE),
+            "contract_dir": str(model_dir / EXTRA_DIR),
+            "host": project.settings.serving.host,
+            "port": sock.getsockname()[1],
+        },
+    )
+    return local_server.start(
+        spec_file,
+        sock,
+        model_name=model_name,
+        version=version,
+        state_dir=project.state_dir,
+        ready_timeout_s=project.settings.serving.ready_timeout_s,
+    )
+
+
 def deploy(project_dir: Path | str, model_name: str, version: str) -> DeployResult:
-    """Serve ``model_name`` version ``version`` on the configured host/port and smoke-test it."""
+    """Serve ``model_name`` version ``version`` on the configured host/port and smoke-test it.
+
+    On another port than the running version, the new server starts and passes its smoke test
+    before the old one stops (blue/green). On the same port the old one must stop first; if the
+    new one then fails, the old version is started again.
+    """
     started = time.perf_counter()
     project = Project.load(project_dir)
-    model_dir = fetch_model(project, model_name, version)
-    registered = model_dir / EXTRA_DIR
-    contract = load_contract(registered)  # the contract this version was registered with
-    example = read_json(registered / EXAMPLE_FILE)
     serving = project.settings.serving
-    spec_file = model_dir / "server.json"
     with local_server.deploy_lock(project.state_dir):
+        model_dir = fetch_model(project, model_name, version)
+        contract = load_contract(model_dir / EXTRA_DIR)  # the contract this version was registered with
+        example = read_json(model_dir / EXTRA_DIR / EXAMPLE_FILE)
         previous = local_server.current(project.state_dir)
-        reuses_port = previous is not None and serving.port != 0 and _port_of(previous)[1] == serving.port
-        sock: socket.socket | None = None
-        if not reuses_port:
-            sock = local_server.bind(serving.host, serving.port)  # a busy port fails before any stop
-        local_server.stop(project.state_dir)
-        try:
-            if sock is None:
-                sock = local_server.bind(serving.host, serving.port)
-            write_json(
-                spec_file,
-                {
-                    "model_name": model_name,
-                    "onnx_path": str(model_dir / ONNX_FILE),
-                    "contract_dir": str(registered),
-                    "host": serving.host,
-                    "port": sock.getsockname()[1],
-                },
-            )
-            handle = local_server.start(
-                spec_file,
-                sock,
-                model_name=model_name,
-                version=version,
-                state_dir=project.state_dir,
-                ready_timeout_s=serving.ready_timeout_s,
-            )
-        except HandoffError as exc:
-            raise HandoffError(f"{exc}; {_restore(project, previous)}") from None
+        same_port = previous is not None and serving.port != 0 and _port_of(previous)[1] == serving.port
+        if same_port:
+            assert previous is not None
+            local_server.terminate(previous)
+            try:
+                handle = _start(
+                    project, model_dir, model_name, version, local_server.bind(serving.host, serving.port)
+                )
+            except HandoffError as exc:
+                raise HandoffError(f"{exc}; {_restore(project, previous)}") from None
+        else:
+            sock = local_server.bind(serving.host, serving.port)  # a busy port fails before any change
+            try:
+                handle = _start(project, model_dir, model_name, version, sock)
+            except HandoffError as exc:
+                _keep(project, previous)
+                raise HandoffError(f"{exc}; {_still_serving(previous)}") from None
         smoke = smoke_test(handle.url, model_name, contract, example)
         if not smoke.passed:
-            local_server.stop(project.state_dir)
+            local_server.terminate(handle)
+            if same_port:
+                outcome = _restore(project, previous)
+            else:
+                _keep(project, previous)
+                outcome = _still_serving(previous)
             raise HandoffError(
                 f"smoke test of {model_name}/{version} at {handle.url} failed: {smoke.detail}; "
-                f"the new server was stopped and {_restore(project, previous)}"
+                f"the new server was stopped and {outcome}"
             )
+        if previous is not None and not same_port:
+            local_server.terminate(previous)  # the new version serves: retire the old one
     return DeployResult(
         url=handle.url,
         model_name=model_name,
@@ -155,3 +184,17 @@ def deploy(project_dir: Path | str, model_name: str, version: str) -> DeployResu
         smoke_latency_ms=smoke.latency_ms,
         seconds=round(time.perf_counter() - started, 3),
     )
+
+
+def _keep(project: Project, previous: ServerHandle | None) -> None:
+    """Point the project's record back at the version that kept serving (or at nothing)."""
+    if previous is not None:
+        local_server.record(project.state_dir, previous)
+    else:
+        (project.state_dir / local_server.STATE_FILE).unlink(missing_ok=True)
+
+
+def _still_serving(previous: ServerHandle | None) -> str:
+    if previous is None:
+        return "nothing was serving before"
+    return f"version {previous.version} keeps serving at {previous.url}"

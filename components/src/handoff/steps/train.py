@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import shutil
 import signal
 import sys
@@ -17,7 +18,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import mlflow
 import torch
@@ -42,6 +43,7 @@ from handoff.hooks import (
     split_batch,
     user_code,
 )
+from handoff.precision import Precision, allow_fast_kernels, choose_precision
 from handoff.project import Project
 from handoff.runtime import seed_everything
 from handoff.tracking import use_tracking
@@ -62,6 +64,8 @@ class TrainResult:
     val_metrics: dict[str, float]
     world_size: int
     resumed_from_step: int
+    samples: int
+    loop_seconds: float
     seconds: float
 
 
@@ -166,6 +170,7 @@ def train(
     state = latest_state(states)
     epoch0, step_in_epoch, step, run_id, sums = 1, 0, 0, "", [0.0, 0.0]
     last_loss, val_metrics = math.nan, {}
+    loop_seconds, samples = 0.0, 0  # the optimizer-step loop alone (throughput), this process
     if state is not None:
         if state["config"] != dataclasses.asdict(cfg):
             raise HandoffError(
@@ -182,7 +187,19 @@ def train(
         last_loss, val_metrics = state["last"]["train_loss"], dict(state["last"]["val_metrics"])
         if ctx.is_main:
             print(f"resuming from {state['path']}: epoch {epoch0}, step {step}", flush=True)
-    trained = DistributedDataParallel(model) if ctx.enabled else model
+    training = project.settings.training
+    precision = choose_precision(device, mixed=training.mixed_precision)
+    allow_fast_kernels(device)
+    scaler = precision.scaler(device)
+    if state is not None and "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
+    if training.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    trained: torch.nn.Module = DistributedDataParallel(model) if ctx.enabled else model
+    if training.compile:
+        trained = cast(torch.nn.Module, torch.compile(trained))
+    stepper = Stepper(hooks, trained, optimizer, device, precision, scaler, training.channels_last)
+    loading = loader_options(device, ctx.world_size)
 
     def snapshot(epoch: int, in_epoch: int) -> None:
         if ctx.is_main:
@@ -193,6 +210,7 @@ def train(
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "rng": torch.get_rng_state(),
+                    "scaler": scaler.state_dict(),
                     "config": dataclasses.asdict(cfg),
                     "epoch": epoch,
                     "step_in_epoch": in_epoch,
@@ -217,6 +235,7 @@ def train(
                     "handoff.step": "train",
                     "handoff.contract_sha256": project.contract.sha256,
                     "handoff.world_size": str(ctx.world_size),
+                    "handoff.precision": precision.name,
                 }
             )
             mlflow.log_params(dataclasses.asdict(cfg))
@@ -233,21 +252,23 @@ def train(
                     start_step=step_in_epoch,
                 )
                 bar = tqdm(
-                    DataLoader(train_set, batch_sampler=sampler),
+                    DataLoader(train_set, batch_sampler=sampler, **loading),
                     desc=f"epoch {epoch}/{epochs}",
                     file=sys.stdout,
                     disable=None if ctx.is_main else True,
                     leave=False,
                     mininterval=1.0,
                 )
+                loop_started = time.perf_counter()
                 with user_code(hooks, f"training (epoch {epoch})"):
                     for batch in bar:
-                        loss, size = _train_step(hooks, trained, optimizer, batch, device, epoch, step)
+                        loss, size = stepper(batch, epoch, step)
                         step += 1
                         step_in_epoch += 1
                         sums[0] += loss * size
                         sums[1] += size
-                        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+                        if step % 10 == 0:
+                            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
                         if ctx.any(stop[0]):
                             snapshot(epoch, step_in_epoch)
                             raise Preempted(
@@ -256,6 +277,8 @@ def train(
                             )
                         if every and step % every == 0:
                             snapshot(epoch, step_in_epoch)
+                loop_seconds += time.perf_counter() - loop_started
+                samples += int(sums[1])
                 total, seen = ctx.sum(sums)
                 last_loss, step_in_epoch, sums = total / max(seen, 1), 0, [0.0, 0.0]
                 if ctx.is_main:
@@ -304,33 +327,56 @@ def train(
         val_metrics=val_metrics,
         world_size=ctx.world_size,
         resumed_from_step=int(state["step"]) if state else 0,
+        samples=samples,
+        loop_seconds=round(loop_seconds, 4),
         seconds=round(time.perf_counter() - started, 3),
     )
 
 
-def _train_step(
-    hooks: ModelModule,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    batch: Any,
-    device: torch.device,
-    epoch: int,
-    step: int,
-) -> tuple[float, int]:
-    """One optimizer step; returns the loss and the number of items, after the NaN guard."""
-    inputs, target = split_batch(batch)
-    inputs = tuple(x.to(device) for x in inputs)
-    target = target.to(device) if isinstance(target, torch.Tensor) else target
-    loss = call_hook(hooks, "loss", hook_outputs(as_tuple(model(*inputs))), hook_batch((inputs, target)))
-    if not torch.isfinite(loss):
-        raise HandoffError(
-            f"loss() returned {loss.item()} at epoch {epoch}, step {step + 1}; training stopped and "
-            "nothing was exported or registered (lower the learning rate or check the data and loss "
-            "for divide-by-zero / log(0))",
-            file=MODEL_FILE,
-            field="loss",
-        )
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.item(), len(target)
+@dataclass
+class Stepper:
+    """One optimizer step with the run's device, precision and memory format decided once."""
+
+    hooks: ModelModule
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    precision: Precision
+    scaler: torch.amp.GradScaler
+    channels_last: bool
+
+    def _move(self, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.to(self.device, non_blocking=True)
+        if self.channels_last and tensor.dim() == 4:
+            tensor = tensor.contiguous(memory_format=torch.channels_last)
+        return tensor
+
+    def __call__(self, batch: Any, epoch: int, step: int) -> tuple[float, int]:
+        """Returns the loss and the number of items, after the NaN guard."""
+        inputs, target = split_batch(batch)
+        inputs = tuple(self._move(x) for x in inputs)
+        target = target.to(self.device, non_blocking=True) if isinstance(target, torch.Tensor) else target
+        with self.precision.autocast(self.device):
+            outputs = hook_outputs(as_tuple(self.model(*inputs)))
+            loss = call_hook(self.hooks, "loss", outputs, hook_batch((inputs, target)))
+        if not torch.isfinite(loss):
+            raise HandoffError(
+                f"loss() returned {loss.item()} at epoch {epoch}, step {step + 1}; training stopped and "
+                "nothing was exported or registered (lower the learning rate or check the data and loss "
+                "for divide-by-zero / log(0))",
+                file=MODEL_FILE,
+                field="loss",
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss.item(), len(target)
+
+
+def loader_options(device: torch.device, world_size: int) -> dict[str, Any]:
+    """Worker processes and pinned memory where they pay: feeding a GPU, not competing with a CPU."""
+    if device.type != "cuda":
+        return {}
+    workers = max(1, min(8, (os.cpu_count() or 2) // max(1, torch.cuda.device_count() or world_size) - 1))
+    return {"num_workers": workers, "pin_memory": True, "prefetch_factor": 4}
