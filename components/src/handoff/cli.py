@@ -172,7 +172,9 @@ def stop(project: ProjectOpt = Path(".")) -> None:
     from handoff.project import Project
     from handoff.serving import local_server
 
-    handle = local_server.stop(Project.load(project).state_dir)
+    state_dir = Project.load(project).state_dir
+    with local_server.deploy_lock(state_dir):  # never in the middle of a deploy's stop/start
+        handle = local_server.stop(state_dir)
     typer.echo(
         f"stopped {handle.model_name} v{handle.version} at {handle.url}"
         if handle
