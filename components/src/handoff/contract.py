@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field, field_validator, model_validator
@@ -58,6 +58,10 @@ class TensorSpec(StrictModel):
     @property
     def v2_datatype(self) -> str:
         return V2_DATATYPES[self.dtype]
+
+    def v2_metadata(self) -> dict[str, Any]:
+        """This tensor as Open Inference Protocol v2 model metadata describes it."""
+        return {"name": self.name, "datatype": self.v2_datatype, "shape": self.shape}
 
     def accepts(self, shape: tuple[int, ...] | list[int]) -> bool:
         """True when a concrete shape fits this spec (-1 matches any size)."""

@@ -12,12 +12,10 @@ from handoff.contract import Contract, TensorSpec
 from handoff.errors import HandoffError
 
 
-def open_session(path: Path, *, threads: int = 0) -> ort.InferenceSession:
+def open_session(path: Path) -> ort.InferenceSession:
     """A CPU ONNX Runtime session (the engine the model will be served with)."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own untyped errors

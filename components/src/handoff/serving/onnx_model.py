@@ -45,10 +45,10 @@ class OnnxModel(kserve.Model):
 
     def get_input_types(self) -> list[dict[str, Any]]:
         """``/v2/models/<name>`` metadata comes from the contract, the schema clients code against."""
-        return [{"name": s.name, "datatype": s.v2_datatype, "shape": s.shape} for s in self.contract.inputs]
+        return [spec.v2_metadata() for spec in self.contract.inputs]
 
     def get_output_types(self) -> list[dict[str, Any]]:
-        return [{"name": s.name, "datatype": s.v2_datatype, "shape": s.shape} for s in self.contract.outputs]
+        return [spec.v2_metadata() for spec in self.contract.outputs]
 
     def _array(self, spec: TensorSpec, request: InferRequest) -> np.ndarray:
         tensor = request.get_input_by_name(spec.name)
