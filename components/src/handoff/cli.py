@@ -16,7 +16,8 @@ import typer
 
 from handoff import __version__
 from handoff.errors import HandoffError
-from handoff.step_entry import record_json
+from handoff.files import atomic_write_bytes
+from handoff.step_entry import record_json, write_termination_message
 
 app = typer.Typer(
     help="Take a model.py project from training to a served, smoke-tested model.",
@@ -80,6 +81,20 @@ def run(
         raise typer.Exit(1)
 
 
+@app.command(name="compile")
+def compile_(
+    project: ProjectOpt = Path("."),
+    out: Annotated[Path, typer.Option(help="Folder for the compiled files.", file_okay=False)] = Path(
+        "compiled"
+    ),
+) -> None:
+    """Compile for a cluster: the KFP pipeline, and the training job when training.nodes > 1."""
+    from handoff_pipelines.compiled import compile_project
+
+    for path in compile_project(project, out):
+        typer.echo(f"wrote {path}")
+
+
 @app.command()
 def train(
     project: ProjectOpt = Path("."),
@@ -88,12 +103,15 @@ def train(
     fresh: Annotated[
         bool, typer.Option(help="Ignore saved state in <checkpoint>.state/ and start over.")
     ] = False,
+    record: Annotated[Path | None, typer.Option(help="Also write the result here (JSON).")] = None,
 ) -> None:
     """Train model.py's model and write a checkpoint (resumes from <checkpoint>.state/)."""
     from handoff.steps.train import train as step
 
     result = step(project, checkpoint, overrides=_overrides(set_ or []), fresh=fresh)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one record, from rank 0
+        if record:
+            atomic_write_bytes(record, (record_json(result) + "\n").encode())
         _print_record(result)
 
 
@@ -187,6 +205,7 @@ def main() -> None:
         app()
     except HandoffError as exc:
         typer.echo(f"error: {exc}", err=True)
+        write_termination_message(str(exc))
         sys.exit(1)
 
 

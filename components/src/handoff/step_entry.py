@@ -22,6 +22,8 @@ from handoff.files import read_json, write_json
 
 ResultT = TypeVar("ResultT")
 ERROR_FILE_ENV = "HANDOFF_ERROR_FILE"
+# Set by the local runner (kfp.local): steps that would reach for a cluster stay on this machine.
+LOCAL_RUN_ENV = "HANDOFF_LOCAL_RUN"
 TERMINATION_LOG = Path("/dev/termination-log")
 
 
@@ -35,13 +37,18 @@ def read_record(path: str | Path) -> dict[str, Any]:
     return read_json(Path(path))
 
 
+def write_termination_message(message: str) -> None:
+    """Where Kubernetes shows why a container failed (``kubectl describe``, a job's failure reason)."""
+    if TERMINATION_LOG.exists() and os.access(TERMINATION_LOG, os.W_OK):  # mounted by Kubernetes
+        TERMINATION_LOG.write_text(message[:4096])
+
+
 def _report(step: str, message: str) -> None:
     print(f"handoff: {step} failed: {message}", file=sys.stderr, flush=True)
     target = os.environ.get(ERROR_FILE_ENV)
     if target:
         write_json(Path(target), {"step": step, "message": message})
-    if TERMINATION_LOG.exists() and os.access(TERMINATION_LOG, os.W_OK):  # mounted by Kubernetes
-        TERMINATION_LOG.write_text(f"{step}: {message}"[:4096])
+    write_termination_message(f"{step}: {message}")
 
 
 def run_step(step: str, function: Callable[..., ResultT], record: str | Path, **kwargs: Any) -> ResultT:

@@ -13,12 +13,12 @@ resolves.
 from kfp.dsl import Artifact, Input, Metrics, Model, Output
 
 
-def train(project_dir: str, checkpoint: Output[Model], record: Output[Artifact]):
-    """Train model.py's model (handoff.steps.train)."""
+def train(project_dir: str, run_key: str, checkpoint: Output[Model], record: Output[Artifact]):
+    """Train model.py's model, or launch a multi-node job named after run_key (handoff.steps.train_launch)."""
     from handoff.step_entry import run_step
-    from handoff.steps.train import train as step
+    from handoff.steps.train_launch import train_step as step
 
-    run_step("train", step, record.path, project_dir=project_dir, checkpoint=checkpoint.path)
+    run_step("train", step, record.path, project_dir=project_dir, checkpoint=checkpoint.path, run_key=run_key)
 
 
 def export(project_dir: str, checkpoint: Input[Model], onnx_model: Output[Model], record: Output[Artifact]):

@@ -10,13 +10,21 @@ KFP reads the pipeline's annotations at definition time, so this module keeps th
 from collections.abc import Callable
 from typing import Any
 
-from kfp import dsl
+from kfp import dsl, kubernetes
 
 from handoff_pipelines import PIPELINE_NAME, STEPS, components
 
+# handoff.kube.train_job.WORKSPACE; kept as a literal so building the graph does not import the
+# kubernetes client (a test checks the two agree).
+WORKSPACE_MOUNT = "/workspace"
 
-def build_pipeline(image: str) -> Callable[..., Any]:
-    """The KFP pipeline for a project whose steps run in ``image``."""
+
+def build_pipeline(image: str, workspace_claim: str | None = None) -> Callable[..., Any]:
+    """The KFP pipeline for a project whose steps run in ``image``.
+
+    ``workspace_claim``: the ReadWriteMany volume a multi-node train step shares with its job's
+    nodes, mounted at ``handoff.kube.train_job.WORKSPACE`` (cluster runs only; kfp.local has none).
+    """
 
     def component(function: Callable[..., Any]) -> Any:
         # install_kfp_package=False: the image (and a local venv) already has kfp and handoff;
@@ -27,7 +35,10 @@ def build_pipeline(image: str) -> Callable[..., Any]:
 
     @dsl.pipeline(name=PIPELINE_NAME, description="Train, export, evaluate, register and deploy model.py.")
     def handoff(project_dir: str) -> None:
-        trained = train(project_dir=project_dir)
+        # The run's id names a multi-node training job, so a retried step re-attaches to it.
+        trained = train(project_dir=project_dir, run_key=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
+        if workspace_claim:
+            kubernetes.mount_pvc(trained, pvc_name=workspace_claim, mount_path=WORKSPACE_MOUNT)
         exported = export(project_dir=project_dir, checkpoint=trained.outputs["checkpoint"])
         evaluated = evaluate(project_dir=project_dir, onnx_model=exported.outputs["onnx_model"])
         registered = register(

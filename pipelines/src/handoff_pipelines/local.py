@@ -22,7 +22,7 @@ from typing import Any
 from handoff.files import read_json, write_json
 from handoff.model_source import precheck_source
 from handoff.project import Project
-from handoff.step_entry import ERROR_FILE_ENV
+from handoff.step_entry import ERROR_FILE_ENV, LOCAL_RUN_ENV
 from handoff_pipelines import PIPELINE_NAME, STEPS, forkserver
 from handoff_pipelines.summary import build_summary
 
@@ -103,7 +103,9 @@ def run_local(project_dir: Path | str, *, fork_server: bool = True) -> dict[str,
             )
             pipeline = build_pipeline(image=project.settings.image)
             stack.enter_context(_step_python(server.wait() if server else None))
-            stack.enter_context(_environment({ERROR_FILE_ENV: str(error_file), "TMPDIR": str(scratch)}))
+            stack.enter_context(
+                _environment({ERROR_FILE_ENV: str(error_file), "TMPDIR": str(scratch), LOCAL_RUN_ENV: "1"})
+            )
             stack.enter_context(warnings.catch_warnings())
             # kfp.local warns that the project image is not a python image; locally the image is
             # not used at all (steps run in this environment), so the warning would only mislead.
