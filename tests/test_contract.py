@@ -36,8 +36,41 @@ def test_default_contract_loads_and_is_hashed(project: Path) -> None:
         (lambda c: c.pop("owners"), "owners: Field required"),
         (lambda c: c["slo"].update(latency_p99=5), "slo.latency_p99: Extra inputs are not permitted"),
         (lambda c: c.update(task="ranking"), "task: Input should be 'classification' or 'regression'"),
+        (
+            lambda c: c["slo"].update(max_metrics={"accuracy": 0.5}),
+            "slo.max_metrics.accuracy: 0.5 is below min_metrics.accuracy = 0.95: no model can pass",
+        ),
+        (
+            lambda c: c["slo"].update(max_metrics={"ece": "low"}),
+            "slo.max_metrics.ece: Input should be a valid number",
+        ),
+        (
+            lambda c: c["slo"].update(max_model_size_mb=0),
+            "slo.max_model_size_mb: Input should be greater than 0",
+        ),
+        (
+            lambda c: c["slo"].update(champion_tolerance=-0.1),
+            "slo.champion_tolerance: Input should be greater than or equal to 0",
+        ),
+        (
+            lambda c: c["owners"].update(research=""),
+            "owners.research: String should have at least 1 character",
+        ),
     ],
-    ids=["dtype", "static-batch", "zero-dim", "negative-slo", "missing-owners", "typo", "task"],
+    ids=[
+        "dtype",
+        "static-batch",
+        "zero-dim",
+        "negative-slo",
+        "missing-owners",
+        "typo",
+        "task",
+        "max-below-min",
+        "max-not-number",
+        "zero-size",
+        "negative-tolerance",
+        "empty-owner",
+    ],
 )
 def test_malformed_contract_names_file_line_and_field(project: Path, change, expected: str) -> None:
     edit_yaml(project / "contract.yaml", change)
@@ -134,7 +167,7 @@ def test_contract_that_is_not_utf8(project: Path) -> None:
     with pytest.raises(HandoffError) as raised:
         load_contract(project)
     assert str(raised.value) == (
-        f"{path}: line 21: not UTF-8 text (byte 0xe9); save the file with UTF-8 encoding"
+        f"{path}: line 24: not UTF-8 text (byte 0xe9); save the file with UTF-8 encoding"
     )
 
 

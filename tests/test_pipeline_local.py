@@ -49,7 +49,10 @@ def test_run_local_trains_registers_and_serves(served_project: Path) -> None:
     summary = json.loads((project / "runs" / "latest" / "summary.json").read_text())
     assert summary["status"] == "succeeded"
     assert summary["metrics"]["accuracy"] >= 0.95  # the contract's minimum, on the ONNX model
-    assert summary["gate"] == {"passed": True, "reasons": []}
+    assert summary["gate"]["passed"] is True and summary["gate"]["reasons"] == []
+    assert {c["name"] for c in summary["gate"]["checks"]} == {"accuracy", "latency_p99_ms", "champion"}
+    readiness = summary["readiness"]
+    assert readiness["items"] == 8 and Path(readiness["report"], "readiness.html").is_file()
     assert summary["latency_ms"]["p99"] <= summary["contract"]["latency_p99_ms"]
     assert list(summary["step_seconds"]) == ["train", "export", "evaluate", "register", "deploy"]
     assert summary["smoke_test"]["passed"] is True
@@ -71,6 +74,12 @@ def test_run_local_trains_registers_and_serves(served_project: Path) -> None:
     )
     assert sha256_of(downloaded / "model.onnx") == summary["onnx_sha256"]
     assert not list(downloaded.rglob("*.data"))
+    attached = {p.name for p in (downloaded / "extra_files").iterdir()}
+    assert {"model_card.md", "readiness.html", "readiness.md", "confusion_matrix.png"} <= attached
+    # What the KFP UI shows: the report as HTML and Markdown output artifacts.
+    evaluate_dir = next((project / "runs" / "latest" / "artifacts").glob("*/evaluate"))
+    assert (evaluate_dir / "report_html").read_text().startswith("<!doctype html>")
+    assert "# Readiness: digits-classifier" in (evaluate_dir / "report_md").read_text()
 
     # A real V2 request to the server the pipeline left running.
     example = json.loads(next(downloaded.rglob("example.json")).read_text())

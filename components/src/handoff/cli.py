@@ -132,11 +132,15 @@ def evaluate(
     project: ProjectOpt = Path("."),
     model_dir: Annotated[Path, typer.Option(exists=True, file_okay=False)] = Path("onnx"),
     out: Annotated[Path | None, typer.Option(help="Also write the result here (JSON).")] = None,
+    report: Annotated[
+        Path, typer.Option(help="Folder for the readiness report (Markdown, HTML, plots).", file_okay=False)
+    ] = Path("report"),
+    run_id: Annotated[str, typer.Option(help="MLflow run of the training (for curves, lineage).")] = "",
 ) -> None:
-    """Evaluate the ONNX model on the held-out split and decide the gate."""
+    """Evaluate the ONNX model on the held-out split, decide the gate, write the readiness report."""
     from handoff.steps.evaluate import evaluate as step
 
-    result = step(project, model_dir)
+    result = step(project, model_dir, report_dir=report, training_run_id=run_id)
     if out:
         out.write_text(record_json(result))
     _print_record(result)
@@ -150,11 +154,14 @@ def register(
         Path, typer.Option(exists=True, dir_okay=False, help="JSON written by `handoff evaluate --out`.")
     ] = Path("evaluation.json"),
     run_id: Annotated[str, typer.Option(help="MLflow run of the training.")] = "",
+    report: Annotated[
+        Path | None, typer.Option(help="Readiness report folder from `handoff evaluate`.", file_okay=False)
+    ] = None,
 ) -> None:
     """Register the ONNX model in MLflow; alias champion only if the gate passed."""
     from handoff.steps.register import register as step
 
-    _print_record(step(project, model_dir, json.loads(evaluation.read_text()), run_id))
+    _print_record(step(project, model_dir, json.loads(evaluation.read_text()), run_id, report))
 
 
 @app.command()

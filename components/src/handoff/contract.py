@@ -75,8 +75,24 @@ class Slo(StrictModel):
 
     latency_p99_ms: float = Field(gt=0)
     latency_batch_size: int = Field(default=1, ge=1)
+    # Held-out metrics (researcher's and the evaluation suite's) that must be at least / at most.
     min_metrics: dict[str, float] = Field(default_factory=dict)
+    max_metrics: dict[str, float] = Field(default_factory=dict)
     parity_tolerance: float = Field(default=1e-4, gt=0)
+    # The exported model.onnx may not be larger (what the serving pods must load).
+    max_model_size_mb: float | None = Field(default=None, gt=0)
+    # Relative gate: a challenger may trail the registry's champion by at most this much on each
+    # min/max metric, measured on the same held-out data (the first model has no champion).
+    champion_tolerance: float = Field(default=0.01, ge=0)
+
+    @model_validator(mode="after")
+    def _bounds_are_consistent(self) -> Slo:
+        for name, upper in self.max_metrics.items():
+            lower = self.min_metrics.get(name)
+            if lower is not None and lower > upper:
+                message = f"{upper:g} is below min_metrics.{name} = {lower:g}: no model can pass"
+                raise FieldError(("max_metrics", name), message)
+        return self
 
 
 class Owners(StrictModel):

@@ -10,7 +10,7 @@ return value because conditions on single outputs are what every engine, kfp.loc
 resolves.
 """
 
-from kfp.dsl import Artifact, Input, Metrics, Model, Output
+from kfp.dsl import HTML, Artifact, ClassificationMetrics, Input, Markdown, Metrics, Model, Output
 
 
 def train(project_dir: str, run_key: str, checkpoint: Output[Model], record: Output[Artifact]):
@@ -38,16 +38,41 @@ def export(project_dir: str, checkpoint: Input[Model], onnx_model: Output[Model]
 
 
 def evaluate(
-    project_dir: str, onnx_model: Input[Model], metrics: Output[Metrics], record: Output[Artifact]
+    project_dir: str,
+    onnx_model: Input[Model],
+    training: Input[Artifact],
+    metrics: Output[Metrics],
+    confusion: Output[ClassificationMetrics],
+    report: Output[Artifact],
+    report_html: Output[HTML],
+    report_md: Output[Markdown],
+    record: Output[Artifact],
 ) -> bool:
-    """Evaluate in ONNX Runtime; returns whether the gate passed (handoff.steps.evaluate)."""
-    from handoff.step_entry import run_step
+    """Evaluate in ONNX Runtime, write the readiness report; returns whether the gate passed."""
+    import shutil
+    from pathlib import Path
+
+    from handoff.readiness import REPORT_HTML, REPORT_MD
+    from handoff.step_entry import read_record, run_step
     from handoff.steps.evaluate import evaluate as step
 
-    result = run_step("evaluate", step, record.path, project_dir=project_dir, model_dir=onnx_model.path)
+    result = run_step(
+        "evaluate",
+        step,
+        record.path,
+        project_dir=project_dir,
+        model_dir=onnx_model.path,
+        report_dir=report.path,
+        training_run_id=read_record(training.path)["mlflow_run_id"],
+    )
     for name, value in result.metrics.items():
         metrics.log_metric(name, value)
     metrics.log_metric("latency_p99_ms", result.latency_p99_ms)
+    if result.confusion:  # the KFP UI draws it
+        labels = [str(i) for i in range(len(result.confusion))]
+        confusion.log_confusion_matrix(labels, result.confusion)
+    shutil.copyfile(Path(report.path) / REPORT_HTML, report_html.path)
+    shutil.copyfile(Path(report.path) / REPORT_MD, report_md.path)
     return result.gate.passed
 
 
@@ -55,6 +80,7 @@ def register(
     project_dir: str,
     onnx_model: Input[Model],
     evaluation: Input[Artifact],
+    report: Input[Artifact],
     training: Input[Artifact],
     record: Output[Artifact],
 ):
@@ -70,6 +96,7 @@ def register(
         model_dir=onnx_model.path,
         evaluation=read_record(evaluation.path),
         mlflow_run_id=read_record(training.path)["mlflow_run_id"],
+        report_dir=report.path,
     )
 
 

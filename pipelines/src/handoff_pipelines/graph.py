@@ -40,11 +40,16 @@ def build_pipeline(image: str, workspace_claim: str | None = None) -> Callable[.
         if workspace_claim:
             kubernetes.mount_pvc(trained, pvc_name=workspace_claim, mount_path=WORKSPACE_MOUNT)
         exported = export(project_dir=project_dir, checkpoint=trained.outputs["checkpoint"])
-        evaluated = evaluate(project_dir=project_dir, onnx_model=exported.outputs["onnx_model"])
+        evaluated = evaluate(
+            project_dir=project_dir,
+            onnx_model=exported.outputs["onnx_model"],
+            training=trained.outputs["record"],
+        )
         registered = register(
             project_dir=project_dir,
             onnx_model=exported.outputs["onnx_model"],
             evaluation=evaluated.outputs["record"],
+            report=evaluated.outputs["report"],
             training=trained.outputs["record"],
         )
         with dsl.If(evaluated.outputs["Output"] == True, name="gate-passed"):  # noqa: E712

@@ -63,8 +63,19 @@ def build_summary(
             if deployed
             else None
         ),
+        "readiness": _readiness(evaluation) if evaluation else None,
         "step_seconds": {step: records[step]["seconds"] for step in STEPS if step in records},
         "total_seconds": total_seconds,
+    }
+
+
+def _readiness(evaluation: dict[str, Any]) -> dict[str, Any]:
+    items = evaluation["readiness"]
+    return {
+        "passed": sum(item["passed"] for item in items),
+        "items": len(items),
+        "failing": [f"{item['name']}: {item['evidence']}" for item in items if not item["passed"]],
+        "report": evaluation["report"],
     }
 
 
@@ -88,6 +99,11 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(
             "gate       " + ("passed" if gate["passed"] else "FAILED: " + "; ".join(gate["reasons"]))
         )
+    if summary["readiness"]:
+        ready = summary["readiness"]
+        report = f"{ready['report']}/readiness.html"
+        lines.append(f"readiness  {ready['passed']}/{ready['items']} items pass: {report}")
+        lines += [f"           not ready: {item}" for item in ready["failing"]]
     if summary["registered"]:
         reg = summary["registered"]
         lines.append(

@@ -1,72 +1,110 @@
 """evaluate: measure what will be served (the ONNX model in ONNX Runtime) and decide the gate.
 
-Metrics come from model.py's ``loss``/``metrics`` hooks applied once to the whole held-out split;
-latency is measured at the contract's batch size. The gate passes only when every minimum metric
-and the p99 latency SLO hold, and it says which failed and by how much.
+The shared evaluation suite (task-aware metrics, per-class results, slices) and the researcher's
+own ``metrics`` hook are computed once over the whole held-out split, on ONNX Runtime's outputs;
+latency is measured at the contract's batch size. The gate holds every SLO in the contract and,
+when the registry has a champion, compares against it on the same data. The readiness report
+(Markdown + self-contained HTML, with plots) lists the checklist with its evidence.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from mlflow.exceptions import MlflowException
 from torch.utils.data import DataLoader
 
-from handoff.artifacts import CONFIG_FILE, ONNX_FILE
+from handoff import readiness
+from handoff.artifacts import CONFIG_FILE, EXPORT_RECORD_FILE, ONNX_FILE
 from handoff.errors import HandoffError
+from handoff.eval_suite import evaluate_outputs
 from handoff.files import read_json
-from handoff.hooks import MODEL_FILE, call_hook, score_split, split_batch, user_code
+from handoff.gates import Champion, Gate, absolute_checks, decide, relative_checks
+from handoff.hooks import MODEL_FILE, call_hook, hook_batch, score_split, split_batch, user_code
 from handoff.onnx_io import open_session, run_session
 from handoff.project import Project
+from handoff.readiness import ReadinessItem
 from handoff.steps.export import example_arrays
 
 LATENCY_WARMUP = 20
 LATENCY_RUNS = 300
-
-
-@dataclass(frozen=True)
-class Gate:
-    """The promotion verdict, with one reason per failed objective."""
-
-    passed: bool
-    reasons: list[str] = field(default_factory=list)
+CHAMPION = "champion"
 
 
 @dataclass(frozen=True)
 class EvalResult:
-    """What will be served, measured: metrics, latency, and the gate decided from them."""
+    """What will be served, measured: metrics, latency, the gate, and the readiness checklist."""
 
     metrics: dict[str, float]
+    per_class: dict[str, dict[str, float]]
+    confusion: list[list[int]]
+    slices: dict[str, dict[str, float]]
     latency_p50_ms: float
     latency_p99_ms: float
     latency_batch_size: int
+    model_size_mb: float
+    champion: Champion | None
     gate: Gate
+    readiness: list[ReadinessItem]
+    report: str  # the readiness report's folder ('' when none was written)
     samples: int
     seconds: float
 
 
-def onnx_metrics(project: Project, session: Any, cfg: Any) -> tuple[dict[str, float], int]:
-    """Run the held-out split through ONNX Runtime and score it with the researcher's hooks."""
-    _, val_set = call_hook(project.hooks, "build_datasets", cfg)
+@dataclass(frozen=True)
+class HeldOut:
+    """The held-out split, loaded once and scored for the challenger and the champion alike."""
+
+    batches: list[tuple[tuple[torch.Tensor, ...], Any]]
+
+    @classmethod
+    def load(cls, project: Project, cfg: Any) -> HeldOut:
+        _, val_set = call_hook(project.hooks, "build_datasets", cfg)
+        with user_code(project.hooks, "loading the validation split"):
+            batches = [split_batch(b) for b in DataLoader(val_set, batch_size=256)]
+        if not batches:
+            raise HandoffError("the validation dataset is empty", file=MODEL_FILE, field="build_datasets")
+        return cls(batches)
+
+    @property
+    def samples(self) -> int:
+        return sum(len(x[0]) for x, _ in self.batches)
+
+
+@dataclass(frozen=True)
+class Scores:
+    metrics: dict[str, float]
+    per_class: dict[str, dict[str, float]]
+    confusion: list[list[int]]
+    slices: dict[str, dict[str, float]]
+
+
+def score(project: Project, session: Any, data: HeldOut) -> Scores:
+    """The suite's metrics and the researcher's (theirs win a name clash: they watched them train)."""
     outputs, inputs, targets = [], [], []
-    with user_code(project.hooks, "loading the validation split"):
-        for batch in DataLoader(val_set, batch_size=256):
-            x, y = split_batch(batch)
-            got = run_session(session, project.contract, [t.numpy() for t in x])
-            outputs.append(tuple(torch.from_numpy(a) for a in got))
-            inputs.append(x)
-            targets.append(y)
-    if not targets:
-        raise HandoffError("the validation dataset is empty", file=MODEL_FILE, field="build_datasets")
-    return score_split(project.hooks, outputs, inputs, targets), sum(len(x[0]) for x in inputs)
+    for x, y in data.batches:
+        got = run_session(session, project.contract, [t.numpy() for t in x])
+        outputs.append(tuple(torch.from_numpy(a) for a in got))
+        inputs.append(x)
+        targets.append(y)
+    own = score_split(project.hooks, outputs, inputs, targets)
+    predictions = np.concatenate([o[0].numpy() for o in outputs])
+    target = torch.cat(targets).numpy()
+    keys = None
+    if hasattr(project.hooks, "slices"):
+        batch = hook_batch((tuple(torch.cat(p) for p in zip(*inputs, strict=True)), torch.cat(targets)))
+        keys = [str(k) for k in call_hook(project.hooks, "slices", batch)]
+    suite = evaluate_outputs(project.contract.task, predictions, target, keys)
+    return Scores({**suite.metrics, **own}, suite.per_class, suite.confusion, suite.slices)
 
 
-def measure_latency(project: Project, session: Any, example: list[np.ndarray]) -> tuple[float, float]:
-    """p50/p99 milliseconds of ``session.run`` at the contract's latency batch size."""
+def measure_latency(project: Project, session: Any, example: list[np.ndarray]) -> np.ndarray:
+    """Milliseconds per ``session.run`` at the contract's latency batch size, after a warm-up."""
     size = project.contract.slo.latency_batch_size
     inputs = [np.resize(a, (size, *a.shape[1:])).astype(a.dtype) for a in example]
     for _ in range(LATENCY_WARMUP):
@@ -76,47 +114,87 @@ def measure_latency(project: Project, session: Any, example: list[np.ndarray]) -
         start = time.perf_counter()
         run_session(session, project.contract, inputs)
         timings[i] = (time.perf_counter() - start) * 1000
-    return float(np.percentile(timings, 50)), float(np.percentile(timings, 99))
+    return timings
 
 
-def decide_gate(project: Project, metrics: dict[str, float], p99_ms: float) -> Gate:
-    slo = project.contract.slo
-    reasons = []
-    for name, minimum in sorted(slo.min_metrics.items()):
-        if name not in metrics:
-            reasons.append(
-                f"metric '{name}' (slo.min_metrics) was not produced by model.py metrics(); "
-                f"produced: {', '.join(sorted(metrics))}"
-            )
-        elif not metrics[name] >= minimum:
-            reasons.append(
-                f"{name} {metrics[name]:.4f} < minimum {minimum:g} (short by {minimum - metrics[name]:.4f})"
-            )
-    if not p99_ms <= slo.latency_p99_ms:
-        reasons.append(
-            f"latency p99 {p99_ms:.2f} ms > slo.latency_p99_ms {slo.latency_p99_ms:g} ms "
-            f"at batch {slo.latency_batch_size}"
-        )
-    return Gate(passed=not reasons, reasons=reasons)
+def champion_scores(project: Project, data: HeldOut) -> Champion | None:
+    """The registry's champion scored on ``data``; None when there is none yet.
+
+    A champion that cannot be scored on this data (its contract's inputs differ) is reported as
+    not comparable rather than silently passed: the error names the version.
+    """
+    from handoff.steps.deploy import fetch_model
+    from handoff.tracking import use_tracking
+
+    name = project.contract.name
+    try:
+        version = str(use_tracking(project).get_model_version_by_alias(name, CHAMPION).version)
+    except MlflowException:
+        return None
+    local = fetch_model(project, name, version)
+    try:
+        scores = score(project, open_session(local / ONNX_FILE), data)
+    except HandoffError as exc:
+        raise HandoffError(
+            f"the champion {name} v{version} could not be scored on this held-out data, so the "
+            f"relative gate cannot compare ({exc}); if the contract changed on purpose, remove "
+            f"the alias first: mlflow's set/delete_registered_model_alias on {name!r}"
+        ) from None
+    return Champion(version=version, metrics=scores.metrics)
 
 
-def evaluate(project_dir: Path | str, model_dir: Path | str) -> EvalResult:
-    """Evaluate ``model_dir/model.onnx`` on the held-out split and decide the gate."""
+def evaluate(
+    project_dir: Path | str,
+    model_dir: Path | str,
+    *,
+    report_dir: Path | str | None = None,
+    training_run_id: str = "",
+) -> EvalResult:
+    """Evaluate ``model_dir/model.onnx`` on the held-out split, decide the gate, write the report."""
     started = time.perf_counter()
     project = Project.load(project_dir)
     model_dir = Path(model_dir)
     cfg = project.config_from_dict(read_json(model_dir / CONFIG_FILE))
     session = open_session(model_dir / ONNX_FILE)
-    metrics, samples = onnx_metrics(project, session, cfg)
-    example = [t.numpy() for t in example_arrays(project, cfg)]
-    p50, p99 = measure_latency(project, session, example)
-    gate = decide_gate(project, metrics, p99)
+    data = HeldOut.load(project, cfg)
+    scores = score(project, session, data)
+    timings = measure_latency(project, session, [t.numpy() for t in example_arrays(project, cfg)])
+    p50, p99 = float(np.percentile(timings, 50)), float(np.percentile(timings, 99))
+    size_mb = (model_dir / ONNX_FILE).stat().st_size / 1e6
+    champion = champion_scores(project, data)
+    slo = project.contract.slo
+    gate = decide(
+        absolute_checks(slo, scores.metrics, p99, size_mb) + relative_checks(slo, scores.metrics, champion)
+    )
+    export_record = model_dir / EXPORT_RECORD_FILE
+    evidence = readiness.Evidence(
+        project=project,
+        metrics=scores.metrics,
+        gate=gate,
+        champion_version=champion.version if champion else None,
+        export=read_json(export_record) if export_record.is_file() else None,
+        training_run_id=training_run_id,
+        cfg=cfg,
+    )
+    items = readiness.assess(evidence)
+    report = ""
+    if report_dir is not None:
+        pictures = readiness.pictures(project, scores.confusion, timings, slo.latency_p99_ms, training_run_id)
+        readiness.write_report(Path(report_dir), evidence, items, pictures, scores.per_class, scores.slices)
+        report = str(report_dir)
     return EvalResult(
-        metrics=metrics,
+        metrics=scores.metrics,
+        per_class=scores.per_class,
+        confusion=scores.confusion,
+        slices=scores.slices,
         latency_p50_ms=round(p50, 4),
         latency_p99_ms=round(p99, 4),
-        latency_batch_size=project.contract.slo.latency_batch_size,
+        latency_batch_size=slo.latency_batch_size,
+        model_size_mb=round(size_mb, 4),
+        champion=champion,
         gate=gate,
-        samples=samples,
+        readiness=items,
+        report=report,
+        samples=data.samples,
         seconds=round(time.perf_counter() - started, 3),
     )

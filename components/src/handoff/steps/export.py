@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 import torch
 
-from handoff.artifacts import CONFIG_FILE, EXAMPLE_FILE, ONNX_FILE
+from handoff.artifacts import CONFIG_FILE, EXAMPLE_FILE, EXPORT_RECORD_FILE, ONNX_FILE
 from handoff.checkpoints import load_checkpoint
 from handoff.contract import Contract
 from handoff.errors import HandoffError
@@ -198,12 +198,13 @@ def export(project_dir: Path | str, checkpoint: Path | str, model_dir: Path | st
     worst, outputs = check_parity(model, project, path, example)
     write_json(out / EXAMPLE_FILE, example_payload(project.contract, example, outputs))
     write_json(out / CONFIG_FILE, dataclasses.asdict(cfg))
-    leftovers = sorted(p.name for p in out.iterdir() if p.name not in {ONNX_FILE, EXAMPLE_FILE, CONFIG_FILE})
+    expected = {ONNX_FILE, EXAMPLE_FILE, CONFIG_FILE, EXPORT_RECORD_FILE}
+    leftovers = sorted(p.name for p in out.iterdir() if p.name not in expected)
     if leftovers:
         raise HandoffError(
             f"export must write one self-contained ONNX file, found extra {leftovers}", file=out
         )
-    return ExportResult(
+    result = ExportResult(
         model_dir=str(out),
         onnx_sha256=sha256_of(path),
         onnx_bytes=path.stat().st_size,
@@ -212,3 +213,6 @@ def export(project_dir: Path | str, checkpoint: Path | str, model_dir: Path | st
         parity_tolerance=project.contract.slo.parity_tolerance,
         seconds=round(time.perf_counter() - started, 3),
     )
+    # Travels with the model, so evaluation's readiness report can cite the parity check.
+    write_json(out / EXPORT_RECORD_FILE, dataclasses.asdict(result))
+    return result

@@ -8,7 +8,7 @@ training run, git commit and the gate's verdict.
 
 from __future__ import annotations
 
-import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +26,10 @@ from handoff.artifacts import EXAMPLE_FILE, ONNX_FILE
 from handoff.contract import CONTRACT_FILE, Contract
 from handoff.errors import HandoffError
 from handoff.files import sha256_of
+from handoff.lineage import git_sha
+from handoff.model_card import CARD_FILE, check_model_card, filled_in_card
 from handoff.project import Project
+from handoff.readiness import REPORT_HTML, REPORT_MD
 from handoff.tracking import use_tracking
 
 CHALLENGER = "challenger"
@@ -55,17 +58,6 @@ def signature_of(contract: Contract) -> ModelSignature:
     return ModelSignature(inputs=schema(contract.inputs), outputs=schema(contract.outputs))
 
 
-def git_sha(path: Path) -> str:
-    """The project's commit, for lineage; 'unknown' outside a git checkout."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, check=True
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return out.stdout.strip()
-
-
 def _gate_of(evaluation: dict[str, Any]) -> dict[str, Any]:
     """The parts of an evaluation result register relies on, checked before anything is written."""
     try:
@@ -76,6 +68,8 @@ def _gate_of(evaluation: dict[str, Any]) -> dict[str, Any]:
             "metrics": {str(k): float(v) for k, v in evaluation["metrics"].items()},
             "latency_p50_ms": float(evaluation["latency_p50_ms"]),
             "latency_p99_ms": float(evaluation["latency_p99_ms"]),
+            "checks": [(str(c["name"]), bool(c["passed"]), str(c["detail"])) for c in gate.get("checks", [])],
+            "champion": (evaluation.get("champion") or {}).get("version"),
         }
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise HandoffError(
@@ -83,18 +77,57 @@ def _gate_of(evaluation: dict[str, Any]) -> dict[str, Any]:
         ) from None
 
 
+def _attachments(
+    project: Project,
+    card: str,
+    checked: dict[str, Any],
+    tags: dict[str, str],
+    report_dir: Path | None,
+    tmp: Path,
+) -> list[str]:
+    """Files attached to the version: the filled-in model card and the readiness report."""
+    images = sorted(p.name for p in report_dir.glob("*.png")) if report_dir else []
+    slo = project.contract.slo
+    facts = {
+        "Metrics (held-out split, ONNX Runtime)": {
+            k: f"{v:.4f}" for k, v in sorted(checked["metrics"].items())
+        },
+        "Gates": {n: f"{'pass' if ok else 'FAIL'}: {detail}" for n, ok, detail in checked["checks"]},
+        "Contract": {
+            "inputs": ", ".join(f"{t.name} {t.dtype} {t.shape}" for t in project.contract.inputs),
+            "outputs": ", ".join(f"{t.name} {t.dtype} {t.shape}" for t in project.contract.outputs),
+            "latency p99": f"{checked['latency_p99_ms']:.2f} ms (SLO {slo.latency_p99_ms:g} ms)",
+        },
+        "Lineage": tags,
+    }
+    filled = filled_in_card(card, facts, {name: name for name in images})
+    (tmp / CARD_FILE).write_text(filled, encoding="utf-8")
+    files = [str(tmp / CARD_FILE)]
+    if report_dir is not None:
+        report = [report_dir / n for n in (REPORT_MD, REPORT_HTML, *images)]
+        files += [str(p) for p in report if p.is_file()]
+    return files
+
+
 def register(
-    project_dir: Path | str, model_dir: Path | str, evaluation: dict[str, Any], mlflow_run_id: str = ""
+    project_dir: Path | str,
+    model_dir: Path | str,
+    evaluation: dict[str, Any],
+    mlflow_run_id: str = "",
+    report_dir: Path | str | None = None,
 ) -> RegisterResult:
     """Register ``model_dir/model.onnx``; promote to champion only if ``evaluation`` passed its gate.
 
-    The version is created with all its lineage tags in one call, so a crash never leaves an
-    untagged version behind; aliases follow once it exists.
+    Refused, before anything is written, when the model card is incomplete. The version is
+    created with all its lineage tags in one call, so a crash never leaves an untagged version
+    behind; aliases follow once it exists. The filled-in model card and the readiness report
+    (``report_dir``, written by evaluate) are attached to it.
     """
     started = time.perf_counter()
     project = Project.load(project_dir)
     model_dir = Path(model_dir)
     checked = _gate_of(evaluation)
+    card = check_model_card(project.root)
     client = use_tracking(project)
     name = project.contract.name  # registered and served under the contract's name
     onnx_path = model_dir / ONNX_FILE
@@ -102,23 +135,6 @@ def register(
     # Log into the training run (one run holds the whole lineage) without letting a failure
     # here mark that finished run as FAILED, which `with start_run(...)` would do.
     run = mlflow.start_run(run_id=mlflow_run_id or None, run_name=f"{project.settings.project}-register")
-    try:
-        mlflow.log_metrics({f"onnx_{k}": v for k, v in checked["metrics"].items()})
-        mlflow.log_metrics(
-            {"latency_p50_ms": checked["latency_p50_ms"], "latency_p99_ms": checked["latency_p99_ms"]}
-        )
-        info = mlflow.onnx.log_model(
-            onnx_model=onnx.load(str(onnx_path)),
-            name="model",
-            signature=signature_of(project.contract),
-            pip_requirements=["onnxruntime"],
-            # One self-contained file, byte-identical to what export checked (same sha256),
-            # with the example the smoke test replays and the contract it is served with.
-            save_as_external_data=False,
-            extra_files=[str(model_dir / EXAMPLE_FILE), str(project.root / CONTRACT_FILE)],
-        )
-    finally:
-        mlflow.end_run()
     tags = {
         SHA_TAG: sha,
         "handoff.contract_sha256": project.contract.sha256,
@@ -127,7 +143,29 @@ def register(
         "handoff.git_sha": git_sha(project.root),
         "handoff.gate": "passed" if checked["passed"] else "failed",
         "handoff.gate_reasons": "; ".join(checked["reasons"]) or "-",
+        "handoff.compared_to_champion": checked["champion"] or "-",
     }
+    try:
+        mlflow.log_metrics({f"onnx_{k}": v for k, v in checked["metrics"].items()})
+        mlflow.log_metrics(
+            {"latency_p50_ms": checked["latency_p50_ms"], "latency_p99_ms": checked["latency_p99_ms"]}
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            report = Path(report_dir) if report_dir else None
+            attached = _attachments(project, card, checked, tags, report, Path(tmp))
+            info = mlflow.onnx.log_model(
+                onnx_model=onnx.load(str(onnx_path)),
+                name="model",
+                signature=signature_of(project.contract),
+                pip_requirements=["onnxruntime"],
+                # One self-contained file, byte-identical to what export checked (same sha256),
+                # with the example the smoke test replays, the contract it is served with, the
+                # filled-in model card and the readiness report.
+                save_as_external_data=False,
+                extra_files=[str(model_dir / EXAMPLE_FILE), str(project.root / CONTRACT_FILE), *attached],
+            )
+    finally:
+        mlflow.end_run()
     registered = mlflow.register_model(info.model_uri, name, tags=tags)
     version = str(registered.version)
     aliases = [CHALLENGER]

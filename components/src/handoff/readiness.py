@@ -1,0 +1,285 @@
+"""The readiness checklist: what "done" means for a model, item by item, with the evidence.
+
+Evaluation assesses it and writes the report (Markdown, self-contained HTML with the plots
+embedded, and the PNGs); registration attaches it to the version. The gate items are read from
+the gate itself, so the report can never say something the pipeline did not act on.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from handoff import __version__
+from handoff.gates import Gate
+from handoff.hooks import (
+    as_tuple,
+    build_optimizer,
+    call_hook,
+    hook_batch,
+    hook_outputs,
+    split_batch,
+    user_code,
+)
+from handoff.lineage import git_sha
+from handoff.model_card import CARD_FILE, card_problems
+from handoff.project import Project
+from handoff.runtime import seed_everything
+
+REPORT_MD = "readiness.md"
+REPORT_HTML = "readiness.html"
+CONFUSION_PNG = "confusion_matrix.png"
+LATENCY_PNG = "latency_histogram.png"
+CURVES_PNG = "training_curves.png"
+
+
+@dataclass(frozen=True)
+class ReadinessItem:
+    name: str
+    passed: bool
+    evidence: str
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What evaluation knows when it assesses the checklist."""
+
+    project: Project
+    metrics: dict[str, float]
+    gate: Gate
+    champion_version: str | None
+    export: dict[str, Any] | None  # export's record (sha256, parity), when it travelled with the model
+    training_run_id: str
+    cfg: Any
+
+
+def _gate_item(name: str, gate: Gate, prefixes: tuple[str, ...], kind: str) -> ReadinessItem:
+    checks = [c for c in gate.checks if c.kind == kind and c.name.startswith(prefixes)]
+    if not checks:
+        return ReadinessItem(name, True, "no such objective in contract.yaml")
+    return ReadinessItem(name, all(c.passed for c in checks), "; ".join(c.detail for c in checks))
+
+
+def reproducibility(project: Project, cfg: Any, steps: int = 2) -> ReadinessItem:
+    """Two seeded runs of a few optimizer steps on the same batch must give bit-identical weights."""
+    hooks = project.hooks
+    seed = int(getattr(cfg, "seed", 0))
+
+    def run() -> list[torch.Tensor]:
+        seed_everything(seed)
+        model = call_hook(hooks, "build_model", cfg)
+        optimizer = build_optimizer(hooks, model, cfg)
+        train_set, _ = call_hook(hooks, "build_datasets", cfg)
+        with user_code(hooks, "the reproducibility check"):
+            inputs, target = split_batch(next(iter(DataLoader(train_set, batch_size=32))))
+            for _ in range(steps):
+                outputs = hook_outputs(as_tuple(model(*inputs)))
+                loss = call_hook(hooks, "loss", outputs, hook_batch((inputs, target)))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+        return [p.detach().clone() for p in model.parameters()]
+
+    first, second = run(), run()
+    same = all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+    detail = f"two runs with seed {seed}, {steps} optimizer steps each: weights " + (
+        "bit-identical" if same else "differ (nondeterministic ops or unseeded randomness in model.py)"
+    )
+    return ReadinessItem("Reproducibility (seeded rerun equal)", same, detail)
+
+
+def lineage(evidence: Evidence) -> ReadinessItem:
+    project = evidence.project
+    facts = {
+        "onnx sha256": (evidence.export or {}).get("onnx_sha256", ""),
+        "contract sha256": project.contract.sha256,
+        "template version": __version__,
+        "training run": evidence.training_run_id,
+        "git commit": git_sha(project.root),
+    }
+    missing = [k for k, v in facts.items() if not v or v == "unknown"]
+    shown = ", ".join(f"{k} {str(v)[:12] or '-'}" for k, v in facts.items())
+    if missing:
+        return ReadinessItem("Lineage complete", False, f"missing {', '.join(missing)} ({shown})")
+    return ReadinessItem("Lineage complete", True, shown)
+
+
+def assess(evidence: Evidence) -> list[ReadinessItem]:
+    """Every checklist item, in the order a reviewer reads them."""
+    project, gate = evidence.project, evidence.gate
+    contract = project.contract
+    items = [
+        ReadinessItem(
+            "Contract satisfied",
+            True,
+            f"ONNX Runtime ran {', '.join(contract.input_names)} → {', '.join(contract.output_names)} "
+            f"over the held-out split as contract.yaml declares (sha256 {contract.sha256[:12]})",
+        )
+    ]
+    if evidence.export is None:
+        items.append(ReadinessItem("ONNX parity", False, "no export record travelled with the model"))
+    else:
+        worst, tolerance = evidence.export["parity_max_abs_diff"], evidence.export["parity_tolerance"]
+        items.append(
+            ReadinessItem(
+                "ONNX parity",
+                worst <= tolerance,
+                f"max |torch − ONNX Runtime| {worst:.2e} vs slo.parity_tolerance {tolerance:g}",
+            )
+        )
+    items += [
+        _gate_item("Latency SLO", gate, ("latency_p99_ms",), "absolute"),
+        _gate_item(
+            "Metric gates",
+            gate,
+            (*contract.slo.min_metrics, *contract.slo.max_metrics, "model_size_mb"),
+            "absolute",
+        ),
+        _gate_item("Champion comparison", gate, ("champion",), "relative"),
+        reproducibility(project, evidence.cfg),
+    ]
+    card = project.root / CARD_FILE
+    problems = (
+        card_problems(card.read_text(encoding="utf-8")) if card.is_file() else [f"{CARD_FILE} is missing"]
+    )
+    items.append(
+        ReadinessItem(
+            "Model card complete", not problems, "; ".join(problems) or "every required section is written"
+        )
+    )
+    items.append(lineage(evidence))
+    return items
+
+
+def pictures(
+    project: Project, confusion: list[list[int]], timings_ms: np.ndarray, slo_ms: float, training_run_id: str
+) -> dict[str, bytes]:
+    """PNG name -> bytes: confusion matrix, latency histogram, and training curves from MLflow."""
+    from handoff import plots
+
+    found: dict[str, bytes] = {LATENCY_PNG: plots.latency_histogram_png(timings_ms.tolist(), slo_ms)}
+    if confusion:
+        found[CONFUSION_PNG] = plots.confusion_png(confusion, [str(i) for i in range(len(confusion))])
+    history = training_history(project, training_run_id)
+    if history:
+        found[CURVES_PNG] = plots.curves_png(history)
+    return found
+
+
+def training_history(project: Project, run_id: str) -> dict[str, list[tuple[int, float]]]:
+    """Per-epoch training metrics as MLflow recorded them (empty without a training run)."""
+    if not run_id:
+        return {}
+    from mlflow.exceptions import MlflowException
+
+    from handoff.tracking import use_tracking
+
+    client = use_tracking(project)
+    try:
+        keys = [k for k in client.get_run(run_id).data.metrics if not k.startswith(("onnx_", "latency_"))]
+        return {k: [(m.step, m.value) for m in client.get_metric_history(run_id, k)] for k in sorted(keys)}
+    except MlflowException:
+        return {}
+
+
+def _cell(text: str) -> str:
+    """Text safe inside a Markdown table cell."""
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _markdown(evidence: Evidence, items: list[ReadinessItem], images: list[str], tables: str) -> str:
+    ready = all(i.passed for i in items)
+    lines = [
+        f"# Readiness: {evidence.project.contract.name}",
+        "",
+        f"**{'READY' if ready else 'NOT READY'}**: {sum(i.passed for i in items)}/{len(items)} items pass; "
+        f"gate {'passed' if evidence.gate.passed else 'failed'}.",
+        "",
+        "| item | verdict | evidence |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {i.name} | {'pass' if i.passed else 'FAIL'} | {_cell(i.evidence)} |" for i in items]
+    lines += ["", "## Metrics (held-out split, ONNX Runtime)", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.4f} |" for k, v in sorted(evidence.metrics.items())]
+    lines += ["", tables, ""]
+    lines += [f"![{name}]({name})" for name in images]
+    return "\n".join(lines) + "\n"
+
+
+def _breakdown(per_class: dict[str, dict[str, float]], slices: dict[str, dict[str, float]]) -> str:
+    """Per-class and per-slice tables, so a regression hidden in an average shows."""
+    out = []
+    for title, rows in (("Per class", per_class), ("Slices", slices)):
+        if not rows:
+            continue
+        columns = sorted({c for row in rows.values() for c in row})
+        out += [f"## {title}", "", "| | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+        out += [
+            f"| {name} | " + " | ".join(f"{row.get(c, float('nan')):.4g}" for c in columns) + " |"
+            for name, row in rows.items()
+        ]
+        out.append("")
+    return "\n".join(out)
+
+
+def _html(evidence: Evidence, items: list[ReadinessItem], images: dict[str, bytes], tables_md: str) -> str:
+    ready = all(i.passed for i in items)
+    rows = "".join(
+        f"<tr class={'pass' if i.passed else 'fail'}><td>{html.escape(i.name)}</td>"
+        f"<td>{'pass' if i.passed else 'FAIL'}</td><td>{html.escape(i.evidence)}</td></tr>"
+        for i in items
+    )
+    metrics = "".join(
+        f"<tr><td>{html.escape(k)}</td><td>{v:.4f}</td></tr>" for k, v in sorted(evidence.metrics.items())
+    )
+    figures = "".join(
+        f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,'
+        f'{base64.b64encode(data).decode()}"><figcaption>{html.escape(name)}</figcaption></figure>'
+        for name, data in images.items()
+    )
+    title = f"Readiness: {evidence.project.contract.name}"
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body{{font-family:system-ui,sans-serif;margin:2rem;max-width:70rem}}
+table{{border-collapse:collapse;margin:1rem 0}}
+td,th{{border:1px solid #ccc;padding:.3rem .6rem;text-align:left}}
+tr.pass td:nth-child(2){{color:#0a7a2f;font-weight:600}}
+tr.fail td:nth-child(2){{color:#b00020;font-weight:600}}
+.verdict{{font-size:1.3rem;font-weight:700}}figure{{display:inline-block;margin:1rem}}img{{max-width:32rem}}
+pre{{background:#f6f6f6;padding:1rem;overflow:auto}}
+</style></head><body>
+<h1>{html.escape(title)}</h1>
+<p class="verdict">{"READY" if ready else "NOT READY"}:
+{sum(i.passed for i in items)}/{len(items)} items pass;
+gate {"passed" if evidence.gate.passed else "failed"}.</p>
+<table><tr><th>item</th><th>verdict</th><th>evidence</th></tr>{rows}</table>
+<h2>Metrics (held-out split, ONNX Runtime)</h2><table>{metrics}</table>
+{figures}
+<h2>Per class and slices</h2><pre>{html.escape(tables_md)}</pre>
+</body></html>
+"""
+
+
+def write_report(
+    out: Path,
+    evidence: Evidence,
+    items: list[ReadinessItem],
+    images: dict[str, bytes],
+    per_class: dict[str, dict[str, float]],
+    slices: dict[str, dict[str, float]],
+) -> None:
+    """readiness.md (+ the PNGs beside it) and readiness.html (self-contained) into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name, data in images.items():
+        (out / name).write_bytes(data)
+    tables = _breakdown(per_class, slices)
+    (out / REPORT_MD).write_text(_markdown(evidence, items, list(images), tables), encoding="utf-8")
+    (out / REPORT_HTML).write_text(_html(evidence, items, images, tables), encoding="utf-8")
