@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from handoff.check import check
 from handoff.contract import load_contract
+from handoff.eval_suite import evaluate_outputs
 from handoff.hooks import load_model_module
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -40,3 +41,20 @@ def test_tiny_config_learns_something() -> None:
         model_py.loss(model(images[:256]), (images[:256], labels[:256])).backward()
         optimizer.step()
     assert model_py.loss(model(images[:256]), (images[:256], labels[:256])).item() < first
+
+
+def test_the_shared_evaluation_suite_scores_what_the_gate_will_score() -> None:
+    """The suite the pipeline's gate uses, run here on the torch model (research and production
+    read the same metrics; `handoff evaluate` runs it on the exported ONNX model)."""
+    model_py = load_model_module(PROJECT)
+    cfg = model_py.Config.tiny()
+    torch.manual_seed(cfg.seed)
+    _, val = model_py.build_datasets(cfg)
+    images, labels = val.tensors
+    with torch.no_grad():
+        scores = model_py.build_model(cfg)(images).numpy()
+    result = evaluate_outputs(load_contract(PROJECT).task, scores, labels.numpy())
+    assert {"accuracy", "macro_f1", "ece"} <= set(result.metrics)
+    assert len(result.confusion) == scores.shape[1]
+    assert sum(map(sum, result.confusion)) == len(labels)
+    assert all(name.startswith("class=") for name in result.slices)
