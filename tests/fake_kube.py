@@ -43,7 +43,26 @@ class Resource:
     schema_file: str
 
     def validator(self) -> jsonschema.Draft7Validator:
-        return jsonschema.Draft7Validator(json.loads((SCHEMAS / self.schema_file).read_text()))
+        return jsonschema.Draft7Validator(strict(json.loads((SCHEMAS / self.schema_file).read_text())))
+
+
+def strict(schema: Any) -> Any:
+    """The schema with unknown fields rejected wherever it lists the known ones.
+
+    The API server drops fields a CRD does not declare (silently, unless the client asks for
+    field validation), so a typo would be lost on a real cluster; the fake refuses it instead.
+    """
+    if isinstance(schema, dict):
+        schema = {k: strict(v) for k, v in schema.items()}
+        if (
+            "properties" in schema
+            and "additionalProperties" not in schema
+            and not schema.get("x-kubernetes-preserve-unknown-fields")
+        ):
+            schema["additionalProperties"] = False
+    elif isinstance(schema, list):
+        schema = [strict(v) for v in schema]
+    return schema
 
 
 RESOURCES = [
@@ -77,6 +96,7 @@ class FakeKube:
     objects: dict[tuple[str, str, str], dict[str, Any]] = field(default_factory=dict)  # (plural, ns, name)
     pods: list[dict[str, Any]] = field(default_factory=list)
     requests: list[tuple[str, str]] = field(default_factory=list)  # (method, path)
+    unavailable_gets: int = 0  # answer this many GETs of objects with 503, as a restarting server does
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def api_client(self) -> client.ApiClient:
@@ -183,6 +203,12 @@ def _handler(fake: FakeKube, validators: dict[str, tuple[Resource, jsonschema.Dr
             resource, namespace, name, path = self._route()
             if resource is None or not name:
                 self._send(404, _status(404, "NotFound", f"the server could not find {path}"))
+                return
+            with fake.lock:
+                unavailable = fake.unavailable_gets > 0
+                fake.unavailable_gets = max(0, fake.unavailable_gets - 1)
+            if unavailable:
+                self._send(503, _status(503, "ServiceUnavailable", "the server is unable to handle it"))
                 return
             try:
                 self._send(200, fake.get(resource.plural, namespace, name))

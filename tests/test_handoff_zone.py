@@ -163,7 +163,7 @@ def test_an_incomplete_model_card_blocks_registration_listing_every_gap(zone: Pa
     assert "'Owners' is missing (add a '## Owners' section)" in result.stderr
     client = MlflowClient(tracking_uri=f"sqlite:///{zone / 'mlflow.db'}")
     assert client.search_registered_models() == []  # nothing was written
-    assert verdicts(json.loads((zone / "evaluation.json").read_text()))["Model card complete"] is True
+    assert verdicts(evaluate(zone))["Model card complete"] is False  # and the report says so
 
 
 def test_the_registered_version_carries_the_filled_in_card_and_the_report(zone: Path) -> None:
@@ -182,7 +182,8 @@ def test_the_registered_version_carries_the_filled_in_card_and_the_report(zone: 
     assert "## Measured by handoff" in card
     assert f"| accuracy | {evaluation['metrics']['accuracy']:.4f} |" in card
     assert "| latency_p99_ms | pass:" in card and "![confusion_matrix.png](confusion_matrix.png)" in card
-    assert "READY" in (extra / "readiness.md").read_text()
+    report = (extra / "readiness.md").read_text()
+    assert "**READY**: 8/8 items pass; gate passed." in report and "NOT READY" not in report
     for png in ("confusion_matrix.png", "latency_histogram.png"):
         assert (extra / png).read_bytes().startswith(b"\x89PNG")
 

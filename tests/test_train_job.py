@@ -54,6 +54,7 @@ def multi_node(project: Path, api: str = "trainjob", **training: Any) -> Project
 
 
 def schema_errors(manifest: dict[str, Any]) -> list[str]:
+    """What the CRD schema (strict about unknown fields) says about ``manifest``."""
     resource = next(r for r in RESOURCES if r.kind == manifest["kind"])
     return [e.message for e in resource.validator().iter_errors(manifest)]
 
@@ -124,9 +125,12 @@ def test_legacy_pytorchjob_is_one_master_and_workers_meeting_by_rendezvous(proje
 @pytest.mark.unit
 def test_job_names_are_rfc1035_and_stable_per_run() -> None:
     long_digit_first = "9" + "a" * 62
-    for project in ("digits-classifier", long_digit_first, "a"):
+    for project in ("digits-classifier", long_digit_first, "a", "a-" * 31 + "b"):
         name = train_job.job_name(project, "run-1")
-        assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name) and len(name) <= 63, name
+        assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name), name
+        # What the operators name after it must stay DNS labels too: JobSet's pods (with a
+        # 5-character suffix) and PyTorchJob's per-replica services.
+        assert len(f"{name}-node-0-99-xxxxx") <= 63 and len(f"{name}-worker-999") <= 63, name
     assert train_job.job_name("p", "run-1") == train_job.job_name("p", "run-1")
     assert train_job.job_name("p", "run-1") != train_job.job_name("p", "run-2")
 
@@ -204,6 +208,30 @@ def test_a_retried_step_re_attaches_to_its_job_instead_of_starting_another(
     assert record == {"world_size": 2, "steps": 7}
     assert len(posts) == 2 and len(fake.objects) == 1  # the retry's create met 409 and attached
     assert (tmp_path / "out.pt").read_bytes() == (files / "checkpoint.pt").read_bytes()
+
+
+@pytest.mark.unit
+def test_polling_rides_out_a_restarting_api_server_but_not_forever(project: Path) -> None:
+    loaded = multi_node(project)
+    name = train_job.job_name(loaded.settings.project, "r1")
+    with fake_kube() as fake:
+        jobs = JobClient(TRAINJOB, loaded.settings.namespace, fake.api_client())
+        jobs.create_or_attach(job_manifest(loaded, name, "/app"))
+        fake.set_status("trainjobs", loaded.settings.namespace, name, condition("Complete", "Done", ""))
+        fake.unavailable_gets = train_job.MAX_POLL_FAILURES - 1
+        done = train_job.wait_for_job(jobs, name, timeout_s=60, sleep=lambda s: None)
+        assert done["metadata"]["name"] == name
+        fake.unavailable_gets = train_job.MAX_POLL_FAILURES
+        expected = r"gave up on TrainJob .* after 30 failed polls in a row: HTTP 503"
+        with pytest.raises(HandoffError, match=expected):
+            train_job.wait_for_job(jobs, name, timeout_s=60, sleep=lambda s: None)
+
+
+@pytest.mark.unit
+def test_the_fake_api_server_refuses_a_misspelt_field(project: Path) -> None:
+    manifest = job_manifest(multi_node(project), "train-x-1", "/app")
+    manifest["spec"]["trainer"]["numNode"] = manifest["spec"]["trainer"].pop("numNodes")
+    assert any("'numNode' was unexpected" in e for e in schema_errors(manifest))
 
 
 @pytest.mark.unit
@@ -340,7 +368,7 @@ def test_a_local_run_trains_here_whatever_training_nodes_says(
 
 
 @pytest.mark.local
-def test_train_writes_its_record_from_rank_zero_only(project: Path) -> None:
+def test_train_writes_the_record_the_step_collects(project: Path) -> None:
     result = subprocess.run(
         [HANDOFF, "train", "--set", "epochs=1", "--record", "rec.json"],
         cwd=project,
@@ -372,6 +400,24 @@ def test_compile_emits_the_train_job_and_mounts_its_volume_in_the_train_step(pro
     assert handoff("compile", cwd=project).returncode == 0  # deterministic: same bytes again
     assert (project / "compiled/pipeline.kfp.yaml").read_text() == pipeline_text
     assert (project / "compiled/train-job.yaml").read_text() == job_text
-    edit_yaml(project / "handoff.yaml", lambda s: s["training"].update(nodes=1))
+    edit_yaml(
+        project / "handoff.yaml",
+        lambda s: s["training"].update(
+            nodes=1,
+            gpus=2,
+            node_selector={"pool": "gpu"},
+            tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        ),
+    )
     assert handoff("compile", cwd=project).returncode == 0
     assert not (project / "compiled/train-job.yaml").exists()  # one node trains inside the step
+    pipeline, platform = yaml.safe_load_all((project / "compiled/pipeline.kfp.yaml").read_text())
+    resources = pipeline["deploymentSpec"]["executors"]["exec-train"]["container"]["resources"]
+    accelerator = resources["accelerator"]
+    assert (accelerator["resourceType"], accelerator["resourceCount"]) == ("nvidia.com/gpu", "2")
+    assert resources["resourceCpuLimit"] == "2" and resources["resourceMemoryLimit"] == "8Gi"
+    train_config = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-train"]
+    assert train_config["nodeSelector"]["labels"] == {"pool": "gpu"}
+    gpu_taint = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    assert train_config["tolerations"] == [gpu_taint]
+    assert "pvcMount" not in train_config

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 from handoff.contract import Slo
 
+LATENCY_CHECK = "latency_p99_ms"
+
 
 @dataclass(frozen=True)
 class GateCheck:
@@ -67,7 +69,7 @@ def absolute_checks(
     latency = latency_p99_ms <= slo.latency_p99_ms
     checks.append(
         GateCheck(
-            "latency_p99_ms",
+            LATENCY_CHECK,
             "absolute",
             latency,
             f"latency p99 {latency_p99_ms:.2f} ms {'<=' if latency else '>'} slo.latency_p99_ms "

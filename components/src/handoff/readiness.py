@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import base64
 import html
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from handoff import __version__
-from handoff.gates import Gate
+from handoff.gates import LATENCY_CHECK, Gate, GateCheck
 from handoff.hooks import (
     as_tuple,
     build_optimizer,
@@ -60,10 +62,11 @@ class Evidence:
     cfg: Any
 
 
-def _gate_item(name: str, gate: Gate, prefixes: tuple[str, ...], kind: str) -> ReadinessItem:
-    checks = [c for c in gate.checks if c.kind == kind and c.name.startswith(prefixes)]
+def _gate_item(name: str, gate: Gate, checks_of: Callable[[GateCheck], bool], empty: str) -> ReadinessItem:
+    """A checklist item read from the gate's own checks, so the two cannot disagree."""
+    checks = [c for c in gate.checks if checks_of(c)]
     if not checks:
-        return ReadinessItem(name, True, "no such objective in contract.yaml")
+        return ReadinessItem(name, True, empty)
     return ReadinessItem(name, all(c.passed for c in checks), "; ".join(c.detail for c in checks))
 
 
@@ -135,14 +138,19 @@ def assess(evidence: Evidence) -> list[ReadinessItem]:
             )
         )
     items += [
-        _gate_item("Latency SLO", gate, ("latency_p99_ms",), "absolute"),
+        _gate_item("Latency SLO", gate, lambda c: c.name == LATENCY_CHECK, "no latency objective"),
         _gate_item(
             "Metric gates",
             gate,
-            (*contract.slo.min_metrics, *contract.slo.max_metrics, "model_size_mb"),
-            "absolute",
+            lambda c: c.kind == "absolute" and c.name != LATENCY_CHECK,
+            "contract.yaml sets no metric or size objective",
         ),
-        _gate_item("Champion comparison", gate, ("champion",), "relative"),
+        _gate_item(
+            "Champion comparison",
+            gate,
+            lambda c: c.kind == "relative",
+            "the champion shares no gated metric with this model: nothing to compare",
+        ),
         reproducibility(project, evidence.cfg),
     ]
     card = project.root / CARD_FILE
@@ -277,7 +285,9 @@ def write_report(
     slices: dict[str, dict[str, float]],
 ) -> None:
     """readiness.md (+ the PNGs beside it) and readiness.html (self-contained) into ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists():  # a report is about one model: nothing from an earlier one may linger
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
     for name, data in images.items():
         (out / name).write_bytes(data)
     tables = _breakdown(per_class, slices)

@@ -24,10 +24,8 @@ EXAMPLE_RUN_KEY = "example-run"
 
 def compile_kfp(project: Project, path: Path) -> Path:
     """The KFP v2 IR for the project's image; ``project_dir`` defaults to where the image has it."""
-    training = project.settings.training
-    claim = training.job.workspace_claim if training.distributed_job else None
     compiler.Compiler().compile(
-        build_pipeline(image=project.settings.image, workspace_claim=claim),
+        build_pipeline(image=project.settings.image, training=project.settings.training),
         str(path),
         pipeline_parameters={"project_dir": PROJECT_DIR_IN_IMAGE},
     )

@@ -12,6 +12,7 @@ from typing import Any
 
 from kfp import dsl, kubernetes
 
+from handoff.settings import TrainingSettings
 from handoff_pipelines import PIPELINE_NAME, STEPS, components
 
 # handoff.kube.train_job.WORKSPACE; kept as a literal so building the graph does not import the
@@ -19,11 +20,31 @@ from handoff_pipelines import PIPELINE_NAME, STEPS, components
 WORKSPACE_MOUNT = "/workspace"
 
 
-def build_pipeline(image: str, workspace_claim: str | None = None) -> Callable[..., Any]:
+def place_training(task: Any, training: TrainingSettings) -> None:
+    """Where the train step runs on a cluster, from handoff.yaml's ``training``.
+
+    One node: the step trains in its own pod, so it gets the CPUs, memory, GPUs, node selector
+    and tolerations. More: the step only launches and watches the job (which gets them) and
+    mounts the ReadWriteMany volume it shares with the job's nodes at ``WORKSPACE_MOUNT``.
+    """
+    if training.distributed_job:
+        kubernetes.mount_pvc(task, pvc_name=training.job.workspace_claim or "", mount_path=WORKSPACE_MOUNT)
+        return
+    task.set_cpu_request(training.cpu).set_cpu_limit(training.cpu)
+    task.set_memory_request(training.memory).set_memory_limit(training.memory)
+    if training.gpus:
+        task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(training.gpus)
+    for key, value in sorted(training.node_selector.items()):
+        kubernetes.add_node_selector(task, key, value)
+    for toleration in training.tolerations:
+        kubernetes.add_toleration(task, **toleration.model_dump(exclude_none=True))
+
+
+def build_pipeline(image: str, training: TrainingSettings | None = None) -> Callable[..., Any]:
     """The KFP pipeline for a project whose steps run in ``image``.
 
-    ``workspace_claim``: the ReadWriteMany volume a multi-node train step shares with its job's
-    nodes, mounted at ``handoff.kube.train_job.WORKSPACE`` (cluster runs only; kfp.local has none).
+    ``training`` places the train step on a cluster (see ``place_training``); local runs leave
+    it out: kfp.local runs every step in this Python, with no pods to size.
     """
 
     def component(function: Callable[..., Any]) -> Any:
@@ -37,8 +58,8 @@ def build_pipeline(image: str, workspace_claim: str | None = None) -> Callable[.
     def handoff(project_dir: str) -> None:
         # The run's id names a multi-node training job, so a retried step re-attaches to it.
         trained = train(project_dir=project_dir, run_key=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
-        if workspace_claim:
-            kubernetes.mount_pvc(trained, pvc_name=workspace_claim, mount_path=WORKSPACE_MOUNT)
+        if training is not None:
+            place_training(trained, training)
         exported = export(project_dir=project_dir, checkpoint=trained.outputs["checkpoint"])
         evaluated = evaluate(
             project_dir=project_dir,

@@ -43,7 +43,7 @@ def describe(kind: str, namespace: str, name: str) -> str:
 def api_error(exc: ApiException, action: str, what: str) -> HandoffError:
     hint = {
         401: " (credentials rejected)",
-        403: " (the step's ServiceAccount lacks the RBAC permission; see manifests/)",
-        404: " (is the CRD installed? `kubectl get crd`)",
+        403: " (the step's ServiceAccount lacks this permission: grant it in the namespace's Role)",
+        404: " (not found: is the CRD installed (`kubectl get crd`), or was the object deleted?)",
     }.get(exc.status or 0, "")
     return HandoffError(f"could not {action} {what}: {reason(exc)}{hint}")

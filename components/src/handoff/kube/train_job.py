@@ -24,13 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import urllib3
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from handoff import __version__
 from handoff.errors import HandoffError
 from handoff.files import read_json
-from handoff.kube.client import api_client, api_error, describe
+from handoff.kube.client import api_client, api_error, describe, reason
 from handoff.project import Project
 from handoff.settings import TrainingSettings
 
@@ -67,10 +68,16 @@ PYTORCHJOB = JobKind(
 JOB_KINDS = {"trainjob": TRAINJOB, "pytorchjob": PYTORCHJOB}
 
 
+# Operators derive longer names from the job's (JobSet pods "<job>-node-0-<i>-<5 chars>", PyTorchJob
+# services "<job>-worker-<i>"), which must stay DNS labels of at most 63 characters.
+JOB_NAME_MAX = 37
+
+
 def job_name(project: str, run_key: str) -> str:
     """A stable RFC 1035 name per (project, pipeline run): what makes a retried step re-attach."""
     digest = hashlib.sha256(f"{project}\0{run_key}".encode()).hexdigest()[:10]
-    return f"train-{project[:40].rstrip('-')}-{digest}"
+    stem = project[: JOB_NAME_MAX - len("train--") - len(digest)].rstrip("-")
+    return f"train-{stem}-{digest}"
 
 
 @dataclass(frozen=True)
@@ -179,6 +186,8 @@ def trainjob_manifest(project: Project, name: str, project_dir: str) -> dict[str
         "kind": TRAINJOB.kind,
         "metadata": {"name": name, "namespace": settings.namespace, "labels": _labels(project)},
         "spec": {
+            # Trainer stops the job itself past the step's timeout, even if the step is gone.
+            "activeDeadlineSeconds": training.job.timeout_s,
             "runtimeRef": {"name": training.job.runtime},
             "trainer": {
                 "image": settings.image,
@@ -280,6 +289,13 @@ def job_status(kind: JobKind, obj: dict[str, Any]) -> JobStatus:
     return JobStatus(finished=bool(failed or done), failed=failed is not None, summary=summary)
 
 
+class TransientApiError(Exception):
+    """The API server could not answer this time (restarting, overloaded, unreachable)."""
+
+
+MAX_POLL_FAILURES = 30
+
+
 class JobClient:
     """The few API calls a train step makes, with errors that name the job."""
 
@@ -308,12 +324,16 @@ class JobClient:
         return self.get(name), False
 
     def get(self, name: str) -> dict[str, Any]:
+        """The job as the API server has it; TransientApiError when trying again may help."""
         k, ns = self.kind, self.namespace
-
-        def read() -> Any:
+        try:
             return self.objects.get_namespaced_custom_object(k.group, k.version, ns, k.plural, name)
-
-        return self._call("read", name, read)
+        except ApiException as exc:
+            if (exc.status or 0) >= 500 or exc.status == 429:
+                raise TransientApiError(reason(exc)) from None
+            raise api_error(exc, "read", describe(k.kind, ns, name)) from None
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise TransientApiError(f"API server unreachable: {exc}") from None
 
     def delete(self, name: str) -> None:
         k = self.kind
@@ -358,13 +378,24 @@ def wait_for_job(
     """Poll until the job succeeds; raise with its failure reason, or delete it on timeout.
 
     Polling (not a watch) keeps working across API server restarts and expired watches, and a
-    poll every few seconds costs nothing next to a training run.
+    poll every few seconds costs nothing next to a training run. Transient failures (5xx, 429,
+    no connection) are retried for up to ``MAX_POLL_FAILURES`` polls in a row.
     """
     deadline = clock() + timeout_s
     what = describe(jobs.kind.kind, jobs.namespace, name)
-    last = ""
+    last, failures = "", 0
     while True:
-        obj = jobs.get(name)
+        try:
+            obj = jobs.get(name)
+        except TransientApiError as exc:
+            failures += 1
+            if failures >= MAX_POLL_FAILURES:
+                message = f"gave up on {what} after {failures} failed polls in a row: {exc}"
+                raise HandoffError(message) from None
+            print(f"{what}: poll failed ({exc}); retrying", file=sys.stderr, flush=True)
+            sleep(poll_s)
+            continue
+        failures = 0
         status = job_status(jobs.kind, obj)
         if status.summary != last:
             print(f"{what}: {status.summary}", flush=True)

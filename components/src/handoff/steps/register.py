@@ -8,6 +8,7 @@ training run, git commit and the gate's verdict.
 
 from __future__ import annotations
 
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -17,7 +18,9 @@ from typing import Any
 import mlflow
 import mlflow.onnx
 import onnx
+from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
+from mlflow.tracking import MlflowClient
 from mlflow.types import Schema
 from mlflow.types import TensorSpec as MlflowTensorSpec
 
@@ -130,49 +133,27 @@ def register(
     card = check_model_card(project.root)
     client = use_tracking(project)
     name = project.contract.name  # registered and served under the contract's name
-    onnx_path = model_dir / ONNX_FILE
-    sha = sha256_of(onnx_path)
+    sha = sha256_of(model_dir / ONNX_FILE)
     # Log into the training run (one run holds the whole lineage) without letting a failure
     # here mark that finished run as FAILED, which `with start_run(...)` would do.
     run = mlflow.start_run(run_id=mlflow_run_id or None, run_name=f"{project.settings.project}-register")
-    tags = {
-        SHA_TAG: sha,
-        "handoff.contract_sha256": project.contract.sha256,
-        "handoff.template_version": __version__,
-        "handoff.run_id": run.info.run_id,
-        "handoff.git_sha": git_sha(project.root),
-        "handoff.gate": "passed" if checked["passed"] else "failed",
-        "handoff.gate_reasons": "; ".join(checked["reasons"]) or "-",
-        "handoff.compared_to_champion": checked["champion"] or "-",
-    }
     try:
-        mlflow.log_metrics({f"onnx_{k}": v for k, v in checked["metrics"].items()})
-        mlflow.log_metrics(
-            {"latency_p50_ms": checked["latency_p50_ms"], "latency_p99_ms": checked["latency_p99_ms"]}
-        )
-        with tempfile.TemporaryDirectory() as tmp:
-            report = Path(report_dir) if report_dir else None
-            attached = _attachments(project, card, checked, tags, report, Path(tmp))
-            info = mlflow.onnx.log_model(
-                onnx_model=onnx.load(str(onnx_path)),
-                name="model",
-                signature=signature_of(project.contract),
-                pip_requirements=["onnxruntime"],
-                # One self-contained file, byte-identical to what export checked (same sha256),
-                # with the example the smoke test replays, the contract it is served with, the
-                # filled-in model card and the readiness report.
-                save_as_external_data=False,
-                extra_files=[str(model_dir / EXAMPLE_FILE), str(project.root / CONTRACT_FILE), *attached],
-            )
+        info = _log_model(project, model_dir, checked, card, sha, run.info.run_id, report_dir)
     finally:
         mlflow.end_run()
+    tags = _tags(project, checked, sha, run.info.run_id)
     registered = mlflow.register_model(info.model_uri, name, tags=tags)
     version = str(registered.version)
     aliases = [CHALLENGER]
     client.set_registered_model_alias(name, CHALLENGER, version)
     if checked["passed"]:
-        client.set_registered_model_alias(name, CHAMPION, version)
-        aliases.append(CHAMPION)
+        moved = _champion_moved(client, name, checked["champion"])
+        if moved:
+            client.set_model_version_tag(name, version, "handoff.promotion", moved)
+            print(f"handoff: register: {name} v{version} not promoted: {moved}", file=sys.stderr, flush=True)
+        else:
+            client.set_registered_model_alias(name, CHAMPION, version)
+            aliases.append(CHAMPION)
     return RegisterResult(
         model_name=name,
         version=version,
@@ -181,3 +162,62 @@ def register(
         onnx_sha256=sha,
         seconds=round(time.perf_counter() - started, 3),
     )
+
+
+def _champion_moved(client: MlflowClient, name: str, compared: str | None) -> str:
+    """Why promoting would be unsafe now ('' when it is safe): the champion this model beat is no
+    longer the champion (another run promoted meanwhile), so the comparison is stale."""
+    try:
+        current: str | None = str(client.get_model_version_by_alias(name, CHAMPION).version)
+    except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise
+        current = None
+    if current == compared:
+        return ""
+    return (
+        f"the champion became v{current} while this model was compared against "
+        f"{'v' + compared if compared else 'no champion'}; evaluate it again against the new champion"
+    )
+
+
+def _tags(project: Project, checked: dict[str, Any], sha: str, run_id: str) -> dict[str, str]:
+    return {
+        SHA_TAG: sha,
+        "handoff.contract_sha256": project.contract.sha256,
+        "handoff.template_version": __version__,
+        "handoff.run_id": run_id,
+        "handoff.git_sha": git_sha(project.root),
+        "handoff.gate": "passed" if checked["passed"] else "failed",
+        "handoff.gate_reasons": "; ".join(checked["reasons"]) or "-",
+        "handoff.compared_to_champion": checked["champion"] or "-",
+    }
+
+
+def _log_model(
+    project: Project,
+    model_dir: Path,
+    checked: dict[str, Any],
+    card: str,
+    sha: str,
+    run_id: str,
+    report_dir: Path | str | None,
+) -> Any:
+    """Log metrics and the model (with its attachments) into the open MLflow run."""
+    mlflow.log_metrics({f"onnx_{k}": v for k, v in checked["metrics"].items()})
+    mlflow.log_metrics({k: checked[k] for k in ("latency_p50_ms", "latency_p99_ms")})
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(report_dir) if report_dir else None
+        tags = _tags(project, checked, sha, run_id)
+        attached = _attachments(project, card, checked, tags, report, Path(tmp))
+        return mlflow.onnx.log_model(
+            onnx_model=onnx.load(str(model_dir / ONNX_FILE)),
+            name="model",
+            signature=signature_of(project.contract),
+            pip_requirements=["onnxruntime"],
+            # One self-contained file, byte-identical to what export checked (same sha256),
+            # with the example the smoke test replays, the contract it is served with, the
+            # filled-in model card and the readiness report.
+            save_as_external_data=False,
+            extra_files=[str(model_dir / EXAMPLE_FILE), str(project.root / CONTRACT_FILE), *attached],
+        )
