@@ -224,4 +224,4 @@ def test_generated_project_is_lint_clean_and_its_tests_pass(default_project: Pat
         timeout=300,
     )
     assert result.returncode == 0, result.stdout[-3000:]
-    assert "3 passed" in result.stdout
+    assert "4 passed" in result.stdout
