@@ -223,3 +223,15 @@ def test_the_html_report_renders_its_pictures_in_a_browser(zone: Path, tmp_path:
     # The verdicts are in the page too, in the pass colour.
     green = (np.abs(pixels - np.array([10, 122, 47])).sum(axis=-1) < 40).sum()
     assert green > 50
+
+
+def test_a_champion_that_cannot_be_compared_stops_evaluation_with_what_to_do(zone: Path) -> None:
+    evaluate(zone)
+    assert register(zone).returncode == 0  # v1, champion, with input "image"
+    replace_in(zone / "contract.yaml", "- name: image", "- name: pixels")  # a deliberate contract change
+    assert handoff("export", "--out", "renamed", cwd=zone).returncode == 0
+    run_id = json.loads((zone / "train.json").read_text())["mlflow_run_id"]
+    result = handoff("evaluate", "--model-dir", "renamed", "--run-id", run_id, cwd=zone)
+    assert result.returncode == 1
+    assert "the champion digits-classifier v1 could not be scored on this held-out data" in result.stderr
+    assert "delete_registered_model_alias('digits-classifier', 'champion')" in result.stderr

@@ -137,11 +137,11 @@ def champion_scores(project: Project, data: HeldOut) -> Champion | None:
     local = fetch_model(project, name, version)
     try:
         scores = score(project, open_session(local / ONNX_FILE), data)
-    except HandoffError as exc:
+    except Exception as exc:  # noqa: BLE001 - HandoffError, or onnxruntime's own untyped errors
         raise HandoffError(
             f"the champion {name} v{version} could not be scored on this held-out data, so the "
             f"relative gate cannot compare ({exc}); if the contract changed on purpose, remove "
-            f"the alias first: mlflow's set/delete_registered_model_alias on {name!r}"
+            f"the alias first: MlflowClient().delete_registered_model_alias({name!r}, {CHAMPION!r})"
         ) from None
     return Champion(version=version, metrics=scores.metrics)
 
