@@ -5,7 +5,7 @@ BIN := $(abspath $(VENV))/bin
 DEMO := demo/digits-classifier
 
 .DEFAULT_GOAL := help
-.PHONY: help venv demo test test-fast lint format bench clean
+.PHONY: help venv demo test test-fast lint format bench release clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -32,17 +32,21 @@ test-fast: venv ## Unit tests only (seconds)
 	$(BIN)/python -m pytest -m unit
 
 lint: venv ## ruff (lint + format check) everywhere, mypy on the two packages
-	$(BIN)/ruff check components pipelines tests bench
-	$(BIN)/ruff format --check components pipelines tests bench
+	$(BIN)/ruff check components pipelines tests bench scripts
+	$(BIN)/ruff format --check components pipelines tests bench scripts
 	cd components/src && $(BIN)/mypy -p handoff
 	cd pipelines/src && $(BIN)/mypy -p handoff_pipelines
 
 format: venv ## Apply ruff's fixes and formatting
-	$(BIN)/ruff check --fix components pipelines tests bench
-	$(BIN)/ruff format components pipelines tests bench
+	$(BIN)/ruff check --fix components pipelines tests bench scripts
+	$(BIN)/ruff format components pipelines tests bench scripts
 
 bench: venv ## Benchmarks (ratios side by side; see bench/README.md)
 	$(BIN)/python bench/pipeline_overhead.py
+
+release: venv ## Cut a release: make release VERSION=x.y.z (clean tree, tests, version everywhere, CHANGELOG, tag)
+	@test -n "$(VERSION)" || { echo "usage: make release VERSION=x.y.z"; exit 2; }
+	$(BIN)/python scripts/release.py $(VERSION)
 
 clean: ## Stop the demo server, remove demo/ and the venv
 	@if [ -d $(DEMO) ] && [ -x $(BIN)/handoff ]; then $(BIN)/handoff stop --project $(DEMO); fi

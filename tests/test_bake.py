@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from handoff import __version__
+
 from .conftest import TEMPLATE
 
 pytestmark = pytest.mark.bake
@@ -78,7 +80,7 @@ def test_answers_reach_the_project(cookies) -> None:
     handoff_yaml = (project / "handoff.yaml").read_text()
     assert "orchestrator: both" in handoff_yaml and "namespace: team-a" in handoff_yaml
     assert 'name = "churn_model"' in (project / "pyproject.toml").read_text()
-    assert '"ml-handoff==0.1.0"' in (project / "pyproject.toml").read_text()
+    assert f'"ml-handoff=={__version__}"' in (project / "pyproject.toml").read_text()
     assert "name: churn-model" in (project / "contract.yaml").read_text()
 
 

@@ -13,6 +13,7 @@ import requests
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from handoff import __version__
 from handoff.files import sha256_of
 
 from .conftest import edit_yaml, handoff, replace_in
@@ -65,7 +66,7 @@ def test_run_local_trains_registers_and_serves(served_project: Path) -> None:
     assert str(client.get_model_version_by_alias("digits-classifier", "challenger").version) == "1"
     assert champion.tags["handoff.onnx_sha256"] == summary["onnx_sha256"]
     assert champion.tags["handoff.gate"] == "passed"
-    assert champion.tags["handoff.template_version"] == "0.1.0"
+    assert champion.tags["handoff.template_version"] == __version__
 
     # What is registered is one self-contained ONNX file with the exported bytes.
     downloaded = Path(
