@@ -25,9 +25,15 @@ def main(project: Path, work: Path) -> None:
     imported = time.perf_counter()
     trained = train(project, work / "checkpoint.pt")
     exported = export(project, work / "checkpoint.pt", work / "onnx")
-    evaluated = evaluate(project, work / "onnx")
+    evaluated = evaluate(
+        project, work / "onnx", report_dir=work / "report", training_run_id=trained.mlflow_run_id
+    )
     registered = register(
-        project, work / "onnx", json.loads(json.dumps(evaluated, default=vars)), trained.mlflow_run_id
+        project,
+        work / "onnx",
+        json.loads(json.dumps(evaluated, default=vars)),
+        trained.mlflow_run_id,
+        work / "report",
     )
     deployed = deploy(project, registered.model_name, registered.version)
     total = time.perf_counter() - started
