@@ -25,7 +25,11 @@ EXAMPLE_RUN_KEY = "example-run"
 def compile_kfp(project: Project, path: Path) -> Path:
     """The KFP v2 IR for the project's image; ``project_dir`` defaults to where the image has it."""
     compiler.Compiler().compile(
-        build_pipeline(image=project.settings.image, training=project.settings.training),
+        build_pipeline(
+            image=project.settings.image,
+            training=project.settings.training,
+            contract_sha256=project.contract.sha256,
+        ),
         str(path),
         pipeline_parameters={"project_dir": PROJECT_DIR_IN_IMAGE},
     )

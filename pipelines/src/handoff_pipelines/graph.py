@@ -40,12 +40,18 @@ def place_training(task: Any, training: TrainingSettings) -> None:
         kubernetes.add_toleration(task, **toleration.model_dump(exclude_none=True))
 
 
-def build_pipeline(image: str, training: TrainingSettings | None = None) -> Callable[..., Any]:
+def build_pipeline(
+    image: str, training: TrainingSettings | None = None, contract_sha256: str = ""
+) -> Callable[..., Any]:
     """The KFP pipeline for a project whose steps run in ``image``.
 
     ``training`` places the train step on a cluster (see ``place_training``); local runs leave
-    it out: kfp.local runs every step in this Python, with no pods to size.
+    it out: kfp.local runs every step in this Python, with no pods to size. ``contract_sha256``
+    goes into the description, so a changed contract.yaml shows in the compiled pipeline's diff.
     """
+    description = "Train, export, evaluate, register and deploy model.py."
+    if contract_sha256:
+        description += f" contract.yaml sha256 {contract_sha256}."
 
     def component(function: Callable[..., Any]) -> Any:
         # install_kfp_package=False: the image (and a local venv) already has kfp and handoff;
@@ -54,7 +60,7 @@ def build_pipeline(image: str, training: TrainingSettings | None = None) -> Call
 
     train, export, evaluate, register, deploy = (component(getattr(components, s)) for s in STEPS)
 
-    @dsl.pipeline(name=PIPELINE_NAME, description="Train, export, evaluate, register and deploy model.py.")
+    @dsl.pipeline(name=PIPELINE_NAME, description=description)
     def handoff(project_dir: str) -> None:
         # The run's id names a multi-node training job, so a retried step re-attaches to it.
         trained = train(project_dir=project_dir, run_key=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
