@@ -170,24 +170,21 @@ def deploy(
     version: Annotated[str, typer.Option(help="Registered version, or an alias.")] = "champion",
 ) -> None:
     """Serve a registered version locally with the KServe model server and smoke-test it."""
-    from mlflow.exceptions import MlflowException
 
     from handoff.project import Project
     from handoff.steps.deploy import deploy as step
-    from handoff.tracking import use_tracking
+    from handoff.tracking import alias_version, use_tracking
 
     loaded = Project.load(project)
     name = loaded.contract.name
     if not version.isdigit():
-        try:
-            version = str(use_tracking(loaded).get_model_version_by_alias(name, version).version)
-        except MlflowException as exc:
-            if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-                raise
+        found = alias_version(use_tracking(loaded), name, version)
+        if found is None:
             raise HandoffError(
                 f"model {name!r} has no version with alias {version!r} in the registry "
                 f"({loaded.tracking_uri})"
-            ) from None
+            )
+        version = found
     _print_record(step(project, name, version))
 
 

@@ -5,9 +5,15 @@ from __future__ import annotations
 import os
 
 import mlflow
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from handoff.project import Project
+
+# Registry aliases: every registered version is the newest `challenger`; `champion` is what
+# serves and what the next model must not fall behind.
+CHALLENGER = "challenger"
+CHAMPION = "champion"
 
 
 def use_tracking(project: Project) -> MlflowClient:
@@ -35,3 +41,17 @@ def use_tracking(project: Project) -> MlflowClient:
                 raise
     mlflow.set_experiment(name)
     return client
+
+
+def alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
+    """The version ``alias`` points at, or None when the model or the alias does not exist yet.
+
+    Any other registry error (unreachable server, locked database) is raised: it must never
+    read as "no champion" and let a model through.
+    """
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)  # int on sqlite
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise

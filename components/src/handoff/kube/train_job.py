@@ -167,20 +167,26 @@ def _labels(project: Project) -> dict[str, str]:
 ENV = [{"name": "HOME", "value": "/tmp"}, {"name": "PYTHONUNBUFFERED", "value": "1"}]
 
 
+def _pod_spec(training: TrainingSettings, container: dict[str, Any]) -> dict[str, Any]:
+    """A node's pod: ``container`` plus the shared volume, security and placement from handoff.yaml."""
+    volumes, mounts = _volumes(training.job.workspace_claim or "")
+    spec: dict[str, Any] = {
+        "securityContext": _pod_security(),
+        "volumes": volumes,
+        "containers": [{**container, "volumeMounts": mounts, "securityContext": _container_security()}],
+    }
+    if training.node_selector:
+        spec["nodeSelector"] = dict(training.node_selector)
+    if training.tolerations:
+        spec["tolerations"] = [t.model_dump(exclude_none=True) for t in training.tolerations]
+    return spec
+
+
 def trainjob_manifest(project: Project, name: str, project_dir: str) -> dict[str, Any]:
     """A Kubeflow Trainer v2 TrainJob on the ``torch-distributed`` style runtime."""
     settings, training = project.settings, project.settings.training
-    claim = training.job.workspace_claim or ""
-    volumes, mounts = _volumes(claim)
-    pod_spec: dict[str, Any] = {
-        "securityContext": _pod_security(),
-        "volumes": volumes,
-        "containers": [{"name": "node", "volumeMounts": mounts, "securityContext": _container_security()}],
-    }
-    if training.node_selector:
-        pod_spec["nodeSelector"] = dict(training.node_selector)
-    if training.tolerations:
-        pod_spec["tolerations"] = [t.model_dump(exclude_none=True) for t in training.tolerations]
+    # Trainer fills in image, command, resources and env from `trainer`; the patch adds the rest.
+    pod_spec = _pod_spec(training, {"name": "node"})
     return {
         "apiVersion": TRAINJOB.api_version,
         "kind": TRAINJOB.kind,
@@ -218,26 +224,14 @@ def trainjob_manifest(project: Project, name: str, project_dir: str) -> dict[str
 def pytorchjob_manifest(project: Project, name: str, project_dir: str) -> dict[str, Any]:
     """The same job for training-operator v1: one Master and nodes − 1 Workers."""
     settings, training = project.settings, project.settings.training
-    volumes, mounts = _volumes(training.job.workspace_claim or "")
-    pod_spec: dict[str, Any] = {
-        "securityContext": _pod_security(),
-        "volumes": volumes,
-        "containers": [
-            {
-                "name": "pytorch",  # the container name training-operator v1 looks for
-                "image": settings.image,
-                "command": node_command(PYTORCHJOB, name, project_dir, training),
-                "env": list(ENV),
-                "resources": _resources(training),
-                "volumeMounts": mounts,
-                "securityContext": _container_security(),
-            }
-        ],
+    container = {
+        "name": "pytorch",  # the container name training-operator v1 looks for
+        "image": settings.image,
+        "command": node_command(PYTORCHJOB, name, project_dir, training),
+        "env": list(ENV),
+        "resources": _resources(training),
     }
-    if training.node_selector:
-        pod_spec["nodeSelector"] = dict(training.node_selector)
-    if training.tolerations:
-        pod_spec["tolerations"] = [t.model_dump(exclude_none=True) for t in training.tolerations]
+    pod_spec = _pod_spec(training, container)
 
     def replicas(count: int) -> dict[str, Any]:
         return {"replicas": count, "restartPolicy": "OnFailure", "template": {"spec": pod_spec}}

@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from mlflow.exceptions import MlflowException
 from torch.utils.data import DataLoader
 
 from handoff import readiness
@@ -33,7 +32,6 @@ from handoff.steps.export import example_arrays
 
 LATENCY_WARMUP = 20
 LATENCY_RUNS = 300
-CHAMPION = "champion"
 
 
 @dataclass(frozen=True)
@@ -125,15 +123,12 @@ def champion_scores(project: Project, data: HeldOut) -> Champion | None:
     not comparable rather than silently passed: the error names the version.
     """
     from handoff.steps.deploy import fetch_model
-    from handoff.tracking import use_tracking
+    from handoff.tracking import CHAMPION, alias_version, use_tracking
 
     name = project.contract.name
-    try:
-        version = str(use_tracking(project).get_model_version_by_alias(name, CHAMPION).version)
-    except MlflowException as exc:
-        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-            return None  # no such model or alias yet: the first model bootstraps
-        raise  # an unreachable registry must not read as "no champion" and wave a model through
+    version = alias_version(use_tracking(project), name, CHAMPION)
+    if version is None:
+        return None  # no such model or alias yet: the first model bootstraps
     local = fetch_model(project, name, version)
     try:
         scores = score(project, open_session(local / ONNX_FILE), data)

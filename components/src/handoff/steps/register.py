@@ -18,7 +18,6 @@ from typing import Any
 import mlflow
 import mlflow.onnx
 import onnx
-from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import Schema
@@ -33,10 +32,8 @@ from handoff.lineage import git_sha
 from handoff.model_card import CARD_FILE, check_model_card, filled_in_card
 from handoff.project import Project
 from handoff.readiness import REPORT_HTML, REPORT_MD
-from handoff.tracking import use_tracking
+from handoff.tracking import CHALLENGER, CHAMPION, alias_version, use_tracking
 
-CHALLENGER = "challenger"
-CHAMPION = "champion"
 SHA_TAG = "handoff.onnx_sha256"
 
 
@@ -167,12 +164,7 @@ def register(
 def _champion_moved(client: MlflowClient, name: str, compared: str | None) -> str:
     """Why promoting would be unsafe now ('' when it is safe): the champion this model beat is no
     longer the champion (another run promoted meanwhile), so the comparison is stale."""
-    try:
-        current: str | None = str(client.get_model_version_by_alias(name, CHAMPION).version)
-    except MlflowException as exc:
-        if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-            raise
-        current = None
+    current = alias_version(client, name, CHAMPION)
     if current == compared:
         return ""
     return (
