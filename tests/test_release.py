@@ -7,9 +7,6 @@ current version), then searches the whole released tree for the old version.
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,44 +14,18 @@ from cookiecutter.main import cookiecutter
 
 from handoff import __version__
 
-from .conftest import TEMPLATE
+from .template_repo import git, next_minor, release, template_repo
 
 pytestmark = pytest.mark.unit
-
-IDENT = ["-c", "user.name=Platform Team", "-c", "user.email=platform@example.com"]
-
-
-def git(repo: Path, *args: str) -> str:
-    return subprocess.run(["git", *IDENT, *args], cwd=repo, capture_output=True, text=True, check=True).stdout
 
 
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:
-    """This tree's tracked files as a fresh repository, tagged v<current>, plus one new commit."""
-    repo = tmp_path / "ml-template"
-    repo.mkdir()
-    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=TEMPLATE, capture_output=True, check=True)
-    for name in tracked.stdout.decode().split("\0"):
-        if name and (TEMPLATE / name).is_file():  # as in the working tree, as a release would ship
-            (repo / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(TEMPLATE / name, repo / name)
-    git(repo, "init", "-q")
-    git(repo, "add", "-A")
-    git(repo, "commit", "-qm", "Everything up to the last release")
-    git(repo, "tag", "-a", f"v{__version__}", "-m", "previous release")
+    """This tree as a fresh repository, tagged v<current>, plus one new commit."""
+    repo = template_repo(tmp_path / "ml-template", tag=f"v{__version__}")
     (repo / "README.md").write_text((repo / "README.md").read_text() + "\nA note.\n")
     git(repo, "commit", "-qam", "Document the upgrade path")
     return repo
-
-
-def release(repo: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    script = repo / "scripts" / "release.py"
-    return subprocess.run([sys.executable, str(script), *args], cwd=repo, capture_output=True, text=True)
-
-
-def next_minor(version: str) -> str:
-    major, minor, _ = (int(p) for p in version.split("."))
-    return f"{major}.{minor + 1}.0"
 
 
 def test_release_moves_the_version_everywhere_and_writes_changelog_and_tag(
@@ -86,6 +57,10 @@ def test_release_moves_the_version_everywhere_and_writes_changelog_and_tag(
     settings = (project / "handoff.yaml").read_text()
     assert f"template_version: {new}" in settings
     assert re.search(rf"^image: \S+:{re.escape(new)}$", settings, re.MULTILINE), settings
+    assert re.search(
+        rf"^ARG PLATFORM_IMAGE=\S+/ml-handoff:{re.escape(new)}$", (project / "Dockerfile").read_text(), re.M
+    )
+    assert f"ARG VERSION={new}\n" in (repo / "components/Dockerfile").read_text()
 
 
 def test_release_refuses_a_dirty_tree_and_a_version_that_does_not_move_forward(repo: Path) -> None:

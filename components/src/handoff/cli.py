@@ -87,11 +87,20 @@ def compile_(
     out: Annotated[Path, typer.Option(help="Folder for the compiled files.", file_okay=False)] = Path(
         "compiled"
     ),
+    image: Annotated[
+        str | None,
+        typer.Option(help="Image the steps run in, instead of handoff.yaml's (e.g. REPOSITORY@sha256:…)."),
+    ] = None,
 ) -> None:
     """Compile for a cluster: the KFP pipeline, and the training job when training.nodes > 1."""
-    from handoff_pipelines.compiled import compile_project
+    from handoff_pipelines.compiled import compile_project, is_image_reference
 
-    for path in compile_project(project, out):
+    if image is not None and not is_image_reference(image):
+        raise HandoffError(
+            "--image expects an image reference, [REGISTRY/]NAME[:TAG][@sha256:DIGEST] with a lowercase "
+            f"NAME, e.g. registry.example.com/ml/my-model@sha256:<64 hex digits>; got {image!r}"
+        )
+    for path in compile_project(project, out, image=image):
         typer.echo(f"wrote {path}")
 
 

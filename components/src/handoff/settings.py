@@ -11,6 +11,9 @@ from handoff.k8s_names import Dns1123Label
 from handoff.yaml_files import FieldError, StrictModel, load_yaml_model
 
 SETTINGS_FILE = "handoff.yaml"
+# The image a compiled pipeline runs in, set on its multi-node train step: the job's nodes run it
+# instead of handoff.yaml's ``image`` (a tag), so a pipeline compiled against a digest stays on it.
+IMAGE_ENV = "HANDOFF_IMAGE"
 # Where the project image keeps the project's files (its Dockerfile's WORKDIR): the pipeline's
 # `project_dir` on a cluster.
 PROJECT_DIR_IN_IMAGE = "/app"

@@ -7,6 +7,8 @@ drift in CI.
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from pathlib import Path
 
 import yaml
@@ -20,6 +22,23 @@ KFP_FILE = "pipeline.kfp.yaml"
 TRAIN_JOB_FILE = "train-job.yaml"
 # The train step names its job after the pipeline run; the compiled copy shows this one.
 EXAMPLE_RUN_KEY = "example-run"
+
+# An image reference as `docker pull` reads it (the distribution/reference grammar):
+# [host[:port]/]path[:tag][@algorithm:hex], e.g. registry.example.com/ml/name@sha256:<64 hex>.
+_HOST_PART = r"[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?"
+_HOST = rf"(?:{_HOST_PART}(?:\.{_HOST_PART})*|\[[0-9a-fA-F:]+\])(?::[0-9]+)?"
+_PATH_PART = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_TAG = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}"
+_DIGEST = r"[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}"
+IMAGE_REFERENCE = re.compile(
+    rf"(?P<name>(?:{_HOST}/)?{_PATH_PART}(?:/{_PATH_PART})*)(?::{_TAG})?(?:@{_DIGEST})?"
+)
+
+
+def is_image_reference(image: str) -> bool:
+    """Whether ``image`` is a reference a container runtime can pull (by tag or by digest)."""
+    match = IMAGE_REFERENCE.fullmatch(image)
+    return match is not None and len(match["name"]) <= 255
 
 
 def compile_kfp(project: Project, path: Path) -> Path:
@@ -50,9 +69,15 @@ def write_train_job(project: Project, path: Path) -> Path:
     return path
 
 
-def compile_project(project_dir: Path | str, out_dir: Path | str) -> list[Path]:
-    """Write everything a cluster run needs into ``out_dir``; returns the files written."""
+def compile_project(project_dir: Path | str, out_dir: Path | str, image: str | None = None) -> list[Path]:
+    """Write everything a cluster run needs into ``out_dir``; returns the files written.
+
+    ``image`` replaces handoff.yaml's image in the output: CI passes the digest it just pushed, so
+    the compiled pipeline runs exactly that build. Callers check it with ``is_image_reference``.
+    """
     project = Project.load(project_dir)
+    if image is not None:
+        project = dataclasses.replace(project, settings=project.settings.model_copy(update={"image": image}))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = [compile_kfp(project, out / KFP_FILE)]

@@ -12,7 +12,7 @@ from typing import Any
 
 from kfp import dsl, kubernetes
 
-from handoff.settings import TrainingSettings
+from handoff.settings import IMAGE_ENV, TrainingSettings
 from handoff_pipelines import PIPELINE_NAME, STEPS, components
 
 # handoff.kube.train_job.WORKSPACE; kept as a literal so building the graph does not import the
@@ -20,15 +20,18 @@ from handoff_pipelines import PIPELINE_NAME, STEPS, components
 WORKSPACE_MOUNT = "/workspace"
 
 
-def place_training(task: Any, training: TrainingSettings) -> None:
+def place_training(task: Any, training: TrainingSettings, image: str) -> None:
     """Where the train step runs on a cluster, from handoff.yaml's ``training``.
 
     One node: the step trains in its own pod, so it gets the CPUs, memory, GPUs, node selector
-    and tolerations. More: the step only launches and watches the job (which gets them) and
-    mounts the ReadWriteMany volume it shares with the job's nodes at ``WORKSPACE_MOUNT``.
+    and tolerations. More: the step only launches and watches the job (which gets them), mounts
+    the ReadWriteMany volume it shares with the job's nodes at ``WORKSPACE_MOUNT``, and passes
+    its own image (``IMAGE_ENV``) so the nodes run the very build the pipeline was compiled for
+    (by digest from CI), not the tag in the image's handoff.yaml.
     """
     if training.distributed_job:
         kubernetes.mount_pvc(task, pvc_name=training.job.workspace_claim or "", mount_path=WORKSPACE_MOUNT)
+        task.set_env_variable(name=IMAGE_ENV, value=image)
         return
     task.set_cpu_request(training.cpu).set_cpu_limit(training.cpu)
     task.set_memory_request(training.memory).set_memory_limit(training.memory)
@@ -65,7 +68,7 @@ def build_pipeline(
         # The run's id names a multi-node training job, so a retried step re-attaches to it.
         trained = train(project_dir=project_dir, run_key=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
         if training is not None:
-            place_training(trained, training)
+            place_training(trained, training, image)
         exported = export(project_dir=project_dir, checkpoint=trained.outputs["checkpoint"])
         evaluated = evaluate(
             project_dir=project_dir,

@@ -7,11 +7,13 @@ this machine: a laptop has no cluster to launch into, and the result is the same
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from pathlib import Path
 
 from handoff.project import Project
+from handoff.settings import IMAGE_ENV
 from handoff.step_entry import LOCAL_RUN_ENV
 from handoff.steps.train import TrainResult, train
 
@@ -31,5 +33,15 @@ def train_step(project_dir: Path | str, checkpoint: Path | str, *, run_key: str)
         return train(project_dir, checkpoint)
     from handoff.kube.train_job import train_on_cluster
 
-    record = train_on_cluster(project, checkpoint, run_key=run_key, project_dir_in_image=str(project_dir))
+    record = train_on_cluster(
+        in_this_image(project), checkpoint, run_key=run_key, project_dir_in_image=str(project_dir)
+    )
     return TrainResult(**{**record, "checkpoint": str(checkpoint)})
+
+
+def in_this_image(project: Project) -> Project:
+    """The project with the image the pipeline put this step in (``IMAGE_ENV``), if it said one."""
+    image = os.environ.get(IMAGE_ENV)
+    if not image:
+        return project
+    return dataclasses.replace(project, settings=project.settings.model_copy(update={"image": image}))

@@ -1,0 +1,101 @@
+"""`handoff compile --image`: CI compiles against the digest it pushed, not handoff.yaml's tag."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from handoff.project import Project
+from handoff.settings import IMAGE_ENV
+from handoff.steps.train_launch import in_this_image
+from handoff_pipelines.compiled import is_image_reference
+
+from .conftest import edit_yaml, handoff
+
+pytestmark = pytest.mark.unit
+
+DIGEST = "sha256:" + "0123456789abcdef" * 4
+PINNED = f"registry.example.com/ml/digits-classifier@{DIGEST}"
+
+
+def executor_images(pipeline_file: Path) -> set[str]:
+    pipeline = next(yaml.safe_load_all(pipeline_file.read_text()))
+    return {e["container"]["image"] for e in pipeline["deploymentSpec"]["executors"].values()}
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        PINNED,
+        "registry.example.com/ml/digits-classifier:1.4.2",
+        f"registry.example.com:5000/ml/digits-classifier:1.4.2@{DIGEST}",
+        "localhost:5000/digits-classifier",
+        "digits-classifier",
+        "[::1]:5000/ml/digits-classifier:v1",
+    ],
+)
+def test_image_references_that_a_runtime_can_pull(image: str) -> None:
+    assert is_image_reference(image)
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        "",
+        "Registry.example.com/ML/digits-classifier",  # a repository path is lowercase
+        "registry.example.com/ml/digits classifier",
+        "https://registry.example.com/ml/digits-classifier",
+        "registry.example.com/ml/digits-classifier:",
+        "registry.example.com/ml/digits-classifier:-rc1",
+        "registry.example.com/ml/digits-classifier@sha256:abc",  # too short to be a digest
+        "registry.example.com/ml/",
+    ],
+)
+def test_strings_that_are_not_image_references(image: str) -> None:
+    assert not is_image_reference(image)
+
+
+def test_image_option_pins_every_step_and_the_train_job(project: Path) -> None:
+    edit_yaml(
+        project / "handoff.yaml",
+        lambda s: s["training"].update(nodes=2, job={"workspace_claim": "shared-workspace"}),
+    )
+    tagged = yaml.safe_load((project / "handoff.yaml").read_text())["image"]
+    assert handoff("compile", "--out", "by-tag", cwd=project).returncode == 0
+    result = handoff("compile", "--image", PINNED, cwd=project)
+    assert result.returncode == 0, result.stderr
+    assert executor_images(project / "compiled/pipeline.kfp.yaml") == {PINNED}
+    # The train step hands its own image to the job it launches at run time.
+    pipeline = next(yaml.safe_load_all((project / "compiled/pipeline.kfp.yaml").read_text()))
+    train_env = pipeline["deploymentSpec"]["executors"]["exec-train"]["container"]["env"]
+    assert {"name": IMAGE_ENV, "value": PINNED} in train_env
+    job = yaml.safe_load((project / "compiled/train-job.yaml").read_text())
+    assert job["spec"]["trainer"]["image"] == PINNED
+    # The image is the only difference, and handoff.yaml keeps its tag.
+    for name in ("pipeline.kfp.yaml", "train-job.yaml"):
+        by_tag = (project / "by-tag" / name).read_text()
+        assert tagged in by_tag
+        assert by_tag.replace(tagged, PINNED) == (project / "compiled" / name).read_text()
+    assert yaml.safe_load((project / "handoff.yaml").read_text())["image"] == tagged
+
+
+@pytest.mark.parametrize("image", ["", "Digits Classifier:latest", "registry.example.com/ml/x@sha256:abc"])
+def test_a_bad_image_is_refused_naming_the_option(project: Path, image: str) -> None:
+    result = handoff("compile", "--image", image, cwd=project)
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: --image expects an image reference")
+    assert repr(image) in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (project / "compiled").exists()  # refused before anything is written
+
+
+def test_the_train_step_launches_its_job_in_the_image_the_pipeline_gave_it(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loaded = Project.load(project)
+    monkeypatch.delenv(IMAGE_ENV, raising=False)
+    assert in_this_image(loaded).settings.image == loaded.settings.image
+    monkeypatch.setenv(IMAGE_ENV, PINNED)
+    assert in_this_image(loaded).settings.image == PINNED
