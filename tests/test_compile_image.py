@@ -1,4 +1,4 @@
-"""`handoff compile --image`: CI compiles against the digest it pushed, not handoff.yaml's tag."""
+"""`handoff compile`: the image CI pushed (by digest) and the labels every step's pod carries."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from handoff import __version__
+from handoff.labels import TEMPLATE_VERSION_LABEL, labels
 from handoff.project import Project
 from handoff.settings import IMAGE_ENV
 from handoff.steps.train_launch import in_this_image
@@ -99,3 +101,14 @@ def test_the_train_step_launches_its_job_in_the_image_the_pipeline_gave_it(
     assert in_this_image(loaded).settings.image == loaded.settings.image
     monkeypatch.setenv(IMAGE_ENV, PINNED)
     assert in_this_image(loaded).settings.image == PINNED
+
+
+def test_every_step_pod_carries_the_project_and_template_version(project: Path) -> None:
+    assert handoff("compile", cwd=project).returncode == 0
+    ir, platform = yaml.safe_load_all((project / "compiled/pipeline.kfp.yaml").read_text())
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert set(executors) == set(ir["deploymentSpec"]["executors"])
+    for name, executor in executors.items():
+        assert executor["podMetadata"]["labels"] == labels("digits-classifier"), name
+    assert labels("digits-classifier")[TEMPLATE_VERSION_LABEL] == __version__
+    assert f"(ml-template {__version__})" in ir["pipelineInfo"]["description"]

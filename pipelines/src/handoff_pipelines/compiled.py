@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 from kfp import compiler
 
+from handoff.labels import labels
 from handoff.project import Project
 from handoff.settings import PROJECT_DIR_IN_IMAGE
 from handoff_pipelines.graph import build_pipeline
@@ -48,6 +49,7 @@ def compile_kfp(project: Project, path: Path) -> Path:
             image=project.settings.image,
             training=project.settings.training,
             contract_sha256=project.contract.sha256,
+            pod_labels=labels(project.settings.project),
         ),
         str(path),
         pipeline_parameters={"project_dir": PROJECT_DIR_IN_IMAGE},

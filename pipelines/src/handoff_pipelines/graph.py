@@ -12,6 +12,7 @@ from typing import Any
 
 from kfp import dsl, kubernetes
 
+from handoff import __version__
 from handoff.settings import IMAGE_ENV, TrainingSettings
 from handoff_pipelines import PIPELINE_NAME, STEPS, components
 
@@ -44,17 +45,26 @@ def place_training(task: Any, training: TrainingSettings, image: str) -> None:
 
 
 def build_pipeline(
-    image: str, training: TrainingSettings | None = None, contract_sha256: str = ""
+    image: str,
+    training: TrainingSettings | None = None,
+    contract_sha256: str = "",
+    pod_labels: dict[str, str] | None = None,
 ) -> Callable[..., Any]:
     """The KFP pipeline for a project whose steps run in ``image``.
 
-    ``training`` places the train step on a cluster (see ``place_training``); local runs leave
-    it out: kfp.local runs every step in this Python, with no pods to size. ``contract_sha256``
-    goes into the description, so a changed contract.yaml shows in the compiled pipeline's diff.
+    ``training`` places the train step on a cluster (see ``place_training``) and ``pod_labels``
+    go on every step's pod; local runs leave both out: kfp.local runs every step in this Python,
+    with no pods. ``contract_sha256`` and the template version go into the description, so a
+    changed contract.yaml or template shows in the compiled pipeline's diff.
     """
-    description = "Train, export, evaluate, register and deploy model.py."
+    description = f"Train, export, evaluate, register and deploy model.py (ml-template {__version__})."
     if contract_sha256:
         description += f" contract.yaml sha256 {contract_sha256}."
+
+    def on_pods(task: Any) -> Any:
+        for key, value in sorted((pod_labels or {}).items()):
+            kubernetes.add_pod_label(task, key, value)
+        return task
 
     def component(function: Callable[..., Any]) -> Any:
         # install_kfp_package=False: the image (and a local venv) already has kfp and handoff;
@@ -66,23 +76,27 @@ def build_pipeline(
     @dsl.pipeline(name=PIPELINE_NAME, description=description)
     def handoff(project_dir: str) -> None:
         # The run's id names a multi-node training job, so a retried step re-attaches to it.
-        trained = train(project_dir=project_dir, run_key=dsl.PIPELINE_JOB_ID_PLACEHOLDER)
+        trained = on_pods(train(project_dir=project_dir, run_key=dsl.PIPELINE_JOB_ID_PLACEHOLDER))
         if training is not None:
             place_training(trained, training, image)
-        exported = export(project_dir=project_dir, checkpoint=trained.outputs["checkpoint"])
-        evaluated = evaluate(
-            project_dir=project_dir,
-            onnx_model=exported.outputs["onnx_model"],
-            training=trained.outputs["record"],
+        exported = on_pods(export(project_dir=project_dir, checkpoint=trained.outputs["checkpoint"]))
+        evaluated = on_pods(
+            evaluate(
+                project_dir=project_dir,
+                onnx_model=exported.outputs["onnx_model"],
+                training=trained.outputs["record"],
+            )
         )
-        registered = register(
-            project_dir=project_dir,
-            onnx_model=exported.outputs["onnx_model"],
-            evaluation=evaluated.outputs["record"],
-            report=evaluated.outputs["report"],
-            training=trained.outputs["record"],
+        registered = on_pods(
+            register(
+                project_dir=project_dir,
+                onnx_model=exported.outputs["onnx_model"],
+                evaluation=evaluated.outputs["record"],
+                report=evaluated.outputs["report"],
+                training=trained.outputs["record"],
+            )
         )
         with dsl.If(evaluated.outputs["Output"] == True, name="gate-passed"):  # noqa: E712
-            deploy(project_dir=project_dir, registration=registered.outputs["record"])
+            on_pods(deploy(project_dir=project_dir, registration=registered.outputs["record"]))
 
     return handoff

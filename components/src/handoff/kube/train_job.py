@@ -28,10 +28,10 @@ import urllib3
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from handoff import __version__
 from handoff.errors import HandoffError
 from handoff.files import read_json
 from handoff.kube.client import api_client, api_error, describe, reason
+from handoff.labels import labels
 from handoff.project import Project
 from handoff.settings import TrainingSettings
 
@@ -155,15 +155,6 @@ def _volumes(claim: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     return volumes, mounts
 
 
-def _labels(project: Project) -> dict[str, str]:
-    return {
-        "app.kubernetes.io/name": project.settings.project,
-        "app.kubernetes.io/component": "train",
-        "app.kubernetes.io/managed-by": "handoff",
-        "handoff.dev/template-version": __version__,
-    }
-
-
 ENV = [{"name": "HOME", "value": "/tmp"}, {"name": "PYTHONUNBUFFERED", "value": "1"}]
 
 
@@ -190,7 +181,11 @@ def trainjob_manifest(project: Project, name: str, project_dir: str) -> dict[str
     return {
         "apiVersion": TRAINJOB.api_version,
         "kind": TRAINJOB.kind,
-        "metadata": {"name": name, "namespace": settings.namespace, "labels": _labels(project)},
+        "metadata": {
+            "name": name,
+            "namespace": settings.namespace,
+            "labels": labels(project.settings.project, "train"),
+        },
         "spec": {
             # Trainer stops the job itself past the step's timeout, even if the step is gone.
             "activeDeadlineSeconds": training.job.timeout_s,
@@ -242,7 +237,11 @@ def pytorchjob_manifest(project: Project, name: str, project_dir: str) -> dict[s
     return {
         "apiVersion": PYTORCHJOB.api_version,
         "kind": PYTORCHJOB.kind,
-        "metadata": {"name": name, "namespace": settings.namespace, "labels": _labels(project)},
+        "metadata": {
+            "name": name,
+            "namespace": settings.namespace,
+            "labels": labels(project.settings.project, "train"),
+        },
         "spec": {
             "nprocPerNode": str(max(1, training.gpus)),
             "runPolicy": {
