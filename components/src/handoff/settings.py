@@ -26,15 +26,81 @@ class MlflowSettings(StrictModel):
     experiment: str = Field(min_length=1)
 
 
+# A Kubernetes resource quantity ("500m", "2", "16Gi"), checked here rather than by the API server.
+Quantity = Annotated[str, Field(pattern=r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|Ki|Mi|Gi|Ti|Pi)?$")]
+# An environment variable name as Kubernetes accepts it (C identifier style, as shells use).
+EnvName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+
+
+class KServeSettings(StrictModel):
+    """Serving on a cluster: the KServe InferenceService `handoff deploy` creates in ``namespace``."""
+
+    # triton: NVIDIA Triton serves the ONNX model from the Triton model-repository layout that
+    # export writes (the default); kserve: the project's KServe Python runtime (ServingRuntime in
+    # manifests/), the same server as local runs.
+    runtime: Literal["triton", "kserve"] = "triton"
+    # The runtime's image tag, pinned so a cluster upgrade never changes the server under a model.
+    runtime_version: str = Field(default="24.12-py3", min_length=1)
+    # A new version gets this share of traffic until its smoke test passes, then all of it;
+    # 0 sends all traffic at once. The first version always takes all traffic.
+    canary_percent: int = Field(default=10, ge=0, le=99)
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=3, ge=1)
+    # Per predictor replica: requests, also used as limits.
+    cpu: Quantity = "1"
+    memory: Quantity = "2Gi"
+    gpus: int = Field(default=0, ge=0)
+    # How long a new revision may take to be Ready at its new generation.
+    ready_timeout_s: float = Field(default=600, gt=0)
+    # The predictor's ServiceAccount: the one allowed to read the model storage (S3, GCS).
+    service_account: Dns1123Label | None = None
+
+    @model_validator(mode="after")
+    def _replicas_in_order(self) -> KServeSettings:
+        if self.max_replicas < self.min_replicas:
+            raise FieldError(
+                ("max_replicas",),
+                f"max_replicas ({self.max_replicas}) must be at least min_replicas ({self.min_replicas})",
+            )
+        return self
+
+
 class ServingSettings(StrictModel):
+    # Local serving (`make run`): the KServe Python model server on this machine.
     host: str = "127.0.0.1"
     # 0 picks a free port; the chosen one is printed and written to the run summary.
     port: int = Field(default=8080, ge=0, le=65535)
     ready_timeout_s: float = Field(default=60, gt=0)
+    kserve: KServeSettings = KServeSettings()
 
 
-# A Kubernetes resource quantity ("500m", "2", "16Gi"), checked here rather than by the API server.
-Quantity = Annotated[str, Field(pattern=r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|Ki|Mi|Gi|Ti|Pi)?$")]
+class SecretEnv(StrictModel):
+    """An environment variable every pipeline pod reads from a Kubernetes Secret key.
+
+    Credentials (an MLflow token, S3 keys) reach the steps this way only: never as pipeline
+    parameters, which KFP and Argo store and show in their UIs.
+    """
+
+    name: EnvName
+    secret: Dns1123Label
+    key: str = Field(min_length=1, pattern=r"^[-._a-zA-Z0-9]+$")
+
+
+class ClusterSettings(StrictModel):
+    """Where and as whom the compiled pipelines run (`handoff compile`, `handoff submit`)."""
+
+    # The Kubeflow Pipelines API (`handoff submit --target kfp`), e.g. https://kfp.example.com.
+    kfp_endpoint: str | None = None
+    # The Argo Server (`handoff submit --target argo`), e.g. https://argo.example.com:2746.
+    argo_server: str | None = None
+    # The pipeline pods' ServiceAccount (manifests/ creates it with least-privilege RBAC).
+    service_account: Dns1123Label = "handoff-pipeline"
+    # The MLflow the pods use (a tracking server); null keeps mlflow.tracking_uri.
+    mlflow_tracking_uri: str | None = None
+    secret_env: list[SecretEnv] = Field(default_factory=list)
+    # Retries of the steps that are safe to retry (train resumes, export/evaluate are pure,
+    # register is idempotent on the model's sha256), with exponential backoff.
+    retries: int = Field(default=2, ge=0, le=10)
 
 
 class Toleration(StrictModel):
@@ -109,6 +175,7 @@ class Settings(StrictModel):
     mlflow: MlflowSettings
     serving: ServingSettings = ServingSettings()
     training: TrainingSettings = TrainingSettings()
+    cluster: ClusterSettings = ClusterSettings()
 
     def tracking_uri(self, project_dir: Path) -> str:
         """The MLflow tracking URI with a relative sqlite path made absolute under the project."""
