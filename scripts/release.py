@@ -41,6 +41,7 @@ PLACES = (
     Place("pipelines/pyproject.toml", 'version = "{v}"'),
     Place("pipelines/pyproject.toml", '    "ml-handoff=={v}",'),
     Place("components/Dockerfile", "ARG VERSION={v}"),
+    Place("manifests/base/serving-runtime.yaml", "      image: registry.example.com/platform/ml-handoff:{v}"),
 )
 
 

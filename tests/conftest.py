@@ -19,6 +19,15 @@ BIN = Path(sys.executable).parent
 HANDOFF = str(BIN / "handoff")
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--regenerate-goldens",
+        action="store_true",
+        default=False,
+        help="rewrite pipelines/goldens/ from the default project (then review and commit the diff)",
+    )
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _cookiecutter_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Keep cookiecutter's replay and clone folders out of $HOME."""

@@ -3,20 +3,30 @@
 The steps talk to it through the official ``kubernetes`` client over loopback HTTP, so requests,
 paths, bodies and error handling are the real ones. What the fake keeps honest:
 
-- every object it receives is validated against its kind's published CRD schema
-  (``tests/schemas/``) and rejected with 422 ``Invalid`` and a ``Status`` body as the API server does;
+- every object it receives or ends up with (after a patch) is validated against its kind's
+  published CRD schema (``tests/schemas/``, strict about unknown fields) and rejected with 422
+  ``Invalid`` and a ``Status`` body naming the path, as the API server does;
 - names follow the API server's rules (409 ``AlreadyExists``, 404 ``NotFound``);
-- ``metadata.generation``, ``uid`` and ``creationTimestamp`` are set on create.
+- ``metadata.generation``, ``uid``, ``creationTimestamp`` and ``resourceVersion`` are set on create;
+  ``generation`` moves only when the spec changes (the resources have a status subresource, so
+  ``status`` in a create or patch body is ignored and metadata changes leave ``generation`` alone),
+  ``resourceVersion`` on every write, and a patch carrying a stale ``resourceVersion`` gets 409;
+- PATCH takes JSON merge patches (RFC 7386, what ``CustomObjectsApi.patch_*`` sends) and JSON
+  patches (RFC 6902); strategic merge patches get 415, as for any custom resource.
 
 What an operator would do (start pods, set conditions) is played by a *controller*, a function
-each test passes in: it gets the stored object and may update its status and pods from a thread.
+each test passes in: it gets the stored object after a create and after every spec change, and may
+update its status and pods from a thread. ``KServe`` is one for InferenceServices.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import re
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -34,6 +44,12 @@ SCHEMAS = Path(__file__).parent / "schemas"
 RFC_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
 
+@functools.cache
+def _validator(schema_file: str) -> jsonschema.Draft7Validator:
+    # Parsed once per session: the InferenceService schema alone is 0.7 MB.
+    return jsonschema.Draft7Validator(strict(json.loads((SCHEMAS / schema_file).read_text())))
+
+
 @dataclass(frozen=True)
 class Resource:
     group: str
@@ -43,7 +59,7 @@ class Resource:
     schema_file: str
 
     def validator(self) -> jsonschema.Draft7Validator:
-        return jsonschema.Draft7Validator(strict(json.loads((SCHEMAS / self.schema_file).read_text())))
+        return _validator(self.schema_file)
 
 
 def strict(schema: Any) -> Any:
@@ -65,14 +81,34 @@ def strict(schema: Any) -> Any:
     return schema
 
 
+INFERENCESERVICE = Resource(
+    "serving.kserve.io",
+    "v1beta1",
+    "inferenceservices",
+    "InferenceService",
+    "kserve-inferenceservice-v1beta1.schema.json",
+)
 RESOURCES = [
     Resource(
         "trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob", "kubeflow-trainjob-v1alpha1.schema.json"
     ),
     Resource("kubeflow.org", "v1", "pytorchjobs", "PyTorchJob", "kubeflow-pytorchjob-v1.schema.json"),
+    INFERENCESERVICE,
 ]
+BY_PLURAL = {r.plural: r for r in RESOURCES}
 
 Controller = Callable[["FakeKube", dict[str, Any]], None]
+VERSION = {
+    "major": "1",
+    "minor": "31",
+    "gitVersion": "v1.31.4",
+    "gitCommit": "0" * 40,
+    "gitTreeState": "clean",
+    "buildDate": "2026-01-01T00:00:00Z",
+    "goVersion": "go1.22.10",
+    "compiler": "gc",
+    "platform": "linux/amd64",
+}
 
 
 def now() -> str:
@@ -89,15 +125,53 @@ def condition(type_: str, reason: str, message: str, status: str = "True") -> di
     }
 
 
+def schema_problems(resource: Resource, obj: dict[str, Any]) -> list[str]:
+    """The CRD schema's complaints about ``obj``, each with the path it is about."""
+    return [
+        f"{'.'.join(str(p) for p in error.absolute_path) or '(root)'}: {error.message}"
+        for error in resource.validator().iter_errors(obj)
+    ]
+
+
 @dataclass
 class FakeKube:
     url: str = ""
     controller: Controller | None = None
     objects: dict[tuple[str, str, str], dict[str, Any]] = field(default_factory=dict)  # (plural, ns, name)
+    # Every state an object was in after a create or patch, oldest first.
+    history: dict[tuple[str, str, str], list[dict[str, Any]]] = field(default_factory=dict)
     pods: list[dict[str, Any]] = field(default_factory=list)
     requests: list[tuple[str, str]] = field(default_factory=list)  # (method, path)
+    rejected: list[str] = field(default_factory=list)  # the messages of every 4xx/5xx answer
+    gets: dict[tuple[str, str, str], int] = field(default_factory=dict)  # GETs answered per object
     unavailable_gets: int = 0  # answer this many GETs of objects with 503, as a restarting server does
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    unavailable_requests: int = 0  # the same for any request (reads, writes, pod lists)
+    unavailable_answered: int = 0
+    # Cluster facts `handoff doctor` reads: namespaces (name -> labels), nodes, the custom
+    # resources discovery lists (group/version -> plurals), and what access reviews refuse.
+    namespaces: dict[str, dict[str, str]] = field(default_factory=dict)
+    nodes: list[dict[str, Any]] = field(default_factory=list)
+    served: dict[str, set[str]] = field(
+        default_factory=lambda: {f"{r.group}/{r.version}": {r.plural} for r in RESOURCES}
+    )
+    denied: set[tuple[str, str, str]] = field(default_factory=set)  # (group, resource, verb)
+    closed: bool = False
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    _resource_version: int = 0
+
+    def add_node(self, name: str, labels: dict[str, str], gpus: int, *, unschedulable: bool = False) -> None:
+        allocatable = {"cpu": "8", "memory": "32Gi", "pods": "110"}
+        if gpus:
+            allocatable["nvidia.com/gpu"] = str(gpus)
+        self.nodes.append(
+            {
+                "apiVersion": "v1",
+                "kind": "Node",
+                "metadata": {"name": name, "labels": labels},
+                "spec": {"unschedulable": unschedulable},
+                "status": {"allocatable": allocatable, "capacity": allocatable},
+            }
+        )
 
     def api_client(self) -> client.ApiClient:
         configuration = client.Configuration(host=self.url)
@@ -106,7 +180,16 @@ class FakeKube:
 
     def get(self, plural: str, namespace: str, name: str) -> dict[str, Any]:
         with self.lock:
-            return json.loads(json.dumps(self.objects[(plural, namespace, name)]))
+            return copy.deepcopy(self.objects[(plural, namespace, name)])
+
+    def gets_of(self, plural: str, namespace: str, name: str) -> int:
+        with self.lock:
+            return self.gets.get((plural, namespace, name), 0)
+
+    def next_resource_version(self) -> str:
+        with self.lock:
+            self._resource_version += 1
+            return str(self._resource_version)
 
     def set_status(self, plural: str, namespace: str, name: str, *conditions: dict[str, Any]) -> None:
         """Append conditions, replacing any of the same type (a list-map keyed on ``type``)."""
@@ -118,39 +201,74 @@ class FakeKube:
                 if c["type"] not in {n["type"] for n in conditions}
             ]
             obj["status"]["conditions"] = kept + list(conditions)
+            obj["metadata"]["resourceVersion"] = self.next_resource_version()
+
+    def replace_status(
+        self, plural: str, namespace: str, name: str, status: dict[str, Any], *, generation: int
+    ) -> bool:
+        """What an operator's status update does, if the object is still at ``generation``.
+
+        The status is checked against the CRD schema too: a mistake in a test's simulated
+        operator must not pass for something a real one would write.
+        """
+        with self.lock:
+            obj = self.objects.get((plural, namespace, name))
+            if obj is None or obj["metadata"]["generation"] != generation:
+                return False
+            updated = {**obj, "status": status}
+            problems = schema_problems(BY_PLURAL[plural], updated)
+            assert not problems, f"simulated status is invalid: {problems}"
+            updated["metadata"]["resourceVersion"] = self.next_resource_version()
+            self.objects[(plural, namespace, name)] = updated
+            return True
 
     def add_pod(
-        self, name: str, labels: dict[str, str], *, exit_code: int = 0, message: str = "", waiting: str = ""
+        self,
+        name: str,
+        labels: dict[str, str],
+        *,
+        exit_code: int = 0,
+        message: str = "",
+        waiting: str = "",
+        running: bool = False,
+        restart_count: int = 0,
+        last_exit_code: int | None = None,
+        last_message: str = "",
+        container: str = "node",
+        namespace: str = "x",
     ) -> None:
-        state: dict[str, Any] = (
-            {"waiting": {"reason": waiting, "message": message}}
-            if waiting
-            else {
+        """Add a pod with one container in the given state, or replace the pod of that name."""
+        state: dict[str, Any]
+        if waiting:
+            state = {"waiting": {"reason": waiting, "message": message}}
+        elif running:
+            state = {"running": {"startedAt": now()}}
+        else:
+            state = {
                 "terminated": {
                     "exitCode": exit_code,
                     "reason": "Error" if exit_code else "Completed",
                     "message": message,
                 }
             }
-        )
+        status: dict[str, Any] = {
+            "name": container,
+            "ready": running,
+            "restartCount": restart_count,
+            "image": "i",
+            "imageID": "",
+            "state": state,
+        }
+        if last_exit_code is not None:
+            status["lastState"] = {
+                "terminated": {"exitCode": last_exit_code, "reason": "Error", "message": last_message}
+            }
+        pod = {
+            "metadata": {"name": name, "namespace": namespace, "labels": labels},
+            "status": {"containerStatuses": [status]},
+        }
         with self.lock:
-            self.pods.append(
-                {
-                    "metadata": {"name": name, "namespace": "x", "labels": labels},
-                    "status": {
-                        "containerStatuses": [
-                            {
-                                "name": "node",
-                                "ready": False,
-                                "restartCount": 0,
-                                "image": "i",
-                                "imageID": "",
-                                "state": state,
-                            }
-                        ]
-                    },
-                }
-            )
+            self.pods = [p for p in self.pods if p["metadata"]["name"] != name] + [pod]
 
 
 def _status(code: int, reason: str, message: str) -> dict[str, Any]:
@@ -164,18 +282,120 @@ def _status(code: int, reason: str, message: str) -> dict[str, Any]:
     }
 
 
-def _handler(fake: FakeKube, validators: dict[str, tuple[Resource, jsonschema.Draft7Validator]]) -> type:
+def _selects(selector: str, labels: dict[str, str]) -> bool:
+    """Equality-based label selectors (``a=b,c=d``), the kind the steps send."""
+    for requirement in filter(None, selector.split(",")):
+        key, _, value = requirement.partition("=")
+        if labels.get(key.strip()) != value.strip():
+            return False
+    return True
+
+
+def _modified(resource: Resource, name: str) -> str:
+    return (
+        f'Operation cannot be fulfilled on {resource.plural}.{resource.group} "{name}": the object has '
+        "been modified; please apply your changes to the latest version and try again"
+    )
+
+
+class PatchError(Exception):
+    def __init__(self, code: int, reason: str, message: str):
+        super().__init__(message)
+        self.code, self.reason = code, reason
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386: objects merge key by key, null deletes, anything else replaces."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    result = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
+
+
+def _pointer(path: str) -> list[str]:
+    if path == "":
+        return []
+    if not path.startswith("/"):
+        raise PatchError(422, "Invalid", f"JSON pointer {path!r} must start with '/'")
+    return [part.replace("~1", "/").replace("~0", "~") for part in path[1:].split("/")]
+
+
+def json_patch(target: Any, operations: list[dict[str, Any]]) -> Any:
+    """RFC 6902 add/remove/replace/test, applied all or nothing."""
+    doc = copy.deepcopy(target)
+    for op in operations:
+        parts = _pointer(op.get("path", ""))
+        if not parts:
+            raise PatchError(422, "Invalid", "patching the whole object is not supported")
+        parent: Any = doc
+        for part in parts[:-1]:
+            try:
+                parent = parent[int(part)] if isinstance(parent, list) else parent[part]
+            except (KeyError, IndexError, ValueError):
+                raise PatchError(422, "Invalid", f"{op['op']} {op['path']}: path does not exist") from None
+        last = parts[-1]
+        kind = op.get("op")
+        exists = (
+            (last in parent) if isinstance(parent, dict) else (last.isdigit() and int(last) < len(parent))
+        )
+        if kind == "test":
+            if not exists or (parent[int(last)] if isinstance(parent, list) else parent[last]) != op.get(
+                "value"
+            ):
+                raise PatchError(422, "Invalid", f"test {op['path']} failed")
+        elif kind in ("remove", "replace") and not exists:
+            raise PatchError(422, "Invalid", f"{kind} {op['path']}: path does not exist")
+        elif kind == "remove":
+            del parent[int(last) if isinstance(parent, list) else last]
+        elif kind in ("add", "replace"):
+            if isinstance(parent, list):
+                index = len(parent) if last == "-" else int(last)
+                if kind == "add":
+                    parent.insert(index, copy.deepcopy(op["value"]))
+                else:
+                    parent[index] = copy.deepcopy(op["value"])
+            else:
+                parent[last] = copy.deepcopy(op["value"])
+        else:
+            raise PatchError(422, "Invalid", f"unsupported JSON patch op {kind!r}")
+    return doc
+
+
+def _handler(fake: FakeKube) -> type:
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args: Any) -> None:
             pass
 
         def _send(self, code: int, body: dict[str, Any]) -> None:
+            if code >= 400:
+                with fake.lock:
+                    fake.rejected.append(
+                        f"{code} {self.command} {urlparse(self.path).path}: {body.get('message')}"
+                    )
             data = json.dumps(body).encode()
             self.send_response(code)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
+
+        def _unavailable(self, *, get: bool = False) -> bool:
+            """Answer 503 while the test says the server is away."""
+            with fake.lock:
+                if fake.unavailable_requests > 0:
+                    fake.unavailable_requests -= 1
+                elif get and fake.unavailable_gets > 0:
+                    fake.unavailable_gets -= 1
+                else:
+                    return False
+                fake.unavailable_answered += 1
+            self._send(503, _status(503, "ServiceUnavailable", "the server is unable to handle it"))
+            return True
 
         def _route(self) -> tuple[Resource | None, str, str, str]:
             path = urlparse(self.path).path
@@ -184,49 +404,104 @@ def _handler(fake: FakeKube, validators: dict[str, tuple[Resource, jsonschema.Dr
             if not match:
                 return None, "", "", path
             group, version, namespace, plural, name = match.groups()
-            resource, _ = validators.get(plural, (None, None))
+            resource = BY_PLURAL.get(plural)
             if resource is None or (resource.group, resource.version) != (group, version):
                 return None, "", "", path
             return resource, namespace, name or "", path
 
+        def _body(self) -> Any:
+            return json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"null")
+
+        def _invalid(self, resource: Resource, name: str, problems: list[str]) -> None:
+            message = f'{resource.kind}.{resource.group} "{name}" is invalid: ' + "; ".join(problems)
+            self._send(422, _status(422, "Invalid", message))
+
+        def _cluster_get(self, path: str, query: str) -> bool:
+            """Version, namespaces, nodes and discovery: what `handoff doctor` reads."""
+            if path.rstrip("/") == "/version":
+                self._send(200, VERSION)
+                return True
+            namespace = re.fullmatch(r"/api/v1/namespaces/([^/]+)", path)
+            if namespace:
+                name = namespace.group(1)
+                if name not in fake.namespaces:
+                    self._send(404, _status(404, "NotFound", f'namespaces "{name}" not found'))
+                else:
+                    meta = {"name": name, "labels": fake.namespaces[name]}
+                    self._send(200, {"apiVersion": "v1", "kind": "Namespace", "metadata": meta})
+                return True
+            if path == "/api/v1/nodes":
+                selector = parse_qs(query).get("labelSelector", [""])[0]
+                items = [n for n in fake.nodes if _selects(selector, n["metadata"]["labels"])]
+                self._send(200, {"kind": "NodeList", "apiVersion": "v1", "metadata": {}, "items": items})
+                return True
+            discovery = re.fullmatch(r"/apis/([^/]+/[^/]+)", path)
+            if discovery:
+                plurals = fake.served.get(discovery.group(1))
+                if plurals is None:
+                    self._send(
+                        404, _status(404, "NotFound", "the server could not find the requested resource")
+                    )
+                else:
+                    resources = [
+                        {"name": p, "namespaced": True, "kind": p, "verbs": []} for p in sorted(plurals)
+                    ]
+                    body = {
+                        "kind": "APIResourceList",
+                        "groupVersion": discovery.group(1),
+                        "resources": resources,
+                    }
+                    self._send(200, body)
+                return True
+            return False
+
         def do_GET(self) -> None:
             parsed = urlparse(self.path)
+            if self._cluster_get(parsed.path, parsed.query):
+                return
             pods = re.fullmatch(r"/api/v1/namespaces/([^/]+)/pods", parsed.path)
             if pods:
                 fake.requests.append(("GET", parsed.path))
+                if self._unavailable():
+                    return
                 selector = parse_qs(parsed.query).get("labelSelector", [""])[0]
-                key, _, value = selector.partition("=")
                 with fake.lock:
-                    items = [p for p in fake.pods if p["metadata"]["labels"].get(key) == value]
+                    items = [p for p in fake.pods if _selects(selector, p["metadata"]["labels"])]
                 self._send(200, {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": items})
                 return
             resource, namespace, name, path = self._route()
             if resource is None or not name:
                 self._send(404, _status(404, "NotFound", f"the server could not find {path}"))
                 return
-            with fake.lock:
-                unavailable = fake.unavailable_gets > 0
-                fake.unavailable_gets = max(0, fake.unavailable_gets - 1)
-            if unavailable:
-                self._send(503, _status(503, "ServiceUnavailable", "the server is unable to handle it"))
+            if self._unavailable(get=True):
                 return
-            try:
-                self._send(200, fake.get(resource.plural, namespace, name))
-            except KeyError:
+            key = (resource.plural, namespace, name)
+            with fake.lock:
+                found = copy.deepcopy(fake.objects.get(key))
+                fake.gets[key] = fake.gets.get(key, 0) + 1
+            if found is None:
                 self._send(
                     404, _status(404, "NotFound", f'{resource.plural}.{resource.group} "{name}" not found')
                 )
+                return
+            self._send(200, found)
 
         def do_POST(self) -> None:
+            if urlparse(self.path).path == "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews":
+                review = self._body()
+                asked = review["spec"]["resourceAttributes"]
+                allowed = (asked.get("group", ""), asked["resource"], asked["verb"]) not in fake.denied
+                self._send(201, {**review, "status": {"allowed": allowed}})
+                return
             resource, namespace, name, path = self._route()
             if resource is None or name:
                 self._send(404, _status(404, "NotFound", f"the server could not find {path}"))
                 return
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            problems = [
-                f"{'.'.join(str(p) for p in error.absolute_path) or '(root)'}: {error.message}"
-                for error in validators[resource.plural][1].iter_errors(body)
-            ]
+            if self._unavailable():
+                return
+            body = self._body()
+            body.pop("status", None)  # the status subresource: only the operator writes status
+            problems = schema_problems(resource, body)
             meta = body.get("metadata") or {}
             name = meta.get("name", "")
             if (
@@ -241,8 +516,7 @@ def _handler(fake: FakeKube, validators: dict[str, tuple[Resource, jsonschema.Dr
             if meta.get("namespace", namespace) != namespace:
                 problems.append("metadata.namespace does not match the request's namespace")
             if problems:
-                message = f'{resource.kind}.{resource.group} "{name}" is invalid: ' + "; ".join(problems)
-                self._send(422, _status(422, "Invalid", message))
+                self._invalid(resource, name, problems)
                 return
             key = (resource.plural, namespace, name)
             with fake.lock:
@@ -250,14 +524,84 @@ def _handler(fake: FakeKube, validators: dict[str, tuple[Resource, jsonschema.Dr
                     exists = f'{resource.plural}.{resource.group} "{name}" already exists'
                     self._send(409, _status(409, "AlreadyExists", exists))
                     return
-                meta.update(namespace=namespace, generation=1, uid=str(uuid.uuid4()), creationTimestamp=now())
+                meta.update(
+                    namespace=namespace,
+                    generation=1,
+                    uid=str(uuid.uuid4()),
+                    creationTimestamp=now(),
+                    resourceVersion=fake.next_resource_version(),
+                )
                 fake.objects[key] = body
-            self._send(201, body)
+                fake.history.setdefault(key, []).append(copy.deepcopy(body))
+                stored = copy.deepcopy(body)
+            self._send(201, stored)
             if fake.controller is not None:
-                fake.controller(fake, json.loads(json.dumps(body)))
+                fake.controller(fake, copy.deepcopy(stored))
+
+        def do_PATCH(self) -> None:
+            resource, namespace, name, path = self._route()
+            if resource is None or not name:
+                self._send(404, _status(404, "NotFound", f"the server could not find {path}"))
+                return
+            if self._unavailable():
+                return
+            content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip()
+            body = self._body()
+            key = (resource.plural, namespace, name)
+            with fake.lock:
+                current = fake.objects.get(key)
+                if current is None:
+                    self._send(
+                        404,
+                        _status(404, "NotFound", f'{resource.plural}.{resource.group} "{name}" not found'),
+                    )
+                    return
+                try:
+                    if content_type == "application/merge-patch+json" and isinstance(body, dict):
+                        wanted = (body.get("metadata") or {}).get("resourceVersion")
+                        if wanted is not None and wanted != current["metadata"]["resourceVersion"]:
+                            raise PatchError(409, "Conflict", _modified(resource, name))
+                        updated = merge_patch(copy.deepcopy(current), body)
+                    elif content_type == "application/json-patch+json" and isinstance(body, list):
+                        updated = json_patch(current, body)
+                    else:
+                        raise PatchError(
+                            415,
+                            "UnsupportedMediaType",
+                            f"the body of the request was in an unknown format: {content_type}",
+                        )
+                except PatchError as exc:
+                    self._send(exc.code, _status(exc.code, exc.reason, str(exc)))
+                    return
+                updated["status"] = copy.deepcopy(current.get("status"))  # status is a subresource
+                if updated["status"] is None:
+                    del updated["status"]
+                problems = schema_problems(resource, updated)
+                for immutable in ("name", "namespace", "uid", "creationTimestamp"):
+                    if updated["metadata"].get(immutable) != current["metadata"].get(immutable):
+                        problems.append(f"metadata.{immutable}: field is immutable")
+                if (updated.get("kind"), updated.get("apiVersion")) != (
+                    current["kind"],
+                    current["apiVersion"],
+                ):
+                    problems.append("kind/apiVersion are immutable")
+                if problems:
+                    self._invalid(resource, name, problems)
+                    return
+                spec_changed = updated.get("spec") != current.get("spec")
+                updated["metadata"]["generation"] = current["metadata"]["generation"] + int(spec_changed)
+                updated["metadata"]["resourceVersion"] = fake.next_resource_version()
+                fake.objects[key] = updated
+                fake.history.setdefault(key, []).append(copy.deepcopy(updated))
+                stored = copy.deepcopy(updated)
+            self._send(200, stored)
+            if spec_changed and fake.controller is not None:
+                fake.controller(fake, copy.deepcopy(stored))
 
         def do_DELETE(self) -> None:
             resource, namespace, name, path = self._route()
+            if resource is not None and self._unavailable():
+                return
             with fake.lock:
                 removed = fake.objects.pop((resource.plural, namespace, name), None) if resource else None
             if removed is None:
@@ -272,13 +616,163 @@ def _handler(fake: FakeKube, validators: dict[str, tuple[Resource, jsonschema.Dr
 def fake_kube(controller: Controller | None = None) -> Iterator[FakeKube]:
     """Serve a fresh fake API server on 127.0.0.1 for the duration of the block."""
     fake = FakeKube(controller=controller)
-    validators = {r.plural: (r, r.validator()) for r in RESOURCES}
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(fake, validators))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(fake))
     fake.url = f"http://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    # A short poll interval: shutting the server down at the end of each test waits for one.
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()
     try:
         yield fake
     finally:
+        fake.closed = True
         server.shutdown()
         server.server_close()
+
+
+# --- KServe -------------------------------------------------------------------------------------
+
+ISVC_LABEL = "serving.kserve.io/inferenceservice"
+TAG_ROUTING = "serving.kserve.io/enable-tag-routing"
+
+
+@dataclass
+class Revision:
+    name: str
+    template: str  # what Knative makes a new revision for: the pod template (predictor, annotations)
+    url: str
+    ready: bool
+
+
+@dataclass
+class _Service:
+    revisions: list[Revision] = field(default_factory=list)
+    latest_ready: Revision | None = None
+    latest_rolled_out: Revision | None = None
+    previous_rolled_out: Revision | None = None
+
+
+@dataclass
+class KServe:
+    """Plays KServe's controller for InferenceServices in serverless mode, as a fake's controller.
+
+    Each new generation is reconciled in a thread, as KServe and Knative would: a changed pod
+    template (predictor without ``canaryTrafficPercent``, annotations) makes a new revision with
+    predictor pods. Traffic follows KServe's ksvc reconciler: with ``canaryTrafficPercent`` and a
+    rolled-out revision, the canary share goes to the newest *ready* revision and the rest to
+    ``latestRolledoutRevision`` (tag ``prev``); otherwise all of it goes to the newest ready
+    revision. A revision that gets all traffic becomes the rolled-out one. Tag ``latest`` (a URL
+    for the newest ready revision) exists only with ``serving.kserve.io/enable-tag-routing``. The
+    status reports ``observedGeneration``, ``Ready`` (the newest revision's), URLs and revisions.
+
+    ``url_for`` says where a revision of a spec answers (a real local model server); ``crash``
+    gives the container's message when a spec's pods should crash-loop (and never get ready);
+    ``stale_gets`` keeps the previous generation's status for that many GETs of the object (a
+    busy controller: a client that trusts a stale Ready condition is caught by that).
+    """
+
+    url_for: Callable[[dict[str, Any]], str]
+    crash: Callable[[dict[str, Any]], str | None] = lambda obj: None
+    stale_gets: int = 0
+    stale_answers: int = 0  # GETs answered while a newer generation waited to be reconciled
+    services: dict[tuple[str, str], _Service] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __call__(self, fake: FakeKube, obj: dict[str, Any]) -> None:
+        threading.Thread(target=self._reconcile, args=(fake, obj), daemon=True).start()
+
+    def _reconcile(self, fake: FakeKube, obj: dict[str, Any]) -> None:
+        meta = obj["metadata"]
+        key = (INFERENCESERVICE.plural, meta["namespace"], meta["name"])
+        start = fake.gets_of(*key)
+        while fake.gets_of(*key) < start + self.stale_gets:
+            if (
+                fake.closed
+                or fake.objects.get(key, {}).get("metadata", {}).get("generation") != meta["generation"]
+            ):
+                return
+            time.sleep(0.002)
+        self.stale_answers += fake.gets_of(*key) - start
+        with self.lock:
+            self._apply(fake, obj)
+
+    def _apply(self, fake: FakeKube, obj: dict[str, Any]) -> None:
+        meta, predictor = obj["metadata"], obj["spec"]["predictor"]
+        name, generation = meta["name"], meta["generation"]
+        service = self.services.setdefault((meta["namespace"], name), _Service())
+        template = json.dumps(
+            {
+                "predictor": {k: v for k, v in predictor.items() if k != "canaryTrafficPercent"},
+                "annotations": meta.get("annotations") or {},
+            },
+            sort_keys=True,
+        )
+        if not service.revisions or service.revisions[-1].template != template:
+            crash = self.crash(obj)
+            revision = Revision(
+                f"{name}-predictor-{len(service.revisions) + 1:05d}",
+                template,
+                self.url_for(obj),
+                crash is None,
+            )
+            service.revisions.append(revision)
+            pod_labels = {ISVC_LABEL: name, **(predictor.get("labels") or {})}
+            pod = f"{revision.name}-deployment-7d9f8-abcde"
+            if crash is None:
+                fake.add_pod(pod, pod_labels, running=True, container="kserve-container")
+            else:
+                fake.add_pod(
+                    pod, pod_labels, waiting="CrashLoopBackOff", restart_count=3, last_exit_code=1,
+                    last_message=crash, container="kserve-container",
+                    message="back-off 40s restarting failed container=kserve-container",
+                )  # fmt: skip
+        latest = service.revisions[-1]
+        if latest.ready:
+            service.latest_ready = latest
+        canary = predictor.get("canaryTrafficPercent")
+        tagged = (meta.get("annotations") or {}).get(TAG_ROUTING) == "true"
+        newest, rolled = service.latest_ready, service.latest_rolled_out
+        traffic: list[dict[str, Any]] = []
+        if newest is not None:
+            if canary is not None and rolled is not None:
+                traffic = [self._target(newest, canary, "latest" if tagged else "", latest=True)]
+                if canary < 100:
+                    traffic.append(self._target(rolled, 100 - canary, "prev", latest=False))
+            else:
+                traffic = [self._target(newest, 100, "latest" if tagged else "", latest=True)]
+            if traffic[0]["percent"] == 100 and rolled is not newest:
+                service.previous_rolled_out, service.latest_rolled_out = rolled, newest
+        ready = condition("Ready", "", "") if latest.ready else condition(
+            "Ready", "RevisionFailed",
+            f"Revision \"{latest.name}\" failed with message: Container failed with: {self.crash(obj)}",
+            status="False",
+        )  # fmt: skip
+        ready = {k: v for k, v in ready.items() if v != ""}
+        components: dict[str, Any] = {
+            "latestCreatedRevision": latest.name,
+            "traffic": traffic,
+        }
+        for field_name, revision in (
+            ("latestReadyRevision", service.latest_ready),
+            ("latestRolledoutRevision", service.latest_rolled_out),
+            ("previousRolledoutRevision", service.previous_rolled_out),
+        ):
+            if revision is not None:
+                components[field_name] = revision.name
+        status: dict[str, Any] = {
+            "observedGeneration": generation,
+            "deploymentMode": "Serverless",
+            "conditions": [ready],
+            "components": {"predictor": components},
+        }
+        if traffic:
+            # The service URL splits traffic; a single URL stands in for it: the majority's.
+            majority = max(traffic, key=lambda t: (t["percent"], t["latestRevision"]))
+            status["url"] = next(r.url for r in service.revisions if r.name == majority["revisionName"])
+        fake.replace_status(INFERENCESERVICE.plural, meta["namespace"], name, status, generation=generation)
+
+    @staticmethod
+    def _target(revision: Revision, percent: int, tag: str, *, latest: bool) -> dict[str, Any]:
+        target: dict[str, Any] = {"revisionName": revision.name, "percent": percent, "latestRevision": latest}
+        if tag:  # only tagged targets get a URL of their own
+            target.update(tag=tag, url=revision.url)
+        return target

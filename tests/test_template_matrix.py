@@ -167,13 +167,25 @@ def assert_answers_reached_the_files(project: Path, case: Case) -> None:
 
 
 def assert_compiled(project: Path, case: Case) -> None:
+    """What `handoff compile` wrote for the project's orchestrator names its image and contract."""
     compiled = project / "compiled"
-    pipeline = next(yaml.safe_load_all((compiled / "pipeline.kfp.yaml").read_text()))
     image = yaml.safe_load((project / "handoff.yaml").read_text())["image"]
-    executors: dict[str, Any] = pipeline["deploymentSpec"]["executors"]
-    assert {e["container"]["image"] for e in executors.values()} == {image}
     contract_sha256 = hashlib.sha256((project / "contract.yaml").read_bytes()).hexdigest()
-    assert contract_sha256 in pipeline["pipelineInfo"]["description"]
+    orchestrator = case.answers.get("orchestrator", "kfp")
+    kfp_file, argo_file = compiled / "pipeline.kfp.yaml", compiled / "workflow-template.argo.yaml"
+    assert kfp_file.exists() is (orchestrator in ("kfp", "both"))
+    assert argo_file.exists() is (orchestrator in ("argo", "both") and not case.multi_node)
+    if kfp_file.exists():
+        pipeline = next(yaml.safe_load_all(kfp_file.read_text()))
+        executors: dict[str, Any] = pipeline["deploymentSpec"]["executors"]
+        assert {e["container"]["image"] for e in executors.values()} == {image}
+        assert contract_sha256 in pipeline["pipelineInfo"]["description"]
+    if argo_file.exists():
+        template = yaml.safe_load(argo_file.read_text())
+        assert template["metadata"]["namespace"] == case.answer("namespace")
+        images = {t["container"]["image"] for t in template["spec"]["templates"] if "container" in t}
+        assert images == {image}
+        assert contract_sha256 in template["metadata"]["annotations"]["workflows.argoproj.io/description"]
 
     job_file = compiled / "train-job.yaml"
     if not case.multi_node:
@@ -210,8 +222,13 @@ def test_generated_project_passes_its_own_checks(tmp_path: Path, case: Case) -> 
         tested = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"], cwd=project)
         assert tested.returncode == 0, tested.stdout[-3000:]
 
+    target: list[str] = []
     if case.multi_node:
         edit_yaml(project / "handoff.yaml", use_two_nodes)
-    compiled = handoff("compile", cwd=project)
+        # Multi-node training launches a TrainJob from the KFP train step; Argo says so and stops.
+        refused = handoff("compile", "--target", "argo", cwd=project)
+        assert refused.returncode == 1 and "training.nodes" in refused.stderr, refused.stderr
+        target = ["--target", "kfp"]
+    compiled = handoff("compile", *target, cwd=project)
     assert compiled.returncode == 0, compiled.stdout + compiled.stderr
     assert_compiled(project, case)

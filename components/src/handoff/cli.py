@@ -10,7 +10,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 
@@ -81,27 +81,62 @@ def run(
         raise typer.Exit(1)
 
 
-@app.command(name="compile")
-def compile_(
-    project: ProjectOpt = Path("."),
-    out: Annotated[Path, typer.Option(help="Folder for the compiled files.", file_okay=False)] = Path(
-        "compiled"
-    ),
-    image: Annotated[
-        str | None,
-        typer.Option(help="Image the steps run in, instead of handoff.yaml's (e.g. REPOSITORY@sha256:…)."),
-    ] = None,
-) -> None:
-    """Compile for a cluster: the KFP pipeline, and the training job when training.nodes > 1."""
-    from handoff_pipelines.compiled import compile_project, is_image_reference
+ImageOpt = Annotated[
+    str | None,
+    typer.Option(help="Image the steps run in, instead of handoff.yaml's (e.g. REPOSITORY@sha256:…)."),
+]
+TargetOpt = Annotated[
+    Literal["kfp", "argo", "all"] | None,
+    typer.Option(help="Kubeflow Pipelines, Argo Workflows or both (default: handoff.yaml's orchestrator)."),
+]
+OutOpt = Annotated[Path, typer.Option(help="Folder for the compiled files.", file_okay=False)]
+
+
+def _checked_image(image: str | None) -> str | None:
+    from handoff_pipelines.compiled import is_image_reference
 
     if image is not None and not is_image_reference(image):
         raise HandoffError(
             "--image expects an image reference, [REGISTRY/]NAME[:TAG][@sha256:DIGEST] with a lowercase "
             f"NAME, e.g. registry.example.com/ml/my-model@sha256:<64 hex digits>; got {image!r}"
         )
-    for path in compile_project(project, out, image=image):
+    return image
+
+
+def _targets(target: str | None) -> tuple[str, ...] | None:
+    from handoff_pipelines.compiled import TARGETS
+
+    return None if target is None else TARGETS if target == "all" else (target,)
+
+
+@app.command(name="compile")
+def compile_(
+    project: ProjectOpt = Path("."),
+    out: OutOpt = Path("compiled"),
+    image: ImageOpt = None,
+    target: TargetOpt = None,
+) -> None:
+    """Compile for a cluster: the KFP pipeline (and its training job when training.nodes > 1) and/or
+    the Argo WorkflowTemplate."""
+    from handoff_pipelines.compiled import compile_project
+
+    for path in compile_project(project, out, image=_checked_image(image), targets=_targets(target)):
         typer.echo(f"wrote {path}")
+
+
+@app.command()
+def submit(
+    project: ProjectOpt = Path("."),
+    out: OutOpt = Path("compiled"),
+    image: ImageOpt = None,
+    target: TargetOpt = None,
+) -> None:
+    """Compile, then start a run on the cluster: Kubeflow Pipelines (cluster.kfp_endpoint, token in
+    $KF_PIPELINES_TOKEN) and/or Argo Workflows (cluster.argo_server, token in $ARGO_TOKEN)."""
+    from handoff_pipelines.submit import submit_project
+
+    for run in submit_project(project, out, image=_checked_image(image), targets=_targets(target)):
+        typer.echo(f"submitted {run.target} run {run.name} ({run.id}): {run.url}")
 
 
 @app.command()
@@ -177,8 +212,16 @@ def register(
 def deploy(
     project: ProjectOpt = Path("."),
     version: Annotated[str, typer.Option(help="Registered version, or an alias.")] = "champion",
+    cluster: Annotated[
+        bool | None,
+        typer.Option(
+            "--cluster/--local",
+            help="Roll out to the project's KServe InferenceService (canary, smoke test, rollback), or "
+            "serve on this machine. Default: the cluster when running in a pod, else this machine.",
+        ),
+    ] = None,
 ) -> None:
-    """Serve a registered version locally with the KServe model server and smoke-test it."""
+    """Serve a registered version (locally, or on the cluster with KServe) and smoke-test it."""
 
     from handoff.project import Project
     from handoff.steps.deploy import deploy as step
@@ -194,7 +237,27 @@ def deploy(
                 f"({loaded.tracking_uri})"
             )
         version = found
-    _print_record(step(project, name, version))
+    _print_record(step(project, name, version, cluster=cluster))
+
+
+@app.command()
+def doctor(project: ProjectOpt = Path(".")) -> None:
+    """Check what a cluster run needs, before one: API server, namespace, CRDs, access, GPUs, image,
+    MLflow, and the KFP / Argo servers. Exits 1 when a check fails."""
+    from handoff.doctor import run_doctor
+    from handoff.project import Project
+
+    findings = run_doctor(Project.load(project))
+    for finding in findings:
+        typer.echo(f"{finding.outcome.upper():5} {finding.check}: {finding.detail}")
+    failed = [f for f in findings if f.outcome == "fail"]
+    skipped = [f for f in findings if f.outcome == "skip"]
+    typer.echo(
+        f"doctor: {len(findings) - len(failed) - len(skipped)} passed, {len(skipped)} skipped, "
+        f"{len(failed)} failed"
+    )
+    if failed:
+        raise typer.Exit(1)
 
 
 @app.command()

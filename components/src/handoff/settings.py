@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -11,6 +12,10 @@ from handoff.k8s_names import Dns1123Label
 from handoff.yaml_files import FieldError, StrictModel, load_yaml_model
 
 SETTINGS_FILE = "handoff.yaml"
+# The MLflow a compiled pipeline's pods use (cluster.mlflow_tracking_uri). Not MLflow's own
+# MLFLOW_TRACKING_URI: mlflow.set_tracking_uri() writes that one into the process environment, so
+# it would carry one project's registry into the next project run by the same process.
+TRACKING_URI_ENV = "HANDOFF_MLFLOW_TRACKING_URI"
 # The image a compiled pipeline runs in, set on its multi-node train step: the job's nodes run it
 # instead of handoff.yaml's ``image`` (a tag), so a pipeline compiled against a digest stays on it.
 IMAGE_ENV = "HANDOFF_IMAGE"
@@ -52,8 +57,9 @@ class KServeSettings(StrictModel):
     gpus: int = Field(default=0, ge=0)
     # How long a new revision may take to be Ready at its new generation.
     ready_timeout_s: float = Field(default=600, gt=0)
-    # The predictor's ServiceAccount: the one allowed to read the model storage (S3, GCS).
-    service_account: Dns1123Label | None = None
+    # The predictor's ServiceAccount (manifests/ creates it with no API access): give it the
+    # model storage's credentials (S3, GCS) as KServe expects them.
+    service_account: Dns1123Label | None = "handoff-serving"
 
     @model_validator(mode="after")
     def _replicas_in_order(self) -> KServeSettings:
@@ -178,8 +184,13 @@ class Settings(StrictModel):
     cluster: ClusterSettings = ClusterSettings()
 
     def tracking_uri(self, project_dir: Path) -> str:
-        """The MLflow tracking URI with a relative sqlite path made absolute under the project."""
-        uri = self.mlflow.tracking_uri
+        """The MLflow tracking URI, a relative sqlite path made absolute under the project.
+
+        ``TRACKING_URI_ENV`` wins when set: compiled pipelines set it on every pod from
+        ``cluster.mlflow_tracking_uri``, since a pod cannot use the project's sqlite file (its
+        project folder is read-only and not shared between steps).
+        """
+        uri = os.environ.get(TRACKING_URI_ENV) or self.mlflow.tracking_uri
         prefix = "sqlite:///"
         if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
             return prefix + str((project_dir / uri[len(prefix) :]).resolve())

@@ -1,34 +1,48 @@
-"""deploy: serve a registered version with the KServe model server on this machine and smoke-test it.
+"""deploy: serve a registered version and smoke-test it, on this machine or on a cluster.
 
-The model is fetched from the registry (what was registered is what is served), its sha256 is
-checked against the version's tag, and it is served with the contract it was registered with.
-The new server must pass the smoke test; if it does not start or fails, the version that was
-serving before is started again and the step fails saying why.
+Locally, the model is fetched from the registry (what was registered is what is served), its
+sha256 is checked against the version's tag, and it is served with the KServe model server and
+the contract it was registered with. The new server must pass the smoke test; if it does not
+start or fails, the version that was serving before is started again and the step fails saying why.
+
+On a cluster (``--cluster``, or a step running in a pod outside a local run), the project's KServe
+InferenceService is pointed at the version's Triton model repository in the MLflow artifact store
+(its ``handoff.triton_uri`` tag), rolled out with a canary, smoke-tested with the contract example
+it was registered with, then promoted or rolled back (``handoff.kube.inference_service``).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import mlflow
 from mlflow.exceptions import MlflowException
 
 from handoff.artifacts import EXAMPLE_FILE, EXTRA_DIR, ONNX_FILE
-from handoff.contract import CONTRACT_FILE, load_contract
+from handoff.contract import CONTRACT_FILE, Contract, load_contract
 from handoff.errors import HandoffError
 from handoff.files import read_json, sha256_of, write_json
 from handoff.project import Project
 from handoff.serving import local_server
 from handoff.serving.local_server import ServerHandle
 from handoff.serving.smoke import smoke_test
-from handoff.steps.register import SHA_TAG
+from handoff.step_entry import LOCAL_RUN_ENV
+from handoff.steps.register import SHA_TAG, TRITON_TAG
 from handoff.tracking import use_tracking
+
+if TYPE_CHECKING:
+    from kubernetes.client import ApiClient
+
+    from handoff.kube.inference_service import Release
 
 
 @dataclass(frozen=True)
@@ -43,6 +57,12 @@ class DeployResult:
     smoke_detail: str
     smoke_latency_ms: float
     seconds: float
+    target: str = "local"  # local: this machine's model server (pid); cluster: an InferenceService
+
+
+def in_cluster() -> bool:
+    """A step in a pod deploys to its cluster, except in a local run (which has no cluster)."""
+    return bool(os.environ.get("KUBERNETES_SERVICE_HOST")) and not os.environ.get(LOCAL_RUN_ENV)
 
 
 def fetch_model(project: Project, name: str, version: str) -> Path:
@@ -128,13 +148,20 @@ def _start(
     )
 
 
-def deploy(project_dir: Path | str, model_name: str, version: str) -> DeployResult:
-    """Serve ``model_name`` version ``version`` on the configured host/port and smoke-test it.
+def deploy(
+    project_dir: Path | str, model_name: str, version: str, *, cluster: bool | None = None
+) -> DeployResult:
+    """Serve ``model_name`` version ``version`` and smoke-test it.
 
-    On another port than the running version, the new server starts and passes its smoke test
-    before the old one stops (blue/green). On the same port the old one must stop first; if the
-    new one then fails, the old version is started again.
+    ``cluster`` None decides by where the step runs (``in_cluster``). Locally, on another port
+    than the running version, the new server starts and passes its smoke test before the old one
+    stops (blue/green). On the same port the old one must stop first; if the new one then fails,
+    the old version is started again.
     """
+    if cluster is None:
+        cluster = in_cluster()
+    if cluster:
+        return deploy_to_cluster(project_dir, model_name, version)
     started = time.perf_counter()
     project = Project.load(project_dir)
     serving = project.settings.serving
@@ -198,3 +225,86 @@ def _still_serving(previous: ServerHandle | None) -> str:
     if previous is None:
         return "nothing was serving before"
     return f"version {previous.version} keeps serving at {previous.url}"
+
+
+def registered_release(project: Project, name: str, version: str) -> tuple[Release, Contract, dict[str, Any]]:
+    """The version's Triton repository, and the contract and example it was registered with."""
+    from handoff.kube.inference_service import Release
+
+    client = use_tracking(project)
+    try:
+        tags = client.get_model_version(name, version).tags
+    except MlflowException:
+        raise HandoffError(
+            f"model {name!r} has no version {version!r} in the registry ({project.tracking_uri})"
+        ) from None
+    missing = [tag for tag in (SHA_TAG, TRITON_TAG) if not tags.get(tag)]
+    if missing:
+        raise HandoffError(
+            f"registered version {name}/{version} has no {' or '.join(missing)} tag (registered before "
+            "cluster serving existed); export and register it again"
+        )
+    with tempfile.TemporaryDirectory(dir=project.state_dir, prefix=".registered-") as tmp:
+        # Only the small files: the cluster downloads the model itself, from the Triton repository.
+        try:
+            files = Path(
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=f"models:/{name}/{version}/{EXTRA_DIR}", dst_path=tmp
+                )
+            )
+        except (MlflowException, OSError):
+            files = Path(tmp) / EXTRA_DIR  # reported below, with what to do
+        if not (files / CONTRACT_FILE).is_file() or not (files / EXAMPLE_FILE).is_file():
+            raise HandoffError(
+                f"registered version {name}/{version} has no {CONTRACT_FILE} or {EXAMPLE_FILE} "
+                "attached; register it again with `handoff register`"
+            )
+        contract = load_contract(files)
+        example = read_json(files / EXAMPLE_FILE)
+    release = Release(model_name=name, version=version, sha256=tags[SHA_TAG], triton_uri=tags[TRITON_TAG])
+    return release, contract, example
+
+
+def deploy_to_cluster(
+    project_dir: Path | str,
+    model_name: str,
+    version: str,
+    *,
+    api: ApiClient | None = None,
+    poll_s: float = 5.0,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> DeployResult:
+    """Roll ``model_name`` version ``version`` out to the project's InferenceService."""
+    from handoff.kube import inference_service as isvc
+    from handoff.kube.client import api_client
+
+    started = time.perf_counter()
+    project = Project.load(project_dir)
+    release, contract, example = registered_release(project, model_name, version)
+    if release.triton_uri.startswith("file://"):
+        isvc.log(
+            f"warning: the model's files are on a local path ({release.triton_uri}); the predictor "
+            "can only download them if that path is mounted into it (use object storage for MLflow)"
+        )
+    services = isvc.ServiceClient(
+        project.settings.namespace, project.settings.project, api or api_client(), retry_s=poll_s, sleep=sleep
+    )
+    done = isvc.rollout(
+        services,
+        project.settings,
+        release,
+        lambda url: smoke_test(url, model_name, contract, example),
+        isvc.Watch(services, poll_s=poll_s, clock=clock, sleep=sleep),
+    )
+    return DeployResult(
+        url=done.url,
+        model_name=model_name,
+        version=version,
+        pid=0,
+        smoke_passed=done.smoke.passed,
+        smoke_detail=done.smoke.detail,
+        smoke_latency_ms=done.smoke.latency_ms,
+        seconds=round(time.perf_counter() - started, 3),
+        target="cluster",
+    )

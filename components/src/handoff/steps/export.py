@@ -3,7 +3,8 @@
 Dynamic batch axis, the contract's input/output names, ``onnx.checker``, and parity with torch
 measured in ONNX Runtime (the engine that will serve it) at two batch sizes. The output folder
 holds ``model.onnx``, ``example.json`` (the contract example and its expected outputs, which the
-smoke test replays) and ``config.json`` (the Config the weights were trained with).
+smoke test replays), ``config.json`` (the Config the weights were trained with) and ``triton/``,
+the same model as a Triton model repository with its ``config.pbtxt`` (what a cluster serves).
 """
 
 from __future__ import annotations
@@ -24,12 +25,13 @@ import torch
 
 from handoff.artifacts import CONFIG_FILE, EXAMPLE_FILE, EXPORT_RECORD_FILE, ONNX_FILE
 from handoff.checkpoints import load_checkpoint
-from handoff.contract import Contract
+from handoff.contract import CONTRACT_FILE, Contract
 from handoff.errors import HandoffError
 from handoff.files import sha256_of, write_json
 from handoff.hooks import MODEL_FILE, ModelModule, as_tuple, call_hook, user_code
 from handoff.onnx_io import check_arrays, open_session, run_session
 from handoff.project import Project
+from handoff.triton import TRITON_DIR, write_layout
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,7 @@ class ExportResult:
     """The exported file's identity and how closely it matches the torch model."""
 
     model_dir: str
+    triton_repository: str  # the Triton model repository (root) holding the same model.onnx
     onnx_sha256: str
     onnx_bytes: int
     opset: int
@@ -187,7 +190,7 @@ def example_payload(
 
 
 def export(project_dir: Path | str, checkpoint: Path | str, model_dir: Path | str) -> ExportResult:
-    """Export the checkpoint to ``model_dir`` (model.onnx, example.json, config.json)."""
+    """Export the checkpoint to ``model_dir`` (model.onnx, example.json, config.json, triton/)."""
     started = time.perf_counter()
     project = Project.load(project_dir)
     model, cfg = load_checkpoint(project, checkpoint)
@@ -198,7 +201,8 @@ def export(project_dir: Path | str, checkpoint: Path | str, model_dir: Path | st
     worst, outputs = check_parity(model, project, path, example)
     write_json(out / EXAMPLE_FILE, example_payload(project.contract, example, outputs))
     write_json(out / CONFIG_FILE, dataclasses.asdict(cfg))
-    expected = {ONNX_FILE, EXAMPLE_FILE, CONFIG_FILE, EXPORT_RECORD_FILE}
+    triton = write_layout(project.contract, project.root / CONTRACT_FILE, path, out)
+    expected = {ONNX_FILE, EXAMPLE_FILE, CONFIG_FILE, EXPORT_RECORD_FILE, TRITON_DIR}
     leftovers = sorted(p.name for p in out.iterdir() if p.name not in expected)
     if leftovers:
         raise HandoffError(
@@ -206,6 +210,7 @@ def export(project_dir: Path | str, checkpoint: Path | str, model_dir: Path | st
         )
     result = ExportResult(
         model_dir=str(out),
+        triton_repository=str(triton),
         onnx_sha256=sha256_of(path),
         onnx_bytes=path.stat().st_size,
         opset=opset,

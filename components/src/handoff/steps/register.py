@@ -4,6 +4,11 @@ Every version gets alias ``challenger``; ``champion`` moves to it only when the 
 artifact is one self-contained ``model.onnx`` (plus the contract example the smoke test replays),
 and the version's tags say where it came from: ONNX sha256, contract hash, template version,
 training run, git commit and the gate's verdict.
+
+The Triton model repository export wrote is logged into the same run (under a name derived from
+its content, so a retried step writes the same files to the same place and never changes what an
+earlier version points at), and the version's ``handoff.triton_uri`` tag holds its artifact URI:
+where a cluster's storage initializer fetches the model from (``handoff deploy --cluster``).
 """
 
 from __future__ import annotations
@@ -33,8 +38,12 @@ from handoff.model_card import CARD_FILE, check_model_card, filled_in_card
 from handoff.project import Project
 from handoff.readiness import REPORT_HTML, REPORT_MD
 from handoff.tracking import CHALLENGER, CHAMPION, alias_version, use_tracking
+from handoff.triton import TRITON_DIR, check_layout, layout_digest
 
 SHA_TAG = "handoff.onnx_sha256"
+# The artifact URI of the version's Triton model repository (its root; the model folder inside
+# is named after the contract).
+TRITON_TAG = "handoff.triton_uri"
 
 
 @dataclass(frozen=True)
@@ -131,14 +140,17 @@ def register(
     client = use_tracking(project)
     name = project.contract.name  # registered and served under the contract's name
     sha = sha256_of(model_dir / ONNX_FILE)
+    triton = model_dir / TRITON_DIR
+    check_layout(triton, project.contract, sha)  # before anything is written
     # Log into the training run (one run holds the whole lineage) without letting a failure
     # here mark that finished run as FAILED, which `with start_run(...)` would do.
     run = mlflow.start_run(run_id=mlflow_run_id or None, run_name=f"{project.settings.project}-register")
     try:
-        info = _log_model(project, model_dir, checked, card, sha, run.info.run_id, report_dir)
+        triton_uri = _log_triton_layout(triton)
+        tags = _tags(project, checked, sha, run.info.run_id, triton_uri)
+        info = _log_model(project, model_dir, checked, card, tags, report_dir)
     finally:
         mlflow.end_run()
-    tags = _tags(project, checked, sha, run.info.run_id)
     registered = mlflow.register_model(info.model_uri, name, tags=tags)
     version = str(registered.version)
     aliases = [CHALLENGER]
@@ -173,9 +185,24 @@ def _champion_moved(client: MlflowClient, name: str, compared: str | None) -> st
     )
 
 
-def _tags(project: Project, checked: dict[str, Any], sha: str, run_id: str) -> dict[str, str]:
+def _log_triton_layout(root: Path) -> str:
+    """Upload the Triton repository into the open run; returns its artifact URI.
+
+    The path is named after the layout's content: the same files always land at the same URI
+    (a retry rewrites identical bytes), and another model logged into the same run later gets a
+    URI of its own instead of overwriting the one an earlier version's tag points at.
+    """
+    artifact_path = f"{TRITON_DIR}/{layout_digest(root)[:16]}"
+    mlflow.log_artifacts(str(root), artifact_path=artifact_path)
+    return str(mlflow.get_artifact_uri(artifact_path))
+
+
+def _tags(
+    project: Project, checked: dict[str, Any], sha: str, run_id: str, triton_uri: str
+) -> dict[str, str]:
     return {
         SHA_TAG: sha,
+        TRITON_TAG: triton_uri,
         "handoff.contract_sha256": project.contract.sha256,
         "handoff.template_version": __version__,
         "handoff.run_id": run_id,
@@ -191,8 +218,7 @@ def _log_model(
     model_dir: Path,
     checked: dict[str, Any],
     card: str,
-    sha: str,
-    run_id: str,
+    tags: dict[str, str],
     report_dir: Path | str | None,
 ) -> Any:
     """Log metrics and the model (with its attachments) into the open MLflow run."""
@@ -200,7 +226,6 @@ def _log_model(
     mlflow.log_metrics({k: checked[k] for k in ("latency_p50_ms", "latency_p99_ms")})
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(report_dir) if report_dir else None
-        tags = _tags(project, checked, sha, run_id)
         attached = _attachments(project, card, checked, tags, report, Path(tmp))
         return mlflow.onnx.log_model(
             onnx_model=onnx.load(str(model_dir / ONNX_FILE)),

@@ -1,0 +1,329 @@
+"""The pipeline graph for Argo Workflows: a WorkflowTemplate built with hera from ``graph.cluster_plan``.
+
+Every step is a container template in the project image that runs ``python -m handoff <step>``,
+the command a researcher runs by hand; nothing is installed at run time. Steps hand files on as
+Argo artifacts, kept in the namespace's default artifact repository (the workflow controller's
+``artifactRepository``, or the namespace's ``artifact-repositories`` ConfigMap): each step is its
+own pod, so the train pod can sit on a GPU node and the others anywhere, a retried step fetches
+its inputs again, and every model, report and record can be downloaded from the Argo UI. A
+shared volume would tie the pods to one node (ReadWriteOnce) or need ReadWriteMany storage.
+
+Small values travel as parameters read from the steps' records with ``jsonpath``: the MLflow run
+of the training, the registered version and evaluate's gate. Argo's ``when`` takes only simple
+tags (expression tags there are unsupported and fail at random), so the gate crosses into a
+one-step template as a parameter, and its ``when`` tests that: deploy runs only if it passed.
+The exit handler prints and records (as its node's message) how the run ended; each failed step
+has already recorded its own error the same way.
+
+Nothing is cached (no ``memoize``): every run trains, as on KFP, whose train step takes the run's
+id. Pods run as the image's non-root user with a read-only root filesystem, scratch space in
+emptyDirs, no privilege escalation, no capabilities and the runtime's seccomp profile: what the
+namespace's Pod Security "restricted" level admits. Argo's own init and wait containers take
+their security context from the workflow controller's ``executor`` configuration.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from hera.workflows import (
+    DAG,
+    Artifact,
+    Container,
+    Env,
+    Parameter,
+    Resources,
+    RetryStrategy,
+    SecretEnv,
+    Step,
+    Steps,
+    Task,
+    WorkflowTemplate,
+)
+from hera.workflows import models as m
+
+from handoff.errors import HandoffError
+from handoff.labels import labels
+from handoff.project import Project
+from handoff.settings import PROJECT_DIR_IN_IMAGE, SETTINGS_FILE, TRACKING_URI_ENV
+from handoff_pipelines import PIPELINE_NAME, STEPS
+from handoff_pipelines.graph import (
+    RETRY_BACKOFF_FACTOR,
+    RETRY_BACKOFF_S,
+    RUN_AS_USER,
+    SHM_VOLUME,
+    TMP_VOLUME,
+    StepPlan,
+    cluster_plan,
+    description,
+)
+
+EXIT_HANDLER = "outcome"
+GATE_TEMPLATE = "deploy-if-gate-passed"
+PROJECT_DIR = "project-dir"
+IN, OUT = "/tmp/inputs", "/tmp/outputs"  # under the /tmp emptyDir: the root filesystem is read-only
+
+
+@dataclass(frozen=True)
+class Handed:
+    """A file or folder one step writes and later steps read: its artifact name and file name."""
+
+    name: str
+    file: str
+
+    @property
+    def produced(self) -> str:
+        return f"{OUT}/{self.file}"
+
+    @property
+    def consumed(self) -> str:
+        return f"{IN}/{self.file}"
+
+
+CHECKPOINT = Handed("checkpoint", "checkpoint.pt")
+ONNX_MODEL = Handed("onnx-model", "onnx")
+EVALUATION = Handed("evaluation", "evaluation.json")
+REPORT = Handed("report", "report")
+TRAIN_RECORD = f"{OUT}/train.json"
+
+# What each step reads from earlier steps: artifacts (from which step) and parameters (an
+# expression over earlier steps' outputs). Together with the arguments below, this is the CLI
+# side of what components.py does for KFP.
+CONSUMES: dict[str, list[tuple[Handed, str]]] = {
+    "train": [],
+    "export": [(CHECKPOINT, "train")],
+    "evaluate": [(ONNX_MODEL, "export")],
+    "register": [(ONNX_MODEL, "export"), (EVALUATION, "evaluate"), (REPORT, "evaluate")],
+    "deploy": [],
+}
+PRODUCES: dict[str, list[Handed]] = {
+    "train": [CHECKPOINT],
+    "export": [ONNX_MODEL],
+    "evaluate": [EVALUATION, REPORT],
+    "register": [],
+    "deploy": [],
+}
+RUN_ID = "{{=jsonpath(tasks.train.outputs.parameters.record, '$.mlflow_run_id')}}"
+PARAMETERS: dict[str, dict[str, str]] = {
+    "train": {},
+    "export": {},
+    "evaluate": {"run-id": RUN_ID},
+    "register": {"run-id": RUN_ID},
+    # A step's stdout is its record (JSON): register's names the version it registered.
+    "deploy": {
+        "gate-passed": "{{=jsonpath(tasks.evaluate.outputs.parameters.evaluation, '$.gate.passed')}}",
+        "version": "{{=jsonpath(tasks.register.outputs.result, '$.version')}}",
+    },
+}
+
+
+def step_arguments(step: str) -> list[str]:
+    """``python -m handoff <step>``'s options (see ``handoff <step> --help``)."""
+    project = ["--project", f"{{{{workflow.parameters.{PROJECT_DIR}}}}}"]
+    run_id = ["--run-id", "{{inputs.parameters.run-id}}"]
+    return {
+        "train": [*project, "--checkpoint", CHECKPOINT.produced, "--record", TRAIN_RECORD],
+        "export": [*project, "--checkpoint", CHECKPOINT.consumed, "--out", ONNX_MODEL.produced],
+        "evaluate": [
+            *project,
+            "--model-dir",
+            ONNX_MODEL.consumed,
+            "--out",
+            EVALUATION.produced,
+            "--report",
+            REPORT.produced,
+            *run_id,
+        ],
+        "register": [
+            *project,
+            "--model-dir",
+            ONNX_MODEL.consumed,
+            "--evaluation",
+            EVALUATION.consumed,
+            "--report",
+            REPORT.consumed,
+            *run_id,
+        ],
+        "deploy": [*project, "--version", "{{inputs.parameters.version}}"],
+    }[step]
+
+
+# The exit handler: one line saying how the run ended, in its log and as its node's message
+# (handoff.step_entry writes Kubernetes' termination message). It never fails the workflow.
+OUTCOME_PROGRAM = """\
+import sys
+from handoff.step_entry import write_termination_message
+name, status, seconds = sys.argv[1:4]
+line = f"handoff: workflow {name} {status} after {float(seconds):.0f} s"
+print(line)
+write_termination_message(line)
+"""
+
+
+def _container_security() -> m.SecurityContext:
+    return m.SecurityContext(
+        allow_privilege_escalation=False,
+        read_only_root_filesystem=True,
+        capabilities=m.Capabilities(drop=["ALL"]),
+    )
+
+
+def _pod_security() -> m.PodSecurityContext:
+    return m.PodSecurityContext(
+        run_as_non_root=True,
+        run_as_user=RUN_AS_USER,
+        run_as_group=RUN_AS_USER,
+        fs_group=RUN_AS_USER,
+        seccomp_profile=m.SeccompProfile(type="RuntimeDefault"),
+    )
+
+
+def _resources(cpu: str, memory: str, gpus: int = 0) -> Resources:
+    return Resources(
+        cpu_request=cpu,
+        cpu_limit=cpu,
+        memory_request=memory,
+        memory_limit=memory,
+        gpus=gpus or None,
+    )
+
+
+def _mounts(step: StepPlan | None) -> list[m.VolumeMount]:
+    mounts = [m.VolumeMount(name=TMP_VOLUME[0], mount_path=TMP_VOLUME[1])]
+    if step is not None and step.shared_memory:
+        mounts.append(m.VolumeMount(name=SHM_VOLUME[0], mount_path=SHM_VOLUME[1]))
+    return mounts
+
+
+def _retry(step: StepPlan, retries: int) -> RetryStrategy | None:
+    if not (step.retry_window_s and retries):
+        return None
+    # Always: a preempted or evicted pod is an Argo "error", not a "failure", and must be retried too.
+    return RetryStrategy(
+        limit=retries,
+        retry_policy="Always",
+        backoff=m.Backoff(
+            duration=f"{RETRY_BACKOFF_S}s",
+            factor=m.IntOrString(RETRY_BACKOFF_FACTOR),
+            max_duration=f"{step.retry_window_s}s",
+        ),
+    )
+
+
+def _env(project: Project) -> list[Env | SecretEnv]:
+    cluster = project.settings.cluster
+    env: list[Env | SecretEnv] = []
+    if cluster.mlflow_tracking_uri:
+        env.append(Env(name=TRACKING_URI_ENV, value=cluster.mlflow_tracking_uri))
+    # Secret references: the values never enter the workflow, its parameters or the Argo UI.
+    env += [SecretEnv(name=s.name, secret_name=s.secret, secret_key=s.key) for s in cluster.secret_env]
+    return env
+
+
+def _step_template(project: Project, step: StepPlan) -> Container:
+    inputs: list[Artifact | Parameter] = [
+        Artifact(name=handed.name, path=handed.consumed) for handed, _ in CONSUMES[step.name]
+    ]
+    inputs += [Parameter(name=name) for name in PARAMETERS[step.name] if name != "gate-passed"]
+    outputs: list[Artifact | Parameter] = [
+        Artifact(name=handed.name, path=handed.produced) for handed in PRODUCES[step.name]
+    ]
+    if step.name == "train":
+        outputs.append(Parameter(name="record", value_from=m.ValueFrom(path=TRAIN_RECORD)))
+    if step.name == "evaluate":  # the gate, read by the deploy task's arguments
+        outputs.append(Parameter(name="evaluation", value_from=m.ValueFrom(path=EVALUATION.produced)))
+    return Container(
+        name=step.name,
+        image=project.settings.image,
+        command=["python", "-m", "handoff", step.name],
+        args=step_arguments(step.name),
+        env=_env(project) or None,
+        resources=_resources(step.cpu, step.memory, step.gpus),
+        security_context=_container_security(),
+        volume_mounts=_mounts(step),
+        node_selector=dict(step.node_selector) or None,
+        tolerations=[m.Toleration(**t.model_dump(exclude_none=True)) for t in step.tolerations] or None,
+        retry_strategy=_retry(step, project.settings.cluster.retries),
+        inputs=inputs or None,
+        outputs=outputs or None,
+    )
+
+
+def _task_arguments(step: str) -> list[m.Artifact | Parameter]:
+    artifacts = [
+        m.Artifact(name=handed.name, from_=f"{{{{tasks.{source}.outputs.artifacts.{handed.name}}}}}")
+        for handed, source in CONSUMES[step]
+    ]
+    return [*artifacts, *(Parameter(name=name, value=value) for name, value in PARAMETERS[step].items())]
+
+
+def check_argo_target(project: Project) -> None:
+    """Refuse what the Argo target cannot run, naming the setting."""
+    nodes = project.settings.training.nodes
+    if nodes > 1:
+        raise HandoffError(
+            f"{nodes} nodes train as a Kubeflow TrainJob that the Kubeflow Pipelines train step launches; "
+            "the Argo WorkflowTemplate trains in one pod: compile with --target kfp (orchestrator: kfp), "
+            "or set training.nodes to 1",
+            file=project.root / SETTINGS_FILE,
+            field="training.nodes",
+        )
+
+
+def workflow_template(project: Project) -> WorkflowTemplate:
+    """The project's WorkflowTemplate, named after the project, in its namespace."""
+    check_argo_target(project)
+    settings = project.settings
+    plan = cluster_plan(settings.training)
+    assert tuple(step.name for step in plan) == STEPS
+    volumes = [
+        m.Volume(name=TMP_VOLUME[0], empty_dir=m.EmptyDirVolumeSource()),
+        m.Volume(name=SHM_VOLUME[0], empty_dir=m.EmptyDirVolumeSource(medium="Memory")),
+    ]
+    with WorkflowTemplate(
+        name=settings.project,
+        namespace=settings.namespace,
+        labels=labels(settings.project),
+        annotations={"workflows.argoproj.io/description": description(project.contract.sha256)},
+        entrypoint=PIPELINE_NAME,
+        on_exit=EXIT_HANDLER,
+        service_account_name=settings.cluster.service_account,
+        arguments=[Parameter(name=PROJECT_DIR, value=PROJECT_DIR_IN_IMAGE)],
+        pod_metadata=m.Metadata(labels=labels(settings.project)),
+        security_context=_pod_security(),
+        volumes=volumes,
+    ) as template:
+        # The graph first (templates are referenced by name), then what each node runs.
+        with DAG(name=PIPELINE_NAME):
+            for step in plan:
+                Task(
+                    name=step.name,
+                    template=GATE_TEMPLATE if step.gated else step.name,
+                    dependencies=list(step.after) or None,
+                    arguments=_task_arguments(step.name) or None,
+                )
+        with Steps(name=GATE_TEMPLATE, inputs=[Parameter(name="gate-passed"), Parameter(name="version")]):
+            Step(
+                name="deploy",
+                template="deploy",
+                when="{{inputs.parameters.gate-passed}} == true",
+                arguments=[Parameter(name="version", value="{{inputs.parameters.version}}")],
+            )
+        for step in plan:
+            _step_template(project, step)
+        Container(
+            name=EXIT_HANDLER,
+            image=settings.image,
+            command=["python", "-c", OUTCOME_PROGRAM],
+            args=["{{workflow.name}}", "{{workflow.status}}", "{{workflow.duration}}"],
+            resources=_resources("100m", "256Mi"),
+            security_context=_container_security(),
+            volume_mounts=_mounts(None),
+        )
+    return template
+
+
+def workflow_template_dict(project: Project) -> dict[str, Any]:
+    """The WorkflowTemplate as the Argo server and ``kubectl`` take it."""
+    return workflow_template(project).to_dict()

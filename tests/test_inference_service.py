@@ -1,0 +1,534 @@
+"""Deploying to a cluster: the project's KServe InferenceService, through the real kubernetes client.
+
+Only the Kubernetes API is faked (``tests/fake_kube.py``): every object it receives is validated
+against the InferenceService CRD schema (strict about unknown fields), and its ``KServe``
+controller plays KServe and Knative (revisions, canary traffic, status, predictor pods). The rest
+is real: MLflow's registry holds two versions with different weights, and each revision's URL is
+a real KServe model server on 127.0.0.1 serving that version's exported ONNX model, so a smoke
+test that reaches the wrong revision fails just as it would on a cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import requests
+
+from handoff.errors import HandoffError
+from handoff.files import write_json
+from handoff.kube import inference_service as isvc
+from handoff.project import Project
+from handoff.serving import local_server
+from handoff.steps.deploy import DeployResult, deploy_to_cluster, in_cluster, registered_release
+from handoff.steps.register import TRITON_TAG
+from handoff.tracking import use_tracking
+
+from .conftest import HANDOFF, edit_yaml
+from .fake_kube import INFERENCESERVICE, FakeKube, KServe, fake_kube, schema_problems
+from .test_triton_layout import MODEL, Registered, registered_versions
+
+NAMESPACE = "ml-models"
+KEY = ("inferenceservices", NAMESPACE, MODEL)
+POLL_S = 0.02
+CRASH = (  # what a predictor says when its model file is corrupt, traceback and all
+    'Traceback (most recent call last):\n  File "/usr/lib/python3/serve.py", line 12\n'
+    "onnxruntime.capi.onnxruntime_pybind11_state.InvalidProtobuf: [ONNXRuntimeError] : 7 : "
+    "INVALID_PROTOBUF : "
+    "Load model from /mnt/models/digits-classifier/1/model.onnx failed: Protobuf parsing failed."
+)
+
+
+@pytest.fixture(scope="session")
+def registered(default_project: Path, tmp_path_factory: pytest.TempPathFactory) -> Registered:
+    """Two registered versions (the registry test_triton_layout checks; made once per session)."""
+    return registered_versions(default_project, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def servers(registered: Registered, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A real KServe model server per registered version, as a revision of it would be."""
+
+    def start(version: str) -> local_server.ServerHandle:
+        state = tmp_path_factory.mktemp(f"server-v{version}")
+        sock = local_server.bind("127.0.0.1", 0)
+        spec = {
+            "model_name": MODEL,
+            "onnx_path": str(registered.exports[version] / "model.onnx"),
+            "contract_dir": str(registered.project),
+            "host": "127.0.0.1",
+            "port": sock.getsockname()[1],
+        }
+        write_json(state / "spec.json", spec)
+        return local_server.start(
+            state / "spec.json",
+            sock,
+            model_name=MODEL,
+            version=version,
+            state_dir=state,
+            ready_timeout_s=60,
+        )
+
+    with ThreadPoolExecutor(2) as pool:
+        handles = dict(zip(("1", "2"), pool.map(start, ("1", "2")), strict=True))
+    yield {version: handle.url for version, handle in handles.items()}
+    for handle in handles.values():
+        local_server.terminate(handle)
+
+
+def answer(url: str, registered: Registered) -> np.ndarray:
+    """What the model at ``url`` says to the contract example."""
+    example = json.loads((registered.exports["1"] / "example.json").read_text())
+    response = requests.post(f"{url}/v2/models/{MODEL}/infer", json={"inputs": example["inputs"]}, timeout=10)
+    assert response.status_code == 200, response.text
+    return np.asarray(response.json()["outputs"][0]["data"])
+
+
+def version_of(obj: dict[str, Any]) -> str:
+    return obj["metadata"]["annotations"][isvc.VERSION_KEY]
+
+
+def serving(servers: dict[str, str]) -> Callable[[dict[str, Any]], str]:
+    """Each revision answers with the model its spec names."""
+    return lambda obj: servers[version_of(obj)]
+
+
+def deploy(registered: Registered, fake: FakeKube, version: str) -> DeployResult:
+    return deploy_to_cluster(registered.project, MODEL, version, api=fake.api_client(), poll_s=POLL_S)
+
+
+def invalid(fake: FakeKube) -> list[str]:
+    return [r for r in fake.rejected if r.startswith("422")]
+
+
+def stored(fake: FakeKube) -> dict[str, Any]:
+    return fake.get(*KEY)
+
+
+def log_lines(capsys: pytest.CaptureFixture[str]) -> list[str]:
+    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("handoff: deploy: ")]
+
+
+@pytest.mark.local
+def test_the_two_versions_answer_differently(registered: Registered, servers: dict[str, str]) -> None:
+    """What makes the smoke tests below telling: one version's server fails the other's example."""
+    assert np.max(np.abs(answer(servers["1"], registered) - answer(servers["2"], registered))) > 1e-3
+
+
+@pytest.mark.local
+def test_first_deploy_creates_the_service_and_gives_it_all_traffic(
+    registered: Registered, servers: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with fake_kube(KServe(serving(servers))) as fake:
+        result = deploy(registered, fake, "1")
+        obj = stored(fake)
+    assert (result.target, result.version, result.smoke_passed) == ("cluster", "1", True)
+    assert result.url == servers["1"] and result.smoke_detail == "outputs match the contract example"
+    assert invalid(fake) == [] and schema_problems(INFERENCESERVICE, obj) == []
+    assert [method for method, path in fake.requests if method != "GET"] == ["POST"]  # no canary to promote
+    project = Project.load(registered.project)
+    kserve = project.settings.serving.kserve  # the project's handoff.yaml, as generated
+    tags = use_tracking(project).get_model_version(MODEL, "1").tags
+    amounts = {"cpu": kserve.cpu, "memory": kserve.memory}
+    predictor = obj["spec"]["predictor"]
+    assert predictor["model"] == {
+        "modelFormat": {"name": "onnx", "version": "1"},
+        "protocolVersion": "v2",
+        "runtime": "kserve-tritonserver",
+        "runtimeVersion": kserve.runtime_version,
+        "storageUri": tags[TRITON_TAG],  # the repository root: Triton finds <model>/1/model.onnx under it
+        "resources": {"requests": amounts, "limits": amounts},
+        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+    }
+    assert (predictor["minReplicas"], predictor["maxReplicas"]) == (kserve.min_replicas, kserve.max_replicas)
+    assert predictor.get("serviceAccountName") == kserve.service_account
+    assert "canaryTrafficPercent" not in predictor  # the first version takes all traffic
+    assert predictor["securityContext"]["runAsNonRoot"] is True
+    meta = obj["metadata"]
+    assert meta["labels"]["app.kubernetes.io/managed-by"] == "handoff"
+    assert meta["labels"]["app.kubernetes.io/name"] == MODEL
+    assert meta["annotations"] == {
+        "serving.kserve.io/enable-tag-routing": "true",
+        "handoff.dev/model-name": MODEL,
+        "handoff.dev/model-version": "1",
+        "handoff.dev/onnx-sha256": tags["handoff.onnx_sha256"],
+    }
+    lines = log_lines(capsys)
+    # The test registry keeps artifacts on local disk, which a real predictor could not download.
+    assert lines[0].startswith("handoff: deploy: warning: the model's files are on a local path (file://")
+    assert re.search(
+        r"created InferenceService ml-models/digits-classifier: .* version 1, all traffic", lines[1]
+    )
+    assert any("generation 1: Ready=True" in line for line in lines)
+    assert any("smoke test passed at " + servers["1"] in line for line in lines)
+    assert lines[-1].endswith("serves digits-classifier version 1 with all traffic")
+
+
+@pytest.mark.local
+def test_a_new_version_is_a_canary_until_its_smoke_test_passes_then_takes_all_traffic(
+    registered: Registered, servers: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with fake_kube(KServe(serving(servers))) as fake:
+        deploy(registered, fake, "1")
+        result = deploy(registered, fake, "2")
+        history = fake.history[KEY]
+        obj = stored(fake)
+    assert invalid(fake) == [] and result.smoke_passed and result.url == servers["2"]
+    states = [
+        (h["metadata"]["generation"], version_of(h), h["spec"]["predictor"].get("canaryTrafficPercent"))
+        for h in history
+    ]
+    assert states == [(1, "1", None), (2, "2", 10), (3, "2", None)]  # create, canary, promote
+    canary = history[1]
+    before = isvc.Served.decode(canary["metadata"]["annotations"][isvc.ROLLBACK_KEY])
+    assert before is not None and before.version == "1"
+    assert before.predictor == history[0]["spec"]["predictor"]  # what a rollback would restore
+    traffic = obj["status"]["components"]["predictor"]["traffic"]
+    assert [(t["percent"], t["url"]) for t in traffic] == [(100, servers["2"])]
+    assert np.allclose(answer(obj["status"]["url"], registered), answer(servers["2"], registered))
+    lines = "\n".join(log_lines(capsys))
+    assert "patched InferenceService ml-models/digits-classifier: version 1 → 2, 10% of traffic" in lines
+    assert "promoted version 2 of InferenceService ml-models/digits-classifier to all traffic" in lines
+
+
+@pytest.mark.local
+def test_a_ready_status_left_from_the_previous_generation_is_not_trusted(
+    registered: Registered, servers: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Right after the patch, the status still says Ready (for version 1's generation) and its URLs
+    still reach version 1, whose answers fail version 2's smoke test: a deploy that took that
+    Ready for its own would fail. KServe here takes 8 polls to notice each new generation."""
+    kserve = KServe(serving(servers), stale_gets=8)
+    with fake_kube(kserve) as fake:
+        deploy(registered, fake, "1")
+        capsys.readouterr()
+        result = deploy(registered, fake, "2")
+    assert result.smoke_passed and kserve.stale_answers >= 8
+    lines = log_lines(capsys)
+    stale = [
+        i
+        for i, line in enumerate(lines)
+        if "waiting for KServe to act on generation 2 (status is of 1" in line
+    ]
+    ready = [i for i, line in enumerate(lines) if "generation 2: Ready=True" in line]
+    smoke = [i for i, line in enumerate(lines) if "smoke test passed at " + servers["2"] in line]
+    assert stale and "Ready=True" in lines[stale[0]]  # the stale Ready was seen, and waited out
+    assert stale[0] < ready[0] < smoke[0]
+
+
+@pytest.mark.local
+def test_a_crash_looping_predictor_is_rolled_back_with_the_containers_message(
+    registered: Registered, servers: dict[str, str]
+) -> None:
+    kserve = KServe(serving(servers), crash=lambda obj: CRASH if version_of(obj) == "2" else None)
+    with fake_kube(kserve) as fake:
+        deploy(registered, fake, "1")
+        first = stored(fake)
+        started = time.monotonic()
+        with pytest.raises(HandoffError) as caught:
+            deploy(registered, fake, "2")
+        elapsed = time.monotonic() - started
+        after = stored(fake)
+        for _ in range(100):  # KServe acts on the rollback (the deploy waited for that too)
+            if after.get("status", {}).get("observedGeneration") == after["metadata"]["generation"]:
+                break
+            time.sleep(0.01)
+            after = stored(fake)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert re.search(
+        r"container kserve-container is crash-looping \(3 restarts\): .*INVALID_PROTOBUF : Load model from "
+        r"/mnt/models/digits-classifier/1/model.onnx failed: Protobuf parsing failed\.",
+        message,
+    )
+    assert (
+        "rolled back: version 1's spec is restored with canaryTrafficPercent 0, so its revision keeps"
+        in message
+    )
+    assert elapsed < 10  # the crash loop ends the wait, not serving.kserve.ready_timeout_s (600 s)
+    assert invalid(fake) == []
+    # The spec says version 1 again, nothing is left of the failed rollout, and the revision that
+    # served version 1 keeps all traffic while the restored spec's revision starts.
+    assert after["spec"]["predictor"] == {**first["spec"]["predictor"], "canaryTrafficPercent": 0}
+    assert after["metadata"]["annotations"] == first["metadata"]["annotations"]
+    prev = [t for t in after["status"]["components"]["predictor"]["traffic"] if t["percent"] == 100]
+    assert [t["revisionName"] for t in prev] == [f"{MODEL}-predictor-00001"]
+    # Version 1 never stopped taking the traffic: the service still answers with it.
+    assert np.allclose(answer(after["status"]["url"], registered), answer(servers["1"], registered))
+
+
+@pytest.mark.local
+def test_a_failing_smoke_test_rolls_back_and_the_next_deploy_starts_dark(
+    registered: Registered, servers: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    kserve = KServe(lambda obj: servers["1"])  # version 2's revision is up, with the wrong weights
+    with fake_kube(kserve) as fake:
+        deploy(registered, fake, "1")
+        first = stored(fake)
+        with pytest.raises(HandoffError) as caught:
+            deploy(registered, fake, "2")
+        after = stored(fake)
+        # Fixed (the right file this time), version 2 goes out again from the rolled-back state.
+        kserve.url_for = serving(servers)
+        capsys.readouterr()
+        result = deploy(registered, fake, "2")
+        history = fake.history[KEY]
+    assert re.search(
+        r"smoke test of digits-classifier version 2 at \S+ failed: served outputs differ from the exported "
+        r"model by \S+ \(> slo.parity_tolerance 0.0001\); rolled back: version 1's spec is restored with "
+        r"canaryTrafficPercent 0, so its revision keeps all traffic",
+        str(caught.value),
+    )
+    assert after["spec"]["predictor"] == {**first["spec"]["predictor"], "canaryTrafficPercent": 0}
+    assert after["metadata"]["annotations"] == first["metadata"]["annotations"]
+    predictor = after["status"]["components"]["predictor"]
+    assert [(t["revisionName"], t["percent"]) for t in predictor["traffic"]] == [
+        (f"{MODEL}-predictor-00003", 0),  # version 1's restored spec
+        (f"{MODEL}-predictor-00001", 100),  # the revision that served version 1 all along
+    ]
+    assert np.allclose(answer(after["status"]["url"], registered), answer(servers["1"], registered))
+    # The failed revision 00002 is still Ready: a canary share for "latest" could reach it until the
+    # new revision is up, so the next rollout gets none until its smoke test passed.
+    states = [(version_of(h), h["spec"]["predictor"].get("canaryTrafficPercent")) for h in history]
+    assert states == [("1", None), ("2", 10), ("1", 0), ("2", 0), ("2", None)]
+    assert result.smoke_passed and result.url == servers["2"]
+    assert any("version 1 → 2, no traffic until its smoke test passes" in line for line in log_lines(capsys))
+
+
+@pytest.mark.local
+def test_all_at_once_rollouts_roll_back_to_the_previous_spec(
+    registered: Registered, servers: dict[str, str], tmp_path: Path
+) -> None:
+    """canary_percent 0: the new revision takes all traffic once Ready, so a rollback cannot pin
+    it to the old revision (KServe's `prev` would be the new one); the previous spec comes back."""
+    project = Path(shutil.copytree(registered.project, tmp_path / MODEL))  # with its registry
+    edit_yaml(project / "handoff.yaml", lambda s: s["serving"]["kserve"].update(canary_percent=0))
+    kserve = KServe(lambda obj: servers["1"])
+    with fake_kube(kserve) as fake:
+        deploy_to_cluster(project, MODEL, "1", api=fake.api_client(), poll_s=POLL_S)
+        with pytest.raises(
+            HandoffError, match=r"rolled back: version 1's spec is restored and its revision takes"
+        ):
+            deploy_to_cluster(project, MODEL, "2", api=fake.api_client(), poll_s=POLL_S)
+        history = fake.history[KEY]
+        after = stored(fake)
+    states = [(version_of(h), h["spec"]["predictor"].get("canaryTrafficPercent")) for h in history]
+    assert states == [("1", None), ("2", None), ("1", None)]
+    assert after["spec"]["predictor"] == history[0]["spec"]["predictor"]
+    assert after["status"]["components"]["predictor"]["latestRolledoutRevision"] == f"{MODEL}-predictor-00003"
+
+
+@pytest.mark.local
+def test_a_failed_first_deploy_stays_for_inspection_and_the_next_deploy_starts_over(
+    registered: Registered, servers: dict[str, str]
+) -> None:
+    """No delete (the Role has none): the failed service is marked, and replaced as a first deploy."""
+    kserve = KServe(serving(servers), crash=lambda obj: CRASH if version_of(obj) == "1" else None)
+    with fake_kube(kserve) as fake:
+        with pytest.raises(HandoffError, match=r"crash-looping.*nothing served before this deploy"):
+            deploy(registered, fake, "1")
+        failed = fake.get("inferenceservices", NAMESPACE, MODEL)
+        assert failed["metadata"]["annotations"][isvc.NEVER_SERVED_KEY] == "true"
+        deploy(registered, fake, "2")
+        served = fake.get("inferenceservices", NAMESPACE, MODEL)
+    assert version_of(served) == "2"
+    assert isvc.NEVER_SERVED_KEY not in served["metadata"]["annotations"]
+    assert "canaryTrafficPercent" not in served["spec"]["predictor"]  # all traffic: nothing to share with
+    assert not any(method == "DELETE" for method, _ in fake.requests)
+
+
+@pytest.mark.local
+def test_the_api_server_rejects_a_misspelt_field_with_its_path(registered: Registered) -> None:
+    project = Project.load(registered.project)
+    release, _, _ = registered_release(project, MODEL, "1")
+    body = isvc.manifest(project.settings, release)
+    assert schema_problems(INFERENCESERVICE, body) == []
+    body["spec"]["predictor"]["model"]["storageURI"] = body["spec"]["predictor"]["model"].pop("storageUri")
+    with fake_kube() as fake:
+        services = isvc.ServiceClient(NAMESPACE, MODEL, fake.api_client(), retry_s=POLL_S)
+        with pytest.raises(HandoffError) as caught:
+            services.create(body)
+        assert fake.objects == {}
+        services.create(isvc.manifest(project.settings, release))
+        with pytest.raises(HandoffError) as patched:  # a patch is checked as the object it makes
+            services.patch({"spec": {"predictor": {"minReplica": 2}}})
+    assert "could not create InferenceService ml-models/digits-classifier: HTTP 422" in str(caught.value)
+    assert "spec.predictor.model: Additional properties are not allowed ('storageURI' was unexpected)" in str(
+        caught.value
+    )
+    assert "could not patch" in str(patched.value)
+    assert "spec.predictor: Additional properties are not allowed ('minReplica' was unexpected)" in str(
+        patched.value
+    )
+
+
+@pytest.mark.local
+def test_an_unavailable_api_server_is_retried_but_not_forever(
+    registered: Registered, servers: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with fake_kube(KServe(serving(servers))) as fake:
+        fake.unavailable_requests = 6  # the first reads and writes meet a restarting API server
+        result = deploy(registered, fake, "1")
+        assert result.smoke_passed and fake.unavailable_answered == 6
+        assert stored(fake)["metadata"]["generation"] == 1  # retried, not applied twice
+        retries = [line for line in log_lines(capsys) if "retrying" in line]
+        assert len(retries) == 6 and "HTTP 503: the server is unable to handle it" in retries[0]
+        fake.unavailable_requests = isvc.MAX_API_FAILURES
+        with pytest.raises(
+            HandoffError, match=r"gave up on InferenceService ml-models/digits-classifier after 30"
+        ):
+            deploy(registered, fake, "2")
+        assert version_of(stored(fake)) == "1"  # it gave up before changing anything
+
+
+@pytest.mark.unit
+def test_the_kserve_runtime_reads_one_model_folder_and_settings_reach_the_predictor(
+    default_project: Path,
+) -> None:
+    settings = Project.load(default_project).settings
+    kserve = settings.serving.kserve.model_copy(
+        update={"runtime": "kserve", "gpus": 1, "service_account": "model-reader", "min_replicas": 0}
+    )
+    settings = settings.model_copy(update={"serving": settings.serving.model_copy(update={"kserve": kserve})})
+    release = isvc.Release(
+        MODEL, "7", "ab" * 32, "s3://models/mlflow/1/run/artifacts/triton/0123456789abcdef/"
+    )
+    body = isvc.manifest(settings, release, canary=25)
+    assert schema_problems(INFERENCESERVICE, body) == []
+    predictor = body["spec"]["predictor"]
+    assert predictor["model"]["runtime"] == "handoff-onnx" and "runtimeVersion" not in predictor["model"]
+    assert (
+        predictor["model"]["storageUri"]
+        == f"s3://models/mlflow/1/run/artifacts/triton/0123456789abcdef/{MODEL}"
+    )
+    assert predictor["model"]["resources"]["limits"] == {"cpu": "1", "memory": "2Gi", "nvidia.com/gpu": 1}
+    assert predictor["serviceAccountName"] == "model-reader" and predictor["minReplicas"] == 0
+    assert predictor["canaryTrafficPercent"] == 25 and predictor["labels"] == {
+        "handoff.dev/model-version": "7"
+    }
+
+
+@pytest.mark.unit
+def test_storage_uris_are_ones_kserve_can_download() -> None:
+    assert isvc.storage_uri("s3://bucket/a/triton/x/") == "s3://bucket/a/triton/x"
+    assert isvc.storage_uri("gs://bucket/a") == "gs://bucket/a"
+    assert (
+        isvc.storage_uri("wasbs://models@acct.blob.core.windows.net/mlflow/1/r/artifacts/triton/x")
+        == "https://acct.blob.core.windows.net/models/mlflow/1/r/artifacts/triton/x"
+    )
+    with pytest.raises(HandoffError) as caught:
+        isvc.storage_uri("mlflow-artifacts:/1/r/artifacts/triton/x")
+    message = str(caught.value)
+    assert message.startswith("handoff.yaml: mlflow.tracking_uri: the registered model's Triton repository")
+    assert "--artifacts-destination s3://" in message
+
+
+@pytest.mark.unit
+def test_deploy_goes_to_the_cluster_from_a_pod_but_never_in_a_local_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.delenv("HANDOFF_LOCAL_RUN", raising=False)
+    assert not in_cluster()
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
+    assert in_cluster()
+    monkeypatch.setenv("HANDOFF_LOCAL_RUN", "1")
+    assert not in_cluster()
+
+
+@pytest.mark.local
+def test_deploy_cluster_without_credentials_is_one_line_naming_the_fix(
+    registered: Registered, tmp_path: Path
+) -> None:
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "KUBECONFIG": str(tmp_path / "none")}
+    result = subprocess.run(
+        [HANDOFF, "deploy", "--cluster", "--version", "1"],
+        cwd=registered.project,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert result.returncode == 1, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "no Kubernetes credentials" in errors[0] and "KUBECONFIG" in errors[0]
+
+
+@pytest.mark.local
+def test_a_retried_deploy_finishes_the_rollout_its_killed_attempt_started(
+    registered: Registered, servers: dict[str, str]
+) -> None:
+    """A deploy step killed mid-canary (node drained, pod evicted) is retried by the pipeline: the
+    retry resumes that canary instead of patching again, and still knows what to roll back to."""
+    project = Project.load(registered.project)
+    with fake_kube(KServe(serving(servers))) as fake:
+        deploy(registered, fake, "1")
+        release, _, _ = registered_release(project, MODEL, "2")
+        services = isvc.ServiceClient(NAMESPACE, MODEL, fake.api_client(), retry_s=POLL_S)
+
+        def killed(url: str) -> Any:
+            raise KeyboardInterrupt  # the first attempt dies between the canary and its smoke test
+
+        with pytest.raises(KeyboardInterrupt):
+            isvc.rollout(services, project.settings, release, killed, isvc.Watch(services, poll_s=POLL_S))
+        assert stored(fake)["spec"]["predictor"]["canaryTrafficPercent"] == 10
+        result = deploy(registered, fake, "2")
+        history = fake.history[KEY]
+    assert result.smoke_passed and result.url == servers["2"]
+    states = [
+        (h["metadata"]["generation"], version_of(h), h["spec"]["predictor"].get("canaryTrafficPercent"))
+        for h in history
+    ]
+    assert states == [(1, "1", None), (2, "2", 10), (3, "2", None)]  # one canary, resumed, then promoted
+    recorded = isvc.Served.decode(history[-1]["metadata"]["annotations"][isvc.ROLLBACK_KEY])
+    assert recorded is not None and recorded.predictor == history[0]["spec"]["predictor"]
+
+
+@pytest.mark.unit
+def test_the_fake_patches_like_the_api_server(default_project: Path) -> None:
+    """The fake's PATCH is what the deploy relies on; check it against the API server's rules."""
+    project = Project.load(default_project)
+    release = isvc.Release(MODEL, "1", "ab" * 32, "s3://models/triton/0123456789abcdef")
+    with fake_kube() as fake:
+        api = fake.api_client()
+        services = isvc.ServiceClient(NAMESPACE, MODEL, api, retry_s=POLL_S)
+        created = services.create(isvc.manifest(project.settings, release))
+        assert created is not None and created["metadata"]["generation"] == 1
+        version = created["metadata"]["resourceVersion"]
+        # Metadata changes leave the generation alone; status in a patch is ignored (a subresource).
+        noted = services.patch({"metadata": {"annotations": {"note": "x"}}, "status": {"url": "http://evil"}})
+        assert noted["metadata"]["generation"] == 1 and "status" not in noted
+        assert noted["metadata"]["resourceVersion"] != version
+        # A spec change moves the generation; null deletes a key (RFC 7386).
+        changed = services.patch({"spec": {"predictor": {"minReplicas": 2, "labels": None}}})
+        assert changed["metadata"]["generation"] == 2 and "labels" not in changed["spec"]["predictor"]
+        # A patch made from a stale read is refused, not applied over the newer state.
+        with pytest.raises(isvc.Conflict):
+            services.patch(
+                {"metadata": {"resourceVersion": version}, "spec": {"predictor": {"minReplicas": 3}}}
+            )
+        assert fake.get(*KEY)["spec"]["predictor"]["minReplicas"] == 2
+
+        def send(body: Any) -> Any:
+            return api.call_api(
+                f"/apis/serving.kserve.io/v1beta1/namespaces/{NAMESPACE}/inferenceservices/{MODEL}",
+                "PATCH",
+                header_params={"Content-Type": "application/json-patch+json", "Accept": "application/json"},
+                body=body,
+                response_type="object",
+                _return_http_data_only=True,
+            )
+
+        patched = send([{"op": "replace", "path": "/spec/predictor/maxReplicas", "value": 5}])  # RFC 6902
+        assert patched["spec"]["predictor"]["maxReplicas"] == 5 and patched["metadata"]["generation"] == 3
+        with pytest.raises(Exception, match="415"):  # a dict body makes the client send a strategic
+            send({"spec": {"predictor": {"maxReplicas": 6}}})  # merge patch: refused for custom resources
