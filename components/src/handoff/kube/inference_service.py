@@ -171,6 +171,9 @@ def predictor_spec(settings: Settings, release: Release, canary: int | None) -> 
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "model": model,
+        # A predictor never calls the API server; KServe hands the storage credentials to its
+        # storage initializer itself.
+        "automountServiceAccountToken": False,
     }
     if kserve.service_account:
         spec["serviceAccountName"] = kserve.service_account
