@@ -636,7 +636,8 @@ def test_checkov_finds_nothing_beyond_the_documented_skips(
     allowed = {(s["check"], r) for s in skips for r in s.get("resources") or [s["resource"]]}
     failed = {(f["check_id"], f["resource"].rsplit(".", 1)[-1]) for f in report["results"]["failed_checks"]}
     assert failed - allowed == set(), (
-        f"new checkov findings: fix them or add them to manifests/checkov-skips.yaml: {sorted(failed - allowed)}"
+        "new checkov findings: fix them or add them to manifests/checkov-skips.yaml: "
+        f"{sorted(failed - allowed)}"
     )
     assert allowed - failed == set(), "skips that no longer match a finding: remove them"
 
