@@ -1,23 +1,68 @@
 """A ``kserve.Model`` that serves an ONNX file through ONNX Runtime, with the contract as its schema.
 
 Load once in ``load()``, then ``predict``. Requests are checked against the contract (names,
-datatypes, shapes) and rejected with ``InvalidInput`` (HTTP 400) naming the input and what was
-expected, so a client never gets an opaque ONNX Runtime error.
+datatypes, shapes) and their data (value count, element types, finite numbers), and rejected with
+``InvalidInput`` (HTTP 400) naming the input and what was expected, so a client never gets an
+opaque ONNX Runtime error.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import uuid
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import kserve
 import numpy as np
 from kserve import InferOutput, InferRequest, InferResponse
-from kserve.errors import InvalidInput
+from kserve.errors import InferenceError, InvalidInput
 
 from handoff.contract import Contract, TensorSpec
 from handoff.onnx_io import open_session
+
+# A child of KServe's logger, so its lines land in the server log in the same format.
+log = logging.getLogger("kserve.handoff")
+
+# numpy's kinds for JSON data that may fill a tensor of each kind: no strings, nulls or booleans
+# in numbers (numpy would turn True into 1.0 and None into NaN), no fractions in integers.
+_ALLOWED_KINDS = {"f": "fi", "i": "iu", "u": "iu", "b": "b"}
+_KIND_NAMES = {"f": "numbers", "i": "integers", "u": "non-negative integers", "b": "true/false values"}
+
+
+def _checked(where: str, spec: TensorSpec, shape: list[int], data: list[Any]) -> np.ndarray:
+    """JSON tensor data as the contract's dtype, or InvalidInput saying what is wrong with it."""
+    want = spec.numpy_dtype
+    expected_count = math.prod(shape)
+    try:
+        raw = np.asarray(data)
+    except ValueError:  # ragged nesting
+        raise InvalidInput(
+            f"{where}: data must be a flat (or evenly nested) list of {expected_count} values"
+        ) from None
+    if raw.size != expected_count:
+        raise InvalidInput(f"{where}: shape {shape} needs {expected_count} values, data has {raw.size}")
+    if raw.size and raw.dtype.kind not in _ALLOWED_KINDS[want.kind]:
+        raise InvalidInput(f"{where}: data must be {_KIND_NAMES[want.kind]} for datatype {spec.v2_datatype}")
+    if want.kind in "iu" and raw.size:
+        info = np.iinfo(want)
+        if raw.min() < info.min or raw.max() > info.max:
+            raise InvalidInput(
+                f"{where}: data outside the range of {spec.v2_datatype} [{info.min}, {info.max}]"
+            )
+    with np.errstate(over="ignore", invalid="ignore"):
+        return _finite(where, spec, raw.astype(want, copy=False).reshape(shape))
+
+
+def _finite(where: str, spec: TensorSpec, array: np.ndarray) -> np.ndarray:
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise InvalidInput(
+            f"{where}: data holds NaN or infinite values (or values too large for {spec.v2_datatype}); "
+            "the model accepts finite numbers only"
+        )
+    return array
 
 
 class OnnxModel(kserve.Model):
@@ -54,22 +99,19 @@ class OnnxModel(kserve.Model):
         tensor = request.get_input_by_name(spec.name)
         if tensor is None:
             raise InvalidInput(f"input '{spec.name}' is missing; expected inputs {self.contract.input_names}")
+        where = f"input '{spec.name}'"
         if tensor.datatype != spec.v2_datatype:
-            raise InvalidInput(
-                f"input '{spec.name}': expected datatype {spec.v2_datatype}, got {tensor.datatype}"
-            )
-        if not spec.accepts(list(tensor.shape)):
-            raise InvalidInput(
-                f"input '{spec.name}': expected shape {spec.shape} (-1 = any), got {list(tensor.shape)}"
-            )
-        try:
-            array = tensor.as_numpy()
-        except Exception as exc:  # noqa: BLE001 - malformed data is the client's error
-            raise InvalidInput(
-                f"input '{spec.name}': data does not match shape "
-                f"{list(tensor.shape)} and datatype {tensor.datatype}: {exc}"
-            ) from None
-        return array.astype(spec.numpy_dtype, copy=False).reshape(tensor.shape)
+            raise InvalidInput(f"{where}: expected datatype {spec.v2_datatype}, got {tensor.datatype}")
+        shape = list(tensor.shape)
+        if any(dim < 0 for dim in shape) or not spec.accepts(shape):
+            raise InvalidInput(f"{where}: expected shape {spec.shape} (-1 = any), got {shape}")
+        if tensor.data is None:  # binary tensor data extension: the bytes are already typed
+            try:
+                array = tensor.as_numpy().astype(spec.numpy_dtype, copy=False)
+            except Exception as exc:  # noqa: BLE001 - malformed data is the client's error
+                raise InvalidInput(f"{where}: binary data does not match shape {shape}: {exc}") from None
+            return _finite(where, spec, array)
+        return _checked(where, spec, shape, tensor.data)
 
     def predict(
         self,
@@ -81,8 +123,27 @@ class OnnxModel(kserve.Model):
         unknown = sorted({i.name for i in payload.inputs} - set(self.contract.input_names))
         if unknown:
             raise InvalidInput(f"unknown input(s) {unknown}; expected inputs {self.contract.input_names}")
+        repeated = sorted(
+            name for name, count in Counter(i.name for i in payload.inputs).items() if count > 1
+        )
+        if repeated:
+            raise InvalidInput(
+                f"input(s) {repeated} given more than once; expected inputs {self.contract.input_names}"
+            )
+        requested = {o.name for o in payload.request_outputs or []}
+        if requested - set(self.contract.output_names):
+            raise InvalidInput(
+                f"unknown output(s) {sorted(requested - set(self.contract.output_names))}; "
+                f"the model's outputs are {self.contract.output_names}"
+            )
         feeds = {spec.name: self._array(spec, payload) for spec in self.contract.inputs}
-        results = self.session.run(self.contract.output_names, feeds)
+        try:
+            results = self.session.run(self.contract.output_names, feeds)
+        except Exception as exc:
+            # InferenceError is answered by FastAPI's own handler (500, V2 body) and keeps the
+            # connection open; an exception that escapes resets it.
+            log.exception("inference failed for model %s", self.name)
+            raise InferenceError(f"inference failed: {type(exc).__name__}: {exc}") from None
         outputs = []
         for spec, array in zip(self.contract.outputs, results, strict=True):
             output = InferOutput(name=spec.name, shape=list(array.shape), datatype=spec.v2_datatype)
