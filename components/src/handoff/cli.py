@@ -241,6 +241,23 @@ def deploy(
 
 
 @app.command()
+def rollback(
+    project: ProjectOpt = Path("."),
+    to: Annotated[
+        str | None, typer.Option("--to", help="Version to return to (default: the one champion replaced).")
+    ] = None,
+) -> None:
+    """Point champion back at the previous champion and serve it locally (smoke-tested)."""
+    from handoff.steps.rollback import rollback as step
+
+    result = step(project, to)
+    typer.echo(
+        f"rolled back {result.model_name}: champion v{result.from_version} -> v{result.to_version}, "
+        f"serving at {result.deployed.url} (smoke test passed)"
+    )
+
+
+@app.command()
 def doctor(project: ProjectOpt = Path(".")) -> None:
     """Check what a cluster run needs, before one: API server, namespace, CRDs, access, GPUs, image,
     MLflow, and the KFP / Argo servers. Exits 1 when a check fails."""

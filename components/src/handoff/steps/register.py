@@ -23,6 +23,7 @@ from typing import Any
 import mlflow
 import mlflow.onnx
 import onnx
+from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import Schema
@@ -44,6 +45,8 @@ SHA_TAG = "handoff.onnx_sha256"
 # The artifact URI of the version's Triton model repository (its root; the model folder inside
 # is named after the contract).
 TRITON_TAG = "handoff.triton_uri"
+# Set on a version when it becomes champion: the version it replaced (what rollback returns to).
+PREVIOUS_CHAMPION_TAG = "handoff.previous_champion"
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,11 @@ def register(
     created with all its lineage tags in one call, so a crash never leaves an untagged version
     behind; aliases follow once it exists. The filled-in model card and the readiness report
     (``report_dir``, written by evaluate) are attached to it.
+
+    Retry-safe: a model.onnx already registered (same sha256 tag) is not registered again; its
+    version gets the aliases instead. Before any alias moves, the stored model.onnx is downloaded
+    and checked against the sha256, so a missing or altered artifact is never promoted. A new
+    champion records the one it replaced (``handoff.previous_champion``, for ``handoff rollback``).
     """
     started = time.perf_counter()
     project = Project.load(project_dir)
@@ -142,25 +150,38 @@ def register(
     sha = sha256_of(model_dir / ONNX_FILE)
     triton = model_dir / TRITON_DIR
     check_layout(triton, project.contract, sha)  # before anything is written
-    # Log into the training run (one run holds the whole lineage) without letting a failure
-    # here mark that finished run as FAILED, which `with start_run(...)` would do.
-    run = mlflow.start_run(run_id=mlflow_run_id or None, run_name=f"{project.settings.project}-register")
-    try:
-        triton_uri = _log_triton_layout(triton)
-        tags = _tags(project, checked, sha, run.info.run_id, triton_uri)
-        info = _log_model(project, model_dir, checked, card, tags, report_dir)
-    finally:
-        mlflow.end_run()
-    registered = mlflow.register_model(info.model_uri, name, tags=tags)
-    version = str(registered.version)
+    version = existing_version(client, name, sha)
+    if version is None:
+        # Log into the training run (one run holds the whole lineage) without letting a failure
+        # here mark that finished run as FAILED, which `with start_run(...)` would do.
+        run = mlflow.start_run(run_id=mlflow_run_id or None, run_name=f"{project.settings.project}-register")
+        try:
+            triton_uri = _log_triton_layout(triton)
+            tags = _tags(project, checked, sha, run.info.run_id, triton_uri)
+            info = _log_model(project, model_dir, checked, card, tags, report_dir)
+        finally:
+            mlflow.end_run()
+        version = str(mlflow.register_model(info.model_uri, name, tags=tags).version)
+    else:
+        print(
+            f"handoff: register: {name} v{version} already holds this model.onnx (sha256 {sha[:12]}…)",
+            file=sys.stderr,
+            flush=True,
+        )
+    # Nothing points at a version whose stored model is not the one that was checked.
+    verify_artifact(name, version, sha)
     aliases = [CHALLENGER]
     client.set_registered_model_alias(name, CHALLENGER, version)
     if checked["passed"]:
-        moved = _champion_moved(client, name, checked["champion"])
+        current = alias_version(client, name, CHAMPION)
+        moved = "" if current == version else _champion_moved(current, checked["champion"])
         if moved:
             client.set_model_version_tag(name, version, "handoff.promotion", moved)
             print(f"handoff: register: {name} v{version} not promoted: {moved}", file=sys.stderr, flush=True)
         else:
+            if current is not None and current != version:
+                # What `handoff rollback` returns to.
+                client.set_model_version_tag(name, version, PREVIOUS_CHAMPION_TAG, current)
             client.set_registered_model_alias(name, CHAMPION, version)
             aliases.append(CHAMPION)
     return RegisterResult(
@@ -173,16 +194,56 @@ def register(
     )
 
 
-def _champion_moved(client: MlflowClient, name: str, compared: str | None) -> str:
+def _champion_moved(current: str | None, compared: str | None) -> str:
     """Why promoting would be unsafe now ('' when it is safe): the champion this model beat is no
     longer the champion (another run promoted meanwhile), so the comparison is stale."""
-    current = alias_version(client, name, CHAMPION)
     if current == compared:
         return ""
     return (
         f"the champion became v{current} while this model was compared against "
         f"{'v' + compared if compared else 'no champion'}; evaluate it again against the new champion"
     )
+
+
+def existing_version(client: MlflowClient, name: str, sha: str) -> str | None:
+    """The version already registered for this exact ONNX file (its sha256 tag), or None.
+
+    A retried register (a step restarted after a crash, a pipeline run again) then reuses it
+    instead of adding a duplicate; the oldest wins if an earlier release left several.
+    """
+    try:
+        found = client.search_model_versions(f"name='{name}' and tags.`{SHA_TAG}`='{sha}'")
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    return str(min(int(v.version) for v in found)) if found else None
+
+
+def verify_artifact(name: str, version: str, sha: str) -> None:
+    """Download the version's stored model.onnx and check it is the file with sha256 ``sha``."""
+    with tempfile.TemporaryDirectory(prefix="handoff-verify-") as tmp:
+        try:
+            local = Path(
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=f"models:/{name}/{version}/{ONNX_FILE}", dst_path=tmp
+                )
+            )
+            actual = sha256_of(local) if local.is_file() else None
+        except (MlflowException, OSError):
+            actual = None
+    if actual is None:
+        raise HandoffError(
+            f"registered version {name}/{version} has no {ONNX_FILE} in the artifact store; "
+            "aliases left unchanged (register the model again)",
+            field=SHA_TAG,
+        )
+    if actual != sha:
+        raise HandoffError(
+            f"registered version {name}/{version}: the stored {ONNX_FILE} has sha256 {actual[:12]}…, "
+            f"expected {sha[:12]}… (the artifact store was changed); aliases left unchanged",
+            field=SHA_TAG,
+        )
 
 
 def _log_triton_layout(root: Path) -> str:

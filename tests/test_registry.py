@@ -1,0 +1,247 @@
+"""A registry an on-call engineer can trust: register is retry-safe and safe to run concurrently,
+never promotes a model whose stored file is not the one checked, and `handoff rollback` returns
+to the previous champion in one command.
+
+Real MLflow throughout: a sqlite store, and a real ``mlflow server`` on 127.0.0.1 for the
+concurrent case. Distinct models come from untrained weights of different seeds (seconds).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from handoff.cli import app
+from handoff.errors import HandoffError
+from handoff.files import sha256_of
+from handoff.project import Project
+from handoff.serving import local_server
+from handoff.settings import TRACKING_URI_ENV
+from handoff.steps.register import PREVIOUS_CHAMPION_TAG, register
+from handoff.steps.rollback import rollback
+from handoff.tracking import CHALLENGER, CHAMPION, alias_version, use_tracking
+
+from .conftest import edit_yaml, handoff
+from .test_triton_layout import EVALUATION, MODEL, _export
+
+pytestmark = pytest.mark.local
+
+
+@pytest.fixture(scope="module")
+def exported(default_project: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default project (serving on a free port) with two distinct exports, nothing registered."""
+    root = tmp_path_factory.mktemp("registry")
+    project_dir = Path(shutil.copytree(default_project, root / MODEL))
+    edit_yaml(project_dir / "handoff.yaml", lambda s: s["serving"].update(port=0))
+    project = Project.load(project_dir)
+    for seed in (0, 1):
+        _export(project, seed, root / f"export-{seed}")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _own_mlflow_uris(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """register sets MLflow's process-wide tracking and registry URIs (and their environment
+    variables): put them back after each test, so no later test's client reads this one's store."""
+    for variable in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.delenv(variable, raising=False)
+    yield
+    mlflow.set_tracking_uri(None)
+    mlflow.set_registry_uri(None)  # type: ignore[arg-type]
+    os.environ.pop("MLFLOW_REGISTRY_URI", None)  # set_registry_uri(None) leaves it; monkeypatch restores
+
+
+@pytest.fixture
+def root(exported: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(exported, tmp_path / "r"))
+
+
+def evaluation(passed: bool = True, champion: str | None = None) -> dict[str, Any]:
+    gate = {**EVALUATION["gate"], "passed": passed, "reasons": [] if passed else ["worse"]}
+    return {**EVALUATION, "gate": gate, "champion": {"version": champion} if champion else None}
+
+
+def client_of(root: Path) -> MlflowClient:
+    return use_tracking(Project.load(root / MODEL))
+
+
+def aliases(client: MlflowClient) -> dict[str, str | None]:
+    return {alias: alias_version(client, MODEL, alias) for alias in (CHALLENGER, CHAMPION)}
+
+
+def test_registering_the_same_onnx_again_returns_the_existing_version(root: Path) -> None:
+    first = register(root / MODEL, root / "export-0", evaluation())
+    again = register(root / MODEL, root / "export-0", evaluation())
+    assert first.version == again.version == "1"
+    assert again.aliases == [CHALLENGER, CHAMPION] and again.onnx_sha256 == first.onnx_sha256
+    client = client_of(root)
+    assert [v.version for v in client.search_model_versions(f"name='{MODEL}'")] == [1]
+    assert aliases(client) == {CHALLENGER: "1", CHAMPION: "1"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def mlflow_server(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[str, subprocess.Popen[bytes], Path]]:
+    """A real tracking server on 127.0.0.1 (sqlite backend, local artifact destination), started
+    when the module starts: it takes ~13 s to come up, which the tests before its own overlap."""
+    where = tmp_path_factory.mktemp("mlflow-server")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1"]
+    command += ["--port", str(port), "--workers", "1", "--backend-store-uri", f"sqlite:///{where / 'db'}"]
+    command += ["--artifacts-destination", str(where / "artifacts")]
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    with (where / "server.log").open("w") as log:
+        server = subprocess.Popen(command, cwd=where, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        yield f"http://127.0.0.1:{port}", server, where / "server.log"
+    finally:
+        server.terminate()
+        server.wait(timeout=15)
+
+
+def ready(started: tuple[str, subprocess.Popen[bytes], Path]) -> str:
+    """The server's URL once it answers its health check."""
+    url, server, log = started
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=1) as response:
+                if response.status == 200:
+                    return url
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(log.read_text()[-3000:]) from None
+            time.sleep(0.2)
+
+
+REGISTER = "import json, sys; from handoff.steps.register import register; " + (
+    "print(json.dumps(register(sys.argv[1], sys.argv[2], json.loads(sys.argv[3])).__dict__))"
+)
+
+
+@pytest.mark.parametrize("store", ["sqlite", "server"])
+def test_two_concurrent_registers_get_distinct_versions_and_consistent_aliases(
+    root: Path,
+    store: str,
+    mlflow_server: tuple[str, subprocess.Popen[bytes], Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    if store == "server":
+        monkeypatch.setenv(TRACKING_URI_ENV, ready(mlflow_server))
+    client = client_of(root)  # the store and experiment exist before the race, as after `train`
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    racers = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                REGISTER,
+                str(root / MODEL),
+                str(root / f"export-{seed}"),
+                json.dumps(evaluation()),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for seed in (0, 1)
+    ]
+    outputs = [racer.communicate(timeout=120) for racer in racers]
+    assert all(r.returncode == 0 for r in racers), [err[-2000:] for _, err in outputs]
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    versions = sorted(r["version"] for r in results)
+    assert versions == ["1", "2"]
+    assert len(client.search_model_versions(f"name='{MODEL}'")) == 2
+    for result, seed in zip(results, (0, 1), strict=True):
+        tags = client.get_model_version(MODEL, result["version"]).tags
+        assert tags["handoff.onnx_sha256"] == sha256_of(root / f"export-{seed}" / "model.onnx")
+    now = aliases(client)
+    assert now[CHALLENGER] in versions
+    # Champion is a version that said it was promoted; the other was promoted before it (and is
+    # recorded as the one it replaced) or was held back saying why.
+    promoted = [r["version"] for r in results if CHAMPION in r["aliases"]]
+    assert now[CHAMPION] in promoted
+    for result in results:
+        if CHAMPION not in result["aliases"]:
+            assert (
+                "evaluate it again"
+                in client.get_model_version(MODEL, result["version"]).tags["handoff.promotion"]
+            )
+
+
+@pytest.mark.parametrize("damage", ["tampered", "missing"])
+def test_a_version_whose_stored_model_changed_is_never_promoted(root: Path, damage: str) -> None:
+    register(root / MODEL, root / "export-0", evaluation())  # v1, champion
+    held = register(root / MODEL, root / "export-1", evaluation(passed=False, champion="1"))
+    assert (held.version, held.aliases) == ("2", [CHALLENGER])
+    stored = [
+        p
+        for p in (root / MODEL / "mlartifacts").rglob("model.onnx")
+        if "triton" not in p.parts and sha256_of(p) == held.onnx_sha256
+    ]
+    assert stored
+    for path in stored:
+        if damage == "tampered":
+            path.write_bytes(path.read_bytes()[:-1] + b"\0")
+        else:
+            path.unlink()
+    # The retry (same file, now passing its gate against v1) reuses v2 and checks what is stored.
+    with pytest.raises(HandoffError) as error:
+        register(root / MODEL, root / "export-1", evaluation(champion="1"))
+    expected = "has sha256" if damage == "tampered" else "has no model.onnx in the artifact store"
+    assert f"registered version {MODEL}/2" in str(error.value) and expected in str(error.value)
+    assert "aliases left unchanged" in str(error.value)
+    client = client_of(root)
+    assert aliases(client) == {CHALLENGER: "2", CHAMPION: "1"}
+    assert len(client.search_model_versions(f"name='{MODEL}'")) == 2
+
+
+def test_rollback_returns_champion_to_the_previous_version_and_serves_it(root: Path) -> None:
+    project = root / MODEL
+    assert register(project, root / "export-0", evaluation()).aliases == [CHALLENGER, CHAMPION]
+    second = register(project, root / "export-1", evaluation(champion="1"))
+    assert (second.version, second.aliases) == ("2", [CHALLENGER, CHAMPION])
+    client = client_of(root)
+    assert client.get_model_version(MODEL, "2").tags[PREVIOUS_CHAMPION_TAG] == "1"
+    state_dir = Project.load(project).state_dir
+    try:
+        # Served by the CLI, as on call: a server started in this process would be its child,
+        # left a zombie (never "stopped") when the rollback process terminates it.
+        deployed = handoff("deploy", "--local", cwd=project, timeout=120)
+        assert deployed.returncode == 0, deployed.stderr[-2000:]
+        assert json.loads(deployed.stdout)["version"] == "2"
+        # The command itself, in this process (its imports are already paid).
+        result = CliRunner().invoke(app, ["rollback", "--project", str(project)])
+        assert result.exit_code == 0, result.output[-2000:]
+        (line,) = result.stdout.strip().splitlines()
+        assert line.startswith(f"rolled back {MODEL}: champion v2 -> v1, serving at http://127.0.0.1:")
+        assert line.endswith("(smoke test passed)")
+        assert aliases(client) == {CHALLENGER: "2", CHAMPION: "1"}
+        serving = local_server.current(state_dir)
+        assert serving is not None and serving.version == "1" and serving.url in line
+        with urllib.request.urlopen(f"{serving.url}/v2/models/{MODEL}/ready", timeout=5) as ready:
+            assert ready.status == 200
+        # v1 replaced no champion: a second rollback has nothing to return to, and says so.
+        with pytest.raises(HandoffError, match=r"replaced no earlier champion .* nothing to roll back to"):
+            rollback(project)
+        assert aliases(client)[CHAMPION] == "1" and local_server.current(state_dir) == serving
+    finally:
+        local_server.stop(state_dir)
