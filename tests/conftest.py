@@ -74,3 +74,27 @@ def replace_in(path: Path, old: str, new: str) -> None:
 def handoff(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     """Run the real ``handoff`` CLI as a user would."""
     return subprocess.run([HANDOFF, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def project_tests(project: Path) -> subprocess.CompletedProcess[str]:
+    """The generated project's own test suite, run as its user runs it (no cache left behind)."""
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.fixture(scope="session")
+def default_onnx(default_project: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default project's untrained model exported to ONNX once, for the serving tests."""
+    from handoff.project import Project
+    from handoff.steps.export import example_arrays, export_onnx
+
+    project = Project.load(default_project)
+    cfg = project.config()
+    path = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    export_onnx(project.hooks.build_model(cfg).eval(), project.contract, example_arrays(project, cfg), path)
+    return path

@@ -14,7 +14,7 @@ import yaml
 
 from handoff import __version__
 
-from .conftest import TEMPLATE
+from .conftest import TEMPLATE, project_tests
 
 pytestmark = pytest.mark.bake
 
@@ -184,12 +184,6 @@ def test_generated_project_is_lint_clean_and_its_tests_pass(default_project: Pat
     for command in ([ruff, "check", "."], [ruff, "format", "--check", "."]):
         linted = subprocess.run(command, cwd=project, capture_output=True, text=True)
         assert linted.returncode == 0, linted.stdout
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
-        cwd=project,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = project_tests(project)
     assert result.returncode == 0, result.stdout[-3000:]
     assert "4 passed" in result.stdout

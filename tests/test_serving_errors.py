@@ -20,9 +20,7 @@ import requests
 
 from handoff.errors import HandoffError
 from handoff.files import write_json
-from handoff.project import Project
 from handoff.serving import local_server
-from handoff.steps.export import example_arrays, export_onnx
 
 pytestmark = pytest.mark.local
 
@@ -43,23 +41,14 @@ def spec_for(state: Path, onnx_path: Path, project_dir: Path, port: int) -> Path
 
 
 @pytest.fixture(scope="module")
-def exported(default_project: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    project = Project.load(default_project)
-    cfg = project.config()
-    path = tmp_path_factory.mktemp("onnx") / "model.onnx"
-    export_onnx(project.hooks.build_model(cfg).eval(), project.contract, example_arrays(project, cfg), path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def server(
-    exported: Path, default_project: Path, tmp_path_factory: pytest.TempPathFactory
+    default_onnx: Path, default_project: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[str, int]]:
     """One real server for the module: (host, port)."""
     state = tmp_path_factory.mktemp("server")
     sock = local_server.bind("127.0.0.1", 0)
     port = sock.getsockname()[1]
-    spec = spec_for(state, exported, default_project, port)
+    spec = spec_for(state, default_onnx, default_project, port)
     handle = local_server.start(
         spec, sock, model_name=MODEL, version="1", state_dir=state, ready_timeout_s=60
     )
@@ -204,7 +193,7 @@ def _popen_server(spec: Path, sock: Any, log: Path) -> subprocess.Popen[bytes]:
 
 
 def test_ready_is_503_until_the_model_is_loaded(
-    exported: Path, default_project: Path, tmp_path: Path
+    default_onnx: Path, default_project: Path, tmp_path: Path
 ) -> None:
     fifo = tmp_path / "model.onnx"
     os.mkfifo(fifo)  # loading blocks until the model's bytes are written into it
@@ -217,7 +206,7 @@ def test_ready_is_503_until_the_model_is_loaded(
         assert (ready.status_code, list(ready.json())) == (503, ["error"])
         infer = requests.post(f"{url}{INFER}", json=good_body(), timeout=10)
         assert infer.status_code == 503 and "not ready" in infer.json()["error"]
-        writer = threading.Thread(target=lambda: fifo.write_bytes(exported.read_bytes()))
+        writer = threading.Thread(target=lambda: fifo.write_bytes(default_onnx.read_bytes()))
         writer.start()
         deadline = time.monotonic() + 20
         while requests.get(f"{url}/v2/health/ready", timeout=5).status_code != 200:

@@ -11,18 +11,14 @@ from kserve.errors import InvalidInput
 
 from handoff.project import Project
 from handoff.serving.onnx_model import OnnxModel
-from handoff.steps.export import example_arrays, export_onnx
 
 pytestmark = pytest.mark.unit
 
 
 @pytest.fixture(scope="module")
-def served(default_project: Path, tmp_path_factory: pytest.TempPathFactory) -> OnnxModel:
+def served(default_project: Path, default_onnx: Path) -> OnnxModel:
     project = Project.load(default_project)
-    cfg = project.config()
-    path = tmp_path_factory.mktemp("onnx") / "model.onnx"
-    export_onnx(project.hooks.build_model(cfg).eval(), project.contract, example_arrays(project, cfg), path)
-    model = OnnxModel("digits-classifier", path, project.contract)
+    model = OnnxModel("digits-classifier", default_onnx, project.contract)
     assert model.load() and model.ready
     return model
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
-import sys
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +37,7 @@ import pytest
 import yaml
 from packaging.utils import InvalidName, canonicalize_name
 
-from .conftest import BIN, TEMPLATE, edit_yaml, generate, handoff
+from .conftest import BIN, TEMPLATE, edit_yaml, generate, handoff, project_tests
 
 pytestmark = [pytest.mark.bake, pytest.mark.slow]
 
@@ -219,7 +218,7 @@ def test_generated_project_passes_its_own_checks(tmp_path: Path, case: Case) -> 
         assert linted.returncode == 0, linted.stdout + linted.stderr
 
     if case.run_pytest:
-        tested = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"], cwd=project)
+        tested = project_tests(project)
         assert tested.returncode == 0, tested.stdout[-3000:]
 
     target: list[str] = []

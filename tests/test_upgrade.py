@@ -19,7 +19,7 @@ from cookiecutter.main import cookiecutter
 
 from handoff import __version__
 
-from .conftest import TEMPLATE, handoff, replace_in
+from .conftest import TEMPLATE, handoff, project_tests, replace_in
 from .template_repo import CRUFT, commit_of, git, next_minor, publish, release, template_repo
 
 pytestmark = pytest.mark.bake
@@ -145,11 +145,5 @@ def test_cruft_update_to_the_next_release_keeps_the_researchers_work(tmp_path: P
     git(project, "commit", "-qm", f"Template {new}")
     checked = handoff("check", cwd=project, timeout=300)
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    tests = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
-        cwd=project,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    tests = project_tests(project)
     assert tests.returncode == 0, tests.stdout[-3000:]
