@@ -34,6 +34,7 @@ from handoff.errors import HandoffError
 from handoff.kube import train_job
 from handoff.labels import labels
 from handoff.project import Project
+from handoff.settings import IMAGE_ENV
 from handoff_pipelines import STEPS
 from handoff_pipelines.argo import EXIT_HANDLER, GATE_TEMPLATE, OUTCOME_PROGRAM, PARAMETERS
 from handoff_pipelines.compiled import ARGO_FILE, KFP_FILE, TRAIN_JOB_FILE, compile_project
@@ -442,7 +443,8 @@ def test_secrets_are_secret_references_and_the_tracking_uri_is_env_never_a_param
         assert gpu_compiled.pod_settings[name]["secretAsEnv"] == expected_kfp, name
         assert {"name": TRACKING_URI_ENV, "value": TRACKING} in gpu_compiled.containers[name]["env"], name
         env = gpu_compiled.templates[name]["container"]["env"]
-        assert env == [{"name": TRACKING_URI_ENV, "value": TRACKING}, *expected_argo], name
+        image = {"name": IMAGE_ENV, "value": Project.load(gpu_compiled.folder.parent).settings.image}
+        assert env == [image, {"name": TRACKING_URI_ENV, "value": TRACKING}, *expected_argo], name
     # The only parameters either pipeline takes: where the project is in the image.
     assert set(gpu_compiled.ir["root"]["inputDefinitions"]["parameters"]) == {"project_dir"}
     assert [p["name"] for p in gpu_compiled.argo["spec"]["arguments"]["parameters"]] == ["project-dir"]
@@ -486,6 +488,7 @@ def test_local_runs_get_none_of_the_cluster_settings(tmp_path: Path) -> None:
     assert len(documents) == 1  # no kfp-kubernetes platform spec at all
     text = (tmp_path / "local.yaml").read_text()
     assert "retryPolicy" not in text and "resourceCpuLimit" not in text and "cachingOptions: {}" not in text
+    assert IMAGE_ENV not in text  # register records handoff.image "-"
 
 
 # --- which targets, which image -----------------------------------------------------------------
@@ -513,6 +516,12 @@ def test_image_option_pins_every_step_of_both_targets(project: Path) -> None:
     assert {e["container"]["image"] for e in ir["deploymentSpec"]["executors"].values()} == {PINNED}
     argo = yaml.safe_load((project / "compiled" / ARGO_FILE).read_text())
     assert {t["container"]["image"] for t in argo["spec"]["templates"] if "container" in t} == {PINNED}
+    # Every step is told its image, which register records on the version (handoff.image).
+    pinned = {"name": IMAGE_ENV, "value": PINNED}
+    for step in STEPS:
+        assert pinned in ir["deploymentSpec"]["executors"][f"exec-{step}"]["container"]["env"], step
+        (template,) = [t for t in argo["spec"]["templates"] if t["name"] == step]
+        assert pinned in template["container"]["env"], step
     # The image is the only difference from a compile by tag; handoff.yaml keeps its tag.
     by_tag = compile_both(project, project / "by-tag")
     for name in (KFP_FILE, ARGO_FILE):

@@ -14,7 +14,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from handoff import __version__
+from handoff.data_hash import data_sha256
 from handoff.files import sha256_of
+from handoff.project import Project
 
 from .conftest import edit_yaml, handoff, replace_in
 
@@ -67,6 +69,10 @@ def test_run_local_trains_registers_and_serves(served_project: Path) -> None:
     assert champion.tags["handoff.onnx_sha256"] == summary["onnx_sha256"]
     assert champion.tags["handoff.gate"] == "passed"
     assert champion.tags["handoff.template_version"] == __version__
+    # The data train saw, hashed by train and carried to the version; no pipeline pod, no image.
+    loaded = Project.load(project)
+    assert champion.tags["handoff.data_sha256"] == data_sha256(*loaded.hooks.build_datasets(loaded.config()))
+    assert champion.tags["handoff.image"] == "-"
 
     # What is registered is one self-contained ONNX file with the exported bytes.
     downloaded = Path(

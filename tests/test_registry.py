@@ -1,6 +1,7 @@
-"""A registry an on-call engineer can trust: register is retry-safe and safe to run concurrently,
-never promotes a model whose stored file is not the one checked, and `handoff rollback` returns
-to the previous champion in one command.
+"""A registry an on-call engineer can trust: register is retry-safe and safe to run concurrently
+(of two that beat the same champion exactly one promotes), never promotes a model whose stored
+file is not the one checked, records where each version came from, and `handoff rollback`
+returns to the previous champion in one command.
 
 Real MLflow throughout: a sqlite store, and a real ``mlflow server`` on 127.0.0.1 for the
 concurrent case. Distinct models come from untrained weights of different seeds (seconds).
@@ -25,14 +26,19 @@ import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
+from handoff import __version__
 from handoff.cli import app
+from handoff.data_hash import data_sha256
 from handoff.errors import HandoffError
 from handoff.files import sha256_of
+from handoff.lineage import DATA_TAG, GIT_SHA_ENV, IMAGE_TAG
 from handoff.project import Project
+from handoff.promotion_lock import ACQUIRED_TAG, HOLDER_TAG, TOKEN_TAG, lock_name, promotion_lock
 from handoff.serving import local_server
-from handoff.settings import TRACKING_URI_ENV
-from handoff.steps.register import PREVIOUS_CHAMPION_TAG, register
+from handoff.settings import IMAGE_ENV, TRACKING_URI_ENV
+from handoff.steps.register import PREVIOUS_CHAMPION_TAG, PROMOTION_TAG, SHA_TAG, TRITON_TAG, register
 from handoff.steps.rollback import rollback
+from handoff.steps.train import train
 from handoff.tracking import CHALLENGER, CHAMPION, alias_version, use_tracking
 
 from .conftest import edit_yaml, handoff
@@ -43,12 +49,12 @@ pytestmark = pytest.mark.local
 
 @pytest.fixture(scope="module")
 def exported(default_project: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The default project (serving on a free port) with two distinct exports, nothing registered."""
+    """The default project (serving on a free port) with three distinct exports, nothing registered."""
     root = tmp_path_factory.mktemp("registry")
     project_dir = Path(shutil.copytree(default_project, root / MODEL))
     edit_yaml(project_dir / "handoff.yaml", lambda s: s["serving"].update(port=0))
     project = Project.load(project_dir)
-    for seed in (0, 1):
+    for seed in (0, 1, 2):
         _export(project, seed, root / f"export-{seed}")
     return root
 
@@ -91,6 +97,10 @@ def test_registering_the_same_onnx_again_returns_the_existing_version(root: Path
     client = client_of(root)
     assert [v.version for v in client.search_model_versions(f"name='{MODEL}'")] == [1]
     assert aliases(client) == {CHALLENGER: "1", CHAMPION: "1"}
+    # Registered on its own (no training run, no pipeline pod): lineage says what it does not know.
+    tags = client.get_model_version(MODEL, "1").tags
+    assert (tags[DATA_TAG], tags[IMAGE_TAG]) == ("unknown", "-")
+    assert [m.name for m in client.search_registered_models()] == [MODEL]  # no lock left behind
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -137,7 +147,7 @@ REGISTER = "import json, sys; from handoff.steps.register import register; " + (
 
 
 @pytest.mark.parametrize("store", ["sqlite", "server"])
-def test_two_concurrent_registers_get_distinct_versions_and_consistent_aliases(
+def test_of_two_concurrent_registers_that_beat_the_same_champion_exactly_one_promotes(
     root: Path,
     store: str,
     mlflow_server: tuple[str, subprocess.Popen[bytes], Path],
@@ -145,46 +155,121 @@ def test_two_concurrent_registers_get_distinct_versions_and_consistent_aliases(
 ) -> None:
     if store == "server":
         monkeypatch.setenv(TRACKING_URI_ENV, ready(mlflow_server))
-    client = client_of(root)  # the store and experiment exist before the race, as after `train`
+    client = client_of(root)
+    assert register(root / MODEL, root / "export-2", evaluation()).aliases == [CHALLENGER, CHAMPION]
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
-    racers = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                REGISTER,
-                str(root / MODEL),
-                str(root / f"export-{seed}"),
-                json.dumps(evaluation()),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        for seed in (0, 1)
-    ]
+    # Both were evaluated against champion v1 and passed. The test holds the promotion lock until
+    # both have registered their versions, so they reach champion together when it is released.
+    with promotion_lock(client, MODEL, "the test"):
+        racers = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-c",
+                    REGISTER,
+                    str(root / MODEL),
+                    str(root / f"export-{seed}"),
+                    json.dumps(evaluation(champion="1")),
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+            )
+            for seed in (0, 1)
+        ]
+        deadline = time.monotonic() + 120
+        while len(client.search_model_versions(f"name='{MODEL}'")) < 3 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1)  # past verify_artifact and the challenger alias: waiting for the lock
+        # Nobody moves champion while another process holds the lock.
+        assert [racer.poll() for racer in racers] == [None, None]
+        assert aliases(client)[CHAMPION] == "1"
     outputs = [racer.communicate(timeout=120) for racer in racers]
     assert all(r.returncode == 0 for r in racers), [err[-2000:] for _, err in outputs]
     results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
-    versions = sorted(r["version"] for r in results)
-    assert versions == ["1", "2"]
-    assert len(client.search_model_versions(f"name='{MODEL}'")) == 2
+    assert sorted(r["version"] for r in results) == ["2", "3"]
     for result, seed in zip(results, (0, 1), strict=True):
         tags = client.get_model_version(MODEL, result["version"]).tags
-        assert tags["handoff.onnx_sha256"] == sha256_of(root / f"export-{seed}" / "model.onnx")
-    now = aliases(client)
-    assert now[CHALLENGER] in versions
-    # Champion is a version that said it was promoted; the other was promoted before it (and is
-    # recorded as the one it replaced) or was held back saying why.
-    promoted = [r["version"] for r in results if CHAMPION in r["aliases"]]
-    assert now[CHAMPION] in promoted
-    for result in results:
-        if CHAMPION not in result["aliases"]:
-            assert (
-                "evaluate it again"
-                in client.get_model_version(MODEL, result["version"]).tags["handoff.promotion"]
-            )
+        assert tags[SHA_TAG] == sha256_of(root / f"export-{seed}" / "model.onnx")
+    (winner,) = [r for r in results if CHAMPION in r["aliases"]]
+    (loser,) = [r for r in results if CHAMPION not in r["aliases"]]
+    assert aliases(client) == {CHALLENGER: aliases(client)[CHALLENGER], CHAMPION: winner["version"]}
+    assert aliases(client)[CHALLENGER] in ("2", "3")
+    won = client.get_model_version(MODEL, winner["version"]).tags
+    assert (won[PREVIOUS_CHAMPION_TAG], won[PROMOTION_TAG]) == ("1", "promoted: replaced v1")
+    # The other stays a registered, non-promoted version that says why, and printed it.
+    lost = client.get_model_version(MODEL, loser["version"]).tags
+    why = f"the champion became v{winner['version']} while this model was compared against v1"
+    assert why in lost[PROMOTION_TAG] and "evaluate it again" in lost[PROMOTION_TAG]
+    assert PREVIOUS_CHAMPION_TAG not in lost
+    (loser_stderr,) = [err for (_, err), r in zip(outputs, results, strict=True) if r is loser]
+    assert f"{MODEL} v{loser['version']} not promoted: {why}" in loser_stderr
+    assert [m.name for m in client.search_registered_models()] == [MODEL]  # the lock is gone
+
+
+def test_a_lock_left_by_a_dead_process_is_broken_and_a_live_one_is_waited_for(
+    root: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    client = client_of(root)
+    # What a register killed inside the lock leaves behind: the lock model, an hour old.
+    client.create_registered_model(
+        lock_name(MODEL),
+        tags={TOKEN_TAG: "dead", ACQUIRED_TAG: str(time.time() - 3600), HOLDER_TAG: "register of v9 (pid 1)"},
+    )
+    assert register(root / MODEL, root / "export-0", evaluation()).aliases == [CHALLENGER, CHAMPION]
+    err = capfd.readouterr().err
+    assert f"breaking the stale promotion lock {lock_name(MODEL)!r}: held by register of v9 (pid 1)" in err
+    assert [m.name for m in client.search_registered_models()] == [MODEL]
+    # A live holder is waited for, a bounded time, then the error says who holds it and what to do.
+    with (
+        promotion_lock(client, MODEL, "rollback of v1"),
+        pytest.raises(HandoffError) as error,
+        promotion_lock(client, MODEL, "a register", wait_s=0.5),
+    ):
+        raise AssertionError("took a lock another process holds")
+    message = str(error.value)
+    assert (
+        f"waited 0.5 s for the registry's promotion lock {lock_name(MODEL)!r} (held by rollback of v1"
+        in message
+    )
+    assert f"delete the registered model {lock_name(MODEL)!r}" in message and "\n" not in message
+    assert [m.name for m in client.search_registered_models()] == [MODEL]
+
+
+def test_a_registered_version_carries_its_whole_lineage(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What an auditor reads off a version: the model file, contract, template, training run and
+    its data, commit, image and gate; train and register run as a pipeline runs them."""
+    project = Project.load(root / MODEL)
+    pinned = "registry.example.com/ml/digits-classifier@sha256:" + "0123456789abcdef" * 4
+    monkeypatch.setenv(IMAGE_ENV, pinned)  # as the compiled pipelines set it on every step
+    monkeypatch.setenv(GIT_SHA_ENV, "0a1b2c3d")  # as the image's build sets it
+    trained = train(project.root, root / "checkpoint.pt", overrides={"epochs": 1})
+    result = register(project.root, root / "export-0", evaluation(), mlflow_run_id=trained.mlflow_run_id)
+    tags = client_of(root).get_model_version(MODEL, result.version).tags
+    expected_data = data_sha256(*project.hooks.build_datasets(project.config({"epochs": 1})))
+    assert {k: v for k, v in tags.items() if k != TRITON_TAG} == {
+        SHA_TAG: sha256_of(root / "export-0" / "model.onnx"),
+        "handoff.contract_sha256": project.contract.sha256,
+        "handoff.template_version": __version__,
+        "handoff.run_id": trained.mlflow_run_id,
+        DATA_TAG: expected_data,
+        "handoff.git_sha": "0a1b2c3d",
+        IMAGE_TAG: pinned,
+        "handoff.gate": "passed",
+        "handoff.gate_reasons": "-",
+        "handoff.compared_to_champion": "-",
+        PROMOTION_TAG: "promoted: the first champion",
+    }
+    assert trained.mlflow_run_id in tags[TRITON_TAG]  # logged into the training run
+    # The same lineage is in the model card attached to the version.
+    card = Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{MODEL}/{result.version}/extra_files/model_card.md",
+            dst_path=str(root / "card"),
+        )
+    ).read_text()
+    assert expected_data in card and pinned in card
 
 
 @pytest.mark.parametrize("damage", ["tampered", "missing"])

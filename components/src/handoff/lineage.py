@@ -6,8 +6,15 @@ import os
 import subprocess
 from pathlib import Path
 
+from handoff.settings import IMAGE_ENV
+
 # Set by the project image's build (its Dockerfile's GIT_SHA build argument): an image has no .git.
 GIT_SHA_ENV = "HANDOFF_GIT_SHA"
+# The sha256 of the training and validation data (handoff.data_hash), set by train on its MLflow
+# run and copied by register onto the version.
+DATA_TAG = "handoff.data_sha256"
+# The image the pipeline's steps ran in (IMAGE_ENV, set by the compiled pipelines), "-" elsewhere.
+IMAGE_TAG = "handoff.image"
 
 
 def git_sha(path: Path) -> str:
@@ -22,3 +29,9 @@ def git_sha(path: Path) -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return out.stdout.strip()
+
+
+def image_reference() -> str:
+    """The image this step runs in, as the compiled pipeline named it (a digest when CI pinned
+    one), or '-' outside a pipeline pod (local runs)."""
+    return os.environ.get(IMAGE_ENV) or "-"

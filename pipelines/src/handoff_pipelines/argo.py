@@ -46,7 +46,7 @@ from hera.workflows import models as m
 from handoff.errors import HandoffError
 from handoff.labels import labels
 from handoff.project import Project
-from handoff.settings import PROJECT_DIR_IN_IMAGE, SETTINGS_FILE, TRACKING_URI_ENV
+from handoff.settings import IMAGE_ENV, PROJECT_DIR_IN_IMAGE, SETTINGS_FILE, TRACKING_URI_ENV
 from handoff_pipelines import PIPELINE_NAME, STEPS
 from handoff_pipelines.graph import (
     RETRY_BACKOFF_FACTOR,
@@ -213,7 +213,8 @@ def _retry(step: StepPlan, retries: int) -> RetryStrategy | None:
 
 def _env(project: Project) -> list[Env | SecretEnv]:
     cluster = project.settings.cluster
-    env: list[Env | SecretEnv] = []
+    # The image the step runs in, as compiled (a digest from CI): register records it (handoff.image).
+    env: list[Env | SecretEnv] = [Env(name=IMAGE_ENV, value=project.settings.image)]
     if cluster.mlflow_tracking_uri:
         env.append(Env(name=TRACKING_URI_ENV, value=cluster.mlflow_tracking_uri))
     # Secret references: the values never enter the workflow, its parameters or the Argo UI.
@@ -238,7 +239,7 @@ def _step_template(project: Project, step: StepPlan) -> Container:
         image=project.settings.image,
         command=["python", "-m", "handoff", step.name],
         args=step_arguments(step.name),
-        env=_env(project) or None,
+        env=_env(project),
         resources=_resources(step.cpu, step.memory, step.gpus),
         security_context=_container_security(),
         volume_mounts=_mounts(step),

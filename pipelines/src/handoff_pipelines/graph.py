@@ -95,21 +95,21 @@ def description(contract_sha256: str) -> str:
     return text + (f" contract.yaml sha256 {contract_sha256}." if contract_sha256 else "")
 
 
-def place_training(task: Any, training: TrainingSettings, image: str) -> None:
+def place_training(task: Any, training: TrainingSettings) -> None:
     """What the train step needs from handoff.yaml's ``training`` beyond its plan.
 
-    More than one node: the step only launches and watches the job, mounts the ReadWriteMany
-    volume it shares with the job's nodes at ``WORKSPACE_MOUNT``, and passes its own image
-    (``IMAGE_ENV``) so the nodes run the very build the pipeline was compiled for (by digest from
-    CI), not the tag in the image's handoff.yaml.
+    More than one node: the step only launches and watches the job and mounts the ReadWriteMany
+    volume it shares with the job's nodes at ``WORKSPACE_MOUNT``. The job's nodes run the step's
+    own image (``IMAGE_ENV``, which ``on_cluster`` sets on every step): the very build the pipeline
+    was compiled for (by digest from CI), not the tag in the image's handoff.yaml.
     """
     if training.distributed_job:
         kubernetes.mount_pvc(task, pvc_name=training.job.workspace_claim or "", mount_path=WORKSPACE_MOUNT)
-        task.set_env_variable(name=IMAGE_ENV, value=image)
 
 
-def on_cluster(task: Any, step: StepPlan, cluster: ClusterSettings) -> None:
-    """A KFP task as ``step`` and handoff.yaml's ``cluster`` say (kfp-kubernetes for pod settings).
+def on_cluster(task: Any, step: StepPlan, cluster: ClusterSettings, image: str) -> None:
+    """A KFP task in ``image`` as ``step`` and handoff.yaml's ``cluster`` say (kfp-kubernetes for
+    pod settings).
 
     The pod and container security settings KFP v2 has no API for (seccomp, privilege
     escalation, capabilities, read-only root) come from the KFP backend and from the namespace's
@@ -135,6 +135,9 @@ def on_cluster(task: Any, step: StepPlan, cluster: ClusterSettings) -> None:
         # happen every time. The others may be cached: their key holds the image, and train's
         # inputs hold the run's id, so no run reuses another run's training (or what follows it).
         task.set_caching_options(enable_caching=False)
+    # The image the step runs in, by the reference it was compiled with: register records it on the
+    # version (handoff.image), a multi-node train step runs its job's nodes in it.
+    task.set_env_variable(name=IMAGE_ENV, value=image)
     if cluster.mlflow_tracking_uri:
         task.set_env_variable(name=TRACKING_URI_ENV, value=cluster.mlflow_tracking_uri)
     for secret in cluster.secret_env:  # Secret references: the values never enter the pipeline
@@ -169,7 +172,7 @@ def build_pipeline(
         for key, value in sorted((pod_labels or {}).items()):
             kubernetes.add_pod_label(task, key, value)
         if cluster is not None:
-            on_cluster(task, plans[step], cluster)
+            on_cluster(task, plans[step], cluster, image)
         return task
 
     def component(function: Callable[..., Any]) -> Any:
@@ -184,7 +187,7 @@ def build_pipeline(
         # The run's id names a multi-node training job, so a retried step re-attaches to it.
         trained = on_pods(train(project_dir=project_dir, run_key=dsl.PIPELINE_JOB_ID_PLACEHOLDER), "train")
         if training is not None:
-            place_training(trained, training, image)
+            place_training(trained, training)
         exported = on_pods(
             export(project_dir=project_dir, checkpoint=trained.outputs["checkpoint"]), "export"
         )

@@ -1,9 +1,12 @@
 """register: put the ONNX model in the MLflow model registry with its lineage, set the aliases.
 
-Every version gets alias ``challenger``; ``champion`` moves to it only when the gate passed. The
-artifact is one self-contained ``model.onnx`` (plus the contract example the smoke test replays),
-and the version's tags say where it came from: ONNX sha256, contract hash, template version,
-training run, git commit and the gate's verdict.
+Every version gets alias ``challenger``; ``champion`` moves to it only when the gate passed and
+the champion it was compared against still is the champion, checked and moved under the
+registry's promotion lock (``handoff.promotion_lock``), so of two registers that beat the same
+champion exactly one promotes. The artifact is one self-contained ``model.onnx`` (plus the
+contract example the smoke test replays), and the version's tags say where it came from: ONNX
+sha256, contract hash, template version, training run, the training data's sha256, git commit,
+container image and the gate's verdict.
 
 The Triton model repository export wrote is logged into the same run (under a name derived from
 its content, so a retried step writes the same files to the same place and never changes what an
@@ -34,9 +37,10 @@ from handoff.artifacts import EXAMPLE_FILE, ONNX_FILE
 from handoff.contract import CONTRACT_FILE, Contract
 from handoff.errors import HandoffError
 from handoff.files import sha256_of
-from handoff.lineage import git_sha
+from handoff.lineage import DATA_TAG, IMAGE_TAG, git_sha, image_reference
 from handoff.model_card import CARD_FILE, check_model_card, filled_in_card
 from handoff.project import Project
+from handoff.promotion_lock import promotion_lock
 from handoff.readiness import REPORT_HTML, REPORT_MD
 from handoff.tracking import CHALLENGER, CHAMPION, alias_version, use_tracking
 from handoff.triton import TRITON_DIR, check_layout, layout_digest
@@ -47,6 +51,8 @@ SHA_TAG = "handoff.onnx_sha256"
 TRITON_TAG = "handoff.triton_uri"
 # Set on a version when it becomes champion: the version it replaced (what rollback returns to).
 PREVIOUS_CHAMPION_TAG = "handoff.previous_champion"
+# Set on a version whose gate passed: whether it was promoted, and if not, why.
+PROMOTION_TAG = "handoff.promotion"
 
 
 @dataclass(frozen=True)
@@ -139,6 +145,8 @@ def register(
     version gets the aliases instead. Before any alias moves, the stored model.onnx is downloaded
     and checked against the sha256, so a missing or altered artifact is never promoted. A new
     champion records the one it replaced (``handoff.previous_champion``, for ``handoff rollback``).
+    Champion is read, compared and moved under the promotion lock; a version not promoted because
+    the champion moved says why in its ``handoff.promotion`` tag.
     """
     started = time.perf_counter()
     project = Project.load(project_dir)
@@ -157,7 +165,7 @@ def register(
         run = mlflow.start_run(run_id=mlflow_run_id or None, run_name=f"{project.settings.project}-register")
         try:
             triton_uri = _log_triton_layout(triton)
-            tags = _tags(project, checked, sha, run.info.run_id, triton_uri)
+            tags = _tags(project, checked, sha, run.info.run_id, triton_uri, client)
             info = _log_model(project, model_dir, checked, card, tags, report_dir)
         finally:
             mlflow.end_run()
@@ -173,17 +181,22 @@ def register(
     aliases = [CHALLENGER]
     client.set_registered_model_alias(name, CHALLENGER, version)
     if checked["passed"]:
-        current = alias_version(client, name, CHAMPION)
-        moved = "" if current == version else _champion_moved(current, checked["champion"])
+        # Compare-and-set: nothing moves champion between this read and this write.
+        with promotion_lock(client, name, f"register of {name} v{version}"):
+            current = alias_version(client, name, CHAMPION)
+            moved = "" if current == version else _champion_moved(current, checked["champion"])
+            if not moved:
+                if current is not None and current != version:
+                    # What `handoff rollback` returns to.
+                    client.set_model_version_tag(name, version, PREVIOUS_CHAMPION_TAG, current)
+                client.set_registered_model_alias(name, CHAMPION, version)
+                aliases.append(CHAMPION)
         if moved:
-            client.set_model_version_tag(name, version, "handoff.promotion", moved)
+            client.set_model_version_tag(name, version, PROMOTION_TAG, f"not promoted: {moved}")
             print(f"handoff: register: {name} v{version} not promoted: {moved}", file=sys.stderr, flush=True)
-        else:
-            if current is not None and current != version:
-                # What `handoff rollback` returns to.
-                client.set_model_version_tag(name, version, PREVIOUS_CHAMPION_TAG, current)
-            client.set_registered_model_alias(name, CHAMPION, version)
-            aliases.append(CHAMPION)
+        elif current != version:
+            replaced = f"replaced v{current}" if current else "the first champion"
+            client.set_model_version_tag(name, version, PROMOTION_TAG, f"promoted: {replaced}")
     return RegisterResult(
         model_name=name,
         version=version,
@@ -259,7 +272,12 @@ def _log_triton_layout(root: Path) -> str:
 
 
 def _tags(
-    project: Project, checked: dict[str, Any], sha: str, run_id: str, triton_uri: str
+    project: Project,
+    checked: dict[str, Any],
+    sha: str,
+    run_id: str,
+    triton_uri: str,
+    client: MlflowClient,
 ) -> dict[str, str]:
     return {
         SHA_TAG: sha,
@@ -267,7 +285,10 @@ def _tags(
         "handoff.contract_sha256": project.contract.sha256,
         "handoff.template_version": __version__,
         "handoff.run_id": run_id,
+        # Tagged on the run by train; a run train did not make (register on its own) has none.
+        DATA_TAG: client.get_run(run_id).data.tags.get(DATA_TAG, "unknown"),
         "handoff.git_sha": git_sha(project.root),
+        IMAGE_TAG: image_reference(),
         "handoff.gate": "passed" if checked["passed"] else "failed",
         "handoff.gate_reasons": "; ".join(checked["reasons"]) or "-",
         "handoff.compared_to_champion": checked["champion"] or "-",

@@ -3,7 +3,8 @@
 The version to return to is the one recorded when the current champion was promoted (its
 ``handoff.previous_champion`` tag), or an explicit ``--to``. It is deployed first (downloaded,
 sha256-checked, smoke-tested) and ``champion`` moves only once it serves, so a failed rollback
-leaves the registry as it was.
+leaves the registry as it was. It moves under the registry's promotion lock, and only if the
+champion is still the one it rolled back from (a register may have promoted meanwhile).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from mlflow.exceptions import MlflowException
 
 from handoff.errors import HandoffError
 from handoff.project import Project
+from handoff.promotion_lock import promotion_lock
 from handoff.steps.deploy import DeployResult, deploy
 from handoff.steps.register import PREVIOUS_CHAMPION_TAG
 from handoff.tracking import CHAMPION, alias_version, use_tracking
@@ -57,5 +59,12 @@ def rollback(project_dir: Path | str, to: str | None = None) -> RollbackResult:
             f"model {name!r} has no version {to!r} in the registry ({project.tracking_uri})", field="--to"
         ) from None
     deployed = deploy(project.root, name, to, cluster=False)  # serves, or raises with nothing changed
-    client.set_registered_model_alias(name, CHAMPION, to)
+    with promotion_lock(client, name, f"rollback of {name} to v{to}"):
+        now = alias_version(client, name, CHAMPION)
+        if now != current:
+            raise HandoffError(
+                f"champion moved from v{current} to v{now} while rolling back to v{to}; champion left "
+                f"at v{now} (the local server serves v{to}): run `handoff rollback` again if still wanted"
+            )
+        client.set_registered_model_alias(name, CHAMPION, to)
     return RollbackResult(model_name=name, from_version=current, to_version=to, deployed=deployed)

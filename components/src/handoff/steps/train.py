@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from handoff import __version__, distributed
 from handoff.checkpoints import latest_state, save_checkpoint, save_state
+from handoff.data_hash import data_sha256
 from handoff.data_order import EpochBatches
 from handoff.errors import HandoffError
 from handoff.hooks import (
@@ -43,6 +44,7 @@ from handoff.hooks import (
     split_batch,
     user_code,
 )
+from handoff.lineage import DATA_TAG
 from handoff.precision import Precision, allow_fast_kernels, choose_precision
 from handoff.project import Project
 from handoff.runtime import seed_everything
@@ -242,6 +244,8 @@ def _train(
         ).info.run_id
     try:
         if ctx.is_main and state is None:
+            with user_code(hooks, "reading the datasets' items to hash them"):
+                data = data_sha256(train_set, val_set)  # register copies it onto the version
             mlflow.set_tags(
                 {
                     "handoff.template_version": __version__,
@@ -249,6 +253,7 @@ def _train(
                     "handoff.contract_sha256": project.contract.sha256,
                     "handoff.world_size": str(ctx.world_size),
                     "handoff.precision": precision.name,
+                    DATA_TAG: data,
                 }
             )
             mlflow.log_params(dataclasses.asdict(cfg))
