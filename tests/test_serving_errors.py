@@ -78,6 +78,7 @@ def post(conn: http.client.HTTPConnection, body: Any, path: str = INFER) -> tupl
 
 BAD_REQUESTS: dict[str, tuple[Any, str]] = {
     "malformed-json": (b'{"inputs": [', "the request body is not valid JSON"),
+    "not-utf8": (b"\x80", "There was an error parsing the body; expected a V2 inference request like"),
     "no-inputs": ({"id": "x"}, "inputs: Field required; expected a V2 inference request like"),
     "input-without-data": (
         {"inputs": [{"name": "image", "shape": [1, 1, 8, 8], "datatype": "FP32"}]},

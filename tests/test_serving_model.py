@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,7 @@ def request(
 
 
 def test_predict_returns_the_contract_outputs_and_an_id(served: OnnxModel) -> None:
-    response = served.predict(request())
+    response = asyncio.run(served.predict(request()))
     output = response.outputs[0]
     assert (output.name, output.datatype, output.shape) == ("logits", "FP32", [3, 10])
     assert response.id  # generated when the request has none
@@ -57,5 +58,5 @@ def test_requests_that_break_the_contract_are_invalid_input(
     served: OnnxModel, bad: dict, message: str
 ) -> None:
     with pytest.raises(InvalidInput) as raised:
-        served.predict(request(**bad))
+        asyncio.run(served.predict(request(**bad)))
     assert message in str(raised.value)

@@ -41,6 +41,9 @@ class TensorSpec(StrictModel):
     name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.:-]*$")
     dtype: Dtype
     shape: list[int] = Field(min_length=1)
+    # Inputs only: the model server answers NaN or infinite values with 400 unless this is true
+    # (for a model that handles missing values itself).
+    allow_non_finite: bool = False
 
     @field_validator("shape")
     @classmethod

@@ -16,8 +16,9 @@ SETTINGS_FILE = "handoff.yaml"
 # MLFLOW_TRACKING_URI: mlflow.set_tracking_uri() writes that one into the process environment, so
 # it would carry one project's registry into the next project run by the same process.
 TRACKING_URI_ENV = "HANDOFF_MLFLOW_TRACKING_URI"
-# The image a compiled pipeline runs in, set on its multi-node train step: the job's nodes run it
-# instead of handoff.yaml's ``image`` (a tag), so a pipeline compiled against a digest stays on it.
+# The image a compiled pipeline runs in, set on every step: register records it (``handoff.image``)
+# and a multi-node train step runs its job's nodes in it instead of handoff.yaml's ``image`` (a
+# tag), so a pipeline compiled against a digest stays on it.
 IMAGE_ENV = "HANDOFF_IMAGE"
 # Where the project image keeps the project's files (its Dockerfile's WORKDIR): the pipeline's
 # `project_dir` on a cluster.
@@ -71,12 +72,25 @@ class KServeSettings(StrictModel):
         return self
 
 
+class BatchingSettings(StrictModel):
+    """Server-side dynamic batching of the local model server (and the handoff-onnx runtime)."""
+
+    # Rows one model run may hold; requests waiting while the model runs are run together up
+    # to this many. 1 turns batching off.
+    max_batch_size: int = Field(default=64, ge=1, le=4096)
+    # How long a batch is held open for more requests; 0: a lone request runs at once.
+    max_wait_ms: float = Field(default=0, ge=0, le=1000)
+
+
 class ServingSettings(StrictModel):
     # Local serving (`make run`): the KServe Python model server on this machine.
     host: str = "127.0.0.1"
     # 0 picks a free port; the chosen one is printed and written to the run summary.
     port: int = Field(default=8080, ge=0, le=65535)
     ready_timeout_s: float = Field(default=60, gt=0)
+    # Larger request bodies are answered 413 without being read.
+    max_request_mib: float = Field(default=16, gt=0)
+    batching: BatchingSettings = BatchingSettings()
     kserve: KServeSettings = KServeSettings()
 
 

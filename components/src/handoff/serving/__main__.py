@@ -1,31 +1,49 @@
-"""Run the local model server: ``python -m handoff.serving <server.json> [<listening fd>]``.
+"""Run the model server: ``python -m handoff.serving <server.json> [<listening fd> [<takeover fd>]]``.
 
 The spec file (written by the deploy step) names the model, its registered contract, host and
-port, and optionally ``max_request_bytes`` (default 16 MiB; larger bodies get 413). It is a file
-rather than flags because importing ``kserve.model_server`` parses ``sys.argv`` itself. The deploy
-step binds the socket and passes it as a file descriptor.
+port, and optionally ``max_request_bytes`` (default 16 MiB; larger bodies get 413) and
+``batching`` (``max_batch_size``, ``max_wait_ms``). It is a file rather than flags because
+importing ``kserve.model_server`` parses ``sys.argv`` itself. The deploy step binds the socket and
+passes it as a file descriptor.
+
+Blue/green (``handoff deploy``): the new server first serves only a private socket, where it is
+smoke-tested, while the old version keeps the project's port. The takeover fd is a socket bound
+to that port (``SO_REUSEPORT``, like the old one's) but not listening, so no client reaches the
+new version before it passed; SIGUSR1 makes the server listen on it too. Then the old server is
+sent SIGTERM and finishes its in-flight requests.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import signal
 import socket
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 from handoff.contract import load_contract
 from handoff.files import read_json
-from handoff.serving import guards
+from handoff.serving import guards, metrics
 from handoff.serving.onnx_model import OnnxModel
+from handoff.settings import BatchingSettings
 
 
-def serve(spec_path: Path, fd: int | None) -> None:
+def serve(spec_path: Path, fd: int | None = None, takeover_fd: int | None = None) -> None:
     """Serve at once, load the model once (ready from then on), serve until SIGTERM (uvicorn finishes
     in-flight requests). A model that cannot be loaded stops the server with exit code 1."""
     spec = read_json(spec_path)
     contract = load_contract(Path(spec["contract_dir"]))
-    model = OnnxModel(spec["model_name"], Path(spec["onnx_path"]), contract)
+    batching = BatchingSettings.model_validate(spec.get("batching", {}))  # handoff.yaml's defaults
+    model = OnnxModel(
+        spec["model_name"],
+        Path(spec["onnx_path"]),
+        contract,
+        max_batch_size=batching.max_batch_size,
+        max_wait_ms=batching.max_wait_ms,
+    )
 
     example = {"inputs": [{**tensor.v2_metadata(), "data": ["..."]} for tensor in contract.inputs]}
     expected = f"a V2 inference request like {json.dumps(example)}"
@@ -51,6 +69,7 @@ def serve(spec_path: Path, fd: int | None) -> None:
             from kserve.model_server import app
 
             guards.install(app, expected, max_request_bytes, lambda: bool(model.ready))
+            app.add_middleware(metrics.RequestMetrics, model_name=model.name)  # outermost: sees all
 
         def load_or_stop(self) -> None:
             """Load the model while the server answers 503 on readiness; stop it if loading fails."""
@@ -64,6 +83,27 @@ def serve(spec_path: Path, fd: int | None) -> None:
                 failed.set()
                 self._server.should_exit = True  # uvicorn checks it every 0.1 s, also before startup ends
 
+        async def take_over(self, sock: socket.socket) -> None:
+            """Listen on ``sock`` too, with the same app and connection bookkeeping as uvicorn's own
+            sockets (what ``uvicorn.Server.startup`` does for each), so shutdown drains both."""
+            server: Any = self._server
+            config = server.config
+
+            def create_protocol(_loop: asyncio.AbstractEventLoop | None = None) -> asyncio.Protocol:
+                return config.http_protocol_class(
+                    config=config,
+                    server_state=server.server_state,
+                    app_state=server.lifespan.state,
+                    _loop=_loop,
+                )
+
+            listening = await asyncio.get_running_loop().create_server(
+                create_protocol, sock=sock, backlog=config.backlog
+            )
+            server.servers.append(listening)
+            where = sock.getsockname()[:2]
+            print(f"model {model.name} now also serves on {where} (took over)", file=sys.stderr, flush=True)
+
     rest = GuardedRESTServer(
         FASTAPI_APP_IMPORT_STRING,
         server.dataplane,
@@ -72,12 +112,22 @@ def serve(spec_path: Path, fd: int | None) -> None:
         grace_period=10,
     )
     threading.Thread(target=rest.load_or_stop, name="load-model", daemon=True).start()
+    if takeover_fd is not None:
+        takeover = socket.socket(fileno=takeover_fd)
+
+        def on_sigusr1(signum: int, frame: Any) -> None:
+            loop = asyncio.get_running_loop()  # the handler runs on the main thread, inside the loop
+            loop.call_soon_threadsafe(lambda: loop.create_task(rest.take_over(takeover)))
+            signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # once
+
+        signal.signal(signal.SIGUSR1, on_sigusr1)
     rest.run(sockets=[sock])
     if failed.is_set():
         sys.exit(1)  # never ready: the deploy step (or Kubernetes) sees the exit and the one line above
 
 
 if __name__ == "__main__":
-    if len(sys.argv) not in (2, 3):
-        sys.exit("usage: python -m handoff.serving <server.json> [<listening fd>]")
-    serve(Path(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) == 3 else None)
+    if len(sys.argv) not in (2, 3, 4):
+        sys.exit("usage: python -m handoff.serving <server.json> [<listening fd> [<takeover fd>]]")
+    fds = [int(arg) for arg in sys.argv[2:]]
+    serve(Path(sys.argv[1]), *fds)

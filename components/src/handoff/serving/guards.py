@@ -1,5 +1,5 @@
 """HTTP-level guards for the model server: V2 error bodies for requests FastAPI rejects, a body size
-limit, and a readiness check that waits for the model.
+limit, a check of binary tensor requests, and a readiness check that waits for the model.
 
 Stock KServe answers a malformed body with FastAPI's 422 ``{"detail": [...]}`` and lets an
 unexpected exception escape to Starlette's outermost handler, which resets the keep-alive
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from http import HTTPStatus
 from typing import Any
@@ -18,6 +19,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from kserve.errors import InvalidInput
+from kserve.protocol.rest.v2_datamodels import RequestOutput
+from pydantic import BaseModel, NonNegativeInt, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024
 
@@ -82,8 +86,19 @@ def install(app: FastAPI, expected: str, max_request_bytes: int, model_ready: Ca
         log.info("rejected request: %s", message)
         return JSONResponse(status_code=HTTPStatus.BAD_REQUEST, content={"error": message})
 
+    async def http_error(_: Request, exc: Exception) -> JSONResponse:
+        # FastAPI's own refusals (a body that is not UTF-8, an unknown route, a wrong method)
+        # say {"detail": ...}; V2 clients read "error".
+        assert isinstance(exc, StarletteHTTPException)
+        message = str(exc.detail)
+        if exc.status_code == HTTPStatus.BAD_REQUEST:
+            message = f"{message}; expected {expected}"
+        return JSONResponse(status_code=exc.status_code, content={"error": message}, headers=exc.headers)
+
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(InvalidInput, invalid_input)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_middleware(BinaryRequests, expected=expected)  # inside BodyLimit: bodies are bounded
     app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
     app.add_middleware(ReadyGate, model_ready=model_ready)
 
@@ -149,6 +164,123 @@ class BodyLimit:
                 return
             if not message.get("more_body", False):
                 break
+
+        async def replay() -> Message:
+            return buffered.pop(0) if buffered else await receive()
+
+        await self.app(scope, replay, send)
+
+
+# Bytes per element of the V2 datatypes that travel as raw little-endian arrays.
+BINARY_ITEM_SIZES = {
+    "BOOL": 1,
+    "UINT8": 1,
+    "UINT16": 2,
+    "UINT32": 4,
+    "UINT64": 8,
+    "INT8": 1,
+    "INT16": 2,
+    "INT32": 4,
+    "INT64": 8,
+    "FP16": 2,
+    "FP32": 4,
+    "FP64": 8,
+}
+HEADER_LENGTH = b"inference-header-content-length"
+
+
+class _BinaryInput(BaseModel):
+    name: str
+    shape: list[NonNegativeInt]
+    datatype: str
+    parameters: dict[str, Any] | None = None
+    data: list[Any] | None = None
+
+
+class _BinaryHeader(BaseModel):
+    """The JSON part of a binary-extension request: what KServe's decoder reads without checking."""
+
+    id: str | None = None
+    parameters: dict[str, Any] | None = None
+    inputs: list[_BinaryInput]
+    outputs: list[RequestOutput] | None = None
+
+
+def binary_request_error(body: bytes, header_length: bytes) -> str | None:
+    """What is wrong with a V2 binary tensor extension request, or None when KServe can decode it.
+
+    KServe slices the raw bytes after the JSON header by each input's ``binary_data_size`` and
+    reshapes them unchecked, so a wrong size or shape would be a 500; here it is a 400 that says
+    which input and how many bytes its shape and datatype need.
+    """
+    if not header_length.isdigit() or int(header_length) > len(body):
+        return (
+            f"Inference-Header-Content-Length must be the byte length of the JSON header at the "
+            f"start of the body ({len(body)} bytes), got {header_length.decode(errors='replace')!r}"
+        )
+    split = int(header_length)
+    try:
+        header = _BinaryHeader.model_validate_json(body[:split])
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "the JSON header"
+        return f"binary request: {where}: {first['msg']}"
+    raw_bytes = len(body) - split
+    declared = 0
+    for tensor in header.inputs:
+        where = f"input '{tensor.name}'"
+        size = (tensor.parameters or {}).get("binary_data_size")
+        if tensor.data is not None:
+            continue
+        if size is None:
+            return f"{where}: needs 'data' or parameters.binary_data_size"
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            return f"{where}: parameters.binary_data_size must be a byte count, got {size!r}"
+        item = BINARY_ITEM_SIZES.get(tensor.datatype)
+        if item is None:
+            return f"{where}: datatype {tensor.datatype!r} cannot be sent as binary data here"
+        needed = math.prod(tensor.shape) * item
+        if size != needed:
+            return (
+                f"{where}: binary_data_size is {size} bytes, but shape {tensor.shape} of "
+                f"{tensor.datatype} needs {needed}"
+            )
+        declared += size
+    if declared != raw_bytes:
+        return (
+            f"the inputs' binary_data_size add up to {declared} bytes, but {raw_bytes} follow the JSON header"
+        )
+    return None
+
+
+class BinaryRequests:
+    """Answer 400 to a binary tensor extension request KServe would fail to decode (see
+    ``binary_request_error``); pass every other request through untouched."""
+
+    def __init__(self, app: Asgi, expected: str) -> None:
+        self.app = app
+        self.expected = expected
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        length = dict(scope.get("headers", ())).get(HEADER_LENGTH) if scope["type"] == "http" else None
+        if length is None:
+            await self.app(scope, receive, send)
+            return
+        buffered: list[Message] = []
+        chunks: list[bytes] = []
+        while True:
+            message = await receive()
+            buffered.append(message)
+            if message["type"] != "http.request":
+                break
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        problem = binary_request_error(b"".join(chunks), length.strip())
+        if problem is not None:
+            log.info("rejected request: %s", problem)
+            await _send_json(send, HTTPStatus.BAD_REQUEST, {"error": f"{problem}; expected {self.expected}"})
+            return
 
         async def replay() -> Message:
             return buffered.pop(0) if buffered else await receive()

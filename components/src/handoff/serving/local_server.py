@@ -5,6 +5,10 @@ it (pid, process start time, spec file) lives in ``<project>/.handoff/server.jso
 stop`` and the next deploy use it. The listening socket is bound here and handed to the child, so
 a busy port is reported before anything is stopped, and no other program can take the port in
 between.
+
+The project's port is bound with ``SO_REUSEPORT``, so a new version's server can listen on it
+beside the old one at the moment it takes over (``take_over``) and no connection is refused
+while versions change.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import contextlib
 import fcntl
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +25,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psutil
 import requests
@@ -57,22 +63,49 @@ def deploy_lock(state_dir: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """Bind the server's socket here (port 0 = any free one), with the setting to change on failure."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+def bind(host: str, port: int, *, listen: bool = True, shared: bool = False) -> socket.socket:
+    """Bind a server socket here (port 0 = any free one), with the setting to change on failure.
+
+    ``shared``: join the port the project's running server holds (``SO_REUSEPORT``); otherwise
+    the port must be free, even of another project's server. ``listen`` False leaves the socket
+    bound but deaf until a takeover: the kernel sends it no connections before then.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    if not shared and port != 0:
+        probe = socket.socket(family, socket.SOCK_STREAM)  # no SO_REUSEPORT: fails if anyone holds it
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            _bind(probe, host, port)
+        finally:
+            probe.close()
+    sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        _bind(sock, host, port)
+    except HandoffError:
+        sock.close()
+        raise
+    if listen:
+        sock.listen(128)
+    return sock
+
+
+def _bind(sock: socket.socket, host: str, port: int) -> None:
     try:
         sock.bind((host, port))
     except OSError as exc:
-        sock.close()
         raise HandoffError(
             f"cannot listen on {host}:{port} ({exc.strerror}); stop the program using it or set "
             "serving.port (0 = any free port)",
             file="handoff.yaml",
             field="serving.port",
         ) from None
-    sock.listen(128)
-    return sock
+
+
+def url_of(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def _alive(handle: ServerHandle) -> bool:
@@ -141,37 +174,44 @@ def start(
     version: str,
     state_dir: Path,
     ready_timeout_s: float,
+    takeover: socket.socket | None = None,
 ) -> ServerHandle:
-    """Start ``python -m handoff.serving spec_file`` on ``sock``, detached, and wait until ready."""
-    host, port = sock.getsockname()[:2]
-    url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    """Start ``python -m handoff.serving spec_file`` on ``sock``, detached, and wait until ready.
+
+    With ``takeover`` (a bound, not listening socket), the handle's URL is the takeover's: where
+    the server will serve once ``take_over`` has been called; until then only ``sock`` reaches it.
+    The caller records the handle (``record``) once it is the project's server.
+    """
     log = state_dir / "server.log"
     env = {k: v for k, v in os.environ.items() if k not in RUN_ONLY_ENV}
+    fds = [sock.fileno()] + ([takeover.fileno()] if takeover is not None else [])
     with log.open("ab") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "handoff.serving", str(spec_file), str(sock.fileno())],
+            [sys.executable, "-m", "handoff.serving", str(spec_file), *map(str, fds)],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env,
-            pass_fds=(sock.fileno(),),
+            pass_fds=fds,
             start_new_session=True,  # outlives the pipeline step and ignores its Ctrl-C
         )
-    sock.close()  # the child holds it now
+    check_url = url_of(sock)
     handle = ServerHandle(
         pid=process.pid,
         started=psutil.Process(process.pid).create_time(),
         spec=str(spec_file),
-        url=url,
+        url=url_of(takeover) if takeover is not None else check_url,
         model_name=model_name,
         version=version,
         log=str(log),
     )
-    record(state_dir, handle)
+    for passed in (sock, takeover):
+        if passed is not None:
+            passed.close()  # the child holds them now
+    url = check_url
     deadline = time.monotonic() + ready_timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            (state_dir / STATE_FILE).unlink(missing_ok=True)
             raise HandoffError(
                 f"the model server exited with code {process.returncode} before it was "
                 f"ready; last lines of {log}:\n{_tail(log)}"
@@ -181,9 +221,27 @@ def start(
                 return handle
         time.sleep(0.1)
     terminate(handle)
-    (state_dir / STATE_FILE).unlink(missing_ok=True)
     raise HandoffError(
         f"the model server was not ready within {ready_timeout_s:g} s; last lines of {log}:\n{_tail(log)}",
         file="handoff.yaml",
         field="serving.ready_timeout_s",
+    )
+
+
+def take_over(handle: ServerHandle, timeout_s: float = 10.0) -> None:
+    """Make the server started with a takeover socket listen on it (SIGUSR1), and wait until it does."""
+    port = urlsplit(handle.url).port
+    deadline = time.monotonic() + timeout_s
+    try:
+        process = psutil.Process(handle.pid)
+        process.send_signal(signal.SIGUSR1)
+        while time.monotonic() < deadline:
+            listening = process.connections("tcp")
+            if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in listening):
+                return
+            time.sleep(0.02)
+    except psutil.Error as exc:
+        raise HandoffError(f"the new model server stopped while taking over {handle.url}: {exc}") from None
+    raise HandoffError(
+        f"the new model server did not take over {handle.url} within {timeout_s:g} s; see {handle.log}"
     )

@@ -1,9 +1,11 @@
 """A ``kserve.Model`` that serves an ONNX file through ONNX Runtime, with the contract as its schema.
 
 Load once in ``load()``, then ``predict``. Requests are checked against the contract (names,
-datatypes, shapes) and their data (value count, element types, finite numbers), and rejected with
-``InvalidInput`` (HTTP 400) naming the input and what was expected, so a client never gets an
-opaque ONNX Runtime error.
+datatypes, shapes) and their data (value count, element types, finite numbers unless the contract
+allows others), and rejected with ``InvalidInput`` (HTTP 400) naming the input and what was
+expected, so a client never gets an opaque ONNX Runtime error. Checked requests go through the
+dynamic batcher (``batcher.py``) to the session. Outputs are JSON, or raw bytes when the request
+asks for the V2 binary tensor extension (``binary_data_output`` or an output's ``binary_data``).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import logging
 import math
 import uuid
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,8 @@ from kserve.errors import InferenceError, InvalidInput
 
 from handoff.contract import Contract, TensorSpec
 from handoff.onnx_io import open_session
+from handoff.serving import metrics
+from handoff.serving.batcher import Batcher
 
 # A child of KServe's logger, so its lines land in the server log in the same format.
 log = logging.getLogger("kserve.handoff")
@@ -57,10 +62,11 @@ def _checked(where: str, spec: TensorSpec, shape: list[int], data: list[Any]) ->
 
 
 def _finite(where: str, spec: TensorSpec, array: np.ndarray) -> np.ndarray:
-    if array.dtype.kind == "f" and not np.isfinite(array).all():
+    if array.dtype.kind == "f" and not spec.allow_non_finite and not np.isfinite(array).all():
         raise InvalidInput(
             f"{where}: data holds NaN or infinite values (or values too large for {spec.v2_datatype}); "
-            "the model accepts finite numbers only"
+            "the model accepts finite numbers only (contract.yaml: allow_non_finite: true on the "
+            "input allows others)"
         )
     return array
 
@@ -68,11 +74,25 @@ def _finite(where: str, spec: TensorSpec, array: np.ndarray) -> np.ndarray:
 class OnnxModel(kserve.Model):
     """One ONNX model behind the V2 protocol; the contract is its request and metadata schema."""
 
-    def __init__(self, name: str, onnx_path: Path, contract: Contract):
+    def __init__(
+        self,
+        name: str,
+        onnx_path: Path,
+        contract: Contract,
+        *,
+        max_batch_size: int = 1,
+        max_wait_ms: float = 0,
+    ):
         super().__init__(name)
         self.onnx_path = onnx_path
         self.contract = contract
         self.session: Any = None
+        self.batcher = Batcher(
+            self._run,
+            max_batch_size=max_batch_size,
+            max_wait_ms=max_wait_ms,
+            on_batch=lambda rows, requests: metrics.record_batch(name, rows, requests),
+        )
 
     def load(self) -> bool:
         """Open the ONNX Runtime session once; a model that contradicts its contract never gets ready."""
@@ -113,13 +133,16 @@ class OnnxModel(kserve.Model):
             return _finite(where, spec, array)
         return _checked(where, spec, shape, tensor.data)
 
-    def predict(
+    def _run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        return list(self.session.run(self.contract.output_names, dict(feeds)))
+
+    async def predict(
         self,
         payload: InferRequest,
         headers: dict[str, str] | None = None,
         response_headers: dict[str, str] | None = None,
     ) -> InferResponse:
-        """Check each input against the contract (400 on mismatch), run the session, answer V2."""
+        """Check each input against the contract (400 on mismatch), run it (batched), answer V2."""
         unknown = sorted({i.name for i in payload.inputs} - set(self.contract.input_names))
         if unknown:
             raise InvalidInput(f"unknown input(s) {unknown}; expected inputs {self.contract.input_names}")
@@ -137,18 +160,25 @@ class OnnxModel(kserve.Model):
                 f"the model's outputs are {self.contract.output_names}"
             )
         feeds = {spec.name: self._array(spec, payload) for spec in self.contract.inputs}
+        rows = {name: array.shape[0] for name, array in feeds.items()}
+        if len(set(rows.values())) > 1:
+            raise InvalidInput(f"every input needs the same first (batch) dimension, got {rows}")
         try:
-            results = self.session.run(self.contract.output_names, feeds)
+            results = await self.batcher.run(feeds)
         except Exception as exc:
             # InferenceError is answered by FastAPI's own handler (500, V2 body) and keeps the
             # connection open; an exception that escapes resets it.
             log.exception("inference failed for model %s", self.name)
             raise InferenceError(f"inference failed: {type(exc).__name__}: {exc}") from None
-        outputs = []
-        for spec, array in zip(self.contract.outputs, results, strict=True):
-            output = InferOutput(name=spec.name, shape=list(array.shape), datatype=spec.v2_datatype)
-            output.set_data_from_numpy(array, binary_data=False)
-            outputs.append(output)
+        outputs = [
+            # KServe encodes the array as JSON or raw bytes, as the request asked.
+            InferOutput(name=spec.name, shape=list(array.shape), datatype=spec.v2_datatype, data=array)
+            for spec, array in zip(self.contract.outputs, results, strict=True)
+        ]
         return InferResponse(
-            response_id=payload.id or str(uuid.uuid4()), model_name=self.name, infer_outputs=outputs
+            response_id=payload.id or str(uuid.uuid4()),
+            model_name=self.name,
+            infer_outputs=outputs,
+            use_binary_outputs=bool(payload.use_binary_outputs),
+            requested_outputs=payload.request_outputs,
         )

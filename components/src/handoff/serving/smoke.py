@@ -1,4 +1,5 @@
-"""The smoke test: replay the contract example over Open Inference Protocol v2 REST and compare."""
+"""Checks a new server must pass before it serves: the smoke test replays the contract example over
+Open Inference Protocol v2 REST and compares; the latency check holds the served p99 to the SLO."""
 
 from __future__ import annotations
 
@@ -81,3 +82,50 @@ def _smoke_test(url: str, model_name: str, contract: Contract, example: dict[str
             worst,
         )
     return SmokeResult(True, "outputs match the contract example", round(latency, 3), worst)
+
+
+@dataclass(frozen=True)
+class LatencyResult:
+    passed: bool
+    detail: str
+    p50_ms: float
+    p99_ms: float
+
+
+def latency_check(
+    url: str, model_name: str, contract: Contract, example: dict[str, Any], requests_n: int = 200
+) -> LatencyResult:
+    """Time ``requests_n`` sequential requests of ``slo.latency_batch_size`` rows (the example's
+    rows, repeated) over one keep-alive connection, after a warm-up; p99 must be within the SLO."""
+    rows = contract.slo.latency_batch_size
+    inputs = []
+    for tensor in example["inputs"]:
+        array = np.asarray(tensor["data"]).reshape(tensor["shape"])
+        repeated = np.resize(array, (rows, *array.shape[1:]))
+        inputs.append({**tensor, "shape": list(repeated.shape), "data": repeated.ravel().tolist()})
+    body = {"inputs": inputs}
+    timings = []
+    with requests.Session() as session:
+        for i in range(requests_n + 10):
+            started = time.perf_counter()
+            try:
+                response = session.post(f"{url}/v2/models/{model_name}/infer", json=body, timeout=30)
+            except requests.RequestException as exc:
+                return LatencyResult(False, f"request failed: {exc}", float("nan"), float("nan"))
+            if response.status_code != 200:
+                return LatencyResult(
+                    False, f"HTTP {response.status_code}: {response.text[:300]}", float("nan"), float("nan")
+                )
+            if i >= 10:  # the first requests warm up the connection and the session
+                timings.append((time.perf_counter() - started) * 1000)
+    p50, p99 = (float(v) for v in np.percentile(timings, [50, 99]))
+    budget = contract.slo.latency_p99_ms
+    if p99 > budget:
+        return LatencyResult(
+            False,
+            f"served p99 latency {p99:.2f} ms over {requests_n} requests of {rows} row(s) exceeds "
+            f"slo.latency_p99_ms {budget:g}",
+            p50,
+            p99,
+        )
+    return LatencyResult(True, f"served p99 {p99:.2f} ms within slo.latency_p99_ms {budget:g}", p50, p99)

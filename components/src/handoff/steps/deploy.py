@@ -2,8 +2,9 @@
 
 Locally, the model is fetched from the registry (what was registered is what is served), its
 sha256 is checked against the version's tag, and it is served with the KServe model server and
-the contract it was registered with. The new server must pass the smoke test; if it does not
-start or fails, the version that was serving before is started again and the step fails saying why.
+the contract it was registered with, blue/green: the new server starts beside the running one and
+must pass the smoke test and the contract's latency SLO before it takes over the port; if it does
+not, the version that was serving keeps serving and the step fails saying why.
 
 On a cluster (``--cluster``, or a step running in a pod outside a local run), the project's KServe
 InferenceService is pointed at the version's Triton model repository in the MLflow artifact store
@@ -34,7 +35,7 @@ from handoff.files import read_json, sha256_of, write_json
 from handoff.project import Project
 from handoff.serving import local_server
 from handoff.serving.local_server import ServerHandle
-from handoff.serving.smoke import smoke_test
+from handoff.serving.smoke import latency_check, smoke_test
 from handoff.step_entry import LOCAL_RUN_ENV
 from handoff.steps.register import SHA_TAG, TRITON_TAG
 from handoff.tracking import use_tracking
@@ -58,6 +59,7 @@ class DeployResult:
     smoke_latency_ms: float
     seconds: float
     target: str = "local"  # local: this machine's model server (pid); cluster: an InferenceService
+    served_p99_ms: float = 0.0  # local: p99 of the latency check before the version took over
 
 
 def in_cluster() -> bool:
@@ -100,33 +102,12 @@ def fetch_model(project: Project, name: str, version: str) -> Path:
     return local
 
 
-def _port_of(handle: ServerHandle) -> tuple[str, int]:
-    parts = urlsplit(handle.url)
-    return str(parts.hostname), int(parts.port or 80)
+def _port_of(handle: ServerHandle) -> int:
+    return int(urlsplit(handle.url).port or 80)
 
 
-def _restore(project: Project, previous: ServerHandle | None) -> str:
-    """Start the previously served version again; returns a sentence for the error message."""
-    if previous is None:
-        return "nothing was serving before"
-    try:
-        sock = local_server.bind(*_port_of(previous))
-        local_server.start(
-            Path(previous.spec),
-            sock,
-            model_name=previous.model_name,
-            version=previous.version,
-            state_dir=project.state_dir,
-            ready_timeout_s=project.settings.serving.ready_timeout_s,
-        )
-    except HandoffError as exc:
-        return f"restarting the previous version {previous.version} failed too: {exc}"
-    return f"the previous version {previous.version} is serving again at {previous.url}"
-
-
-def _start(
-    project: Project, model_dir: Path, model_name: str, version: str, sock: socket.socket
-) -> ServerHandle:
+def _write_spec(project: Project, model_dir: Path, model_name: str, port: int) -> Path:
+    serving = project.settings.serving
     spec_file = model_dir / "server.json"
     write_json(
         spec_file,
@@ -134,18 +115,29 @@ def _start(
             "model_name": model_name,
             "onnx_path": str(model_dir / ONNX_FILE),
             "contract_dir": str(model_dir / EXTRA_DIR),
-            "host": project.settings.serving.host,
-            "port": sock.getsockname()[1],
+            "host": serving.host,
+            "port": port,
+            "max_request_bytes": int(serving.max_request_mib * 1024 * 1024),
+            "batching": serving.batching.model_dump(),
         },
     )
-    return local_server.start(
-        spec_file,
-        sock,
-        model_name=model_name,
-        version=version,
-        state_dir=project.state_dir,
-        ready_timeout_s=project.settings.serving.ready_timeout_s,
-    )
+    return spec_file
+
+
+def _bind_port(project: Project, previous: ServerHandle | None) -> socket.socket:
+    """The socket the new version will take over: the running version's port when serving.port is
+    that port or 0 (shared with it until the old server stops), else serving.port, which must be
+    free. Bound, not listening: no client reaches the new version before it passed its checks."""
+    serving = project.settings.serving
+    if previous is not None and serving.port in (0, _port_of(previous)):
+        try:
+            return local_server.bind(serving.host, _port_of(previous), listen=False, shared=True)
+        except HandoffError as exc:
+            raise HandoffError(
+                f"{exc}; the running server (pid {previous.pid}) does not share its port: run "
+                "`handoff stop`, then deploy again"
+            ) from None
+    return local_server.bind(serving.host, serving.port, listen=False)
 
 
 def deploy(
@@ -153,10 +145,12 @@ def deploy(
 ) -> DeployResult:
     """Serve ``model_name`` version ``version`` and smoke-test it.
 
-    ``cluster`` None decides by where the step runs (``in_cluster``). Locally, on another port
-    than the running version, the new server starts and passes its smoke test before the old one
-    stops (blue/green). On the same port the old one must stop first; if the new one then fails,
-    the old version is started again.
+    ``cluster`` None decides by where the step runs (``in_cluster``). Locally this is blue/green:
+    the new version's server starts beside the running one on a private port, where it must pass
+    the smoke test and the contract's latency SLO; only then does it take over the project's port
+    (both listen on it for a moment) and the old server finishes its requests and stops. If the
+    new server fails to start or fails a check, it is stopped, the old version never stopped
+    serving, and the step fails saying why.
     """
     if cluster is None:
         cluster = in_cluster()
@@ -164,43 +158,45 @@ def deploy(
         return deploy_to_cluster(project_dir, model_name, version)
     started = time.perf_counter()
     project = Project.load(project_dir)
-    serving = project.settings.serving
     with local_server.deploy_lock(project.state_dir):
         model_dir = fetch_model(project, model_name, version)
         contract = load_contract(model_dir / EXTRA_DIR)  # the contract this version was registered with
         example = read_json(model_dir / EXTRA_DIR / EXAMPLE_FILE)
         previous = local_server.current(project.state_dir)
-        same_port = previous is not None and serving.port != 0 and _port_of(previous)[1] == serving.port
-        if same_port:
-            assert previous is not None
-            local_server.terminate(previous)
-            try:
-                handle = _start(
-                    project, model_dir, model_name, version, local_server.bind(serving.host, serving.port)
-                )
-            except HandoffError as exc:
-                raise HandoffError(f"{exc}; {_restore(project, previous)}") from None
-        else:
-            sock = local_server.bind(serving.host, serving.port)  # a busy port fails before any change
-            try:
-                handle = _start(project, model_dir, model_name, version, sock)
-            except HandoffError as exc:
-                _keep(project, previous)
-                raise HandoffError(f"{exc}; {_still_serving(previous)}") from None
-        smoke = smoke_test(handle.url, model_name, contract, example)
-        if not smoke.passed:
-            local_server.terminate(handle)
-            if same_port:
-                outcome = _restore(project, previous)
-            else:
-                _keep(project, previous)
-                outcome = _still_serving(previous)
-            raise HandoffError(
-                f"smoke test of {model_name}/{version} at {handle.url} failed: {smoke.detail}; "
-                f"the new server was stopped and {outcome}"
+        port = _bind_port(project, previous)  # a busy port fails here, before anything changes
+        private = local_server.bind(project.settings.serving.host, 0)
+        check_url = local_server.url_of(private)
+        spec_file = _write_spec(project, model_dir, model_name, port.getsockname()[1])
+        try:
+            handle = local_server.start(
+                spec_file,
+                private,
+                model_name=model_name,
+                version=version,
+                state_dir=project.state_dir,
+                ready_timeout_s=project.settings.serving.ready_timeout_s,
+                takeover=port,
             )
-        if previous is not None and not same_port:
-            local_server.terminate(previous)  # the new version serves: retire the old one
+        except HandoffError as exc:
+            raise HandoffError(f"{exc}; {_still_serving(previous)}") from None
+        smoke = smoke_test(check_url, model_name, contract, example)
+        latency = latency_check(check_url, model_name, contract, example) if smoke.passed else None
+        failed = smoke.detail if latency is None else "" if latency.passed else latency.detail
+        if failed:
+            local_server.terminate(handle)
+            raise HandoffError(
+                f"{model_name}/{version} did not pass its checks before taking over: {failed}; "
+                f"the new server was stopped and {_still_serving(previous)}"
+            )
+        try:
+            local_server.take_over(handle)
+        except HandoffError as exc:
+            local_server.terminate(handle)
+            raise HandoffError(f"{exc}; {_still_serving(previous)}") from None
+        local_server.record(project.state_dir, handle)
+        if previous is not None:
+            local_server.terminate(previous)  # finishes its in-flight requests, then exits
+    assert latency is not None
     return DeployResult(
         url=handle.url,
         model_name=model_name,
@@ -210,15 +206,8 @@ def deploy(
         smoke_detail=smoke.detail,
         smoke_latency_ms=smoke.latency_ms,
         seconds=round(time.perf_counter() - started, 3),
+        served_p99_ms=round(latency.p99_ms, 3),
     )
-
-
-def _keep(project: Project, previous: ServerHandle | None) -> None:
-    """Point the project's record back at the version that kept serving (or at nothing)."""
-    if previous is not None:
-        local_server.record(project.state_dir, previous)
-    else:
-        (project.state_dir / local_server.STATE_FILE).unlink(missing_ok=True)
 
 
 def _still_serving(previous: ServerHandle | None) -> str:

@@ -1,0 +1,147 @@
+"""Local blue/green deploy on real parts (MLflow on sqlite, the KServe model server): a new version
+starts beside the serving one and must pass the smoke test and the contract's latency SLO before
+it takes over the port; clients on the port never see a refused connection; a version that fails
+leaves the old one serving and the command says why."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import psutil
+import pytest
+import requests
+from typer.testing import CliRunner
+
+from handoff.cli import app
+from handoff.errors import HandoffError
+from handoff.project import Project
+from handoff.serving import local_server
+from handoff.steps.register import register
+
+from .conftest import edit_yaml, replace_in
+from .test_triton_layout import EVALUATION, MODEL, _export
+
+pytestmark = pytest.mark.local
+
+INFER = f"/v2/models/{MODEL}/infer"
+BODY = {"inputs": [{"name": "image", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.25] * 64}]}
+
+
+@pytest.fixture(scope="module")
+def project(default_project: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The default project with three registered versions: two distinct models (v1, v2) and v3,
+    v2's weights under a contract whose latency SLO no server can meet."""
+    root = tmp_path_factory.mktemp("blue-green")
+    project_dir = Path(shutil.copytree(default_project, root / MODEL))
+    edit_yaml(
+        project_dir / "handoff.yaml",
+        lambda s: s["serving"].update(
+            port=0, max_request_mib=1, batching={"max_batch_size": 8, "max_wait_ms": 2}
+        ),
+    )
+    loaded = Project.load(project_dir)
+    exports = [_export(loaded, seed, root / f"export-{seed}") for seed in (0, 1, 2)]
+    register(project_dir, exports[0], EVALUATION)
+    register(project_dir, exports[1], EVALUATION)
+    replace_in(project_dir / "contract.yaml", "latency_p99_ms: 25", "latency_p99_ms: 0.001")
+    register(project_dir, exports[2], EVALUATION)
+    yield project_dir
+    local_server.stop(loaded.state_dir)
+
+
+def logits(url: str) -> list[float]:
+    response = requests.post(f"{url}{INFER}", json=BODY, timeout=10)
+    assert response.status_code == 200, response.text
+    return response.json()["outputs"][0]["data"]
+
+
+def deploy(project: Path, version: str) -> tuple[int, str, dict[str, Any]]:
+    """``handoff deploy --local --version N`` in this process (its imports are paid once): exit code,
+    the error the CLI prints (`handoff.cli.main` turns a HandoffError into that line) and the result."""
+    result = CliRunner().invoke(app, ["deploy", "--local", "--version", version, "--project", str(project)])
+    if isinstance(result.exception, HandoffError):
+        return 1, f"error: {result.exception}", {}
+    return result.exit_code, result.output, json.loads(result.stdout) if result.exit_code == 0 else {}
+
+
+@pytest.fixture(autouse=True)
+def _own_mlflow_uris(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Deploy sets MLflow's process-wide URIs: put them back so no later test reads this store."""
+    for variable in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.delenv(variable, raising=False)
+    yield
+    mlflow.set_tracking_uri(None)
+    mlflow.set_registry_uri(None)  # type: ignore[arg-type]
+    os.environ.pop("MLFLOW_REGISTRY_URI", None)
+
+
+def test_a_new_version_takes_over_the_port_without_a_refused_request(project: Path) -> None:
+    code, err, first = deploy(project, "1")
+    assert code == 0, err[-2000:]
+    url, old_pid = first["url"], first["pid"]
+    assert first["served_p99_ms"] > 0
+    v1 = logits(url)
+    # handoff.yaml's serving settings reach the server.
+    spec = json.loads(Path(local_server.current(Project.load(project).state_dir).spec).read_text())  # type: ignore[union-attr]
+    assert (spec["max_request_bytes"], spec["batching"]) == (
+        1024 * 1024,
+        {"max_batch_size": 8, "max_wait_ms": 2.0},
+    )
+    too_large = requests.post(f"{url}{INFER}", data=b"0" * (1024 * 1024 + 1), timeout=10)
+    assert (
+        too_large.status_code == 413
+        and "exceeds the server's limit of 1048576 bytes" in too_large.json()["error"]
+    )
+
+    answers: list[list[float] | str] = []
+    stop = threading.Event()
+
+    def client() -> None:  # a new connection each time: every one must be accepted and answered
+        while not stop.is_set():
+            try:
+                answers.append(logits(url))
+            except (requests.RequestException, AssertionError) as exc:
+                answers.append(f"{type(exc).__name__}: {exc}")
+
+    load = threading.Thread(target=client)
+    load.start()
+    try:
+        code, err, second = deploy(project, "2")
+        time.sleep(0.3)  # answers now come from the new server only
+    finally:
+        stop.set()
+        load.join(timeout=30)
+    assert code == 0, err[-2000:]
+    assert second["url"] == url and second["pid"] != old_pid  # same address, new server
+    failures = [a for a in answers if isinstance(a, str)]
+    assert not failures, failures[:3]
+    v2 = logits(url)
+    assert not np.allclose(v1, v2)
+    assert answers[0] == v1 and answers[-1] == v2  # old answered until the new one took over
+    assert not psutil.pid_exists(old_pid) or psutil.Process(old_pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_version_over_its_latency_slo_never_takes_over(project: Path) -> None:
+    code, err, serving = deploy(project, "2")  # already serving after the test above: a redeploy
+    assert code == 0, err[-2000:]
+    before = logits(serving["url"])
+    code, err, _ = deploy(project, "3")
+    assert code == 1
+    assert f"{MODEL}/3 did not pass its checks before taking over: served p99 latency" in err
+    assert "exceeds slo.latency_p99_ms 0.001" in err
+    assert f"the new server was stopped and version 2 keeps serving at {serving['url']}" in err
+    assert logits(serving["url"]) == before
+    recorded = local_server.current(Project.load(project).state_dir)
+    assert recorded is not None and (recorded.version, recorded.pid) == ("2", serving["pid"])
+    # Only the old server is left: the new one was stopped, not orphaned.
+    servers = [p for p in psutil.process_iter(["cmdline"]) if "handoff.serving" in (p.info["cmdline"] or [])]
+    assert [p.pid for p in servers if str(project) in " ".join(p.info["cmdline"])] == [serving["pid"]]

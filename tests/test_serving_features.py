@@ -1,0 +1,360 @@
+"""The model server's production features over real HTTP: dynamic batching that never mixes up
+requests, the V2 binary tensor extension, Prometheus metrics, the contract's NaN switch and a
+SIGTERM that lets in-flight requests finish. The batcher's own rules are checked directly."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import math
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import psutil
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from handoff.files import write_json
+from handoff.serving import local_server
+from handoff.serving.batcher import Batcher
+from handoff.serving.local_server import ServerHandle
+
+pytestmark = pytest.mark.local
+
+MODEL = "digits-classifier"
+INFER = f"/v2/models/{MODEL}/infer"
+
+
+def start_server(state: Path, onnx_path: Path, contract_dir: Path, **spec: Any) -> tuple[ServerHandle, str]:
+    sock = local_server.bind("127.0.0.1", 0)
+    url = local_server.url_of(sock)
+    spec_file = state / "spec.json"
+    write_json(
+        spec_file,
+        {
+            "model_name": MODEL,
+            "onnx_path": str(onnx_path),
+            "contract_dir": str(contract_dir),
+            "host": "127.0.0.1",
+            "port": sock.getsockname()[1],
+            **spec,
+        },
+    )
+    handle = local_server.start(
+        spec_file, sock, model_name=MODEL, version="1", state_dir=state, ready_timeout_s=60
+    )
+    return handle, url
+
+
+@pytest.fixture(scope="module")
+def batched(
+    default_onnx: Path, default_project: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """A server that holds each batch open 30 ms, so concurrent requests surely share one."""
+    state = tmp_path_factory.mktemp("batched")
+    handle, url = start_server(
+        state, default_onnx, default_project, batching={"max_batch_size": 64, "max_wait_ms": 30}
+    )
+    yield url
+    local_server.terminate(handle)
+
+
+@pytest.fixture(scope="module")
+def session(default_onnx: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(default_onnx), providers=["CPUExecutionProvider"])
+
+
+def images(seed: int, rows: int) -> np.ndarray:
+    return np.random.default_rng(seed).random((rows, 1, 8, 8), dtype=np.float32)
+
+
+def json_request(array: np.ndarray, **extra: Any) -> dict[str, Any]:
+    tensor = {"name": "image", "shape": list(array.shape), "datatype": "FP32", "data": array.ravel().tolist()}
+    return {"inputs": [tensor], **extra}
+
+
+def metric_samples(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = requests.get(f"{url}/metrics", timeout=5).text
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_concurrent_requests_share_batches_and_each_gets_its_own_rows(
+    batched: str, session: ort.InferenceSession
+) -> None:
+    before = metric_samples(batched)
+    inputs = [images(seed, rows=1 + seed % 3) for seed in range(16)]
+
+    def infer(array: np.ndarray) -> np.ndarray:
+        response = requests.post(f"{batched}{INFER}", json=json_request(array), timeout=30)
+        assert response.status_code == 200, response.text
+        (logits,) = response.json()["outputs"]
+        return np.asarray(logits["data"], dtype=np.float32).reshape(logits["shape"])
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        served = list(pool.map(infer, inputs))
+    for array, logits in zip(inputs, served, strict=True):
+        # Each request's own rows, in its own order: what ONNX Runtime gives for it alone.
+        np.testing.assert_allclose(logits, session.run(None, {"image": array})[0], rtol=1e-5, atol=1e-5)
+
+    after = metric_samples(batched)
+    labels = (("model", MODEL),)
+    runs = after[("handoff_batch_requests_count", labels)] - before.get(
+        ("handoff_batch_requests_count", labels), 0
+    )
+    rows = after[("handoff_batch_size_sum", labels)] - before.get(("handoff_batch_size_sum", labels), 0)
+    assert rows == sum(len(a) for a in inputs)
+    assert runs < len(inputs), f"16 concurrent requests took {runs} model runs: nothing was batched"
+
+
+def test_binary_tensors_in_and_out_give_the_json_results(batched: str) -> None:
+    array = images(7, rows=256)  # 64 KiB of FP32
+    raw = array.tobytes()
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "image",
+                    "shape": [256, 1, 8, 8],
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": len(raw)},
+                }
+            ],
+            "parameters": {"binary_data_output": True},
+        }
+    ).encode()
+    response = requests.post(
+        f"{batched}{INFER}",
+        data=header + raw,
+        headers={
+            "Content-Type": "application/octet-stream",
+            "Inference-Header-Content-Length": str(len(header)),
+        },
+        timeout=30,
+    )
+    assert response.status_code == 200, response.text
+    split = int(response.headers["inference-header-content-length"])
+    meta = json.loads(response.content[:split])
+    (logits,) = meta["outputs"]
+    assert logits["shape"] == [256, 10] and logits["parameters"]["binary_data_size"] == 256 * 10 * 4
+    binary = np.frombuffer(response.content[split:], dtype=np.float32).reshape(256, 10)
+    as_json = requests.post(f"{batched}{INFER}", json=json_request(array), timeout=30).json()
+    np.testing.assert_allclose(binary, np.asarray(as_json["outputs"][0]["data"]).reshape(256, 10), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("header", "payload", "message"),
+    [
+        (
+            {
+                "inputs": [
+                    {
+                        "name": "image",
+                        "shape": [1, 1, 8, 8],
+                        "datatype": "FP32",
+                        "parameters": {"binary_data_size": 100},
+                    }
+                ]
+            },
+            b"\0" * 100,
+            "input 'image': binary_data_size is 100 bytes, but shape [1, 1, 8, 8] of FP32 needs 256",
+        ),
+        (
+            {
+                "inputs": [
+                    {
+                        "name": "image",
+                        "shape": [1, 1, 8, 8],
+                        "datatype": "FP32",
+                        "parameters": {"binary_data_size": 256},
+                    }
+                ]
+            },
+            b"\0" * 100,
+            "the inputs' binary_data_size add up to 256 bytes, but 100 follow the JSON header",
+        ),
+        (
+            {"inputs": [{"name": "image", "datatype": "FP32", "parameters": {"binary_data_size": 256}}]},
+            b"\0" * 256,
+            "binary request: inputs.0.shape: Field required",
+        ),
+        (
+            {"inputs": [{"name": "image", "shape": [1, 1, 8, 8], "datatype": "FP32"}]},
+            b"\0" * 256,
+            "input 'image': needs 'data' or parameters.binary_data_size",
+        ),
+    ],
+    ids=["size-vs-shape", "missing-bytes", "no-shape", "no-size"],
+)
+def test_a_malformed_binary_request_is_a_400_naming_the_input(
+    batched: str, header: dict[str, Any], payload: bytes, message: str
+) -> None:
+    encoded = json.dumps(header).encode()
+    response = requests.post(
+        f"{batched}{INFER}",
+        data=encoded + payload,
+        headers={
+            "Content-Type": "application/octet-stream",
+            "Inference-Header-Content-Length": str(len(encoded)),
+        },
+        timeout=10,
+    )
+    assert response.status_code == 400
+    assert message in response.json()["error"]
+
+
+def test_metrics_count_requests_by_status_and_time_them(batched: str) -> None:
+    before = metric_samples(batched)
+    connection = http.client.HTTPConnection(*batched.removeprefix("http://").split(":"))
+    for body in (json_request(images(1, 1)), {"inputs": []}, json_request(images(2, 2))):
+        connection.request("POST", INFER, body=json.dumps(body), headers={"content-type": "application/json"})
+        connection.getresponse().read()
+    connection.close()
+    after = metric_samples(batched)
+
+    def grew(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0) - before.get(key, 0)
+
+    assert grew("handoff_inference_requests_total", model=MODEL, code="200") == 2
+    assert grew("handoff_inference_requests_total", model=MODEL, code="400") == 1
+    assert grew("handoff_inference_request_duration_seconds_count", model=MODEL) == 3
+    assert grew("handoff_inference_request_duration_seconds_sum", model=MODEL) > 0
+    assert ("request_predict_seconds_count", (("model_name", MODEL),)) in after  # KServe's own still there
+
+
+def test_nan_inputs_are_served_when_the_contract_allows_them(
+    default_onnx: Path, default_project: Path, tmp_path: Path
+) -> None:
+    contract = tmp_path / "contract"
+    contract.mkdir()
+    text = (default_project / "contract.yaml").read_text()
+    assert "    shape: [-1, 1, 8, 8]\n" in text
+    (contract / "contract.yaml").write_text(
+        text.replace("    shape: [-1, 1, 8, 8]\n", "    shape: [-1, 1, 8, 8]\n    allow_non_finite: true\n")
+    )
+    handle, url = start_server(tmp_path, default_onnx, contract)
+    try:
+        body = json_request(images(3, 1))
+        body["inputs"][0]["data"][5] = math.nan  # sent as JSON's NaN literal
+        response = requests.post(
+            f"{url}{INFER}", data=json.dumps(body), headers={"content-type": "application/json"}, timeout=10
+        )
+        assert response.status_code == 200, response.text
+        assert response.json()["outputs"][0]["shape"] == [1, 10]
+    finally:
+        local_server.terminate(handle)
+
+
+def test_sigterm_lets_an_in_flight_request_finish(
+    default_onnx: Path, default_project: Path, tmp_path: Path
+) -> None:
+    # The batch is held open 1 s, so the request is surely in flight when SIGTERM arrives.
+    handle, url = start_server(
+        tmp_path, default_onnx, default_project, batching={"max_batch_size": 64, "max_wait_ms": 1000}
+    )
+    process = psutil.Process(handle.pid)
+    answered: list[requests.Response] = []
+    client = threading.Thread(
+        target=lambda: answered.append(
+            requests.post(f"{url}{INFER}", json=json_request(images(4, 1)), timeout=30)
+        )
+    )
+    client.start()
+    time.sleep(0.4)
+    process.send_signal(signal.SIGTERM)
+    client.join(timeout=30)
+    assert answered and answered[0].status_code == 200, answered and answered[0].text
+    assert answered[0].json()["outputs"][0]["shape"] == [1, 10]
+    # uvicorn drains, then re-raises the signal it caught: the exit status says SIGTERM.
+    assert process.wait(timeout=15) in (0, -signal.SIGTERM)
+    assert "Application shutdown complete" in Path(handle.log).read_text()
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{url}/v2/health/live", timeout=2)
+
+
+# The batcher's rules, on a model that is plain numpy (row i of the output is 2 * row i).
+
+
+def doubled(calls: list[dict[str, np.ndarray]]) -> Any:
+    def run(feeds: Any) -> list[np.ndarray]:
+        calls.append(dict(feeds))
+        if np.any(feeds["x"] < 0):
+            raise ValueError("negative input")
+        return [feeds["x"] * 2]
+
+    return run
+
+
+async def gather(batcher: Batcher, arrays: list[np.ndarray]) -> list[Any]:
+    return await asyncio.gather(*(batcher.run({"x": a}) for a in arrays), return_exceptions=True)
+
+
+@pytest.mark.unit
+def test_batches_respect_max_batch_size_and_keep_shapes_apart() -> None:
+    calls: list[dict[str, np.ndarray]] = []
+    batcher = Batcher(doubled(calls), max_batch_size=4, max_wait_ms=50)
+    arrays = [np.full((1, 3), i, dtype=np.float32) for i in range(6)] + [np.ones((2, 5), dtype=np.float32)]
+    results = asyncio.run(gather(batcher, arrays))
+    for array, result in zip(arrays, results, strict=True):
+        np.testing.assert_array_equal(result[0], array * 2)
+    assert [len(c["x"]) for c in calls] == [4, 2, 2]  # 4 rows max; the (2, 5) request runs apart
+    batcher.close()
+
+
+@pytest.mark.unit
+def test_a_failing_request_fails_alone_and_batching_off_runs_one_at_a_time() -> None:
+    calls: list[dict[str, np.ndarray]] = []
+    batcher = Batcher(doubled(calls), max_batch_size=8, max_wait_ms=50)
+    arrays = [np.ones((1, 2)), -np.ones((1, 2)), np.full((2, 2), 3.0)]
+    ok, bad, ok_too = asyncio.run(gather(batcher, arrays))
+    assert isinstance(bad, ValueError) and "negative input" in str(bad)
+    np.testing.assert_array_equal(ok[0], arrays[0] * 2)
+    np.testing.assert_array_equal(ok_too[0], arrays[2] * 2)
+    assert [len(c["x"]) for c in calls] == [4, 1, 1, 2]  # the batch, then each on its own
+    batcher.close()
+
+    calls.clear()
+    alone = Batcher(doubled(calls), max_batch_size=1, max_wait_ms=50)
+    asyncio.run(gather(alone, [np.ones((1, 2))] * 3))
+    assert [len(c["x"]) for c in calls] == [1, 1, 1]
+    alone.close()
+
+
+def test_rejected_binary_bodies_never_reach_a_shared_connection_state(batched: str) -> None:
+    """After a rejected binary request the same keep-alive connection still serves."""
+    host, port = batched.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port))
+    bad = b'{"inputs": 1}'
+    connection.request(
+        "POST",
+        INFER,
+        body=bad + b"xx",
+        headers={
+            "content-type": "application/octet-stream",
+            "inference-header-content-length": str(len(bad)),
+        },
+    )
+    rejected = connection.getresponse()
+    assert rejected.status == 400 and "binary request: inputs" in json.loads(rejected.read())["error"]
+    connection.request(
+        "POST",
+        INFER,
+        body=json.dumps(json_request(images(5, 1))),
+        headers={"content-type": "application/json"},
+    )
+    response = connection.getresponse()
+    assert response.status == 200 and json.loads(response.read())["outputs"][0]["shape"] == [1, 10]
+    connection.close()
