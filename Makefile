@@ -58,6 +58,7 @@ format: venv ## Apply ruff's fixes and formatting
 
 bench: venv ## Benchmarks (ratios side by side; see bench/README.md)
 	$(BIN)/python bench/pipeline_overhead.py
+	$(BIN)/python bench/serving.py
 
 release: venv ## Cut a release: make release VERSION=x.y.z (clean tree, tests, version everywhere, CHANGELOG, tag)
 	@test -n "$(VERSION)" || { echo "usage: make release VERSION=x.y.z"; exit 2; }

@@ -358,3 +358,30 @@ def test_rejected_binary_bodies_never_reach_a_shared_connection_state(batched: s
     response = connection.getresponse()
     assert response.status == 200 and json.loads(response.read())["outputs"][0]["shape"] == [1, 10]
     connection.close()
+
+
+@pytest.mark.unit
+def test_a_fast_model_runs_a_lone_request_on_the_event_loop_and_a_slow_one_in_the_worker() -> None:
+    threads: list[str] = []
+
+    def model(delay_s: float) -> Any:
+        def run(feeds: Any) -> list[np.ndarray]:
+            threads.append(threading.current_thread().name)
+            time.sleep(delay_s)
+            return [feeds["x"]]
+
+        return run
+
+    async def one_by_one(batcher: Batcher, n: int) -> None:
+        for _ in range(n):
+            await batcher.run({"x": np.ones((1, 2))})
+
+    fast = Batcher(model(0), max_batch_size=8, max_wait_ms=0)
+    asyncio.run(one_by_one(fast, 3))
+    assert threads[0].startswith("model") and threads[1:] == ["MainThread", "MainThread"]  # measured first
+    fast.close()
+    threads.clear()
+    slow = Batcher(model(0.002), max_batch_size=8, max_wait_ms=0)
+    asyncio.run(one_by_one(slow, 3))
+    assert all(name.startswith("model") for name in threads)
+    slow.close()

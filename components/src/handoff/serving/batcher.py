@@ -8,6 +8,10 @@ runs once, and hands each request exactly its own rows of every output. A lone r
 once, so batching adds no latency at low load; ``max_wait_ms`` > 0 holds a batch open that long
 for more requests, as Triton's ``max_queue_delay`` does.
 
+A model whose runs take less than ``INLINE_BELOW_S`` (measured) runs a lone request on the event
+loop itself when nothing else is queued or running: handing it to the worker thread and back
+would cost more than the run, and batching cannot save anything on a model that fast.
+
 Requests whose non-batch dimensions differ cannot share a tensor and never share a batch. If a
 batch of several requests fails, each is run again on its own, so one bad request fails alone.
 """
@@ -24,6 +28,8 @@ import numpy as np
 
 Feeds = Mapping[str, np.ndarray]
 RunModel = Callable[[Feeds], Sequence[np.ndarray]]
+
+INLINE_BELOW_S = 0.0002
 
 
 @dataclass
@@ -57,6 +63,8 @@ class Batcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._held: _Pending | None = None  # taken from the queue but did not fit the last batch
         self._worker: asyncio.Task[None] | None = None
+        self._running = False  # the worker has a batch in hand
+        self._run_s = float("inf")  # moving average of a model run's duration; unknown at first
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
 
     async def run(self, feeds: Feeds) -> list[np.ndarray]:
@@ -71,6 +79,9 @@ class Batcher:
             self._worker = loop.create_task(self._work(), name="batcher")
         key = tuple((name, tuple(array.shape[1:])) for name, array in sorted(feeds.items()))
         pending = _Pending(feeds=feeds, rows=rows.pop(), key=key, done=loop.create_future())
+        if self._run_s < INLINE_BELOW_S and not self._running and self._held is None and queue.empty():
+            self.on_batch(pending.rows, 1)
+            return self._run_batch([pending], pending.rows)[0]
         await queue.put(pending)
         return await pending.done
 
@@ -113,6 +124,7 @@ class Batcher:
                 continue
             rows = sum(p.rows for p in batch)
             self.on_batch(rows, len(batch))
+            self._running = True
             try:
                 outputs = await loop.run_in_executor(self._executor, self._run_batch, batch, rows)
             except Exception as exc:  # noqa: BLE001 - handed to the requests, not raised here
@@ -121,6 +133,8 @@ class Batcher:
                 else:
                     _settle(batch[0], exception=exc)
                 continue
+            finally:
+                self._running = False
             for pending, own in zip(batch, outputs, strict=True):
                 _settle(pending, result=own)
 
@@ -136,10 +150,14 @@ class Batcher:
 
     def _run_batch(self, batch: list[_Pending], rows: int) -> list[list[np.ndarray]]:
         """Run one batch (in the worker thread); split the outputs back into each request's rows."""
+        started = time.perf_counter()
         if len(batch) == 1:
-            return [list(self.run_model(batch[0].feeds))]
+            outputs = self.run_model(batch[0].feeds)
+            self._timed(started)
+            return [list(outputs)]
         feeds = {name: np.concatenate([p.feeds[name] for p in batch]) for name in batch[0].feeds}
         outputs = self.run_model(feeds)
+        self._timed(started)
         for output in outputs:
             if output.ndim == 0 or output.shape[0] != rows:
                 raise RuntimeError(
@@ -149,6 +167,10 @@ class Batcher:
         ends = np.cumsum([p.rows for p in batch])[:-1]
         split = [np.split(output, ends) for output in outputs]
         return [[parts[i] for parts in split] for i in range(len(batch))]
+
+    def _timed(self, started: float) -> None:
+        elapsed = time.perf_counter() - started
+        self._run_s = elapsed if self._run_s == float("inf") else 0.8 * self._run_s + 0.2 * elapsed
 
     def close(self) -> None:
         if self._worker is not None:

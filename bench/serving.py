@@ -1,0 +1,598 @@
+"""Benchmark: the model server (``python -m handoff.serving``) against what it replaces, in one run.
+
+Five measurements on the default generated project's trained digits model (and a wide MLP where
+weight bandwidth dominates), every HTTP side over keep-alive connections, every response checked
+against bare ONNX Runtime's outputs for the same input so a broken side cannot look fast:
+
+1. one-request latency, sequential: bare ``session.run`` in this process, the handoff server, a
+   stock ``kserve.Model`` on KServe's ModelServer (bench/stock_kserve_server.py);
+2. throughput at concurrency 8, the handoff server with batching on vs off, digits and wide MLP;
+3. a 64 KiB input (digits at batch 256) as V2 JSON vs the V2 binary tensor extension, end to end
+   (client encoding and decoding included);
+4. the handoff server vs FastAPI + torch eager (bench/fastapi_torch_server.py) on one request;
+5. cold start: spawn to ``/v2/health/ready`` == 200.
+
+Usage: python bench/serving.py [--requests 500] [--repeats 3] [--seconds 4] [--workdir DIR]
+(``--workdir`` keeps the generated project, checkpoint and ONNX files for the next run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+HOST = "127.0.0.1"
+DIGITS = "digits-classifier"
+WIDE = "wide-mlp"
+WIDE_IN, WIDE_OUT = 512, 16
+CONCURRENCY = 8
+TOLERANCE = 1e-4  # torch eager vs ONNX Runtime, and batched vs one-by-one GEMMs
+DTYPES = {"FP32": np.float32, "FP64": np.float64, "INT64": np.int64, "INT32": np.int32}
+
+
+# --- the models under test ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Models:
+    project: Path  # the default generated project (model.py, contract.yaml)
+    checkpoint: Path  # its trained weights, as the train step writes them
+    digits_onnx: Path  # the export step's model.onnx
+    wide_dir: Path  # contract.yaml of the wide MLP
+    wide_onnx: Path
+
+
+def prepare(work: Path, wide_hidden: int) -> Models:
+    """Generate, train and export the default project once (reused from ``work`` when present)."""
+    from cookiecutter.main import cookiecutter
+
+    home = work / "cookiecutter-home"  # replay files stay out of $HOME
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.yaml").write_text(f"cookiecutters_dir: {home / 'dirs'}\nreplay_dir: {home / 'replay'}\n")
+    os.environ["COOKIECUTTER_CONFIG"] = str(home / "config.yaml")
+    project = work / "gen" / DIGITS
+    if not project.exists():
+        project = Path(cookiecutter(str(ROOT), no_input=True, output_dir=str(work / "gen")))
+    checkpoint, onnx_dir = work / "checkpoint.pt", work / "onnx"
+    if not checkpoint.exists():
+        from handoff.steps.train import train
+
+        print("training the default project ...", flush=True)
+        train(project, checkpoint)
+    if not (onnx_dir / "model.onnx").exists():
+        from handoff.steps.export import export
+
+        export(project, checkpoint, onnx_dir)
+    wide_dir = work / f"wide-{wide_hidden}"
+    if not (wide_dir / "model.onnx").exists():
+        export_wide(project, wide_dir, wide_hidden)
+    return Models(project, checkpoint, onnx_dir / "model.onnx", wide_dir, wide_dir / "model.onnx")
+
+
+def export_wide(project: Path, out: Path, hidden: int) -> None:
+    """A 3-layer MLP, ``hidden`` ** 2 weights in the middle: at batch 1 each request streams all of them."""
+    import torch
+
+    from handoff.contract import load_contract
+    from handoff.steps.export import export_onnx
+
+    out.mkdir(parents=True, exist_ok=True)
+    contract = yaml.safe_load((project / "contract.yaml").read_text())
+    contract["name"] = WIDE
+    contract["inputs"] = [{"name": "x", "dtype": "float32", "shape": [-1, WIDE_IN]}]
+    contract["outputs"] = [{"name": "y", "dtype": "float32", "shape": [-1, WIDE_OUT]}]
+    contract["slo"]["max_model_size_mb"] = 4096
+    (out / "contract.yaml").write_text(yaml.safe_dump(contract, sort_keys=False))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(WIDE_IN, hidden),
+        torch.nn.ReLU(),
+        torch.nn.Linear(hidden, hidden),
+        torch.nn.ReLU(),
+        torch.nn.Linear(hidden, WIDE_OUT),
+    ).eval()
+    print("exporting the wide MLP ...", flush=True)
+    export_onnx(model, load_contract(out), (torch.randn(2, WIDE_IN),), out / "model.onnx")
+
+
+# --- servers --------------------------------------------------------------------------------
+
+
+LIVE: list[Server] = []  # started and not yet stopped: stopped on any exit, failed runs included
+
+
+@dataclass
+class Server:
+    name: str
+    process: subprocess.Popen[bytes]
+    port: int
+    ready_seconds: float
+    log: Path
+
+    def stop(self) -> None:
+        if self in LIVE:
+            LIVE.remove(self)
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=5)
+
+
+def ready(port: int) -> bool:
+    conn = http.client.HTTPConnection(HOST, port, timeout=1)
+    try:
+        conn.request("GET", "/v2/health/ready")
+        return conn.getresponse().status == 200
+    except OSError:
+        return False
+    finally:
+        conn.close()
+
+
+def spawn(name: str, argv: Callable[[str], list[str]], logs: Path, *, pass_fd: bool) -> Server:
+    """Start one server on a free port and time spawn to ready; ``argv`` gets the fd or the port."""
+    from handoff.serving import local_server
+
+    sock = local_server.bind(HOST, 0)
+    port = sock.getsockname()[1]
+    if not pass_fd:  # the server binds the port itself (KServe's ModelServer)
+        sock.close()
+    log = logs / f"{name}.log"
+    with log.open("ab") as out:
+        started = time.perf_counter()
+        process = subprocess.Popen(
+            argv(str(sock.fileno()) if pass_fd else str(port)),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            pass_fds=(sock.fileno(),) if pass_fd else (),
+        )
+    if pass_fd:
+        sock.close()  # the child holds it now
+    deadline = started + 120
+    while not ready(port):
+        if process.poll() is not None or time.perf_counter() > deadline:
+            process.kill()
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
+            sys.exit(f"server {name} did not get ready (exit code {process.poll()}):\n{tail}")
+        time.sleep(0.01)
+    server = Server(name, process, port, time.perf_counter() - started, log)
+    LIVE.append(server)
+    return server
+
+
+def handoff_server(
+    name: str, model_name: str, onnx: Path, contract_dir: Path, logs: Path, batching: dict | None = None
+) -> Server:
+    spec = {
+        "model_name": model_name,
+        "onnx_path": str(onnx),
+        "contract_dir": str(contract_dir),
+        "host": HOST,
+        "port": 0,
+        "max_request_bytes": 64 * 1024 * 1024,
+    }
+    if batching is not None:
+        spec["batching"] = batching
+    path = logs / f"{name}.json"
+    path.write_text(json.dumps(spec))
+    return spawn(
+        name, lambda fd: [sys.executable, "-m", "handoff.serving", str(path), fd], logs, pass_fd=True
+    )
+
+
+@contextmanager
+def running(*servers: Server) -> Iterator[tuple[Server, ...]]:
+    try:
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
+
+
+# --- clients --------------------------------------------------------------------------------
+
+
+def v2_json(name: str, array: np.ndarray) -> bytes:
+    tensor = {"name": name, "shape": list(array.shape), "datatype": "FP32", "data": array.ravel().tolist()}
+    return json.dumps({"inputs": [tensor]}).encode()
+
+
+def v2_binary(name: str, array: np.ndarray) -> tuple[bytes, dict[str, str]]:
+    """The V2 binary tensor extension: JSON header, then the raw bytes; binary outputs asked for."""
+    raw = array.tobytes()
+    tensor = {
+        "name": name,
+        "shape": list(array.shape),
+        "datatype": "FP32",
+        "parameters": {"binary_data_size": len(raw)},
+    }
+    header = json.dumps({"inputs": [tensor], "parameters": {"binary_data_output": True}}).encode()
+    headers = {
+        "Content-Type": "application/octet-stream",
+        "Inference-Header-Content-Length": str(len(header)),
+    }
+    return header + raw, headers
+
+
+JSON_HEADERS = {"Content-Type": "application/json"}
+
+
+class Client:
+    """One keep-alive connection; ``infer`` returns the first output as an array and whether the
+    response carried it as binary data."""
+
+    def __init__(self, port: int, model: str):
+        self.conn = http.client.HTTPConnection(HOST, port, timeout=60)
+        self.path = f"/v2/models/{model}/infer"
+
+    def infer(self, body: bytes, headers: dict[str, str] = JSON_HEADERS) -> tuple[np.ndarray, bool]:
+        self.conn.request("POST", self.path, body=body, headers=headers)
+        response = self.conn.getresponse()
+        data = response.read()
+        if response.status != 200:
+            raise RuntimeError(f"HTTP {response.status}: {data[:300]!r}")
+        header_length = response.getheader("inference-header-content-length")
+        raw = b""
+        if header_length is not None:
+            data, raw = data[: int(header_length)], data[int(header_length) :]
+        output = json.loads(data)["outputs"][0]
+        dtype = DTYPES[output["datatype"]]
+        size = (output.get("parameters") or {}).get("binary_data_size")
+        if size is not None:
+            return np.frombuffer(raw[:size], dtype=dtype).reshape(output["shape"]), True
+        return np.asarray(output["data"], dtype=dtype).reshape(output["shape"]), False
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def requests_per_run(port: int) -> float | None:
+    """Mean requests per model run so far, from the server's Prometheus metrics (None: not exported)."""
+    conn = http.client.HTTPConnection(HOST, port, timeout=10)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    conn.close()
+    found = {}
+    for line in text.splitlines():
+        for part in ("sum", "count"):
+            if line.startswith(f"handoff_batch_requests_{part}{{"):
+                found[part] = float(line.rsplit(" ", 1)[1])
+    return found["sum"] / found["count"] if found.get("count") else None
+
+
+def check(side: str, got: np.ndarray, want: np.ndarray) -> None:
+    if got.shape != want.shape or not np.allclose(got, want, rtol=0, atol=TOLERANCE):
+        diff = float(np.max(np.abs(got - want))) if got.shape == want.shape else float("nan")
+        sys.exit(f"{side}: wrong outputs (shape {got.shape} vs {want.shape}, max |diff| {diff:.3g})")
+
+
+# --- measurements ---------------------------------------------------------------------------
+
+
+@dataclass
+class Samples:
+    ms: list[float] = field(default_factory=list)
+
+    def pct(self, q: float) -> float:
+        return float(np.percentile(self.ms, q))
+
+
+def sequential(
+    side: str, call: Callable[[], np.ndarray], want: np.ndarray, n: int, warmup: int
+) -> list[float]:
+    """``n`` timed calls one after another (after ``warmup``); every output is checked afterwards."""
+    for _ in range(warmup):
+        check(side, call(), want)
+    times, outputs = [], []
+    for _ in range(n):
+        started = time.perf_counter()
+        outputs.append(call())
+        times.append((time.perf_counter() - started) * 1000)
+    for out in outputs:
+        check(side, out, want)
+    return times
+
+
+def concurrent(
+    side: str, port: int, model: str, bodies: list[bytes], wants: list[np.ndarray], seconds: float
+) -> tuple[float, list[float]]:
+    """CONCURRENCY threads, each on its own keep-alive connection with its own input, for ``seconds``:
+    (requests per second, latencies in ms). A batching server that mixed up rows fails the check."""
+    barrier = threading.Barrier(CONCURRENCY + 1)
+    latencies: list[list[float]] = [[] for _ in range(CONCURRENCY)]
+    errors: list[str] = []
+    stop_at = [0.0]
+
+    def worker(index: int) -> None:
+        client = Client(port, model)
+        body, want = bodies[index % len(bodies)], wants[index % len(wants)]
+        try:
+            for _ in range(3):
+                client.infer(body)
+            barrier.wait()
+            while time.perf_counter() < stop_at[0]:
+                started = time.perf_counter()
+                out, _ = client.infer(body)
+                latencies[index].append((time.perf_counter() - started) * 1000)
+                if out.shape != want.shape or not np.allclose(out, want, rtol=0, atol=TOLERANCE):
+                    errors.append(f"{side}: thread {index} got another input's outputs or wrong ones")
+                    return
+        except Exception as exc:  # noqa: BLE001 - reported below, the run fails
+            errors.append(f"{side}: thread {index}: {type(exc).__name__}: {exc}")
+            barrier.abort()
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(CONCURRENCY)]
+    for thread in threads:
+        thread.start()
+    stop_at[0] = time.perf_counter() + 3600
+    with suppress(threading.BrokenBarrierError):
+        barrier.wait()
+    started = time.perf_counter()
+    stop_at[0] = started + seconds
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    if errors:
+        sys.exit("\n".join(errors))
+    flat = [ms for per in latencies for ms in per]
+    return len(flat) / elapsed, flat
+
+
+def rotated(items: list[Any], i: int) -> list[Any]:
+    return items[i % len(items) :] + items[: i % len(items)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--requests", type=int, default=500, help="sequential requests per side and repeat")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds, sides in rotating order")
+    parser.add_argument("--seconds", type=float, default=4.0, help="per concurrency run")
+    parser.add_argument("--max-batch-size", type=int, default=64, help="batching on (the server's default)")
+    parser.add_argument("--max-wait-ms", type=float, default=0.0, help="batching on (the server's default)")
+    parser.add_argument("--wide-hidden", type=int, default=8192, help="the wide MLP's hidden width")
+    parser.add_argument("--workdir", type=Path, default=None, help="keep project and models here")
+    args = parser.parse_args()
+    with ExitStack() as stack:
+        if args.workdir is None:
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-serving-")))
+        else:
+            work = args.workdir.resolve()
+        stack.callback(lambda: [server.stop() for server in list(LIVE)])  # before the folder goes
+        run(args, work)
+
+
+def run(args: argparse.Namespace, work: Path) -> None:
+    import onnxruntime  # noqa: F401 - imported before timing anything
+
+    from handoff.onnx_io import open_session
+
+    models = prepare(work, args.wide_hidden)
+    logs = work / "logs"
+    shutil.rmtree(logs, ignore_errors=True)
+    logs.mkdir()
+    warmup = max(20, args.requests // 10)
+    verdicts: list[str] = []
+
+    digits_session = open_session(models.digits_onnx)
+    example = json.loads((models.digits_onnx.parent / "example.json").read_text())
+    one = np.asarray(example["inputs"][0]["data"], dtype=np.float32).reshape(-1, 1, 8, 8)[:1]
+    one_want = digits_session.run(["logits"], {"image": one})[0]
+    one_body = v2_json("image", one)
+
+    # 1 + 4 + 5: sequential latency of one request, and each server's first start --------------
+    print("starting servers ...", flush=True)
+    ours = handoff_server("handoff", DIGITS, models.digits_onnx, models.project, logs)
+    stock = spawn(
+        "stock-kserve",
+        lambda port: [
+            sys.executable,
+            str(BENCH / "stock_kserve_server.py"),
+            str(models.digits_onnx),
+            DIGITS,
+            port,
+        ],
+        logs,
+        pass_fd=False,
+    )
+    eager = spawn(
+        "fastapi-torch",
+        lambda port: [
+            sys.executable,
+            str(BENCH / "fastapi_torch_server.py"),
+            str(models.project),
+            str(models.checkpoint),
+            port,
+        ],
+        logs,
+        pass_fd=False,
+    )
+    first_start = {s.name: s.ready_seconds for s in (ours, stock, eager)}
+    latency = {name: Samples() for name in ("onnxruntime", "handoff", "stock-kserve", "fastapi-torch")}
+    with running(ours, stock, eager):
+        clients = {s.name: Client(s.port, DIGITS) for s in (ours, stock, eager)}
+        calls: dict[str, Callable[[], np.ndarray]] = {
+            "onnxruntime": lambda: digits_session.run(["logits"], {"image": one})[0],
+            **{name: (lambda c=c: c.infer(one_body)[0]) for name, c in clients.items()},
+        }
+        for i in range(args.repeats):
+            for name in rotated(list(calls), i):
+                latency[name].ms += sequential(name, calls[name], one_want, args.requests, warmup)
+            print(f"  latency round {i + 1}/{args.repeats} done", flush=True)
+        for client in clients.values():
+            client.close()
+
+    # 5: cold start of the handoff server, again ------------------------------------------------
+    cold = [first_start["handoff"]]
+    for i in range(args.repeats + 1):  # a few more than the repeats: starts are cheap
+        server = handoff_server(f"handoff-cold-{i}", DIGITS, models.digits_onnx, models.project, logs)
+        cold.append(server.ready_seconds)
+        server.stop()
+
+    # 3: 64 KiB input, JSON vs binary -------------------------------------------------------------
+    big = np.random.default_rng(0).random((256, 1, 8, 8), dtype=np.float32)
+    big_want = digits_session.run(["logits"], {"image": big})[0]
+    wire = {"json": Samples(), "binary": Samples()}
+    binary_answered = False
+    big_n = max(20, args.requests // 5)
+    ours = handoff_server("handoff-wire", DIGITS, models.digits_onnx, models.project, logs)
+    with running(ours):
+        client = Client(ours.port, DIGITS)
+
+        def as_json() -> np.ndarray:
+            return client.infer(v2_json("image", big))[0]
+
+        def as_binary() -> np.ndarray:
+            nonlocal binary_answered
+            out, binary_answered = client.infer(*v2_binary("image", big))
+            return out
+
+        for i in range(args.repeats):
+            for name, call in rotated([("json", as_json), ("binary", as_binary)], i):
+                wire[name].ms += sequential(f"{name} batch 256", call, big_want, big_n, 5)
+        json_out, binary_out = as_json(), as_binary()
+        sizes = {"json": len(v2_json("image", big)), "binary": len(v2_binary("image", big)[0])}
+        identical = bool(np.array_equal(json_out, binary_out))
+        client.close()
+    print("  JSON vs binary done", flush=True)
+
+    # 2: concurrency 8, batching off vs on -------------------------------------------------------
+    rng = np.random.default_rng(1)
+    wide_session = open_session(models.wide_onnx)
+    loads = {
+        DIGITS: (
+            models.digits_onnx,
+            models.project,
+            "image",
+            rng.random((CONCURRENCY, 1, 1, 8, 8), dtype=np.float32),
+        ),
+        WIDE: (
+            models.wide_onnx,
+            models.wide_dir,
+            "x",
+            rng.standard_normal((CONCURRENCY, 1, WIDE_IN), dtype=np.float32),
+        ),
+    }
+    sessions = {DIGITS: (digits_session, "logits"), WIDE: (wide_session, "y")}
+    modes = {
+        "off": {"max_batch_size": 1, "max_wait_ms": 0.0},
+        "on": {"max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms},
+    }
+    throughput: dict[tuple[str, str], list[float]] = {}
+    loaded: dict[tuple[str, str], Samples] = {}
+    per_run: dict[tuple[str, str], float | None] = {}
+    for model, (onnx, contract_dir, input_name, inputs) in loads.items():
+        session, output_name = sessions[model]
+        wants = [session.run([output_name], {input_name: x})[0] for x in inputs]
+        bodies = [v2_json(input_name, x) for x in inputs]
+        servers = {
+            mode: handoff_server(f"{model}-batching-{mode}", model, onnx, contract_dir, logs, batching)
+            for mode, batching in modes.items()
+        }
+        with running(*servers.values()):
+            for i in range(args.repeats):
+                for mode in rotated(list(modes), i):
+                    rps, ms = concurrent(
+                        f"{model} batching {mode}", servers[mode].port, model, bodies, wants, args.seconds
+                    )
+                    throughput.setdefault((model, mode), []).append(rps)
+                    loaded.setdefault((model, mode), Samples()).ms.extend(ms)
+            for mode, server in servers.items():
+                per_run[(model, mode)] = requests_per_run(server.port)
+        print(f"  concurrency {CONCURRENCY} on {model} done", flush=True)
+
+    # report ---------------------------------------------------------------------------------------
+    print(
+        f"\nrequests: {args.requests} x {args.repeats} per side (sequential), {args.seconds:g} s x "
+        f"{args.repeats} per concurrency run; {os.cpu_count()} CPUs\n"
+    )
+    print("| measurement | side | p50 (ms) | p99 (ms) | other |")
+    print("|---|---|---|---|---|")
+    for name, samples in latency.items():
+        print(f"| one request, digits | {name} | {samples.pct(50):.3f} | {samples.pct(99):.3f} | |")
+    for name, samples in wire.items():
+        print(
+            f"| 64 KiB input (batch 256) | {name} | {samples.pct(50):.2f} | {samples.pct(99):.2f} | "
+            f"request body {sizes[name]:,} bytes |"
+        )
+    for (model, mode), samples in loaded.items():
+        rps = statistics.median(throughput[(model, mode)])
+        mean = per_run[(model, mode)]
+        batches = "n/a" if mean is None else f"{mean:.1f}"
+        print(
+            f"| concurrency {CONCURRENCY}, {model} | batching {mode} | {samples.pct(50):.2f} | "
+            f"{samples.pct(99):.2f} | {rps:,.0f} req/s, {batches} requests per model run |"
+        )
+    for name, seconds in first_start.items():
+        extra = (
+            f"median of {len(cold)}: {statistics.median(cold):.2f} s" if name == "handoff" else "one start"
+        )
+        print(f"| cold start to ready | {name} | | | {seconds:.2f} s ({extra}) |")
+
+    p50 = {name: s.pct(50) for name, s in latency.items()}
+    p99 = {name: s.pct(99) for name, s in latency.items()}
+    overhead = p50["handoff"] - p50["onnxruntime"]
+    verdicts.append(
+        f"serving overhead p50 over bare session.run: {overhead:.3f} ms (target <= 1.5 ms): "
+        f"{'met' if overhead <= 1.5 else 'NOT met'}"
+    )
+    vs_stock = p50["handoff"] / p50["stock-kserve"]
+    verdicts.append(
+        f"handoff vs stock kserve: p50 {vs_stock:.2f}x, p99 {p99['handoff'] / p99['stock-kserve']:.2f}x "
+        f"of stock (target <= 1.00x, no worse): {'met' if vs_stock <= 1 else 'NOT met'}"
+    )
+    for model in loads:
+        on, off = (statistics.median(throughput[(model, m)]) for m in ("on", "off"))
+        verdicts.append(
+            f"batching on / off, {model}: {on / off:.2f}x throughput, p99 "
+            f"{loaded[(model, 'on')].pct(99):.1f} vs {loaded[(model, 'off')].pct(99):.1f} ms "
+            f"(target >= 2x): {'met' if on / off >= 2 else 'NOT met'}"
+        )
+    speedup = wire["json"].pct(50) / wire["binary"].pct(50)
+    verdicts.append(
+        f"binary vs JSON, 64 KiB: {speedup:.2f}x faster p50 (target >= 2x): "
+        f"{'met' if speedup >= 2 else 'NOT met'}; outputs {'identical' if identical else 'DIFFER'}; "
+        f"response {'binary' if binary_answered else 'JSON (binary outputs not honoured)'}"
+    )
+    eager_ratio = p50["fastapi-torch"] / p50["handoff"]
+    verdicts.append(
+        f"fastapi + torch eager p50 / handoff p50: {eager_ratio:.2f}x (target >= 1.5x): "
+        f"{'met' if eager_ratio >= 1.5 else 'NOT met'}"
+    )
+    median_cold = statistics.median(cold)
+    verdicts.append(
+        f"cold start to ready, median of {len(cold)}: {median_cold:.2f} s (target <= 3 s): "
+        f"{'met' if median_cold <= 3 else 'NOT met'}"
+    )
+    print()
+    for line in verdicts:
+        print(f"- {line}")
+
+
+if __name__ == "__main__":
+    main()
