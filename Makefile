@@ -40,8 +40,11 @@ demo: venv ## Generate the default project into demo/ and run its whole pipeline
 	COOKIECUTTER_CONFIG=$(abspath tests/cookiecutter-config.yaml) $(BIN)/cookiecutter . --no-input --output-dir demo
 	cd $(DEMO) && PATH=$(BIN):$$PATH $(MAKE) --no-print-directory run
 
-test: lint tools checkov ## Lint, then the whole test suite (what CI runs)
-	$(BIN)/python -m pytest
+# Test files run in parallel, one file per worker at a time (their module fixtures stay shared).
+JOBS ?= 2
+
+test: lint tools checkov ## Lint, then the whole test suite (what CI runs; JOBS=1 runs it in one process)
+	$(BIN)/python -m pytest -n $(JOBS) --dist loadfile
 
 test-fast: venv ## Unit tests only (seconds)
 	$(BIN)/python -m pytest -m unit

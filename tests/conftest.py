@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -98,3 +99,21 @@ def default_onnx(default_project: Path, tmp_path_factory: pytest.TempPathFactory
     path = tmp_path_factory.mktemp("onnx") / "model.onnx"
     export_onnx(project.hooks.build_model(cfg).eval(), project.contract, example_arrays(project, cfg), path)
     return path
+
+
+@contextlib.contextmanager
+def mlflow_state_restored() -> Iterator[None]:
+    """Steps run in this process point MLflow's process-wide URIs at their project's store, and
+    MLflow mirrors them (and the active experiment) into MLFLOW_* variables that every later
+    subprocess inherits: put all of it back, so no later test talks to this one's store."""
+    import mlflow
+
+    saved = {name: value for name, value in os.environ.items() if name.startswith("MLFLOW_")}
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(None)  # type: ignore[arg-type]
+        mlflow.set_registry_uri(None)  # type: ignore[arg-type]
+        for name in [name for name in os.environ if name.startswith("MLFLOW_")]:
+            del os.environ[name]
+        os.environ.update(saved)

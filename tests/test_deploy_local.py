@@ -6,7 +6,6 @@ leaves the old one serving and the command says why."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import threading
 import time
@@ -14,7 +13,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import numpy as np
 import psutil
 import pytest
@@ -27,7 +25,7 @@ from handoff.project import Project
 from handoff.serving import local_server
 from handoff.steps.register import register
 
-from .conftest import edit_yaml, replace_in
+from .conftest import edit_yaml, mlflow_state_restored, replace_in
 from .test_triton_layout import EVALUATION, MODEL, _export
 
 pytestmark = pytest.mark.local
@@ -40,6 +38,11 @@ BODY = {"inputs": [{"name": "image", "shape": [1, 1, 8, 8], "datatype": "FP32", 
 def project(default_project: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The default project with three registered versions: two distinct models (v1, v2) and v3,
     v2's weights under a contract whose latency SLO no server can meet."""
+    with mlflow_state_restored():
+        yield from _registered_project(default_project, tmp_path_factory)
+
+
+def _registered_project(default_project: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     root = tmp_path_factory.mktemp("blue-green")
     project_dir = Path(shutil.copytree(default_project, root / MODEL))
     edit_yaml(
@@ -58,8 +61,8 @@ def project(default_project: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     local_server.stop(loaded.state_dir)
 
 
-def logits(url: str) -> list[float]:
-    response = requests.post(f"{url}{INFER}", json=BODY, timeout=10)
+def logits(url: str, session: requests.Session | None = None) -> list[float]:
+    response = (session or requests).post(f"{url}{INFER}", json=BODY, timeout=10)
     assert response.status_code == 200, response.text
     return response.json()["outputs"][0]["data"]
 
@@ -74,14 +77,9 @@ def deploy(project: Path, version: str) -> tuple[int, str, dict[str, Any]]:
 
 
 @pytest.fixture(autouse=True)
-def _own_mlflow_uris(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Deploy sets MLflow's process-wide URIs: put them back so no later test reads this store."""
-    for variable in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
-        monkeypatch.delenv(variable, raising=False)
-    yield
-    mlflow.set_tracking_uri(None)
-    mlflow.set_registry_uri(None)  # type: ignore[arg-type]
-    os.environ.pop("MLFLOW_REGISTRY_URI", None)
+def _own_mlflow_state() -> Iterator[None]:
+    with mlflow_state_restored():
+        yield
 
 
 def test_a_new_version_takes_over_the_port_without_a_refused_request(project: Path) -> None:
@@ -102,31 +100,37 @@ def test_a_new_version_takes_over_the_port_without_a_refused_request(project: Pa
         and "exceeds the server's limit of 1048576 bytes" in too_large.json()["error"]
     )
 
-    answers: list[list[float] | str] = []
+    # Two clients keep calling while v2 replaces v1: one opens a new connection for every
+    # request, one keeps its connection alive. Every request must be answered.
+    answers: dict[str, list[list[float] | str]] = {"new connections": [], "keep-alive": []}
     stop = threading.Event()
 
-    def client() -> None:  # a new connection each time: every one must be accepted and answered
+    def client(kind: str) -> None:
+        session = requests.Session() if kind == "keep-alive" else None
         while not stop.is_set():
             try:
-                answers.append(logits(url))
+                answers[kind].append(logits(url, session))
             except (requests.RequestException, AssertionError) as exc:
-                answers.append(f"{type(exc).__name__}: {exc}")
+                answers[kind].append(f"{type(exc).__name__}: {exc}")
 
-    load = threading.Thread(target=client)
-    load.start()
+    load = [threading.Thread(target=client, args=(kind,)) for kind in answers]
+    for thread in load:
+        thread.start()
     try:
         code, err, second = deploy(project, "2")
         time.sleep(0.3)  # answers now come from the new server only
     finally:
         stop.set()
-        load.join(timeout=30)
+        for thread in load:
+            thread.join(timeout=30)
     assert code == 0, err[-2000:]
     assert second["url"] == url and second["pid"] != old_pid  # same address, new server
-    failures = [a for a in answers if isinstance(a, str)]
-    assert not failures, failures[:3]
     v2 = logits(url)
     assert not np.allclose(v1, v2)
-    assert answers[0] == v1 and answers[-1] == v2  # old answered until the new one took over
+    for kind, got in answers.items():
+        failures = [a for a in got if isinstance(a, str)]
+        assert not failures, (kind, len(got), failures[:3])
+        assert got[0] == v1 and got[-1] == v2, kind  # old answered until the new one took over
     assert not psutil.pid_exists(old_pid) or psutil.Process(old_pid).status() == psutil.STATUS_ZOMBIE
 
 

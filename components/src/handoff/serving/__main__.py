@@ -7,15 +7,19 @@ importing ``kserve.model_server`` parses ``sys.argv`` itself. The deploy step bi
 passes it as a file descriptor.
 
 Blue/green (``handoff deploy``): the new server first serves only a private socket, where it is
-smoke-tested, while the old version keeps the project's port. The takeover fd is a socket bound
-to that port (``SO_REUSEPORT``, like the old one's) but not listening, so no client reaches the
-new version before it passed; SIGUSR1 makes the server listen on it too. Then the old server is
-sent SIGTERM and finishes its in-flight requests.
+smoke-tested, while the old version keeps the project's port. The takeover fd is the project's
+socket: the old server's own listening socket (which it gives over the Unix socket named
+``handover`` in its spec), or a bound socket not yet listening on the first deploy. The new
+server does not accept on it until SIGUSR1, so no client reaches it before it passed its checks.
+SIGUSR2 retires a server: it stops accepting (the next version accepts from the same socket, so
+no waiting connection is lost) and closes each connection after its current response. SIGTERM
+then finishes the in-flight requests and exits.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import signal
@@ -28,6 +32,7 @@ from typing import Any
 from handoff.contract import load_contract
 from handoff.files import read_json
 from handoff.serving import guards, metrics
+from handoff.serving.local_server import serving_marker
 from handoff.serving.onnx_model import OnnxModel
 from handoff.settings import BatchingSettings
 
@@ -67,6 +72,7 @@ def serve(spec_path: Path, fd: int | None = None, takeover_fd: int | None = None
     # kserve's RESTServer would bind 0.0.0.0; serving on a socket bound to the configured host
     # (127.0.0.1 by default) keeps a laptop's model off the network.
     failed = threading.Event()
+    retiring = threading.Event()
 
     class GuardedRESTServer(RESTServer):
         def _add_middlewares(self, app: Any) -> None:
@@ -78,6 +84,7 @@ def serve(spec_path: Path, fd: int | None = None, takeover_fd: int | None = None
             from kserve.model_server import app
 
             guards.install(app, expected, max_request_bytes, lambda: bool(model.ready))
+            app.add_middleware(guards.CloseWhen, condition=retiring.is_set)
             app.add_middleware(metrics.RequestMetrics, model_name=model.name)  # outermost: sees all
 
         def load_or_stop(self) -> None:
@@ -110,8 +117,17 @@ def serve(spec_path: Path, fd: int | None = None, takeover_fd: int | None = None
                 create_protocol, sock=sock, backlog=config.backlog
             )
             server.servers.append(listening)
+            serving_marker(spec_path).touch()
             where = sock.getsockname()[:2]
             print(f"model {model.name} now also serves on {where} (took over)", file=sys.stderr, flush=True)
+
+        def retire(self) -> None:
+            """Stop accepting (the next version accepts from the same socket); close connections
+            after their current response. SIGTERM follows."""
+            retiring.set()
+            for listening in self._server.servers:
+                listening.close()
+            print(f"model {model.name} stopped accepting (retired)", file=sys.stderr, flush=True)
 
     rest = GuardedRESTServer(
         FASTAPI_APP_IMPORT_STRING,
@@ -121,6 +137,7 @@ def serve(spec_path: Path, fd: int | None = None, takeover_fd: int | None = None
         grace_period=10,
     )
     threading.Thread(target=rest.load_or_stop, name="load-model", daemon=True).start()
+    handover = Path(spec["handover"]) if spec.get("handover") else None
     if takeover_fd is not None:
         takeover = socket.socket(fileno=takeover_fd)
 
@@ -129,10 +146,38 @@ def serve(spec_path: Path, fd: int | None = None, takeover_fd: int | None = None
             loop.call_soon_threadsafe(lambda: loop.create_task(rest.take_over(takeover)))
             signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # once
 
+        def on_sigusr2(signum: int, frame: Any) -> None:
+            asyncio.get_running_loop().call_soon_threadsafe(rest.retire)
+            signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
         signal.signal(signal.SIGUSR1, on_sigusr1)
-    rest.run(sockets=[sock])
+        signal.signal(signal.SIGUSR2, on_sigusr2)
+        if handover is not None:
+            hand_over(handover, takeover)
+    try:
+        rest.run(sockets=[sock])
+    finally:
+        if handover is not None:
+            handover.unlink(missing_ok=True)
     if failed.is_set():
         sys.exit(1)  # never ready: the deploy step (or Kubernetes) sees the exit and the one line above
+
+
+def hand_over(path: Path, listening: socket.socket) -> None:
+    """Give ``listening`` to whoever connects at ``path`` (a Unix socket in a folder only this user
+    can enter): the deploy of the next version, so that both servers accept from one socket."""
+    path.unlink(missing_ok=True)
+    offer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    offer.bind(str(path))
+    offer.listen(4)
+
+    def give() -> None:
+        while True:
+            conn, _ = offer.accept()
+            with conn, contextlib.suppress(OSError):  # retired: the socket is closed, nothing to give
+                socket.send_fds(conn, [b"listening socket"], [listening.fileno()])
+
+    threading.Thread(target=give, name="handover", daemon=True).start()
 
 
 if __name__ == "__main__":

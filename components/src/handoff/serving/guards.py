@@ -112,6 +112,27 @@ async def _send_json(send: Send, status: int, content: dict[str, Any], close: bo
     await send({"type": "http.response.body", "body": body})
 
 
+class CloseWhen:
+    """Ask the client to close the connection after this response while ``condition()`` holds
+    (a retiring server: the client's next request opens a connection to the new version)."""
+
+    def __init__(self, app: Asgi, condition: Callable[[], bool]) -> None:
+        self.app = app
+        self.condition = condition
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_closing(message: Message) -> None:
+            if message["type"] == "http.response.start" and self.condition():
+                message["headers"] = [*message.get("headers", []), (b"connection", b"close")]
+            await send(message)
+
+        await self.app(scope, receive, send_closing)
+
+
 class ReadyGate:
     """``/v2/health/ready`` answers 503 until the model is loaded (stock KServe says ready at once)."""
 

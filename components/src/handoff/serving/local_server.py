@@ -6,9 +6,11 @@ stop`` and the next deploy use it. The listening socket is bound here and handed
 a busy port is reported before anything is stopped, and no other program can take the port in
 between.
 
-The project's port is bound with ``SO_REUSEPORT``, so a new version's server can listen on it
-beside the old one at the moment it takes over (``take_over``) and no connection is refused
-while versions change.
+Changing versions (blue/green) refuses no connection: the new server is handed the very
+listening socket the old one accepts on (``listener_of``: the old server gives it over a Unix
+socket, as Envoy's hot restart does), starts accepting from it once it passed its checks
+(``take_over``), and only then does the old one stop accepting and finish its requests
+(``retire``). One socket, one queue: nothing waiting in it is lost when the old server exits.
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import psutil
 import requests
@@ -50,6 +53,7 @@ class ServerHandle:
     model_name: str
     version: str
     log: str
+    handover: str = ""  # the Unix socket where the server gives its listening socket to the next
 
 
 @contextlib.contextmanager
@@ -63,24 +67,14 @@ def deploy_lock(state_dir: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def bind(host: str, port: int, *, listen: bool = True, shared: bool = False) -> socket.socket:
+def bind(host: str, port: int, *, listen: bool = True) -> socket.socket:
     """Bind a server socket here (port 0 = any free one), with the setting to change on failure.
 
-    ``shared``: join the port the project's running server holds (``SO_REUSEPORT``); otherwise
-    the port must be free, even of another project's server. ``listen`` False leaves the socket
-    bound but deaf until a takeover: the kernel sends it no connections before then.
+    ``listen`` False leaves it bound but deaf until a server takes it over: the kernel sends it no
+    connections before then, and no other program can take the port meanwhile.
     """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    if not shared and port != 0:
-        probe = socket.socket(family, socket.SOCK_STREAM)  # no SO_REUSEPORT: fails if anyone holds it
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            _bind(probe, host, port)
-        finally:
-            probe.close()
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         _bind(sock, host, port)
     except HandoffError:
@@ -101,6 +95,41 @@ def _bind(sock: socket.socket, host: str, port: int) -> None:
             file="handoff.yaml",
             field="serving.port",
         ) from None
+
+
+def handover_path() -> Path:
+    """A new address for a server's handover socket: short (Unix socket paths are limited to about
+    100 bytes) and in a folder only this user can enter (whoever connects gets the socket)."""
+    folder = Path(tempfile.gettempdir()) / f"handoff-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    return folder / f"{uuid.uuid4().hex[:16]}.sock"
+
+
+def serving_marker(spec_file: Path | str) -> Path:
+    """The file a server writes once it accepts on the socket it took over."""
+    return Path(f"{spec_file}.serving")
+
+
+def listener_of(handle: ServerHandle) -> socket.socket:
+    """The listening socket ``handle``'s server accepts on, received from it, for the next version."""
+    if not handle.handover:
+        raise HandoffError(
+            f"the running server (pid {handle.pid}, started by an earlier version of handoff) cannot "
+            "hand its port over: run `handoff stop`, then deploy again"
+        )
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.settimeout(10)
+            conn.connect(handle.handover)
+            _, fds, _, _ = socket.recv_fds(conn, 16, 1)
+    except OSError as exc:
+        raise HandoffError(
+            f"the running server (pid {handle.pid}) did not hand over its listening socket at "
+            f"{handle.handover} ({exc}); see {handle.log}"
+        ) from None
+    if not fds:
+        raise HandoffError(f"the running server (pid {handle.pid}) has stopped accepting; see {handle.log}")
+    return socket.socket(fileno=fds[0])
 
 
 def url_of(sock: socket.socket) -> str:
@@ -175,12 +204,15 @@ def start(
     state_dir: Path,
     ready_timeout_s: float,
     takeover: socket.socket | None = None,
+    handover: Path | None = None,
 ) -> ServerHandle:
     """Start ``python -m handoff.serving spec_file`` on ``sock``, detached, and wait until ready.
 
-    With ``takeover`` (a bound, not listening socket), the handle's URL is the takeover's: where
-    the server will serve once ``take_over`` has been called; until then only ``sock`` reaches it.
-    The caller records the handle (``record``) once it is the project's server.
+    With ``takeover`` (the project's socket: bound and not listening, or the running server's
+    listening socket), the handle's URL is the takeover's: where the server will serve once
+    ``take_over`` has been called; until then only ``sock`` reaches it. ``handover`` is where the
+    spec told the server to offer that socket to the next version. The caller records the handle
+    (``record``) once it is the project's server.
     """
     log = state_dir / "server.log"
     env = {k: v for k, v in os.environ.items() if k not in RUN_ONLY_ENV}
@@ -204,6 +236,7 @@ def start(
         model_name=model_name,
         version=version,
         log=str(log),
+        handover=str(handover or ""),
     )
     for passed in (sock, takeover):
         if passed is not None:
@@ -229,19 +262,36 @@ def start(
 
 
 def take_over(handle: ServerHandle, timeout_s: float = 10.0) -> None:
-    """Make the server started with a takeover socket listen on it (SIGUSR1), and wait until it does."""
-    port = urlsplit(handle.url).port
+    """Make the server started with a takeover socket accept on it (SIGUSR1), and wait until it does."""
+    marker = serving_marker(handle.spec)
     deadline = time.monotonic() + timeout_s
     try:
-        process = psutil.Process(handle.pid)
-        process.send_signal(signal.SIGUSR1)
+        psutil.Process(handle.pid).send_signal(signal.SIGUSR1)
         while time.monotonic() < deadline:
-            listening = process.connections("tcp")
-            if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in listening):
+            if marker.exists():
                 return
-            time.sleep(0.02)
-    except psutil.Error as exc:
-        raise HandoffError(f"the new model server stopped while taking over {handle.url}: {exc}") from None
+            if not _alive(handle):
+                break
+            time.sleep(0.01)
+    except psutil.Error:
+        pass
     raise HandoffError(
         f"the new model server did not take over {handle.url} within {timeout_s:g} s; see {handle.log}"
     )
+
+
+def retire(handle: ServerHandle, drain_s: float = 3.0) -> None:
+    """Retire a server whose socket the next version accepts on: SIGUSR2 makes it stop accepting
+    and answer with ``Connection: close``, so its clients' next requests open connections to the
+    new server; once its connections are gone (or after ``drain_s``) SIGTERM finishes the rest."""
+    if not _alive(handle):
+        return
+    with contextlib.suppress(psutil.Error):
+        process = psutil.Process(handle.pid)
+        process.send_signal(signal.SIGUSR2)
+        deadline = time.monotonic() + drain_s
+        while time.monotonic() < deadline:
+            if not any(c.status == psutil.CONN_ESTABLISHED for c in process.connections("tcp")):
+                break
+            time.sleep(0.02)
+    terminate(handle)

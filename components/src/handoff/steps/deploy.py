@@ -106,9 +106,10 @@ def _port_of(handle: ServerHandle) -> int:
     return int(urlsplit(handle.url).port or 80)
 
 
-def _write_spec(project: Project, model_dir: Path, model_name: str, port: int) -> Path:
+def _write_spec(project: Project, model_dir: Path, model_name: str, port: int, handover: Path) -> Path:
     serving = project.settings.serving
     spec_file = model_dir / "server.json"
+    local_server.serving_marker(spec_file).unlink(missing_ok=True)
     write_json(
         spec_file,
         {
@@ -119,24 +120,19 @@ def _write_spec(project: Project, model_dir: Path, model_name: str, port: int) -
             "port": port,
             "max_request_bytes": int(serving.max_request_mib * 1024 * 1024),
             "batching": serving.batching.model_dump(),
+            "handover": str(handover),
         },
     )
     return spec_file
 
 
-def _bind_port(project: Project, previous: ServerHandle | None) -> socket.socket:
-    """The socket the new version will take over: the running version's port when serving.port is
-    that port or 0 (shared with it until the old server stops), else serving.port, which must be
-    free. Bound, not listening: no client reaches the new version before it passed its checks."""
+def _project_socket(project: Project, previous: ServerHandle | None) -> socket.socket:
+    """The socket the new version will accept on: the running version's own listening socket when
+    serving.port is its port or 0 (the two then accept from one queue while versions change), else
+    serving.port bound here, which must be free, and not yet listening."""
     serving = project.settings.serving
     if previous is not None and serving.port in (0, _port_of(previous)):
-        try:
-            return local_server.bind(serving.host, _port_of(previous), listen=False, shared=True)
-        except HandoffError as exc:
-            raise HandoffError(
-                f"{exc}; the running server (pid {previous.pid}) does not share its port: run "
-                "`handoff stop`, then deploy again"
-            ) from None
+        return local_server.listener_of(previous)
     return local_server.bind(serving.host, serving.port, listen=False)
 
 
@@ -147,10 +143,10 @@ def deploy(
 
     ``cluster`` None decides by where the step runs (``in_cluster``). Locally this is blue/green:
     the new version's server starts beside the running one on a private port, where it must pass
-    the smoke test and the contract's latency SLO; only then does it take over the project's port
-    (both listen on it for a moment) and the old server finishes its requests and stops. If the
-    new server fails to start or fails a check, it is stopped, the old version never stopped
-    serving, and the step fails saying why.
+    the smoke test and the contract's latency SLO; only then does it accept on the project's port
+    (the old server's own listening socket, handed over), and the old server stops accepting,
+    finishes its requests and exits. If the new server fails to start or fails a check, it is
+    stopped, the old version never stopped serving, and the step fails saying why.
     """
     if cluster is None:
         cluster = in_cluster()
@@ -163,10 +159,11 @@ def deploy(
         contract = load_contract(model_dir / EXTRA_DIR)  # the contract this version was registered with
         example = read_json(model_dir / EXTRA_DIR / EXAMPLE_FILE)
         previous = local_server.current(project.state_dir)
-        port = _bind_port(project, previous)  # a busy port fails here, before anything changes
+        port = _project_socket(project, previous)  # a busy port fails here, before anything changes
         private = local_server.bind(project.settings.serving.host, 0)
         check_url = local_server.url_of(private)
-        spec_file = _write_spec(project, model_dir, model_name, port.getsockname()[1])
+        handover = local_server.handover_path()
+        spec_file = _write_spec(project, model_dir, model_name, port.getsockname()[1], handover)
         try:
             handle = local_server.start(
                 spec_file,
@@ -176,6 +173,7 @@ def deploy(
                 state_dir=project.state_dir,
                 ready_timeout_s=project.settings.serving.ready_timeout_s,
                 takeover=port,
+                handover=handover,
             )
         except HandoffError as exc:
             raise HandoffError(f"{exc}; {_still_serving(previous)}") from None
@@ -195,7 +193,7 @@ def deploy(
             raise HandoffError(f"{exc}; {_still_serving(previous)}") from None
         local_server.record(project.state_dir, handle)
         if previous is not None:
-            local_server.terminate(previous)  # finishes its in-flight requests, then exits
+            local_server.retire(previous)  # stops accepting, finishes its requests, exits
     assert latency is not None
     return DeployResult(
         url=handle.url,
