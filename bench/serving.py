@@ -9,7 +9,8 @@ against bare ONNX Runtime's outputs for the same input so a broken side cannot l
 2. throughput at concurrency 8, the handoff server with batching on vs off, digits and wide MLP;
 3. a 64 KiB input (digits at batch 256) as V2 JSON vs the V2 binary tensor extension, end to end
    (client encoding and decoding included);
-4. the handoff server vs FastAPI + torch eager (bench/fastapi_torch_server.py) on one request;
+4. the handoff server vs FastAPI + torch eager (bench/fastapi_torch_server.py) on one request,
+   for the digits model and for a deep narrow MLP (bench/deep_model.py);
 5. cold start: spawn to ``/v2/health/ready`` == 200.
 
 Usage: python bench/serving.py [--requests 500] [--repeats 3] [--seconds 4] [--workdir DIR]
@@ -43,6 +44,7 @@ BENCH = ROOT / "bench"
 HOST = "127.0.0.1"
 DIGITS = "digits-classifier"
 WIDE = "wide-mlp"
+DEEP = "deep-mlp"  # bench/deep_model.py's NAME
 WIDE_IN, WIDE_OUT = 512, 16
 CONCURRENCY = 8
 TOLERANCE = 1e-4  # torch eager vs ONNX Runtime, and batched vs one-by-one GEMMs
@@ -59,6 +61,7 @@ class Models:
     digits_onnx: Path  # the export step's model.onnx
     wide_dir: Path  # contract.yaml of the wide MLP
     wide_onnx: Path
+    deep_dir: Path  # contract.yaml and model.onnx of bench/deep_model.py
 
 
 def prepare(work: Path, wide_hidden: int) -> Models:
@@ -85,7 +88,32 @@ def prepare(work: Path, wide_hidden: int) -> Models:
     wide_dir = work / f"wide-{wide_hidden}"
     if not (wide_dir / "model.onnx").exists():
         export_wide(project, wide_dir, wide_hidden)
-    return Models(project, checkpoint, onnx_dir / "model.onnx", wide_dir, wide_dir / "model.onnx")
+    deep_dir = work / "deep"
+    if not (deep_dir / "model.onnx").exists():
+        export_deep(project, deep_dir)
+    return Models(project, checkpoint, onnx_dir / "model.onnx", wide_dir, wide_dir / "model.onnx", deep_dir)
+
+
+def export_deep(project: Path, out: Path) -> None:
+    """bench/deep_model.py exported with its own contract (x: [-1, 256] -> y: [-1, 16])."""
+    import torch
+
+    from handoff.contract import load_contract
+    from handoff.steps.export import export_onnx
+
+    sys.path.insert(0, str(BENCH))
+    import deep_model
+
+    out.mkdir(parents=True, exist_ok=True)
+    contract = yaml.safe_load((project / "contract.yaml").read_text())
+    contract["name"] = deep_model.NAME
+    contract["inputs"] = [{"name": "x", "dtype": "float32", "shape": [-1, deep_model.WIDTH]}]
+    contract["outputs"] = [{"name": "y", "dtype": "float32", "shape": [-1, deep_model.OUT]}]
+    (out / "contract.yaml").write_text(yaml.safe_dump(contract, sort_keys=False))
+    print("exporting the deep MLP ...", flush=True)
+    export_onnx(
+        deep_model.build(), load_contract(out), (torch.randn(2, deep_model.WIDTH),), out / "model.onnx"
+    )
 
 
 def export_wide(project: Path, out: Path, hidden: int) -> None:
@@ -447,6 +475,38 @@ def run(args: argparse.Namespace, work: Path) -> None:
         for client in clients.values():
             client.close()
 
+    # 4, deep MLP: the same comparison where the model has many small operators -------------------
+    deep_onnx = models.deep_dir / "model.onnx"
+    deep_session = open_session(deep_onnx)
+    deep_x = np.random.default_rng(2).standard_normal((1, 256), dtype=np.float32)
+    deep_want = deep_session.run(["y"], {"x": deep_x})[0]
+    deep_body = v2_json("x", deep_x)
+    deep_ours = handoff_server("handoff-deep", DEEP, deep_onnx, models.deep_dir, logs)
+    deep_eager = spawn(
+        "fastapi-torch-deep",
+        lambda port: [sys.executable, str(BENCH / "fastapi_torch_server.py"), "--deep", port],
+        logs,
+        pass_fd=False,
+    )
+    deep = {name: Samples() for name in ("onnxruntime", "handoff", "fastapi-torch")}
+    with running(deep_ours, deep_eager):
+        deep_clients = {
+            "handoff": Client(deep_ours.port, DEEP),
+            "fastapi-torch": Client(deep_eager.port, DEEP),
+        }
+        deep_calls: dict[str, Callable[[], np.ndarray]] = {
+            "onnxruntime": lambda: deep_session.run(["y"], {"x": deep_x})[0],
+            **{name: (lambda c=c: c.infer(deep_body)[0]) for name, c in deep_clients.items()},
+        }
+        for i in range(args.repeats):
+            for name in rotated(list(deep_calls), i):
+                deep[name].ms += sequential(
+                    f"{name} deep", deep_calls[name], deep_want, args.requests, warmup
+                )
+        for client in deep_clients.values():
+            client.close()
+    print("  deep MLP done", flush=True)
+
     # 5: cold start of the handoff server, again ------------------------------------------------
     cold = [first_start["handoff"]]
     for i in range(args.repeats + 1):  # a few more than the repeats: starts are cheap
@@ -535,6 +595,8 @@ def run(args: argparse.Namespace, work: Path) -> None:
     print("|---|---|---|---|---|")
     for name, samples in latency.items():
         print(f"| one request, digits | {name} | {samples.pct(50):.3f} | {samples.pct(99):.3f} | |")
+    for name, samples in deep.items():
+        print(f"| one request, deep MLP | {name} | {samples.pct(50):.3f} | {samples.pct(99):.3f} | |")
     for name, samples in wire.items():
         print(
             f"| 64 KiB input (batch 256) | {name} | {samples.pct(50):.2f} | {samples.pct(99):.2f} | "
@@ -579,11 +641,12 @@ def run(args: argparse.Namespace, work: Path) -> None:
         f"{'met' if speedup >= 2 else 'NOT met'}; outputs {'identical' if identical else 'DIFFER'}; "
         f"response {'binary' if binary_answered else 'JSON (binary outputs not honoured)'}"
     )
-    eager_ratio = p50["fastapi-torch"] / p50["handoff"]
-    verdicts.append(
-        f"fastapi + torch eager p50 / handoff p50: {eager_ratio:.2f}x (target >= 1.5x): "
-        f"{'met' if eager_ratio >= 1.5 else 'NOT met'}"
-    )
+    for label, results in (("digits", latency), ("deep MLP", deep)):
+        eager_ratio = results["fastapi-torch"].pct(50) / results["handoff"].pct(50)
+        verdicts.append(
+            f"fastapi + torch eager p50 / handoff p50, {label}: {eager_ratio:.2f}x (target >= 1.5x): "
+            f"{'met' if eager_ratio >= 1.5 else 'NOT met'}"
+        )
     median_cold = statistics.median(cold)
     verdicts.append(
         f"cold start to ready, median of {len(cold)}: {median_cold:.2f} s (target <= 3 s): "

@@ -54,6 +54,13 @@ def register(project: Path, model_dir: str = "onnx") -> subprocess.CompletedProc
     return handoff("register", *args, cwd=project)
 
 
+def registry(project: Path) -> MlflowClient:
+    """A client of the project's own store (never MLflow's process-wide registry URI, which an
+    earlier test in this process may have pointed elsewhere)."""
+    uri = f"sqlite:///{project / 'mlflow.db'}"
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
 def verdicts(evaluation: dict[str, Any]) -> dict[str, bool]:
     return {item["name"]: item["passed"] for item in evaluation["readiness"]}
 
@@ -139,7 +146,7 @@ def test_first_model_bootstraps_then_a_worse_challenger_is_held_back_by_the_cham
     assert result.returncode == 0, result.stderr[-2000:]
     record = json.loads(result.stdout[result.stdout.index("{") :])
     assert record["version"] == "2" and record["aliases"] == ["challenger"]  # not promoted
-    client = MlflowClient(tracking_uri=f"sqlite:///{zone / 'mlflow.db'}")
+    client = registry(zone)
     assert str(client.get_model_version_by_alias("digits-classifier", "champion").version) == "1"
     tags = client.get_model_version("digits-classifier", "2").tags
     assert tags["handoff.gate"] == "failed" and "vs champion v1" in tags["handoff.gate_reasons"]
@@ -161,7 +168,7 @@ def test_an_incomplete_model_card_blocks_registration_listing_every_gap(zone: Pa
     assert "'Limitations' still says 'TODO'" in result.stderr
     assert "'Ethical considerations' is empty" in result.stderr
     assert "'Owners' is missing (add a '## Owners' section)" in result.stderr
-    client = MlflowClient(tracking_uri=f"sqlite:///{zone / 'mlflow.db'}")
+    client = registry(zone)
     assert client.search_registered_models() == []  # nothing was written
     assert verdicts(evaluate(zone))["Model card complete"] is False  # and the report says so
 

@@ -136,7 +136,6 @@ def serve(spec_path: Path, fd: int | None = None, takeover_fd: int | None = None
         spec["port"],
         grace_period=10,
     )
-    threading.Thread(target=rest.load_or_stop, name="load-model", daemon=True).start()
     handover = Path(spec["handover"]) if spec.get("handover") else None
     if takeover_fd is not None:
         takeover = socket.socket(fileno=takeover_fd)
@@ -154,6 +153,7 @@ def serve(spec_path: Path, fd: int | None = None, takeover_fd: int | None = None
         signal.signal(signal.SIGUSR2, on_sigusr2)
         if handover is not None:
             hand_over(handover, takeover)
+    threading.Thread(target=rest.load_or_stop, name="load-model", daemon=True).start()
     try:
         rest.run(sockets=[sock])
     finally:
@@ -168,7 +168,10 @@ def hand_over(path: Path, listening: socket.socket) -> None:
     can enter): the deploy of the next version, so that both servers accept from one socket."""
     path.unlink(missing_ok=True)
     offer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    offer.bind(str(path))
+    try:
+        offer.bind(str(path))
+    except OSError as exc:
+        sys.exit(f"cannot offer the listening socket at {path}: {exc}")
     offer.listen(4)
 
     def give() -> None:

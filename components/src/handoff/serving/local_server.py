@@ -100,7 +100,9 @@ def _bind(sock: socket.socket, host: str, port: int) -> None:
 def handover_path() -> Path:
     """A new address for a server's handover socket: short (Unix socket paths are limited to about
     100 bytes) and in a folder only this user can enter (whoever connects gets the socket)."""
-    folder = Path(tempfile.gettempdir()) / f"handoff-{os.getuid()}"
+    # /tmp, not $TMPDIR: a pipeline run points TMPDIR at its own (long, short-lived) scratch folder.
+    base = Path("/tmp") if Path("/tmp").is_dir() else Path(tempfile.gettempdir())
+    folder = base / f"handoff-{os.getuid()}"
     folder.mkdir(mode=0o700, exist_ok=True)
     return folder / f"{uuid.uuid4().hex[:16]}.sock"
 
