@@ -88,8 +88,10 @@ def test_a_new_version_takes_over_the_port_without_a_refused_request(project: Pa
     url, old_pid = first["url"], first["pid"]
     assert first["served_p99_ms"] > 0
     v1 = logits(url)
+    serving = local_server.current(Project.load(project).state_dir)
+    assert serving is not None and Path(serving.handover).is_socket()
     # handoff.yaml's serving settings reach the server.
-    spec = json.loads(Path(local_server.current(Project.load(project).state_dir).spec).read_text())  # type: ignore[union-attr]
+    spec = json.loads(Path(serving.spec).read_text())
     assert (spec["max_request_bytes"], spec["batching"]) == (
         1024 * 1024,
         {"max_batch_size": 8, "max_wait_ms": 2.0},
@@ -132,6 +134,7 @@ def test_a_new_version_takes_over_the_port_without_a_refused_request(project: Pa
         assert not failures, (kind, len(got), failures[:3])
         assert got[0] == v1 and got[-1] == v2, kind  # old answered until the new one took over
     assert not psutil.pid_exists(old_pid) or psutil.Process(old_pid).status() == psutil.STATUS_ZOMBIE
+    assert not Path(serving.handover).exists()  # nothing left behind in /tmp
 
 
 def test_a_version_over_its_latency_slo_never_takes_over(project: Path) -> None:

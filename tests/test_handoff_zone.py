@@ -11,7 +11,7 @@ import json
 import re
 import shutil
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ import pytest
 from matplotlib import image as mpimg
 from mlflow.tracking import MlflowClient
 
-from .conftest import edit_yaml, handoff, replace_in
+from .conftest import edit_yaml, handoff, mlflow_state_restored, replace_in
 
 pytestmark = pytest.mark.local
 
@@ -34,6 +34,12 @@ def exported(default_project: Path, tmp_path_factory: pytest.TempPathFactory) ->
         result = handoff(*args, cwd=project)
         assert result.returncode == 0, result.stderr[-2000:]
     return project
+
+
+@pytest.fixture(autouse=True)
+def _own_mlflow_state() -> Iterator[None]:
+    with mlflow_state_restored():
+        yield
 
 
 @pytest.fixture
@@ -181,7 +187,9 @@ def test_the_registered_version_carries_the_filled_in_card_and_the_report(zone: 
     evaluation = evaluate(zone)
     assert all(verdicts(evaluation).values()), evaluation["readiness"]  # git commit: lineage complete
     assert register(zone).returncode == 0
-    mlflow.set_tracking_uri(f"sqlite:///{zone / 'mlflow.db'}")
+    uri = f"sqlite:///{zone / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)  # not whatever an earlier test in this process left
     local = Path(mlflow.artifacts.download_artifacts("models:/digits-classifier/1"))
     extra = local / "extra_files"
     card = (extra / "model_card.md").read_text()

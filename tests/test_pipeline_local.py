@@ -18,7 +18,7 @@ from handoff.data_hash import data_sha256
 from handoff.files import sha256_of
 from handoff.project import Project
 
-from .conftest import edit_yaml, handoff, replace_in
+from .conftest import edit_yaml, handoff, mlflow_state_restored, replace_in
 
 pytestmark = pytest.mark.local
 
@@ -34,6 +34,12 @@ def registry(project: Path) -> MlflowClient:
 def use_free_port(project: Path) -> None:
     """Tests must not collide with a developer's server on 8080 (or with each other)."""
     edit_yaml(project / "handoff.yaml", lambda s: s["serving"].update(port=0))
+
+
+@pytest.fixture(autouse=True)
+def _own_mlflow_state() -> Iterator[None]:
+    with mlflow_state_restored():
+        yield
 
 
 @pytest.fixture

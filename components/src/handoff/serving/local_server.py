@@ -171,16 +171,17 @@ def current(state_dir: Path) -> ServerHandle | None:
 
 def terminate(handle: ServerHandle, timeout_s: float = 15.0) -> None:
     """SIGTERM one server (in-flight requests finish), SIGKILL after ``timeout_s``."""
-    if not _alive(handle):
-        return
-    with contextlib.suppress(psutil.NoSuchProcess):
-        process = psutil.Process(handle.pid)
-        process.terminate()
-        try:
-            process.wait(timeout=timeout_s)
-        except psutil.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
+    if _alive(handle):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process = psutil.Process(handle.pid)
+            process.terminate()
+            try:
+                process.wait(timeout=timeout_s)
+            except psutil.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=5)
+    if handle.handover:  # the server exits by its signal, before it could remove it
+        Path(handle.handover).unlink(missing_ok=True)
 
 
 def record(state_dir: Path, handle: ServerHandle) -> None:
