@@ -82,6 +82,26 @@ def json_request(array: np.ndarray, **extra: Any) -> dict[str, Any]:
     return {"inputs": [tensor], **extra}
 
 
+def binary_header(size: int, shape: list[int] | None = None) -> dict[str, Any]:
+    parameters = {"binary_data_size": size}
+    tensor = {"name": "image", "shape": shape or [1, 1, 8, 8], "datatype": "FP32", "parameters": parameters}
+    return {"inputs": [tensor]}
+
+
+def post_binary(url: str, header: dict[str, Any], payload: bytes) -> requests.Response:
+    """A V2 binary tensor extension request: the JSON header, then the raw bytes."""
+    encoded = json.dumps(header).encode()
+    return requests.post(
+        f"{url}{INFER}",
+        data=encoded + payload,
+        headers={
+            "Content-Type": "application/octet-stream",
+            "Inference-Header-Content-Length": str(len(encoded)),
+        },
+        timeout=30,
+    )
+
+
 def metric_samples(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     text = requests.get(f"{url}/metrics", timeout=5).text
     return {
@@ -122,28 +142,9 @@ def test_concurrent_requests_share_batches_and_each_gets_its_own_rows(
 def test_binary_tensors_in_and_out_give_the_json_results(batched: str) -> None:
     array = images(7, rows=256)  # 64 KiB of FP32
     raw = array.tobytes()
-    header = json.dumps(
-        {
-            "inputs": [
-                {
-                    "name": "image",
-                    "shape": [256, 1, 8, 8],
-                    "datatype": "FP32",
-                    "parameters": {"binary_data_size": len(raw)},
-                }
-            ],
-            "parameters": {"binary_data_output": True},
-        }
-    ).encode()
-    response = requests.post(
-        f"{batched}{INFER}",
-        data=header + raw,
-        headers={
-            "Content-Type": "application/octet-stream",
-            "Inference-Header-Content-Length": str(len(header)),
-        },
-        timeout=30,
-    )
+    header = binary_header(size=len(raw), shape=[256, 1, 8, 8])
+    header["parameters"] = {"binary_data_output": True}
+    response = post_binary(batched, header, raw)
     assert response.status_code == 200, response.text
     split = int(response.headers["inference-header-content-length"])
     meta = json.loads(response.content[:split])
@@ -158,30 +159,12 @@ def test_binary_tensors_in_and_out_give_the_json_results(batched: str) -> None:
     ("header", "payload", "message"),
     [
         (
-            {
-                "inputs": [
-                    {
-                        "name": "image",
-                        "shape": [1, 1, 8, 8],
-                        "datatype": "FP32",
-                        "parameters": {"binary_data_size": 100},
-                    }
-                ]
-            },
+            binary_header(size=100),
             b"\0" * 100,
             "input 'image': binary_data_size is 100 bytes, but shape [1, 1, 8, 8] of FP32 needs 256",
         ),
         (
-            {
-                "inputs": [
-                    {
-                        "name": "image",
-                        "shape": [1, 1, 8, 8],
-                        "datatype": "FP32",
-                        "parameters": {"binary_data_size": 256},
-                    }
-                ]
-            },
+            binary_header(size=256),
             b"\0" * 100,
             "the inputs' binary_data_size add up to 256 bytes, but 100 follow the JSON header",
         ),
@@ -201,16 +184,7 @@ def test_binary_tensors_in_and_out_give_the_json_results(batched: str) -> None:
 def test_a_malformed_binary_request_is_a_400_naming_the_input(
     batched: str, header: dict[str, Any], payload: bytes, message: str
 ) -> None:
-    encoded = json.dumps(header).encode()
-    response = requests.post(
-        f"{batched}{INFER}",
-        data=encoded + payload,
-        headers={
-            "Content-Type": "application/octet-stream",
-            "Inference-Header-Content-Length": str(len(encoded)),
-        },
-        timeout=10,
-    )
+    response = post_binary(batched, header, payload)
     assert response.status_code == 400
     assert message in response.json()["error"]
 
