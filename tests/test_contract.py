@@ -151,8 +151,13 @@ def test_yaml_merge_key_may_be_overridden_without_a_duplicate_error(project: Pat
             "  - name: logits\n    dtype: float32\n    shape: [-1, 10]\nslo:\n",
             "line 13: outputs[1].name: 'logits' is used twice",
         ),
+        (
+            "    shape: [-1, 10]\n",
+            "    shape: [-1, 10]\n    allow_non_finite: true\n",
+            "line 13: outputs[0].allow_non_finite: applies to inputs only (what requests may carry)",
+        ),
     ],
-    ids=["input-twice", "output-is-input", "output-twice"],
+    ids=["input-twice", "output-is-input", "output-twice", "non-finite-output"],
 )
 def test_tensor_names_must_be_unique(project: Path, old: str, new: str, expected: str) -> None:
     replace_in(project / "contract.yaml", old, new)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -152,3 +153,20 @@ def test_a_version_over_its_latency_slo_never_takes_over(project: Path) -> None:
     # Only the old server is left: the new one was stopped, not orphaned.
     servers = [p for p in psutil.process_iter(["cmdline"]) if "handoff.serving" in (p.info["cmdline"] or [])]
     assert [p.pid for p in servers if str(project) in " ".join(p.info["cmdline"])] == [serving["pid"]]
+
+
+def test_a_new_port_in_handoff_yaml_moves_the_server_there(project: Path) -> None:
+    code, err, serving = deploy(project, "2")
+    assert code == 0, err[-2000:]
+    with socket.socket() as probe:  # a free port, released for the deploy to bind
+        probe.bind(("127.0.0.1", 0))
+        free = probe.getsockname()[1]
+    edit_yaml(project / "handoff.yaml", lambda s: s["serving"].update(port=free))
+    try:
+        code, err, moved = deploy(project, "1")
+    finally:
+        edit_yaml(project / "handoff.yaml", lambda s: s["serving"].update(port=0))
+    assert code == 0, err[-2000:]
+    assert moved["url"] == f"http://127.0.0.1:{free}" and logits(moved["url"])
+    with pytest.raises(requests.ConnectionError):  # the old address is retired with its server
+        requests.post(f"{serving['url']}{INFER}", json=BODY, timeout=5)

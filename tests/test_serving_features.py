@@ -23,6 +23,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from handoff.errors import HandoffError
 from handoff.files import write_json
 from handoff.serving import local_server
 from handoff.serving.batcher import Batcher
@@ -361,3 +362,58 @@ def test_a_fast_model_runs_a_lone_request_on_the_event_loop_and_a_slow_one_in_th
     asyncio.run(one_by_one(slow, 3))
     assert all(name.startswith("model") for name in threads)
     slow.close()
+
+
+@pytest.mark.unit
+def test_a_large_request_or_a_batch_wait_keeps_the_model_off_the_event_loop() -> None:
+    threads: list[str] = []
+
+    def run(feeds: Any) -> list[np.ndarray]:
+        threads.append(threading.current_thread().name)
+        return [feeds["x"]]
+
+    async def calls(batcher: Batcher, sizes: list[int]) -> None:
+        for rows in sizes:
+            await batcher.run({"x": np.ones((rows, 2))})
+
+    fast = Batcher(run, max_batch_size=10**6, max_wait_ms=0)
+    asyncio.run(calls(fast, [1] * 20 + [10**6]))  # ~ms per row x a million rows: not on the loop
+    assert threads[-2] == "MainThread" and threads[-1].startswith("model")
+    fast.close()
+    threads.clear()
+    waiting = Batcher(run, max_batch_size=64, max_wait_ms=1)  # a batch wait asks for batching
+    asyncio.run(calls(waiting, [1] * 20))
+    assert all(name.startswith("model") for name in threads)
+    waiting.close()
+
+
+@pytest.mark.unit
+def test_the_worker_outlives_a_batch_that_fails_outside_the_model() -> None:
+    failures = iter([RuntimeError("metrics backend down")])
+
+    def on_batch(rows: int, requests: int) -> None:
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+
+    batcher = Batcher(lambda feeds: [feeds["x"]], max_batch_size=8, max_wait_ms=5, on_batch=on_batch)
+
+    async def two() -> list[Any]:
+        first = await asyncio.gather(batcher.run({"x": np.ones((1, 2))}), return_exceptions=True)
+        second = await batcher.run({"x": np.full((1, 2), 3.0)})
+        return [first[0], second]
+
+    failed, answered = asyncio.run(asyncio.wait_for(two(), timeout=10))
+    assert isinstance(failed, RuntimeError) and "metrics backend down" in str(failed)
+    np.testing.assert_array_equal(answered[0], np.full((1, 2), 3.0))
+    batcher.close()
+
+
+@pytest.mark.unit
+def test_the_handover_folder_must_be_private(tmp_path: Path) -> None:
+    assert len(str(local_server.handover_path())) < 100  # Unix socket paths are short
+    path = local_server.handover_path(tmp_path)
+    assert path.parent.stat().st_mode & 0o777 == 0o700
+    path.parent.chmod(0o755)
+    with pytest.raises(HandoffError, match=r"must be a folder owned by this user that nobody else can enter"):
+        local_server.handover_path(tmp_path)

@@ -129,6 +129,10 @@ class Contract(StrictModel):
             inputs.add(spec.name)
         outputs: set[str] = set()
         for i, spec in enumerate(self.outputs):
+            if spec.allow_non_finite:
+                raise FieldError(
+                    ("outputs", i, "allow_non_finite"), "applies to inputs only (what requests may carry)"
+                )
             if spec.name in inputs:
                 raise FieldError(("outputs", i, "name"), f"{spec.name!r} is also an input name")
             if spec.name in outputs:

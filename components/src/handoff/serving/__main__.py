@@ -22,8 +22,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import socket
+import struct
 import sys
 import threading
 from pathlib import Path
@@ -140,9 +142,20 @@ def serve(spec_path: Path, fd: int | None = None, takeover_fd: int | None = None
     if takeover_fd is not None:
         takeover = socket.socket(fileno=takeover_fd)
 
+        def start_taking_over() -> None:
+            task = asyncio.get_running_loop().create_task(rest.take_over(takeover))
+            task.add_done_callback(report_failure)
+
+        def report_failure(task: asyncio.Task[None]) -> None:
+            if not task.cancelled() and task.exception() is not None:
+                # deploy waits for the marker, then points at this log
+                print(
+                    f"model {model.name} could not take over: {task.exception()}", file=sys.stderr, flush=True
+                )
+
         def on_sigusr1(signum: int, frame: Any) -> None:
             loop = asyncio.get_running_loop()  # the handler runs on the main thread, inside the loop
-            loop.call_soon_threadsafe(lambda: loop.create_task(rest.take_over(takeover)))
+            loop.call_soon_threadsafe(start_taking_over)
             signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # once
 
         def on_sigusr2(signum: int, frame: Any) -> None:
@@ -178,6 +191,12 @@ def hand_over(path: Path, listening: socket.socket) -> None:
         while True:
             conn, _ = offer.accept()
             with conn, contextlib.suppress(OSError):  # retired: the socket is closed, nothing to give
+                if hasattr(socket, "SO_PEERCRED"):  # Linux: only this user's processes get it
+                    peer_uid = struct.unpack(
+                        "3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+                    )[1]
+                    if peer_uid != os.getuid():
+                        continue
                 socket.send_fds(conn, [b"listening socket"], [listening.fileno()])
 
     threading.Thread(target=give, name="handover", daemon=True).start()

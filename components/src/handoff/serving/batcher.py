@@ -8,9 +8,11 @@ runs once, and hands each request exactly its own rows of every output. A lone r
 once, so batching adds no latency at low load; ``max_wait_ms`` > 0 holds a batch open that long
 for more requests, as Triton's ``max_queue_delay`` does.
 
-A model whose runs take less than ``INLINE_BELOW_S`` (measured) runs a lone request on the event
-loop itself when nothing else is queued or running: handing it to the worker thread and back
-would cost more than the run, and batching cannot save anything on a model that fast.
+With ``max_wait_ms`` 0, a request that the model (measured per row) runs in less than
+``INLINE_BELOW_S`` runs on the event loop itself when nothing else is queued or running: handing
+it to the worker thread and back would cost more than the run, and batching cannot save
+anything on a model that fast. A large request, or a model that turns out slower, goes to the
+worker again.
 
 Requests whose non-batch dimensions differ cannot share a tensor and never share a batch. If a
 batch of several requests fails, each is run again on its own, so one bad request fails alone.
@@ -64,7 +66,7 @@ class Batcher:
         self._held: _Pending | None = None  # taken from the queue but did not fit the last batch
         self._worker: asyncio.Task[None] | None = None
         self._running = False  # the worker has a batch in hand
-        self._run_s = float("inf")  # moving average of a model run's duration; unknown at first
+        self._row_s = float("inf")  # moving average of a model run's seconds per row; unknown at first
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
 
     async def run(self, feeds: Feeds) -> list[np.ndarray]:
@@ -79,11 +81,17 @@ class Batcher:
             self._worker = loop.create_task(self._work(), name="batcher")
         key = tuple((name, tuple(array.shape[1:])) for name, array in sorted(feeds.items()))
         pending = _Pending(feeds=feeds, rows=rows.pop(), key=key, done=loop.create_future())
-        if self._run_s < INLINE_BELOW_S and not self._running and self._held is None and queue.empty():
+        if self._inline(pending, queue):
             self.on_batch(pending.rows, 1)
             return self._run_batch([pending], pending.rows)[0]
         await queue.put(pending)
         return await pending.done
+
+    def _inline(self, pending: _Pending, queue: asyncio.Queue[_Pending]) -> bool:
+        """Whether to run ``pending`` on the event loop now (see the module docstring)."""
+        fast = pending.rows * self._row_s < INLINE_BELOW_S
+        idle = not self._running and self._held is None and queue.empty()
+        return fast and idle and self.max_wait_s == 0
 
     async def _next(self, timeout_s: float | None) -> _Pending | None:
         assert self._queue is not None
@@ -116,27 +124,34 @@ class Batcher:
         return batch
 
     async def _work(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             batch = await self._collect()
             batch = [p for p in batch if not p.done.cancelled()]  # the client went away
             if not batch:
                 continue
-            rows = sum(p.rows for p in batch)
-            self.on_batch(rows, len(batch))
             self._running = True
             try:
-                outputs = await loop.run_in_executor(self._executor, self._run_batch, batch, rows)
-            except Exception as exc:  # noqa: BLE001 - handed to the requests, not raised here
-                if len(batch) > 1:
-                    await self._run_alone(batch)  # so only a request that fails by itself fails
-                else:
-                    _settle(batch[0], exception=exc)
-                continue
+                await self._serve(batch)
+            except Exception as exc:  # noqa: BLE001 - the worker must outlive any one batch
+                for pending in batch:
+                    _settle(pending, exception=exc)
             finally:
                 self._running = False
-            for pending, own in zip(batch, outputs, strict=True):
-                _settle(pending, result=own)
+
+    async def _serve(self, batch: list[_Pending]) -> None:
+        loop = asyncio.get_running_loop()
+        rows = sum(p.rows for p in batch)
+        self.on_batch(rows, len(batch))
+        try:
+            outputs = await loop.run_in_executor(self._executor, self._run_batch, batch, rows)
+        except Exception as exc:  # noqa: BLE001 - handed to the requests, not raised here
+            if len(batch) > 1:
+                await self._run_alone(batch)  # so only a request that fails by itself fails
+            else:
+                _settle(batch[0], exception=exc)
+            return
+        for pending, own in zip(batch, outputs, strict=True):
+            _settle(pending, result=own)
 
     async def _run_alone(self, batch: list[_Pending]) -> None:
         loop = asyncio.get_running_loop()
@@ -153,11 +168,11 @@ class Batcher:
         started = time.perf_counter()
         if len(batch) == 1:
             outputs = self.run_model(batch[0].feeds)
-            self._timed(started)
+            self._timed(started, rows)
             return [list(outputs)]
         feeds = {name: np.concatenate([p.feeds[name] for p in batch]) for name in batch[0].feeds}
         outputs = self.run_model(feeds)
-        self._timed(started)
+        self._timed(started, rows)
         for output in outputs:
             if output.ndim == 0 or output.shape[0] != rows:
                 raise RuntimeError(
@@ -168,9 +183,9 @@ class Batcher:
         split = [np.split(output, ends) for output in outputs]
         return [[parts[i] for parts in split] for i in range(len(batch))]
 
-    def _timed(self, started: float) -> None:
-        elapsed = time.perf_counter() - started
-        self._run_s = elapsed if self._run_s == float("inf") else 0.8 * self._run_s + 0.2 * elapsed
+    def _timed(self, started: float, rows: int) -> None:
+        per_row = (time.perf_counter() - started) / max(rows, 1)
+        self._row_s = per_row if self._row_s == float("inf") else 0.8 * self._row_s + 0.2 * per_row
 
     def close(self) -> None:
         if self._worker is not None:

@@ -283,7 +283,9 @@ class BinaryRequests:
         self.expected = expected
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        length = dict(scope.get("headers", ())).get(HEADER_LENGTH) if scope["type"] == "http" else None
+        # The first of repeated headers, as KServe reads it (``dict(request.headers)``).
+        headers = scope.get("headers", ()) if scope["type"] == "http" else ()
+        length = next((value for name, value in headers if name == HEADER_LENGTH), None)
         if length is None:
             await self.app(scope, receive, send)
             return

@@ -21,6 +21,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -97,13 +98,20 @@ def _bind(sock: socket.socket, host: str, port: int) -> None:
         ) from None
 
 
-def handover_path() -> Path:
+def handover_path(base: Path | None = None) -> Path:
     """A new address for a server's handover socket: short (Unix socket paths are limited to about
     100 bytes) and in a folder only this user can enter (whoever connects gets the socket)."""
-    # /tmp, not $TMPDIR: a pipeline run points TMPDIR at its own (long, short-lived) scratch folder.
-    base = Path("/tmp") if Path("/tmp").is_dir() else Path(tempfile.gettempdir())
+    if base is None:
+        # /tmp, not $TMPDIR: a pipeline run points TMPDIR at its own (long) scratch folder.
+        base = Path("/tmp") if Path("/tmp").is_dir() else Path(tempfile.gettempdir())
     folder = base / f"handoff-{os.getuid()}"
     folder.mkdir(mode=0o700, exist_ok=True)
+    found = folder.lstat()
+    if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.getuid() or found.st_mode & 0o077:
+        raise HandoffError(
+            f"{folder} (where model servers hand their port over) must be a folder owned by this "
+            f"user that nobody else can enter (mode 0700); it is not: remove it, then deploy again"
+        )
     return folder / f"{uuid.uuid4().hex[:16]}.sock"
 
 
@@ -127,11 +135,21 @@ def listener_of(handle: ServerHandle) -> socket.socket:
     except OSError as exc:
         raise HandoffError(
             f"the running server (pid {handle.pid}) did not hand over its listening socket at "
-            f"{handle.handover} ({exc}); see {handle.log}"
+            f"{handle.handover} ({exc.strerror or exc}; see {handle.log}): run `handoff stop`, then "
+            "deploy again (the port is down in between)"
         ) from None
     if not fds:
-        raise HandoffError(f"the running server (pid {handle.pid}) has stopped accepting; see {handle.log}")
-    return socket.socket(fileno=fds[0])
+        raise HandoffError(
+            f"the running server (pid {handle.pid}) has stopped accepting; see {handle.log}: run "
+            "`handoff stop`, then deploy again"
+        )
+    listening = socket.socket(fileno=fds[0])
+    if not listening.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        listening.close()
+        raise HandoffError(
+            f"the running server (pid {handle.pid}) handed over a socket that is not listening"
+        )
+    return listening
 
 
 def url_of(sock: socket.socket) -> str:
@@ -220,31 +238,33 @@ def start(
     log = state_dir / "server.log"
     env = {k: v for k, v in os.environ.items() if k not in RUN_ONLY_ENV}
     fds = [sock.fileno()] + ([takeover.fileno()] if takeover is not None else [])
-    with log.open("ab") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "handoff.serving", str(spec_file), *map(str, fds)],
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            pass_fds=fds,
-            start_new_session=True,  # outlives the pipeline step and ignores its Ctrl-C
-        )
     check_url = url_of(sock)
+    url = url_of(takeover) if takeover is not None else check_url
+    try:
+        with log.open("ab") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "handoff.serving", str(spec_file), *map(str, fds)],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                pass_fds=fds,
+                start_new_session=True,  # outlives the pipeline step and ignores its Ctrl-C
+            )
+    finally:
+        for passed in (sock, takeover):
+            if passed is not None:
+                passed.close()  # the child holds them now (or there is no child)
     handle = ServerHandle(
         pid=process.pid,
         started=psutil.Process(process.pid).create_time(),
         spec=str(spec_file),
-        url=url_of(takeover) if takeover is not None else check_url,
+        url=url,
         model_name=model_name,
         version=version,
         log=str(log),
         handover=str(handover or ""),
     )
-    for passed in (sock, takeover):
-        if passed is not None:
-            passed.close()  # the child holds them now
-    url = check_url
     deadline = time.monotonic() + ready_timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -253,7 +273,7 @@ def start(
                 f"ready; last lines of {log}:\n{_tail(log)}"
             )
         with contextlib.suppress(requests.RequestException):
-            if requests.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
+            if requests.get(f"{check_url}/v2/health/ready", timeout=1).status_code == 200:
                 return handle
         time.sleep(0.1)
     terminate(handle)
@@ -287,14 +307,13 @@ def retire(handle: ServerHandle, drain_s: float = 3.0) -> None:
     """Retire a server whose socket the next version accepts on: SIGUSR2 makes it stop accepting
     and answer with ``Connection: close``, so its clients' next requests open connections to the
     new server; once its connections are gone (or after ``drain_s``) SIGTERM finishes the rest."""
-    if not _alive(handle):
-        return
-    with contextlib.suppress(psutil.Error):
-        process = psutil.Process(handle.pid)
-        process.send_signal(signal.SIGUSR2)
-        deadline = time.monotonic() + drain_s
-        while time.monotonic() < deadline:
-            if not any(c.status == psutil.CONN_ESTABLISHED for c in process.connections("tcp")):
-                break
-            time.sleep(0.02)
-    terminate(handle)
+    if _alive(handle):
+        with contextlib.suppress(psutil.Error):
+            process = psutil.Process(handle.pid)
+            process.send_signal(signal.SIGUSR2)
+            deadline = time.monotonic() + drain_s
+            while time.monotonic() < deadline:
+                if not any(c.status == psutil.CONN_ESTABLISHED for c in process.connections("tcp")):
+                    break
+                time.sleep(0.02)
+    terminate(handle)  # also removes its handover socket

@@ -3,6 +3,7 @@ Open Inference Protocol v2 REST and compares; the latency check holds the served
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -103,13 +104,16 @@ def latency_check(
         array = np.asarray(tensor["data"]).reshape(tensor["shape"])
         repeated = np.resize(array, (rows, *array.shape[1:]))
         inputs.append({**tensor, "shape": list(repeated.shape), "data": repeated.ravel().tolist()})
-    body = {"inputs": inputs}
+    body = json.dumps({"inputs": inputs})  # encoded once: the client's encoding is not the server's latency
+    headers = {"content-type": "application/json"}
     timings = []
     with requests.Session() as session:
         for i in range(requests_n + 10):
             started = time.perf_counter()
             try:
-                response = session.post(f"{url}/v2/models/{model_name}/infer", json=body, timeout=30)
+                response = session.post(
+                    f"{url}/v2/models/{model_name}/infer", data=body, headers=headers, timeout=30
+                )
             except requests.RequestException as exc:
                 return LatencyResult(False, f"request failed: {exc}", float("nan"), float("nan"))
             if response.status_code != 200:

@@ -14,6 +14,7 @@ it was registered with, then promoted or rolled back (``handoff.kube.inference_s
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -131,7 +132,8 @@ def _project_socket(project: Project, previous: ServerHandle | None) -> socket.s
     serving.port is its port or 0 (the two then accept from one queue while versions change), else
     serving.port bound here, which must be free, and not yet listening."""
     serving = project.settings.serving
-    if previous is not None and serving.port in (0, _port_of(previous)):
+    same_host = previous is not None and urlsplit(previous.url).hostname == serving.host.strip("[]")
+    if previous is not None and same_host and serving.port in (0, _port_of(previous)):
         return local_server.listener_of(previous)
     return local_server.bind(serving.host, serving.port, listen=False)
 
@@ -159,42 +161,46 @@ def deploy(
         contract = load_contract(model_dir / EXTRA_DIR)  # the contract this version was registered with
         example = read_json(model_dir / EXTRA_DIR / EXAMPLE_FILE)
         previous = local_server.current(project.state_dir)
-        port = _project_socket(project, previous)  # a busy port fails here, before anything changes
-        private = local_server.bind(project.settings.serving.host, 0)
-        check_url = local_server.url_of(private)
-        handover = local_server.handover_path()
-        spec_file = _write_spec(project, model_dir, model_name, port.getsockname()[1], handover)
+        with contextlib.ExitStack() as sockets:  # closed here unless the new server took them
+            port = sockets.enter_context(_project_socket(project, previous))  # busy: fails before any change
+            private = sockets.enter_context(local_server.bind(project.settings.serving.host, 0))
+            check_url = local_server.url_of(private)
+            handover = local_server.handover_path()
+            spec_file = _write_spec(project, model_dir, model_name, port.getsockname()[1], handover)
+            try:
+                handle = local_server.start(
+                    spec_file,
+                    private,
+                    model_name=model_name,
+                    version=version,
+                    state_dir=project.state_dir,
+                    ready_timeout_s=project.settings.serving.ready_timeout_s,
+                    takeover=port,
+                    handover=handover,
+                )
+            except HandoffError as exc:
+                raise HandoffError(f"{exc}; {_still_serving(previous)}") from None
         try:
-            handle = local_server.start(
-                spec_file,
-                private,
-                model_name=model_name,
-                version=version,
-                state_dir=project.state_dir,
-                ready_timeout_s=project.settings.serving.ready_timeout_s,
-                takeover=port,
-                handover=handover,
-            )
-        except HandoffError as exc:
-            raise HandoffError(f"{exc}; {_still_serving(previous)}") from None
-        smoke = smoke_test(check_url, model_name, contract, example)
-        latency = latency_check(check_url, model_name, contract, example) if smoke.passed else None
-        failed = smoke.detail if latency is None else "" if latency.passed else latency.detail
-        if failed:
-            local_server.terminate(handle)
-            raise HandoffError(
-                f"{model_name}/{version} did not pass its checks before taking over: {failed}; "
-                f"the new server was stopped and {_still_serving(previous)}"
-            )
-        try:
+            smoke = smoke_test(check_url, model_name, contract, example)
+            if not smoke.passed:
+                raise _NotTakingOver(smoke.detail)
+            latency = latency_check(check_url, model_name, contract, example)
+            if not latency.passed:
+                raise _NotTakingOver(latency.detail)
             local_server.take_over(handle)
-        except HandoffError as exc:
+        except BaseException as exc:  # Ctrl-C included: never leave an unrecorded server behind
             local_server.terminate(handle)
-            raise HandoffError(f"{exc}; {_still_serving(previous)}") from None
+            if isinstance(exc, _NotTakingOver):
+                raise HandoffError(
+                    f"{model_name}/{version} did not pass its checks before taking over: {exc}; "
+                    f"the new server was stopped and {_still_serving(previous)}"
+                ) from None
+            if isinstance(exc, HandoffError):
+                raise HandoffError(f"{exc}; {_still_serving(previous)}") from None
+            raise
         local_server.record(project.state_dir, handle)
         if previous is not None:
             local_server.retire(previous)  # stops accepting, finishes its requests, exits
-    assert latency is not None
     return DeployResult(
         url=handle.url,
         model_name=model_name,
@@ -206,6 +212,10 @@ def deploy(
         seconds=round(time.perf_counter() - started, 3),
         served_p99_ms=round(latency.p99_ms, 3),
     )
+
+
+class _NotTakingOver(Exception):
+    """The new server failed a check it must pass before it serves the project's port."""
 
 
 def _still_serving(previous: ServerHandle | None) -> str:
