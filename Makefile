@@ -34,11 +34,13 @@ $(CHECKOV_VENV)/.installed: requirements/checkov.txt
 
 checkov: $(CHECKOV_VENV)/.installed ## checkov in its own venv (.venv-checkov) for the manifest tests
 
+# The demo project runs in this checkout's .venv (VENV=...), which holds this tree's packages: a
+# project's own `make setup` installs released ones (tests/test_first_minutes.py walks that path).
 demo: venv ## Generate the default project into demo/ and run its whole pipeline locally
 	@if [ -d $(DEMO) ]; then $(BIN)/handoff stop --project $(DEMO); fi
 	rm -rf demo
 	COOKIECUTTER_CONFIG=$(abspath tests/cookiecutter-config.yaml) $(BIN)/cookiecutter . --no-input --output-dir demo
-	cd $(DEMO) && PATH=$(BIN):$$PATH $(MAKE) --no-print-directory run
+	$(MAKE) -C $(DEMO) --no-print-directory run VENV=$(abspath $(VENV))
 
 # Test files run in parallel, one file per worker at a time (their module fixtures stay shared).
 JOBS ?= 2
@@ -63,7 +65,7 @@ bench: venv ## Benchmarks (ratios side by side; see bench/README.md)
 	$(BIN)/python bench/pipeline_overhead.py
 	$(BIN)/python bench/serving.py
 
-release: venv ## Cut a release: make release VERSION=x.y.z (clean tree, tests, version everywhere, CHANGELOG, tag)
+release: venv ## Cut a release: make release VERSION=x.y.z (clean tree, tests, version everywhere, CHANGELOG, tag, wheels in dist/)
 	@test -n "$(VERSION)" || { echo "usage: make release VERSION=x.y.z"; exit 2; }
 	$(BIN)/python scripts/release.py $(VERSION)
 
@@ -77,6 +79,6 @@ image: ## Build the platform images: make image REGISTRY=<registry>/platform TOR
 	docker build -f components/Dockerfile --build-arg VERSION=$(VERSION_NOW) \
 		--build-arg TORCH_INDEX_URL=$(TORCH_CPU_INDEX) -t $(REGISTRY)/ml-handoff:$(VERSION_NOW)-cpu .
 
-clean: ## Stop the demo server, remove demo/ and the venv
+clean: ## Stop the demo server, remove demo/, dist/ and the venvs
 	@if [ -d $(DEMO) ] && [ -x $(BIN)/handoff ]; then $(BIN)/handoff stop --project $(DEMO); fi
-	rm -rf demo $(VENV) $(CHECKOV_VENV) tools/node_modules
+	rm -rf demo dist $(VENV) $(CHECKOV_VENV) tools/node_modules

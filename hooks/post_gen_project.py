@@ -50,6 +50,14 @@ def main() -> None:
             "or run `cruft link <url>` in the project",
             file=sys.stderr,
         )
+        if not context["_package_index"]:
+            # pyproject.toml could name no repository to install the platform's packages from.
+            version = context["_template_version"]
+            print(
+                f"note: pyproject.toml pins ml-handoff=={version} by version, so `make setup` "
+                "needs a package index that serves it: `make setup PACKAGE_INDEX=<index URL>`",
+                file=sys.stderr,
+            )
         return
     answers = {key: value for key, value in context.items() if key not in LOCAL_KEYS}
     answers.update(_template=address, _commit=commit)

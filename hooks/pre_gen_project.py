@@ -31,6 +31,11 @@ answers = {
     "container_registry": {{ cookiecutter.container_registry | tojson }},
     "mlflow_tracking_uri": {{ cookiecutter.mlflow_tracking_uri | tojson }},
 }
+# The platform team's settings in cookiecutter.json: package indexes that projects record.
+INDEXES = {
+    "_package_index": {{ cookiecutter._package_index | tojson }},
+    "_torch_cpu_index": {{ cookiecutter._torch_cpu_index | tojson }},
+}
 
 
 def free_text_problems(field: str) -> list[str]:
@@ -77,7 +82,23 @@ def problems() -> list[str]:
     if not answers["mlflow_tracking_uri"].startswith(TRACKING_SCHEMES):
         found.append(f"mlflow_tracking_uri {answers['mlflow_tracking_uri']!r} must start with one of "
                      f"{', '.join(TRACKING_SCHEMES)}")
+    for key, index in INDEXES.items():
+        found.extend(index_problems(key, index))
     return found
+
+
+def index_problems(key: str, index: str) -> list[str]:
+    """An index URL is written into every project, so it must be a URL and hold no credentials."""
+    if not index:
+        return []
+    scheme, _, rest = index.partition("://")
+    if scheme not in ("https", "http", "file") or not rest or any(c.isspace() for c in index):
+        return [f"cookiecutter.json: {key} {index!r} must be a package index URL such as "
+                "https://pypi.example.com/simple"]
+    if "@" in rest.split("/", 1)[0]:
+        return [f"cookiecutter.json: {key} must not hold credentials (it is written into every "
+                "project): pip reads them from its keyring or ~/.netrc for the index's host"]
+    return []
 
 
 if __name__ == "__main__":

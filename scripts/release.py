@@ -3,8 +3,9 @@
 ``make release VERSION=x.y.z`` runs this. It refuses a dirty tree or a version that does not move
 forward, runs the test suite (unless ``--skip-tests``), rewrites every place in ``PLACES``,
 prepends the CHANGELOG section built from the commit subjects since the last tag, commits and
-tags ``vX.Y.Z``. Generated projects pick the version up from ``cookiecutter.json`` (their pins,
-image tags, Dockerfile base and ``template_version``), so those need no edit of their own.
+tags ``vX.Y.Z``, then builds the two wheels that projects install (``dist/``) from the tagged
+tree. Generated projects pick the version up from ``cookiecutter.json`` (their pins, image tags,
+Dockerfile base and ``template_version``), so those need no edit of their own.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)$")
 CHANGELOG = "CHANGELOG.md"
+# The packages a generated project installs, built into DIST for the platform's package index.
+PACKAGES = ("components", "pipelines")
+DIST = "dist"
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,24 @@ def as_tuple(version: str) -> tuple[int, ...]:
     return tuple(int(p) for p in version.split("."))
 
 
+def build_wheels(root: Path, version: str) -> list[Path]:
+    """Both packages' wheels in ``dist/``, built by pypa/build in isolated environments as any
+    builder of the tag would; earlier wheels there are kept (an index holds every release)."""
+    out = root / DIST
+    for package in PACKAGES:
+        subprocess.run(
+            [sys.executable, "-m", "build", "--wheel", "--outdir", str(out), str(root / package)],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    wheels = sorted(out.glob(f"ml_handoff*-{version}-py3-none-any.whl"))
+    if len(wheels) != len(PACKAGES):
+        raise SystemExit(f"release: expected {len(PACKAGES)} wheels of {version} in {out}, found {wheels}")
+    return wheels
+
+
 def release(root: Path, version: str, *, run_tests: bool, today: date) -> None:
     if not SEMVER.match(version):
         raise SystemExit(f"release: VERSION must be MAJOR.MINOR.PATCH (e.g. 0.2.0), got {version!r}")
@@ -107,16 +129,32 @@ def release(root: Path, version: str, *, run_tests: bool, today: date) -> None:
     git(root, "add", CHANGELOG, *changed)
     git(root, "commit", "-q", "-m", f"Release {version}")
     git(root, "tag", "-a", f"v{version}", "-m", f"ml-template {version}")
-    print(f"released {old} -> {version}: tagged v{version}; push with `git push --follow-tags`")
+    wheels = build_wheels(root, version)
+    built = ", ".join(wheel.name for wheel in wheels)
+    print(f"released {old} -> {version}: tagged v{version}; built {built} in {DIST}/")
+    print(
+        "publish: `git push --follow-tags` (the release workflow attaches the wheels to the GitHub "
+        "release and uploads them to the index named by the PACKAGE_INDEX_UPLOAD_URL setting), or "
+        f"by hand: `twine upload --repository-url <your index's upload URL> {DIST}/*-{version}-*.whl`"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("version")
+    parser.add_argument("version", nargs="?", help="the new version, MAJOR.MINOR.PATCH")
     parser.add_argument("--skip-tests", action="store_true", help="do not run `make test` first")
+    parser.add_argument(
+        "--wheels", action="store_true", help="only build the current version's wheels into dist/ (on a tag)"
+    )
     parser.add_argument("--root", type=Path, default=ROOT)
     args = parser.parse_args()
+    if args.wheels == bool(args.version):
+        parser.error("give either a VERSION to release or --wheels")
     try:
+        if args.wheels:
+            version = current_version(args.root)
+            print(" ".join(str(wheel) for wheel in build_wheels(args.root, version)))
+            return
         release(args.root, args.version, run_tests=not args.skip_tests, today=date.today())
     except subprocess.CalledProcessError as exc:
         sys.exit(f"release: `{' '.join(exc.cmd)}` failed: {(exc.stderr or '').strip()}")

@@ -25,6 +25,7 @@ EXPECTED_FILES = {
     "Dockerfile",
     "Makefile",
     "README.md",
+    "constraints.txt",
     "contract.yaml",
     "handoff.yaml",
     "model.py",
@@ -122,6 +123,15 @@ def test_quotes_in_free_text_keep_pyproject_valid(cookies) -> None:
         ({"description": "C:\\data"}, "ERROR: description 'C:\\\\data' must not contain a backslash"),
         ({"description": 'A """ CNN'}, 'ERROR: description \'A """ CNN\' must not contain'),
         ({"description": "A CNN \U0001f600"}, "ERROR: description 'A CNN \\ud83d\\ude00' must not contain"),
+        # The platform team's index is written into every project: a URL, and no credentials.
+        (
+            {"_package_index": "https://ci:s3cret@pypi.example.com/simple"},
+            "ERROR: cookiecutter.json: _package_index must not hold credentials",
+        ),
+        (
+            {"_torch_cpu_index": "pypi.example.com/cpu"},
+            "ERROR: cookiecutter.json: _torch_cpu_index 'pypi.example.com/cpu' must be a package index URL",
+        ),
     ],
     ids=[
         "slug",
@@ -140,6 +150,8 @@ def test_quotes_in_free_text_keep_pyproject_valid(cookies) -> None:
         "description-backslash",
         "description-triple-quote",
         "description-emoji",
+        "index-credentials",
+        "index-not-a-url",
     ],
 )
 def test_invalid_answer_fails_with_one_line_and_no_output(

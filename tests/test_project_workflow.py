@@ -16,6 +16,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -83,6 +84,17 @@ def test_generated_workflow_passes_actionlint(actionlint: Path, default_project:
     assert result.returncode == 0, result.stdout
 
 
+def test_templates_release_workflow_passes_actionlint(actionlint: Path) -> None:
+    """The template's own workflow: on a release tag, build the wheels projects install and
+    publish them (`scripts/release.py --wheels`, tested in test_release.py)."""
+    result = lint(actionlint, TEMPLATE)
+    assert "Checking 1 workflow file(s)" in result.stdout, result.stdout
+    assert result.returncode == 0, result.stdout
+    release = yaml.safe_load((TEMPLATE / ".github/workflows/release.yml").read_text())
+    build = next(s for s in release["jobs"]["wheels"]["steps"] if s.get("name") == "Build the wheels")
+    assert "python scripts/release.py --wheels" in build["run"]
+
+
 @pytest.mark.parametrize(
     ("old", "new", "marker", "message"),
     [
@@ -110,12 +122,17 @@ def test_actionlint_reports_a_broken_workflow_with_its_line(
     assert re.search(rf"ci\.yml:{line}:\d+ .*{re.escape(message)}", result.stdout), result.stdout
 
 
-def test_workflow_installs_the_templates_pins_of_ruff_and_pytest(default_project: Path) -> None:
+def test_every_job_installs_with_make_setup_within_the_platforms_pins(default_project: Path) -> None:
+    """CI installs as a researcher does (`make setup`: .venv within constraints.txt, the
+    template's lock), so the lint and test tools are the template's pins of ruff and pytest."""
+    for job in ("check", "compile", "submit"):
+        install = step(default_project, job, "Install")["run"].split("\n")
+        assert install[0] == "make setup", f"{job}: {install}"
+        assert install[1] == 'echo "$PWD/.venv/bin" >> "$GITHUB_PATH"', f"{job}: later steps use .venv"
     lock = (TEMPLATE / "requirements/lock.txt").read_text()
-    install = step(default_project, "check", "Install")["run"]
-    for tool in ("ruff", "pytest"):
-        (pin,) = re.findall(rf"^{tool}==\S+$", lock, re.MULTILINE)
-        assert pin in install.split(), f"the workflow should install {pin} (requirements/lock.txt)"
+    assert (default_project / "constraints.txt").read_text() == lock
+    dev = tomllib.loads((default_project / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert {"ruff", "pytest"} <= set(dev["dev"])
 
 
 @pytest.mark.parametrize(

@@ -46,7 +46,11 @@ def test_release_moves_the_version_everywhere_and_writes_changelog_and_tag(
     ]
     assert leftovers == []
     assert f'__version__ = "{new}"' in (repo / "components/src/handoff/__init__.py").read_text()
-    assert git(repo, "status", "--porcelain") == ""  # committed
+    assert git(repo, "status", "--porcelain") == ""  # committed, and the build left nothing to commit
+    # The wheels projects install, built from the tagged tree (test_first_minutes.py installs them).
+    wheels = sorted(path.name for path in (repo / "dist").iterdir())
+    assert wheels == [f"ml_handoff-{new}-py3-none-any.whl", f"ml_handoff_pipelines-{new}-py3-none-any.whl"]
+    assert "twine upload" in result.stdout and "git push --follow-tags" in result.stdout
     assert git(repo, "tag", "--list", f"v{new}").strip() == f"v{new}"
     changelog = (repo / "CHANGELOG.md").read_text()
     assert f"## {new} (" in changelog and "- Document the upgrade path" in changelog
@@ -76,3 +80,16 @@ def test_release_refuses_a_dirty_tree_and_a_version_that_does_not_move_forward(r
     malformed = release(repo, "v1.0", "--skip-tests")
     assert malformed.returncode != 0 and "VERSION must be MAJOR.MINOR.PATCH" in malformed.stderr
     assert git(repo, "tag", "--list").split() == [f"v{__version__}"]  # nothing tagged
+
+
+def test_wheels_alone_builds_the_current_versions_wheels_as_the_release_workflow_does(repo: Path) -> None:
+    built = release(repo, "--wheels")
+    assert built.returncode == 0, built.stderr
+    names = sorted(path.name for path in (repo / "dist").iterdir())
+    assert names == [
+        f"ml_handoff-{__version__}-py3-none-any.whl",
+        f"ml_handoff_pipelines-{__version__}-py3-none-any.whl",
+    ]
+    assert git(repo, "status", "--porcelain") == ""  # the build leaves nothing to commit
+    both = release(repo, "1.0.0", "--wheels")
+    assert both.returncode == 2 and "give either a VERSION to release or --wheels" in both.stderr

@@ -97,8 +97,8 @@ def cut_next_release(repo: Path) -> str:
     template = repo / "{{cookiecutter.project}}"
     replace_in(
         template / "Makefile",
-        ".PHONY: help check run test stop compile",
-        ".PHONY: help check run test stop compile lint",
+        ".PHONY: help setup check run test stop compile",
+        ".PHONY: help setup check run test stop compile lint",
     )
     (template / "Makefile").write_text(
         (template / "Makefile").read_text()
@@ -135,7 +135,9 @@ def test_cruft_update_to_the_next_release_keeps_the_researchers_work(tmp_path: P
     assert sorted(str(p.relative_to(project)) for p in project.rglob("*.rej")) == []
     assert {name: (project / name).read_bytes() for name in RESEARCHER_FILES} == ours
     assert "lint: ## ruff" in (project / "Makefile").read_text()
-    assert f'"ml-handoff=={new}"' in (project / "pyproject.toml").read_text()
+    # The pins name the template repository at the new release's tag.
+    pin = f'"ml-handoff @ git+{url}@v{new}#subdirectory=components"'
+    assert pin in (project / "pyproject.toml").read_text()
     assert f"template_version: {new}" in (project / "handoff.yaml").read_text()
     assert f"/ml-handoff:{new}\n" in (project / "Dockerfile").read_text()
     assert record(project)["commit"] == commit_of(repo, "main")
