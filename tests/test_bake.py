@@ -199,3 +199,42 @@ def test_generated_project_is_lint_clean_and_its_tests_pass(default_project: Pat
     result = project_tests(project)
     assert result.returncode == 0, result.stdout[-3000:]
     assert "4 passed" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("template", "commit", "address"),
+    [
+        ("gh:org/ml-template", None, "https://github.com/org/ml-template.git"),
+        ("gl:org/ml-template", None, "https://gitlab.com/org/ml-template.git"),
+        ("https://git.example.com/org/ml-template.git", None, "https://git.example.com/org/ml-template.git"),
+        ("git@github.com:org/ml-template.git", None, "ssh://git@github.com/org/ml-template.git"),
+        ("file:///srv/git/ml-template.git", None, "file:///srv/git/ml-template.git"),
+        # cruft, and cruft update re-rendering a project: the recorded path of a cloned repository.
+        ("/srv/git/ml-template.git", "0" * 40, "file:///srv/git/ml-template.git"),
+        # A local folder (no clone, no commit): nothing to name, so the pins are by version.
+        ("/home/me/ml-template", None, None),
+    ],
+    ids=["gh", "gl", "https", "ssh", "file-url", "cruft-path", "local-folder"],
+)
+def test_platform_pins_name_the_template_repository_at_the_release_tag(
+    tmp_path: Path, template: str, commit: str | None, address: str | None
+) -> None:
+    """As cookiecutter and cruft render it: `_template` is the address given (or recorded)."""
+    from cookiecutter.generate import generate_context, generate_files
+    from cookiecutter.prompt import prompt_for_config
+
+    context = generate_context(str(TEMPLATE / "cookiecutter.json"))
+    context["cookiecutter"] = prompt_for_config(context, no_input=True)
+    context["cookiecutter"].update(_template=template, **({"_commit": commit} if commit else {}))
+    project = Path(
+        generate_files(str(TEMPLATE), context=context, output_dir=str(tmp_path), accept_hooks=False)
+    )
+    platform = tomllib.loads((project / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    tag = f"v{__version__}"
+    if address is None:
+        assert platform["platform"] == [f"ml-handoff=={__version__}", f"ml-handoff-pipelines=={__version__}"]
+    else:
+        assert platform["platform"] == [
+            f"ml-handoff @ git+{address}@{tag}#subdirectory=components",
+            f"ml-handoff-pipelines @ git+{address}@{tag}#subdirectory=pipelines",
+        ]
