@@ -129,7 +129,14 @@ def release(root: Path, version: str, *, run_tests: bool, today: date) -> None:
     git(root, "add", CHANGELOG, *changed)
     git(root, "commit", "-q", "-m", f"Release {version}")
     git(root, "tag", "-a", f"v{version}", "-m", f"ml-template {version}")
-    wheels = build_wheels(root, version)
+    try:
+        wheels = build_wheels(root, version)
+    except subprocess.CalledProcessError as exc:
+        last = "\n".join((exc.stderr or exc.stdout or "").strip().splitlines()[-5:])
+        raise SystemExit(
+            f"release: tagged v{version}, but its wheels did not build:\n{last}\n"
+            "fix the build, then run `python scripts/release.py --wheels` on the tag"
+        ) from exc
     built = ", ".join(wheel.name for wheel in wheels)
     print(f"released {old} -> {version}: tagged v{version}; built {built} in {DIST}/")
     print(

@@ -93,3 +93,16 @@ def test_wheels_alone_builds_the_current_versions_wheels_as_the_release_workflow
     assert git(repo, "status", "--porcelain") == ""  # the build leaves nothing to commit
     both = release(repo, "1.0.0", "--wheels")
     assert both.returncode == 2 and "give either a VERSION to release or --wheels" in both.stderr
+
+
+def test_a_release_whose_wheels_do_not_build_says_it_is_tagged_and_how_to_finish(repo: Path) -> None:
+    pyproject = repo / "components/pyproject.toml"
+    text = pyproject.read_text().replace('requires-python = ">=3.11"', "requires-python = 3.11")
+    pyproject.write_text(text)
+    git(repo, "commit", "-qam", "A requires-python that is not a string")
+    new = next_minor(__version__)
+    result = release(repo, new, "--skip-tests")
+    assert result.returncode == 1
+    assert f"release: tagged v{new}, but its wheels did not build:" in result.stderr
+    assert "requires-python" in result.stderr  # the builder's own reason
+    assert "then run `python scripts/release.py --wheels` on the tag" in result.stderr
