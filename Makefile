@@ -35,7 +35,7 @@ $(CHECKOV_VENV)/.installed: requirements/checkov.txt
 checkov: $(CHECKOV_VENV)/.installed ## checkov in its own venv (.venv-checkov) for the manifest tests
 
 # The demo project runs in this checkout's .venv (VENV=...), which holds this tree's packages: a
-# project's own `make setup` installs released ones (tests/test_first_minutes.py walks that path).
+# project's own `make setup` installs released ones (tests/test_first_minutes_*.py walk that path).
 demo: venv ## Generate the default project into demo/ and run its whole pipeline locally
 	@if [ -d $(DEMO) ]; then $(BIN)/handoff stop --project $(DEMO); fi
 	rm -rf demo

@@ -206,6 +206,7 @@ def test_generated_project_is_lint_clean_and_its_tests_pass(default_project: Pat
     [
         ("gh:org/ml-template", None, "https://github.com/org/ml-template.git"),
         ("gl:org/ml-template", None, "https://gitlab.com/org/ml-template.git"),
+        ("bb:org/ml-template", None, "https://bitbucket.org/org/ml-template"),
         ("https://git.example.com/org/ml-template.git", None, "https://git.example.com/org/ml-template.git"),
         ("git@github.com:org/ml-template.git", None, "ssh://git@github.com/org/ml-template.git"),
         ("file:///srv/git/ml-template.git", None, "file:///srv/git/ml-template.git"),
@@ -214,14 +215,21 @@ def test_generated_project_is_lint_clean_and_its_tests_pass(default_project: Pat
         # A local folder (no clone, no commit): nothing to name, so the pins are by version.
         ("/home/me/ml-template", None, None),
     ],
-    ids=["gh", "gl", "https", "ssh", "file-url", "cruft-path", "local-folder"],
+    ids=["gh", "gl", "bb", "https", "ssh", "file-url", "cruft-path", "local-folder"],
 )
 def test_platform_pins_name_the_template_repository_at_the_release_tag(
     tmp_path: Path, template: str, commit: str | None, address: str | None
 ) -> None:
-    """As cookiecutter and cruft render it: `_template` is the address given (or recorded)."""
+    """As cookiecutter and cruft render it: `_template` is the address given (or recorded). The
+    post-generation hook records the same address in .cruft.json, through cookiecutter's own
+    abbreviations, so `cruft update` renders the same pins."""
+    from cookiecutter.config import BUILTIN_ABBREVIATIONS
     from cookiecutter.generate import generate_context, generate_files
     from cookiecutter.prompt import prompt_for_config
+    from cookiecutter.repository import expand_abbreviations
+
+    if template.split(":")[0] in BUILTIN_ABBREVIATIONS:
+        assert expand_abbreviations(template, BUILTIN_ABBREVIATIONS) == address
 
     context = generate_context(str(TEMPLATE / "cookiecutter.json"))
     context["cookiecutter"] = prompt_for_config(context, no_input=True)

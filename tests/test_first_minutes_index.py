@@ -48,11 +48,12 @@ class SimpleIndex:
 
     def add(self, wheels: list[Path]) -> None:
         """One page per project, linking its wheels with their sha256 (as pip checks them)."""
+        (self.root / "files").mkdir(parents=True, exist_ok=True)
         for wheel in wheels:
             project = wheel.name.split("-")[0].replace("_", "-")  # PEP 503 normalized name
-            (self.root / "files").mkdir(parents=True, exist_ok=True)
-            (self.root / "files" / wheel.name).write_bytes(wheel.read_bytes())
-            digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+            content = wheel.read_bytes()
+            (self.root / "files" / wheel.name).write_bytes(content)
+            digest = hashlib.sha256(content).hexdigest()
             page = self.root / "simple" / project / "index.html"
             page.parent.mkdir(parents=True, exist_ok=True)
             link = f'<a href="/files/{html.escape(wheel.name)}#sha256={digest}">{html.escape(wheel.name)}</a>'
