@@ -116,12 +116,13 @@ def test_build_steps_install_the_pinned_platform_and_run_a_project(
     app = tmp_path / "app"
     app.mkdir()
     shutil.copy2(default_project / "pyproject.toml", app)
-    # As a project generated from the template repository pins the platform: the image already has
-    # it, so the build must not fetch it (no git, no access to the repository in a build).
+    # As a project generated from a template repository pins the platform (here a file:// address,
+    # which older pips cannot even parse): the image already has it, so the build must not fetch it
+    # (no git, no access to the repository in a build).
     replace_in(
         app / "pyproject.toml",
         f'"ml-handoff=={__version__}"',
-        f'"ml-handoff @ git+https://git.example.invalid/ml-template.git@v{__version__}#subdirectory=components"',
+        f'"ml-handoff @ git+file:///nowhere/ml-template.git@v{__version__}#subdirectory=components"',
     )
     image_env = {"PATH": f"{venv / 'bin'}:{os.environ['PATH']}", "VIRTUAL_ENV": str(venv)}
     (project_install,) = instructions(default_project / "Dockerfile", "RUN")
