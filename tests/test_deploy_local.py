@@ -52,11 +52,15 @@ def _registered_project(default_project: Path, tmp_path_factory: pytest.TempPath
             port=0, max_request_mib=1, batching={"max_batch_size": 8, "max_wait_ms": 2}
         ),
     )
+    # v1 and v2 must pass their latency check while this module's own clients load the same two
+    # cores (and another test file runs beside it): what they test is the takeover, so their SLO is
+    # generous. v3's SLO, which no server meets, tests the gate.
+    replace_in(project_dir / "contract.yaml", "latency_p99_ms: 25", "latency_p99_ms: 250")
     loaded = Project.load(project_dir)
     exports = [_export(loaded, seed, root / f"export-{seed}") for seed in (0, 1, 2)]
     register(project_dir, exports[0], EVALUATION)
     register(project_dir, exports[1], EVALUATION)
-    replace_in(project_dir / "contract.yaml", "latency_p99_ms: 25", "latency_p99_ms: 0.001")
+    replace_in(project_dir / "contract.yaml", "latency_p99_ms: 250", "latency_p99_ms: 0.001")
     register(project_dir, exports[2], EVALUATION)
     yield project_dir
     local_server.stop(loaded.state_dir)
