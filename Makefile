@@ -5,7 +5,7 @@ BIN := $(abspath $(VENV))/bin
 DEMO := demo/digits-classifier
 
 .DEFAULT_GOAL := help
-.PHONY: help venv tools checkov demo test test-fast lint format bench release image clean
+.PHONY: help venv tools checkov demo rehearse test test-fast lint format bench release image clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -41,6 +41,11 @@ demo: venv ## Generate the default project into demo/ and run its whole pipeline
 	rm -rf demo
 	COOKIECUTTER_CONFIG=$(abspath tests/cookiecutter-config.yaml) $(BIN)/cookiecutter . --no-input --output-dir demo
 	$(MAKE) -C $(DEMO) --no-print-directory run VENV=$(abspath $(VENV))
+
+# The cluster run on this machine's real parts (podman, SeaweedFS, mlflow server, KServe's storage
+# initializer); needs root and `apt-get install podman runc debootstrap` (.ci/run installs them).
+rehearse: venv ## Rehearse the cluster run: both engines' pods in real containers, S3, a tracking server, the real predictor
+	$(BIN)/python -m pytest tests/test_rehearsal.py -q -m rehearsal
 
 # Test files run in parallel, one file per worker at a time (their module fixtures stay shared).
 JOBS ?= 2

@@ -13,6 +13,7 @@ from pathlib import Path
 
 started = time.perf_counter()
 
+from handoff.project import Project  # noqa: E402
 from handoff.serving import local_server  # noqa: E402
 from handoff.steps.deploy import deploy  # noqa: E402
 from handoff.steps.evaluate import evaluate  # noqa: E402
@@ -37,7 +38,7 @@ def main(project: Path, work: Path) -> None:
     )
     deployed = deploy(project, registered.model_name, registered.version)
     total = time.perf_counter() - started
-    local_server.stop(project / ".handoff")
+    local_server.stop(Project.load(project).state_dir)
     steps = {
         name: result.seconds
         for name, result in zip(

@@ -15,6 +15,9 @@ import pytest
 import yaml
 from cookiecutter.main import cookiecutter
 
+# The cluster rehearsal's session fixtures (podman, images, S3, tracking server): see tests/rehearsal/.
+pytest_plugins = ["tests.rehearsal.fixtures"]
+
 TEMPLATE = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 HANDOFF = str(BIN / "handoff")

@@ -195,7 +195,7 @@ def test_goldens_hold_no_version_and_nothing_from_this_machine() -> None:
 # --- one graph, both engines -------------------------------------------------------------------
 
 
-def test_both_engines_run_the_same_graph_with_deploy_behind_the_gate(
+def test_both_engines_run_the_same_graph_and_deploy_only_what_register_promoted(
     default_project: Path, default_compiled: Compiled
 ) -> None:
     plan = {s.name: set(s.after) for s in cluster_plan(Project.load(default_project).settings.training)}
@@ -205,17 +205,20 @@ def test_both_engines_run_the_same_graph_with_deploy_behind_the_gate(
     kfp_edges["deploy"] = set(kfp["condition-1"]["dependentTasks"])  # deploy sits in the gate's group
     assert kfp_edges == plan
     assert {n: set(t.get("dependencies", [])) for n, t in default_compiled.dag_tasks.items()} == plan
-    # KFP: deploy runs only when evaluate returned True.
+    # KFP: deploy runs only when register returned True: it promoted this run's version (a failed
+    # gate, or a race lost to another run, leaves it unpromoted and undeployed).
     assert kfp["condition-1"]["triggerPolicy"]["condition"] == (
-        "inputs.parameter_values['pipelinechannel--evaluate-Output'] == true"
+        "inputs.parameter_values['pipelinechannel--register-Output'] == true"
     )
-    # Argo: the deploy task runs a one-step template whose `when` tests evaluate's gate.
+    # Argo: the deploy task runs a one-step template whose `when` tests register's promotion.
     deploy = default_compiled.dag_tasks["deploy"]
     assert deploy["template"] == GATE_TEMPLATE
-    gate = {p["name"]: p["value"] for p in deploy["arguments"]["parameters"]}["gate-passed"]
-    assert gate == "{{=jsonpath(tasks.evaluate.outputs.parameters.evaluation, '$.gate.passed')}}"
+    promoted = {p["name"]: p["value"] for p in deploy["arguments"]["parameters"]}["promoted"]
+    assert promoted == "{{=jsonpath(tasks.register.outputs.result, '$.promoted')}}"
     ((step,),) = default_compiled.templates[GATE_TEMPLATE]["steps"]
-    assert (step["template"], step["when"]) == ("deploy", "{{inputs.parameters.gate-passed}} == true")
+    assert (step["template"], step["when"]) == ("deploy", "{{inputs.parameters.promoted}} == true")
+    # Both refuse, at deploy time, a version that is no longer the champion.
+    assert default_compiled.templates["deploy"]["container"]["args"][-1] == "--champion-only"
     for name in STEPS:  # each step's own command, in the project image, nothing installed
         container = default_compiled.templates[name]["container"]
         assert container["command"] == ["python", "-m", "handoff", name]
@@ -243,12 +246,7 @@ def test_argo_steps_call_options_the_handoff_cli_has(default_compiled: Compiled,
     ("expression", "module", "result", "path"),
     [
         ("train.outputs.parameters.record, '$.mlflow_run_id'", "train", "TrainResult", ["mlflow_run_id"]),
-        (
-            "evaluate.outputs.parameters.evaluation, '$.gate.passed'",
-            "evaluate",
-            "EvalResult",
-            ["gate", "passed"],
-        ),
+        ("register.outputs.result, '$.promoted'", "register", "RegisterResult", ["promoted"]),
         ("register.outputs.result, '$.version'", "register", "RegisterResult", ["version"]),
     ],
 )
@@ -551,3 +549,27 @@ def test_multi_node_training_is_refused_for_argo_naming_the_setting(project: Pat
     assert "accelerator" not in resources
     with pytest.raises(HandoffError, match=r"training\.nodes"):
         compile_project(project, project / "compiled", targets=("argo",))
+
+
+@pytest.mark.parametrize(
+    ("uri", "problem"),
+    [
+        (None, "is not set, so the pods would each use a sqlite file in their read-only image"),
+        ("sqlite:///mlflow.db", "is sqlite:///mlflow.db, a store on one machine that no pod can share"),
+        ("file:///srv/mlruns", "is file:///srv/mlruns, a store on one machine that no pod can share"),
+    ],
+)
+def test_a_tracking_store_pods_cannot_share_is_refused_at_compile(
+    project: Path, uri: str | None, problem: str
+) -> None:
+    edit_yaml(project / "handoff.yaml", lambda s: s["cluster"].update(mlflow_tracking_uri=uri))
+    for target in ("kfp", "argo"):
+        result = handoff("compile", "--target", target, cwd=project)
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        (line,) = result.stderr.splitlines()
+        assert line == (
+            f"error: {project.resolve() / 'handoff.yaml'}: cluster.mlflow_tracking_uri: {problem}: set it "
+            "to the MLflow tracking server the pipeline's pods reach "
+            "(e.g. http://mlflow.mlflow.svc.cluster.local:5000)"
+        )
+        assert not (project / "compiled").exists()  # refused before anything is written

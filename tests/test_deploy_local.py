@@ -156,7 +156,8 @@ def test_a_version_over_its_latency_slo_never_takes_over(project: Path) -> None:
     assert recorded is not None and (recorded.version, recorded.pid) == ("2", serving["pid"])
     # Only the old server is left: the new one was stopped, not orphaned.
     servers = [p for p in psutil.process_iter(["cmdline"]) if "handoff.serving" in (p.info["cmdline"] or [])]
-    assert [p.pid for p in servers if str(project) in " ".join(p.info["cmdline"])] == [serving["pid"]]
+    state = str(Project.load(project).state_dir)
+    assert [p.pid for p in servers if state in " ".join(p.info["cmdline"])] == [serving["pid"]]
 
 
 def test_a_new_port_in_handoff_yaml_moves_the_server_there(project: Path) -> None:
@@ -174,3 +175,24 @@ def test_a_new_port_in_handoff_yaml_moves_the_server_there(project: Path) -> Non
     assert moved["url"] == f"http://127.0.0.1:{free}" and logits(moved["url"])
     with pytest.raises(requests.ConnectionError):  # the old address is retired with its server
         requests.post(f"{serving['url']}{INFER}", json=BODY, timeout=5)
+
+
+def test_a_copied_project_never_retires_the_original_projects_server(project: Path, tmp_path: Path) -> None:
+    code, err, original = deploy(project, "2")
+    assert code == 0, err[-2000:]
+    # A copy of the folder (as `cp -r` makes one), and, worse, the original's server record
+    # copied into the copy's state folder by hand: neither may reach the original's server.
+    copy = Path(shutil.copytree(project, tmp_path / "copy" / MODEL))
+    copy_state = Project.load(copy).state_dir
+    assert copy_state != Project.load(project).state_dir
+    shutil.copyfile(Project.load(project).state_dir / "server.json", copy_state / "server.json")
+    try:
+        code, err, copied = deploy(copy, "1")
+        assert code == 0, err[-2000:]
+        assert copied["pid"] != original["pid"] and copied["url"] != original["url"]
+        assert psutil.Process(original["pid"]).is_running()
+        logits(original["url"])  # the original still answers on its port
+        assert logits(copied["url"]) != logits(original["url"])  # v1 beside v2
+    finally:
+        local_server.stop(copy_state, project=copy)
+    assert logits(original["url"])

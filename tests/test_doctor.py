@@ -8,6 +8,7 @@ are the same fakes `handoff submit` is tested against.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,6 +18,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+from mlflow.tracking import MlflowClient
 
 from handoff.doctor import Finding, check_image, run_doctor
 from handoff.errors import HandoffError
@@ -34,16 +36,27 @@ RESTRICTED = {"pod-security.kubernetes.io/enforce": "restricted"}
 
 
 @pytest.fixture(scope="module")
-def mlflow_url() -> Iterator[str]:
-    """The real MLflow tracking server's app, served on loopback (its /health is what doctor asks)."""
-    from mlflow.server import app
+def mlflow_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The real MLflow tracking server's app, served on loopback (doctor asks its /health, and where
+    it keeps the experiment's artifacts: s3://, as `mlflow server --default-artifact-root` sets)."""
+    from mlflow.server import ARTIFACT_ROOT_ENV_VAR, BACKEND_STORE_URI_ENV_VAR, app
     from werkzeug.serving import make_server
 
+    store = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    saved = {key: os.environ.get(key) for key in (BACKEND_STORE_URI_ENV_VAR, ARTIFACT_ROOT_ENV_VAR)}
+    os.environ.update(
+        {BACKEND_STORE_URI_ENV_VAR: f"sqlite:///{store}", ARTIFACT_ROOT_ENV_VAR: "s3://mlflow/"}
+    )
     server = make_server("127.0.0.1", 0, app)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_port}"
     server.shutdown()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @contextmanager
@@ -120,6 +133,7 @@ def test_a_ready_cluster_passes_every_check(project: Path, mlflow_url: str) -> N
     ):
         healthy_cluster(fake)
         configure(project, registry=registry, mlflow=mlflow_url, kfp=kfp.url, argo=argo.url)
+        MlflowClient(tracking_uri=mlflow_url).create_experiment("digits-classifier")
         findings = run_doctor(Project.load(project), connect=fake.api_client)
     found = by_check(findings)
     assert [f for f in findings if f.outcome != "pass"] == []
@@ -133,9 +147,13 @@ def test_a_ready_cluster_passes_every_check(project: Path, mlflow_url: str) -> N
         "gpus",
         "image",
         "mlflow",
+        "mlflow artifacts",
         "kfp",
         "argo",
     }
+    assert found["mlflow artifacts"].detail.startswith(
+        "experiment 'digits-classifier' keeps its artifacts at s3://mlflow/"
+    )
     assert "Pod Security enforce: restricted" in found["namespace"].detail
     assert found["gpus"].detail.endswith("gpu-a")
     assert DIGEST in found["image"].detail

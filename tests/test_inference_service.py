@@ -29,7 +29,8 @@ from handoff.files import write_json
 from handoff.kube import inference_service as isvc
 from handoff.project import Project
 from handoff.serving import local_server
-from handoff.steps.deploy import DeployResult, deploy_to_cluster, in_cluster, registered_release
+from handoff.step_entry import in_cluster
+from handoff.steps.deploy import DeployResult, deploy_to_cluster, registered_release
 from handoff.steps.register import TRITON_TAG
 from handoff.tracking import use_tracking
 

@@ -151,7 +151,7 @@ def test_nan_loss_stops_the_pipeline_with_nothing_registered(served_project: Pat
     assert summary["registered"] is None and summary["endpoint"] is None
     with pytest.raises(MlflowException):
         registry(project).get_registered_model("digits-classifier")
-    assert not (project / ".handoff" / "server.json").exists()
+    assert not (Project.load(project).state_dir / "server.json").exists()
 
 
 def test_broken_model_py_fails_before_any_step(served_project: Path) -> None:

@@ -29,6 +29,7 @@ from typer.testing import CliRunner
 from handoff import __version__
 from handoff.cli import app
 from handoff.data_hash import data_sha256
+from handoff.doctor import check_mlflow_artifacts
 from handoff.errors import HandoffError
 from handoff.files import sha256_of
 from handoff.lineage import DATA_TAG, GIT_SHA_ENV, IMAGE_TAG
@@ -36,6 +37,7 @@ from handoff.project import Project
 from handoff.promotion_lock import ACQUIRED_TAG, HOLDER_TAG, TOKEN_TAG, lock_name, promotion_lock
 from handoff.serving import local_server
 from handoff.settings import IMAGE_ENV, TRACKING_URI_ENV
+from handoff.steps.deploy import deploy
 from handoff.steps.register import PREVIOUS_CHAMPION_TAG, PROMOTION_TAG, SHA_TAG, TRITON_TAG, register
 from handoff.steps.rollback import rollback
 from handoff.steps.train import train
@@ -206,6 +208,17 @@ def test_of_two_concurrent_registers_that_beat_the_same_champion_exactly_one_pro
     (loser_stderr,) = [err for (_, err), r in zip(outputs, results, strict=True) if r is loser]
     assert f"{MODEL} v{loser['version']} not promoted: {why}" in loser_stderr
     assert [m.name for m in client.search_registered_models()] == [MODEL]  # the lock is gone
+    # What the pipelines read: only the winner's run deploys; the loser's record says why not, and
+    # its version is refused by the deploy step even when asked for it.
+    assert (winner["promoted"], loser["promoted"]) == (True, False)
+    assert loser["promotion"] == f"not promoted: {why}; evaluate it again against the new champion"
+    with pytest.raises(HandoffError) as refused:
+        deploy(root / MODEL, MODEL, loser["version"], cluster=False, champion_only=True)
+    assert str(refused.value) == (
+        f"not deploying {MODEL} v{loser['version']}: it is not the champion (v{winner['version']} is, "
+        "promoted after this run's register); the run that promoted the champion deploys it, and what "
+        "is serving was left as it was"
+    )
 
 
 def test_a_lock_left_by_a_dead_process_is_broken_and_a_live_one_is_waited_for(
@@ -330,3 +343,30 @@ def test_rollback_returns_champion_to_the_previous_version_and_serves_it(root: P
         assert aliases(client)[CHAMPION] == "1" and local_server.current(state_dir) == serving
     finally:
         local_server.stop(state_dir)
+
+
+def test_a_registry_whose_artifacts_kserve_cannot_fetch_stops_a_cluster_run_before_training(
+    root: Path,
+    mlflow_server: tuple[str, subprocess.Popen[bytes], Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """This server keeps artifacts itself (mlflow-artifacts:/), out of reach of KServe's storage
+    initializer: the pipeline's first step refuses it, and `handoff doctor` says the same."""
+    url = ready(mlflow_server)
+    project = root / MODEL
+    edit_yaml(project / "handoff.yaml", lambda s: s["cluster"].update(mlflow_tracking_uri=url))
+    # What a compiled pipeline's pod gets: the API server's address (from the kubelet) and the
+    # tracking server.
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+    monkeypatch.setenv(TRACKING_URI_ENV, url)
+    with pytest.raises(HandoffError) as refused:
+        train(project, root / "checkpoint.pt")
+    message = str(refused.value)
+    assert message.startswith(
+        f"{project / 'handoff.yaml'}: cluster.mlflow_tracking_uri: the tracking server {url} stores "
+        f"experiment '{MODEL}''s artifacts at mlflow-artifacts:/"
+    )
+    assert "`mlflow server --default-artifact-root s3://<bucket>/ --no-serve-artifacts`" in message
+    assert not (root / "checkpoint.pt").exists() and not (root / "checkpoint.pt.state").exists()
+    finding = check_mlflow_artifacts(Project.load(project))
+    assert finding.outcome == "fail" and "mlflow-artifacts:/" in finding.detail

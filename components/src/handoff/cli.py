@@ -6,9 +6,11 @@ their result as JSON on stdout so scripts and orchestrators can read it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -31,6 +33,14 @@ ProjectOpt = Annotated[Path, typer.Option("--project", "-p", help="The project f
 
 def _print_record(result: Any) -> None:
     typer.echo(json.dumps(json.loads(record_json(result)), indent=2))
+
+
+@contextlib.contextmanager
+def _record_only_on_stdout() -> Iterator[None]:
+    """A step's stdout is its record, which Argo reads as the step's result (JSON): what the step
+    and its libraries print meanwhile (training progress, MLflow's run links) goes to stderr."""
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
 
 
 def _overrides(pairs: list[str]) -> dict[str, Any]:
@@ -152,7 +162,8 @@ def train(
     """Train model.py's model and write a checkpoint (resumes from <checkpoint>.state/)."""
     from handoff.steps.train import train as step
 
-    result = step(project, checkpoint, overrides=_overrides(set_ or []), fresh=fresh)
+    with _record_only_on_stdout():
+        result = step(project, checkpoint, overrides=_overrides(set_ or []), fresh=fresh)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one record, from rank 0
         if record:
             atomic_write_bytes(record, (record_json(result) + "\n").encode())
@@ -168,7 +179,9 @@ def export(
     """Export a checkpoint to one self-contained ONNX file, parity-checked against torch."""
     from handoff.steps.export import export as step
 
-    _print_record(step(project, checkpoint, out))
+    with _record_only_on_stdout():
+        result = step(project, checkpoint, out)
+    _print_record(result)
 
 
 @app.command()
@@ -184,7 +197,8 @@ def evaluate(
     """Evaluate the ONNX model on the held-out split, decide the gate, write the readiness report."""
     from handoff.steps.evaluate import evaluate as step
 
-    result = step(project, model_dir, report_dir=report, training_run_id=run_id)
+    with _record_only_on_stdout():
+        result = step(project, model_dir, report_dir=report, training_run_id=run_id)
     if out:
         out.write_text(record_json(result))
     _print_record(result)
@@ -205,7 +219,9 @@ def register(
     """Register the ONNX model in MLflow; alias champion only if the gate passed."""
     from handoff.steps.register import register as step
 
-    _print_record(step(project, model_dir, json.loads(evaluation.read_text()), run_id, report))
+    with _record_only_on_stdout():
+        result = step(project, model_dir, json.loads(evaluation.read_text()), run_id, report)
+    _print_record(result)
 
 
 @app.command()
@@ -220,6 +236,14 @@ def deploy(
             "serve on this machine. Default: the cluster when running in a pod, else this machine.",
         ),
     ] = None,
+    champion_only: Annotated[
+        bool,
+        typer.Option(
+            "--champion-only",
+            help="Refuse unless the version is the champion (what pipelines deploy: the version their "
+            "register promoted, unless a later run promoted another since).",
+        ),
+    ] = False,
 ) -> None:
     """Serve a registered version (locally, or on the cluster with KServe) and smoke-test it."""
 
@@ -237,7 +261,9 @@ def deploy(
                 f"({loaded.tracking_uri})"
             )
         version = found
-    _print_record(step(project, name, version, cluster=cluster))
+    with _record_only_on_stdout():
+        result = step(project, name, version, cluster=cluster, champion_only=champion_only)
+    _print_record(result)
 
 
 @app.command()
@@ -283,9 +309,9 @@ def stop(project: ProjectOpt = Path(".")) -> None:
     from handoff.project import Project
     from handoff.serving import local_server
 
-    state_dir = Project.load(project).state_dir
-    with local_server.deploy_lock(state_dir):  # never in the middle of a deploy's stop/start
-        handle = local_server.stop(state_dir)
+    loaded = Project.load(project)
+    with local_server.deploy_lock(loaded.state_dir):  # never in the middle of a deploy's stop/start
+        handle = local_server.stop(loaded.state_dir, project=loaded.root)
     typer.echo(
         f"stopped {handle.model_name} v{handle.version} at {handle.url}"
         if handle

@@ -280,6 +280,43 @@ def check_mlflow(project: Project, get: Callable[..., requests.Response] = reque
     return check_health("mlflow", f"{uri.rstrip('/')}/health", get)
 
 
+def check_mlflow_artifacts(project: Project, get: Callable[..., requests.Response] = requests.get) -> Finding:
+    """Where the tracking server keeps the experiment's artifacts: KServe must fetch models there.
+
+    Asked over MLflow's REST API with one request, as the health check (MLflow's own client would
+    retry an unreachable server for minutes).
+    """
+    from handoff.artifact_store import SERVER_FIX, kserve_readable
+
+    uri = str(project.settings.cluster.mlflow_tracking_uri).rstrip("/")
+    name = project.settings.mlflow.experiment
+    url = f"{uri}/api/2.0/mlflow/experiments/get-by-name"
+    try:
+        answer = get(url, params={"experiment_name": name}, timeout=HTTP_TIMEOUT_S)
+    except requests.RequestException as exc:
+        return Finding("mlflow artifacts", "fail", f"cannot reach {url}: {exc}")
+    if answer.status_code == 404:
+        return Finding(
+            "mlflow artifacts",
+            "skip",
+            f"experiment {name!r} does not exist on {uri} yet; the pipeline's first step checks where "
+            "the server puts its artifacts",
+        )
+    if answer.status_code >= 400:
+        return Finding(
+            "mlflow artifacts", "fail", f"{url} answered HTTP {answer.status_code}: {answer.text[:300]}"
+        )
+    location = str(answer.json()["experiment"]["artifact_location"])
+    if kserve_readable(location):
+        return Finding("mlflow artifacts", "pass", f"experiment {name!r} keeps its artifacts at {location}")
+    return Finding(
+        "mlflow artifacts",
+        "fail",
+        f"experiment {name!r} keeps its artifacts at {location}, where KServe's storage initializer "
+        f"cannot download models from: {SERVER_FIX}",
+    )
+
+
 def check_health(check: str, url: str, get: Callable[..., requests.Response]) -> Finding:
     try:
         answer = get(url, timeout=HTTP_TIMEOUT_S)
@@ -320,6 +357,9 @@ def run_doctor(
     else:
         findings.extend(check_cluster(project, api))
     findings.append(check_image(project.settings.image, get))
-    findings.append(check_mlflow(project, get))
+    mlflow = check_mlflow(project, get)
+    findings.append(mlflow)
+    if mlflow.outcome == "pass":  # the server answers: ask it where it keeps artifacts
+        findings.append(check_mlflow_artifacts(project, get))
     findings.extend(check_pipeline_servers(project, get))
     return findings

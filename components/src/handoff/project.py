@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
+import tempfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -14,7 +17,33 @@ from handoff.settings import SETTINGS_FILE, Settings, load_settings
 if TYPE_CHECKING:
     from handoff.hooks import ModelModule
 
-STATE_DIR = ".handoff"
+# Where machine-local state goes (server record, logs, downloaded models, scratch): never into the
+# project folder, which is read-only in a pod and which a copy would carry along, with the
+# original's server record in it.
+STATE_DIR_ENV = "HANDOFF_STATE_DIR"
+OWNER_FILE = "project.txt"  # names the folder a state folder belongs to, for people looking
+
+
+def state_root() -> Path:
+    """``HANDOFF_STATE_DIR``, else ``handoff`` in the user's cache folder (XDG), else in /tmp.
+
+    In the images HOME is the /tmp emptyDir, so steps in a pod keep their state there.
+    """
+    if os.environ.get(STATE_DIR_ENV):
+        return Path(os.environ[STATE_DIR_ENV])
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "handoff"
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError:  # no writable home (a bare container): /tmp is always there
+        return Path(tempfile.gettempdir()) / f"handoff-{os.getuid()}"
+    return cache if os.access(cache, os.W_OK) else Path(tempfile.gettempdir()) / f"handoff-{os.getuid()}"
+
+
+def state_dir_of(root: Path) -> Path:
+    """The state folder of the project at ``root`` (absolute): named after the folder and keyed by
+    its path, so two projects, or a project and its copy, never share a server record."""
+    key = hashlib.sha256(str(root).encode()).hexdigest()[:16]
+    return state_root() / f"{root.name}-{key}"
 
 
 @dataclass(frozen=True)
@@ -53,9 +82,13 @@ class Project:
 
     @property
     def state_dir(self) -> Path:
-        """Machine-local state (server pid, logs, scratch); never committed."""
-        path = self.root / STATE_DIR
-        path.mkdir(exist_ok=True)
+        """Machine-local state (server record, logs, downloaded models, scratch), outside the project
+        folder (``state_dir_of``); created on first use, readable by this user only."""
+        path = state_dir_of(self.root)
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        owner = path / OWNER_FILE
+        if not owner.exists():
+            owner.write_text(f"{self.root}\n")
         return path
 
     @property

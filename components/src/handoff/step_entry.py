@@ -27,6 +27,13 @@ LOCAL_RUN_ENV = "HANDOFF_LOCAL_RUN"
 TERMINATION_LOG = Path("/dev/termination-log")
 
 
+def in_cluster() -> bool:
+    """Whether this step runs in a cluster's pod (the kubelet gives every pod the API server's
+    address), not in a local run (which has no cluster): it then deploys to the cluster, and
+    checks first that the cluster can serve what it registers."""
+    return bool(os.environ.get("KUBERNETES_SERVICE_HOST")) and not os.environ.get(LOCAL_RUN_ENV)
+
+
 def record_json(result: Any) -> str:
     """A step result as JSON (what ``handoff <step>`` prints and the record artifact holds)."""
     return json.dumps(dataclasses.asdict(result), sort_keys=True, indent=2)

@@ -9,11 +9,13 @@ its inputs again, and every model, report and record can be downloaded from the 
 shared volume would tie the pods to one node (ReadWriteOnce) or need ReadWriteMany storage.
 
 Small values travel as parameters read from the steps' records with ``jsonpath``: the MLflow run
-of the training, the registered version and evaluate's gate. Argo's ``when`` takes only simple
-tags (expression tags there are unsupported and fail at random), so the gate crosses into a
-one-step template as a parameter, and its ``when`` tests that: deploy runs only if it passed.
-The exit handler prints and records (as its node's message) how the run ended; each failed step
-has already recorded its own error the same way.
+of the training, and the version register registered and whether it promoted it to champion.
+Argo's ``when`` takes only simple tags (expression tags there are unsupported and fail at random),
+so the promotion crosses into a one-step template as a parameter, and its ``when`` tests that:
+deploy runs only for the version this run promoted (a failed gate, or another run's promotion
+meanwhile, leaves it unpromoted).
+The exit handler prints how the run ended and writes it as its pod's termination message; each
+failed step records its own error there too, which Argo shows as the failed node's message.
 
 Nothing is cached (no ``memoize``): every run trains, as on KFP, whose train step takes the run's
 id. Pods run as the image's non-root user with a read-only root filesystem, scratch space in
@@ -60,7 +62,7 @@ from handoff_pipelines.graph import (
 )
 
 EXIT_HANDLER = "outcome"
-GATE_TEMPLATE = "deploy-if-gate-passed"
+GATE_TEMPLATE = "deploy-if-promoted"
 PROJECT_DIR = "project-dir"
 IN, OUT = "/tmp/inputs", "/tmp/outputs"  # under the /tmp emptyDir: the root filesystem is read-only
 
@@ -110,9 +112,10 @@ PARAMETERS: dict[str, dict[str, str]] = {
     "export": {},
     "evaluate": {"run-id": RUN_ID},
     "register": {"run-id": RUN_ID},
-    # A step's stdout is its record (JSON): register's names the version it registered.
+    # A step's stdout is its record (JSON): register's names the version it registered and
+    # whether it promoted it.
     "deploy": {
-        "gate-passed": "{{=jsonpath(tasks.evaluate.outputs.parameters.evaluation, '$.gate.passed')}}",
+        "promoted": "{{=jsonpath(tasks.register.outputs.result, '$.promoted')}}",
         "version": "{{=jsonpath(tasks.register.outputs.result, '$.version')}}",
     },
 }
@@ -145,12 +148,12 @@ def step_arguments(step: str) -> list[str]:
             REPORT.consumed,
             *run_id,
         ],
-        "deploy": [*project, "--version", "{{inputs.parameters.version}}"],
+        "deploy": [*project, "--version", "{{inputs.parameters.version}}", "--champion-only"],
     }[step]
 
 
-# The exit handler: one line saying how the run ended, in its log and as its node's message
-# (handoff.step_entry writes Kubernetes' termination message). It never fails the workflow.
+# The exit handler: one line saying how the run ended, in its log and as its pod's termination
+# message (handoff.step_entry writes it). It never fails the workflow.
 OUTCOME_PROGRAM = """\
 import sys
 from handoff.step_entry import write_termination_message
@@ -226,14 +229,12 @@ def _step_template(project: Project, step: StepPlan) -> Container:
     inputs: list[Artifact | Parameter] = [
         Artifact(name=handed.name, path=handed.consumed) for handed, _ in CONSUMES[step.name]
     ]
-    inputs += [Parameter(name=name) for name in PARAMETERS[step.name] if name != "gate-passed"]
+    inputs += [Parameter(name=name) for name in PARAMETERS[step.name] if name != "promoted"]
     outputs: list[Artifact | Parameter] = [
         Artifact(name=handed.name, path=handed.produced) for handed in PRODUCES[step.name]
     ]
     if step.name == "train":
         outputs.append(Parameter(name="record", value_from=m.ValueFrom(path=TRAIN_RECORD)))
-    if step.name == "evaluate":  # the gate, read by the deploy task's arguments
-        outputs.append(Parameter(name="evaluation", value_from=m.ValueFrom(path=EVALUATION.produced)))
     return Container(
         name=step.name,
         image=project.settings.image,
@@ -304,11 +305,11 @@ def workflow_template(project: Project) -> WorkflowTemplate:
                     dependencies=list(step.after) or None,
                     arguments=_task_arguments(step.name) or None,
                 )
-        with Steps(name=GATE_TEMPLATE, inputs=[Parameter(name="gate-passed"), Parameter(name="version")]):
+        with Steps(name=GATE_TEMPLATE, inputs=[Parameter(name="promoted"), Parameter(name="version")]):
             Step(
                 name="deploy",
                 template="deploy",
-                when="{{inputs.parameters.gate-passed}} == true",
+                when="{{inputs.parameters.promoted}} == true",
                 arguments=[Parameter(name="version", value="{{inputs.parameters.version}}")],
             )
         for step in plan:

@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 from kfp import compiler
 
+from handoff.artifact_store import check_cluster_tracking
 from handoff.labels import labels
 from handoff.project import Project
 from handoff.settings import PROJECT_DIR_IN_IMAGE
@@ -110,6 +111,7 @@ def compile_project(
     if image is not None:
         project = dataclasses.replace(project, settings=project.settings.model_copy(update={"image": image}))
     chosen = targets or targets_for(project.settings.orchestrator)
+    check_cluster_tracking(project)  # every target runs its steps in pods
     if "argo" in chosen:
         from handoff_pipelines.argo import check_argo_target
 

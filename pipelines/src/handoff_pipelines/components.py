@@ -83,12 +83,13 @@ def register(
     report: Input[Artifact],
     training: Input[Artifact],
     record: Output[Artifact],
-):
-    """Register in MLflow: challenger always, champion if the gate passed (handoff.steps.register)."""
+) -> bool:
+    """Register in MLflow: challenger always, champion if the gate passed and nothing promoted
+    another meanwhile (handoff.steps.register); returns whether it was promoted (deploy's condition)."""
     from handoff.step_entry import read_record, run_step
     from handoff.steps.register import register as step
 
-    run_step(
+    result = run_step(
         "register",
         step,
         record.path,
@@ -98,10 +99,12 @@ def register(
         mlflow_run_id=read_record(training.path)["mlflow_run_id"],
         report_dir=report.path,
     )
+    return result.promoted
 
 
 def deploy(project_dir: str, registration: Input[Artifact], record: Output[Artifact]):
-    """Serve the registered version and smoke-test it (handoff.steps.deploy)."""
+    """Serve the version register promoted and smoke-test it, unless a later run promoted another
+    meanwhile (handoff.steps.deploy)."""
     from handoff.step_entry import read_record, run_step
     from handoff.steps.deploy import deploy as step
 
@@ -113,4 +116,5 @@ def deploy(project_dir: str, registration: Input[Artifact], record: Output[Artif
         project_dir=project_dir,
         model_name=registered["model_name"],
         version=registered["version"],
+        champion_only=True,
     )

@@ -1,4 +1,4 @@
-"""The one pipeline graph: train → export → evaluate → register → deploy (if the gate passed).
+"""The one pipeline graph: train → export → evaluate → register → deploy (if register promoted).
 
 ``cluster_plan`` is the graph as every engine runs it on a cluster: which step waits for which,
 what each one asks for, which are retried and which must never come from a cache. The KFP
@@ -49,7 +49,7 @@ class StepPlan:
     memory: str
     retry_window_s: int  # 0: not safe to retry; else cluster.retries, within this many seconds
     side_effects: bool  # writes outside the pipeline (registry, serving): never served from a cache
-    gated: bool = False  # runs only when evaluate's gate passed
+    gated: bool = False  # runs only when register promoted the run's version to champion
     gpus: int = 0
     node_selector: tuple[tuple[str, str], ...] = ()
     tolerations: tuple[Toleration, ...] = ()
@@ -85,7 +85,7 @@ def cluster_plan(training: TrainingSettings) -> tuple[StepPlan, ...]:
         StepPlan("export", ("train",), "1", "4Gi", RETRY_WINDOW_S, side_effects=False),
         StepPlan("evaluate", ("train", "export"), "2", "4Gi", RETRY_WINDOW_S, side_effects=False),
         StepPlan("register", ("train", "export", "evaluate"), "1", "2Gi", RETRY_WINDOW_S, side_effects=True),
-        StepPlan("deploy", ("evaluate", "register"), "1", "2Gi", 0, side_effects=True, gated=True),
+        StepPlan("deploy", ("register",), "1", "2Gi", 0, side_effects=True, gated=True),
     )
 
 
@@ -209,7 +209,9 @@ def build_pipeline(
             ),
             "register",
         )
-        with dsl.If(evaluated.outputs["Output"] == True, name="gate-passed"):  # noqa: E712
+        # Register promotes only when the gate passed and no other run promoted meanwhile: what it
+        # promoted is what is deployed.
+        with dsl.If(registered.outputs["Output"] == True, name="promoted"):  # noqa: E712
             on_pods(deploy(project_dir=project_dir, registration=registered.outputs["record"]), "deploy")
 
     return handoff

@@ -115,8 +115,10 @@ def run_local(project_dir: Path | str, *, fork_server: bool = True) -> dict[str,
         shutil.rmtree(scratch, ignore_errors=True)
     failure = read_json(error_file) if error_file.is_file() else None
     records = task_records(pipeline_root)
-    gate_passed = records.get("evaluate", {}).get("gate", {}).get("passed", True)
-    expected = STEPS if gate_passed else STEPS[:-1]
+    # Deploy runs only for a version register promoted (a failed gate, or another run promoting
+    # meanwhile, leaves it out).
+    promoted = records.get("register", {}).get("promoted", True)
+    expected = STEPS if promoted else STEPS[:-1]
     missing = [step for step in expected if step not in records]
     if failure is None and missing:
         failure = {

@@ -24,6 +24,8 @@ def build_summary(
         status = "failed"
     elif gate is not None and not gate["passed"]:
         status = "gate_failed"
+    elif registered is not None and not registered.get("promoted", True):
+        status = "not_promoted"  # the gate passed, but another run promoted its model meanwhile
     else:
         status = "succeeded"
     slo = project.contract.slo
@@ -48,6 +50,7 @@ def build_summary(
                 "version": registered["version"],
                 "aliases": registered["aliases"],
                 "uri": registered["model_uri"],
+                "promotion": registered.get("promotion", ""),
             }
             if registered
             else None
@@ -117,6 +120,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"smoke test {'passed' if smoke['passed'] else 'FAILED'}: {smoke['detail']}")
     elif summary["status"] == "gate_failed":
         lines.append("deploy     skipped: the gate failed, so the model was not promoted or served")
+    elif summary["status"] == "not_promoted":
+        reg = summary["registered"]
+        lines.append(f"deploy     skipped: version {reg['version']} was {reg['promotion']}")
     steps = "".join(f"{k} {v:.1f}s, " for k, v in summary["step_seconds"].items())
     lines.append(f"time       {steps}total {summary['total_seconds']:.1f}s")
     lines.append(f"summary    {summary['run_dir']}/summary.json")

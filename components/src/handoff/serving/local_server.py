@@ -1,10 +1,11 @@
 """Start, find and stop the project's local model server (a detached child process).
 
 The server outlives the step that started it (``make run`` leaves it serving), so what identifies
-it (pid, process start time, spec file) lives in ``<project>/.handoff/server.json``; ``handoff
-stop`` and the next deploy use it. The listening socket is bound here and handed to the child, so
-a busy port is reported before anything is stopped, and no other program can take the port in
-between.
+it (pid, process start time, spec file, and the project folder it serves) lives in the project's
+state folder (``Project.state_dir``, outside the project), as ``server.json``; ``handoff stop``
+and the next deploy use it, and neither acts on a server recorded for another folder. The
+listening socket is bound here and handed to the child, so a busy port is reported before anything
+is stopped, and no other program can take the port in between.
 
 Changing versions (blue/green) refuses no connection: the new server is handed the very
 listening socket the old one accepts on (``listener_of``: the old server gives it over a Unix
@@ -55,6 +56,7 @@ class ServerHandle:
     version: str
     log: str
     handover: str = ""  # the Unix socket where the server gives its listening socket to the next
+    project: str = ""  # the project folder it serves (absolute): only that project's deploy retires it
 
 
 @contextlib.contextmanager
@@ -177,12 +179,18 @@ def _tail(path: Path, lines: int = 15) -> str:
         return "(no log)"
 
 
-def current(state_dir: Path) -> ServerHandle | None:
-    """The running server recorded in ``state_dir``, or None (also for a stale or corrupt record)."""
+def current(state_dir: Path, project: Path | None = None) -> ServerHandle | None:
+    """The running server recorded in ``state_dir``, or None (also for a stale or corrupt record).
+
+    With ``project``, a server recorded for another folder is not this project's (a state folder
+    copied or shared by hand): None, so nothing here ever retires or stops it.
+    """
     path = state_dir / STATE_FILE
     try:
         handle = ServerHandle(**json.loads(path.read_text()))
     except (OSError, ValueError, TypeError):
+        return None
+    if project is not None and handle.project != str(project):
         return None
     return handle if _alive(handle) else None
 
@@ -207,12 +215,14 @@ def record(state_dir: Path, handle: ServerHandle) -> None:
     write_json(state_dir / STATE_FILE, asdict(handle))
 
 
-def stop(state_dir: Path, timeout_s: float = 15.0) -> ServerHandle | None:
-    """Stop the project's recorded server, if one is running."""
-    handle = current(state_dir)
+def stop(state_dir: Path, timeout_s: float = 15.0, project: Path | None = None) -> ServerHandle | None:
+    """Stop the project's recorded server, if one is running (and, with ``project``, serves it)."""
+    handle = current(state_dir, project)
     if handle is not None:
         terminate(handle, timeout_s)
-    (state_dir / STATE_FILE).unlink(missing_ok=True)
+        (state_dir / STATE_FILE).unlink(missing_ok=True)
+    elif current(state_dir) is None:  # stale: nothing is running under it
+        (state_dir / STATE_FILE).unlink(missing_ok=True)
     return handle
 
 
@@ -226,6 +236,7 @@ def start(
     ready_timeout_s: float,
     takeover: socket.socket | None = None,
     handover: Path | None = None,
+    project: Path | None = None,
 ) -> ServerHandle:
     """Start ``python -m handoff.serving spec_file`` on ``sock``, detached, and wait until ready.
 
@@ -264,6 +275,7 @@ def start(
         version=version,
         log=str(log),
         handover=str(handover or ""),
+        project=str(project or ""),
     )
     deadline = time.monotonic() + ready_timeout_s
     while time.monotonic() < deadline:

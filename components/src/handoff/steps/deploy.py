@@ -15,7 +15,6 @@ it was registered with, then promoted or rolled back (``handoff.kube.inference_s
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import socket
 import tempfile
@@ -37,9 +36,9 @@ from handoff.project import Project
 from handoff.serving import local_server
 from handoff.serving.local_server import ServerHandle
 from handoff.serving.smoke import latency_check, smoke_test
-from handoff.step_entry import LOCAL_RUN_ENV
+from handoff.step_entry import in_cluster
 from handoff.steps.register import SHA_TAG, TRITON_TAG
-from handoff.tracking import use_tracking
+from handoff.tracking import CHAMPION, alias_version, use_tracking
 
 if TYPE_CHECKING:
     from kubernetes.client import ApiClient
@@ -61,11 +60,6 @@ class DeployResult:
     seconds: float
     target: str = "local"  # local: this machine's model server (pid); cluster: an InferenceService
     served_p99_ms: float = 0.0  # local: p99 of the latency check before the version took over
-
-
-def in_cluster() -> bool:
-    """A step in a pod deploys to its cluster, except in a local run (which has no cluster)."""
-    return bool(os.environ.get("KUBERNETES_SERVICE_HOST")) and not os.environ.get(LOCAL_RUN_ENV)
 
 
 def fetch_model(project: Project, name: str, version: str) -> Path:
@@ -138,10 +132,30 @@ def _project_socket(project: Project, previous: ServerHandle | None) -> socket.s
     return local_server.bind(serving.host, serving.port, listen=False)
 
 
+def require_champion(project: Project, name: str, version: str) -> None:
+    """Refuse to serve a version that is not the champion: a pipeline deploys what its register
+    promoted, and a later run may have promoted another since (that run deploys its own)."""
+    champion = alias_version(use_tracking(project), name, CHAMPION)
+    if champion != version:
+        now = f"v{champion} is" if champion else "no version is"
+        raise HandoffError(
+            f"not deploying {name} v{version}: it is not the champion ({now}, promoted after this run's "
+            "register); the run that promoted the champion deploys it, and what is serving was left as it was"
+        )
+
+
 def deploy(
-    project_dir: Path | str, model_name: str, version: str, *, cluster: bool | None = None
+    project_dir: Path | str,
+    model_name: str,
+    version: str,
+    *,
+    cluster: bool | None = None,
+    champion_only: bool = False,
 ) -> DeployResult:
     """Serve ``model_name`` version ``version`` and smoke-test it.
+
+    ``champion_only`` (what the pipelines pass) refuses a version the ``champion`` alias no longer
+    points at (``require_champion``), before anything changes.
 
     ``cluster`` None decides by where the step runs (``in_cluster``). Locally this is blue/green:
     the new version's server starts beside the running one on a private port, where it must pass
@@ -153,14 +167,16 @@ def deploy(
     if cluster is None:
         cluster = in_cluster()
     if cluster:
-        return deploy_to_cluster(project_dir, model_name, version)
+        return deploy_to_cluster(project_dir, model_name, version, champion_only=champion_only)
     started = time.perf_counter()
     project = Project.load(project_dir)
     with local_server.deploy_lock(project.state_dir):
+        if champion_only:
+            require_champion(project, model_name, version)
         model_dir = fetch_model(project, model_name, version)
         contract = load_contract(model_dir / EXTRA_DIR)  # the contract this version was registered with
         example = read_json(model_dir / EXTRA_DIR / EXAMPLE_FILE)
-        previous = local_server.current(project.state_dir)
+        previous = local_server.current(project.state_dir, project.root)
         with contextlib.ExitStack() as sockets:  # closed here unless the new server took them
             port = sockets.enter_context(_project_socket(project, previous))  # busy: fails before any change
             private = sockets.enter_context(local_server.bind(project.settings.serving.host, 0))
@@ -177,6 +193,7 @@ def deploy(
                     ready_timeout_s=project.settings.serving.ready_timeout_s,
                     takeover=port,
                     handover=handover,
+                    project=project.root,
                 )
             except HandoffError as exc:
                 raise HandoffError(f"{exc}; {_still_serving(previous)}") from None
@@ -268,6 +285,7 @@ def deploy_to_cluster(
     version: str,
     *,
     api: ApiClient | None = None,
+    champion_only: bool = False,
     poll_s: float = 5.0,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
@@ -278,6 +296,8 @@ def deploy_to_cluster(
 
     started = time.perf_counter()
     project = Project.load(project_dir)
+    if champion_only:
+        require_champion(project, model_name, version)
     release, contract, example = registered_release(project, model_name, version)
     if release.triton_uri.startswith("file://"):
         isvc.log(

@@ -65,6 +65,10 @@ class RegisterResult:
     model_uri: str
     onnx_sha256: str
     seconds: float
+    # Whether the version is champion after this step, and why (or why not): a pipeline deploys
+    # only a promoted version, and its summary says why another was not.
+    promoted: bool = False
+    promotion: str = ""
 
 
 def signature_of(contract: Contract) -> ModelSignature:
@@ -180,6 +184,7 @@ def register(
     verify_artifact(name, version, sha)
     aliases = [CHALLENGER]
     client.set_registered_model_alias(name, CHALLENGER, version)
+    promotion = "not promoted: the gate failed"
     if checked["passed"]:
         # Compare-and-set: nothing moves champion between this read and this write.
         with promotion_lock(client, name, f"register of {name} v{version}"):
@@ -192,11 +197,14 @@ def register(
                 client.set_registered_model_alias(name, CHAMPION, version)
                 aliases.append(CHAMPION)
         if moved:
-            client.set_model_version_tag(name, version, PROMOTION_TAG, f"not promoted: {moved}")
-            print(f"handoff: register: {name} v{version} not promoted: {moved}", file=sys.stderr, flush=True)
+            promotion = f"not promoted: {moved}"
+            client.set_model_version_tag(name, version, PROMOTION_TAG, promotion)
+            print(f"handoff: register: {name} v{version} {promotion}", file=sys.stderr, flush=True)
         elif current != version:
-            replaced = f"replaced v{current}" if current else "the first champion"
-            client.set_model_version_tag(name, version, PROMOTION_TAG, f"promoted: {replaced}")
+            promotion = f"promoted: {f'replaced v{current}' if current else 'the first champion'}"
+            client.set_model_version_tag(name, version, PROMOTION_TAG, promotion)
+        else:
+            promotion = "already the champion"
     return RegisterResult(
         model_name=name,
         version=version,
@@ -204,6 +212,8 @@ def register(
         model_uri=f"models:/{name}/{version}",
         onnx_sha256=sha,
         seconds=round(time.perf_counter() - started, 3),
+        promoted=CHAMPION in aliases,
+        promotion=promotion,
     )
 
 

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from handoff import __version__, distributed
+from handoff.artifact_store import check_before_training
 from handoff.checkpoints import latest_state, save_checkpoint, save_state
 from handoff.data_hash import data_sha256
 from handoff.data_order import EpochBatches
@@ -155,6 +156,7 @@ def _train(
 ) -> TrainResult:
     started = time.perf_counter()
     project = Project.load(project_dir)
+    check_before_training(project)  # a cluster run whose registry KServe cannot read stops here
     hooks = project.hooks
     cfg = project.config(overrides)
     seed, batch_size, epochs = (
