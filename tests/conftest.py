@@ -47,6 +47,14 @@ def _cookiecutter_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Non
         os.environ["COOKIECUTTER_CONFIG"] = old
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Projects' machine-local state (server records, logs) in this session's folder, not ~/.cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HANDOFF_STATE_DIR", str(tmp_path_factory.mktemp("handoff-state")))
+        yield
+
+
 def generate(output_dir: Path, **answers: str) -> Path:
     return Path(cookiecutter(str(TEMPLATE), no_input=True, extra_context=answers, output_dir=str(output_dir)))
 
