@@ -90,7 +90,8 @@ class Cluster:
         return f"{built.ref.rsplit(':', 1)[0]}@{self.podman.image_digest(built.ref)}"
 
     def registry(self) -> MlflowClient:
-        return MlflowClient(tracking_uri=self.tracking.url)
+        # Both URIs: another test in this process may have left MLflow's registry URI set.
+        return MlflowClient(tracking_uri=self.tracking.url, registry_uri=self.tracking.url)
 
     def champion(self) -> str:
         return self.registry().get_model_version_by_alias(MODEL, "champion").version
