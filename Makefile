@@ -5,7 +5,7 @@ BIN := $(abspath $(VENV))/bin
 DEMO := demo/digits-classifier
 
 .DEFAULT_GOAL := help
-.PHONY: help venv tools checkov demo rehearse test test-fast lint format bench release image clean
+.PHONY: help venv tools checkov demo rehearse test test-fast test-zoo lint format bench release image clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -51,10 +51,13 @@ rehearse: venv ## Rehearse the cluster run: both engines' pods in real container
 JOBS ?= 2
 
 test: lint tools checkov ## Lint, then the whole test suite (what CI runs; JOBS=1 runs it in one process)
-	$(BIN)/python -m pytest -n $(JOBS) --dist loadfile
+	$(BIN)/python -m pytest -n $(JOBS) --dist loadfile --durations=25
 
 test-fast: venv ## Unit tests only (seconds)
 	$(BIN)/python -m pytest -m unit
+
+test-zoo: venv ## The model zoo: each architecture in tests/zoo/ from check to a served V2 answer
+	$(BIN)/python -m pytest -m zoo tests/test_zoo.py
 
 lint: venv ## ruff (lint + format check) everywhere, mypy on the two packages
 	$(BIN)/ruff check components pipelines tests bench scripts

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
 import shutil
 import subprocess
@@ -14,7 +16,7 @@ import yaml
 
 from handoff import __version__
 
-from .conftest import TEMPLATE, project_tests
+from .conftest import TEMPLATE, generate
 
 pytestmark = pytest.mark.bake
 
@@ -31,6 +33,7 @@ EXPECTED_FILES = {
     "model.py",
     "model_card.md",
     "pyproject.toml",
+    "requirements-model.txt",
     "tests/test_model.py",
 }
 # GitHub Actions expressions are meant to reach the generated project unrendered.
@@ -38,7 +41,12 @@ JINJA_ALLOWED = {".github/workflows/ci.yml": re.compile(r"\$\{\{ [^{}\n]+ \}\}")
 
 
 def files_of(project: Path) -> set[str]:
-    return {str(p.relative_to(project)) for p in project.rglob("*") if p.is_file()}
+    """The project's files, less the repository the post-generation hook made (.git/)."""
+    return {
+        str(p.relative_to(project))
+        for p in project.rglob("*")
+        if p.is_file() and p.relative_to(project).parts[0] != ".git"
+    }
 
 
 def test_default_bake_has_exactly_the_expected_files(cookies) -> None:
@@ -59,7 +67,10 @@ def test_default_bake_has_exactly_the_expected_files(cookies) -> None:
             "container_registry": "registry.example.com/team-a",
             "author": 'Ada: "research" lead',
         },
+        {"starter": "text-classification"},
+        {"starter": "tabular-regression"},
     ],
+    ids=["default", "answers", "text-classification", "tabular-regression"],
 )
 def test_no_unrendered_jinja(cookies, answers: dict[str, str]) -> None:
     result = cookies.bake(extra_context=answers)
@@ -180,7 +191,8 @@ def test_invalid_answer_fails_with_one_line_and_no_output(
 def test_interactive_prompts_accept_defaults(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "cookiecutter", str(TEMPLATE), "--output-dir", str(tmp_path)],
-        input="Fraud Scorer\n" + "\n" * 12,
+        # The starter first (its default), then the project name; the rest take their defaults.
+        input="\nFraud Scorer\n" + "\n" * 12,
         capture_output=True,
         text=True,
         timeout=60,
@@ -190,15 +202,14 @@ def test_interactive_prompts_accept_defaults(tmp_path: Path) -> None:
     assert (tmp_path / "fraud-scorer" / "model.py").is_file()
 
 
-def test_generated_project_is_lint_clean_and_its_tests_pass(default_project: Path, tmp_path: Path) -> None:
-    project = Path(shutil.copytree(default_project, tmp_path / "p"))
+@pytest.mark.parametrize("starter", ["image-classification", "text-classification", "tabular-regression"])
+def test_generated_project_is_lint_clean(tmp_path: Path, starter: str) -> None:
+    """With the project's own ruff settings (its tests and `handoff check` run in test_starters.py)."""
+    project = generate(tmp_path, starter=starter)
     ruff = str(Path(sys.executable).parent / "ruff")
     for command in ([ruff, "check", "."], [ruff, "format", "--check", "."]):
         linted = subprocess.run(command, cwd=project, capture_output=True, text=True)
         assert linted.returncode == 0, linted.stdout
-    result = project_tests(project)
-    assert result.returncode == 0, result.stdout[-3000:]
-    assert "4 passed" in result.stdout
 
 
 @pytest.mark.parametrize(
@@ -246,3 +257,125 @@ def test_platform_pins_name_the_template_repository_at_the_release_tag(
             f"ml-handoff @ git+{address}@{tag}#subdirectory=components",
             f"ml-handoff-pipelines @ git+{address}@{tag}#subdirectory=pipelines",
         ]
+
+
+# --- the first commit ---------------------------------------------------------------------------
+
+
+def cookiecutter_cli(
+    output_dir: Path, env: dict[str, str], *answers: str
+) -> subprocess.CompletedProcess[str]:
+    command = [
+        sys.executable,
+        "-m",
+        "cookiecutter",
+        str(TEMPLATE),
+        "--no-input",
+        "--output-dir",
+        str(output_dir),
+    ]
+    return subprocess.run([*command, *answers], capture_output=True, text=True, env=env, timeout=120)
+
+
+def no_git_identity(home: Path) -> dict[str, str]:
+    """A shell whose git knows no user.name or user.email (fresh HOME, no system or global config)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GIT_", "COOKIECUTTER_"))}
+    return {**env, "HOME": str(home), "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull}
+
+
+def git_out(project: Path, *args: str) -> str:
+    done = subprocess.run(["git", *args], cwd=project, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_generation_commits_the_project_even_where_git_has_no_identity(tmp_path: Path) -> None:
+    made = cookiecutter_cli(tmp_path / "out", no_git_identity(tmp_path), "author=Ada Lovelace")
+    assert made.returncode == 0, made.stderr
+    project = tmp_path / "out" / "digits-classifier"
+    assert git_out(project, "rev-list", "--count", "HEAD") == "1"
+    assert git_out(project, "status", "--porcelain") == ""  # everything generated is committed
+    assert (
+        git_out(project, "log", "-1", "--format=%an <%ae>") == "Ada Lovelace <ada-lovelace@example.invalid>"
+    )
+    assert "git has no user.name or user.email here: committed as" in made.stderr
+    assert "git commit --amend --reset-author" in made.stderr
+
+
+def test_generation_commits_as_the_configured_git_user(tmp_path: Path) -> None:
+    env = no_git_identity(tmp_path)
+    (tmp_path / ".gitconfig").write_text("[user]\n\tname = Grace Hopper\n\temail = grace@example.com\n")
+    env.pop("GIT_CONFIG_GLOBAL")
+    made = cookiecutter_cli(tmp_path / "out", env)
+    assert made.returncode == 0, made.stderr
+    project = tmp_path / "out" / "digits-classifier"
+    assert git_out(project, "log", "-1", "--format=%an <%ae>") == "Grace Hopper <grace@example.com>"
+    assert git_out(project, "branch", "--show-current") == "main"
+
+
+def test_generation_without_git_still_succeeds_and_says_so(tmp_path: Path) -> None:
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    made = cookiecutter_cli(tmp_path / "out", {**no_git_identity(tmp_path), "PATH": str(empty)})
+    assert made.returncode == 0, made.stderr
+    assert not (tmp_path / "out" / "digits-classifier" / ".git").exists()
+    assert "git is not installed" in made.stderr and "git init" in made.stderr
+
+
+def test_generation_inside_a_repository_leaves_it_to_that_repository(tmp_path: Path) -> None:
+    git_out(tmp_path, "init", "-q")
+    made = cookiecutter_cli(tmp_path / "models", no_git_identity(tmp_path))
+    assert made.returncode == 0, made.stderr
+    assert not (tmp_path / "models" / "digits-classifier" / ".git").exists()
+    assert "inside the git repository" in made.stderr
+
+
+# --- the project image's build context ----------------------------------------------------------
+
+
+@pytest.mark.skipif(shutil.which("podman") is None, reason="needs podman (the cluster rehearsal's builder)")
+def test_project_image_holds_every_project_file_and_none_of_the_local_state(tmp_path: Path) -> None:
+    """A helper module beside model.py (or a package, a vocabulary file) reaches /app; local state
+    does not. Built by podman from the Dockerfile's own COPY lines and .dockerignore, on `scratch`
+    (the platform image and the RUN step are tests/test_images.py's)."""
+    project = generate(tmp_path)
+    (project / "helpers.py").write_text("WIDTH = 16\n")
+    (project / "vocab").mkdir()
+    (project / "vocab" / "words.txt").write_text("good\nbad\n")
+    for state in ("mlflow.db", "runs/1/summary.json", ".venv/bin/python", "checkpoint.pt", "onnx/model.onnx"):
+        (project / state).parent.mkdir(parents=True, exist_ok=True)
+        (project / state).write_text("local state\n")
+    dockerfile = (project / "Dockerfile").read_text()
+    copies = [line for line in dockerfile.splitlines() if line.startswith("COPY ")]
+    assert copies, dockerfile
+    (tmp_path / "Containerfile").write_text("FROM scratch\n" + "\n".join(copies) + "\n")
+    tag = f"localhost/bake-context-{hashlib.sha256(str(tmp_path).encode()).hexdigest()[:12]}"
+
+    def podman(*args: str) -> str:
+        done = subprocess.run(["podman", *args], capture_output=True, timeout=300)
+        assert done.returncode == 0, done.stderr.decode()
+        return done.stdout.decode().strip()
+
+    podman("build", "-q", "-f", str(tmp_path / "Containerfile"), "-t", tag, str(project))
+    container = podman("create", tag, "none")
+    try:
+        listed = subprocess.run(
+            f"podman export {container} | tar -t", shell=True, capture_output=True, text=True, check=True
+        )
+    finally:
+        podman("rm", container)
+        podman("rmi", tag)
+    files = {name.removeprefix("app/") for name in listed.stdout.split() if not name.endswith("/")}
+    assert {
+        "model.py",
+        "helpers.py",
+        "vocab/words.txt",
+        "contract.yaml",
+        "model_card.md",
+        "handoff.yaml",
+        "pyproject.toml",
+        "requirements-model.txt",
+    } <= files
+    assert not {
+        f for f in files if f.split("/")[0] in ("mlflow.db", "runs", ".venv", ".git", "checkpoint.pt", "onnx")
+    }

@@ -23,6 +23,7 @@ def test_default_project_passes_every_check(project: Path) -> None:
         "datasets",
         "forward pass",
         "metrics",
+        "evaluation suite",
         "two-step overfit",
         "ONNX export round trip",
     ]
@@ -32,7 +33,7 @@ def test_cli_check_reports_each_check(project: Path) -> None:
     result = handoff("check", cwd=project)
     assert result.returncode == 0, result.stderr
     assert "ok  forward pass: logits [4, 10] float32" in result.stdout
-    assert "model.py satisfies the contract (7 checks" in result.stdout
+    assert "model.py satisfies the contract (8 checks" in result.stdout
 
 
 def test_syntax_error_names_file_and_line(project: Path) -> None:
@@ -113,8 +114,9 @@ def test_unknown_config_override_fails_before_training(project: Path) -> None:
         (
             "        nn.Linear(64, 10),\n    )",
             "        nn.Linear(64, 10),\n        Dictify(),\n    )\n\n\nclass Dictify(nn.Module):\n"
-            "    def forward(self, x):\n        return {'logits': x}",
-            r"model.py: expected a tensor or a tuple of tensors, got dict",
+            "    def forward(self, x):\n        return {'scores': x}",
+            r"model.py: build_model: the model returned a dict without contract output\(s\) \['logits'\]; "
+            r"its keys are \['scores'\]",
         ),
     ],
     ids=[
@@ -123,7 +125,7 @@ def test_unknown_config_override_fails_before_training(project: Path) -> None:
         "config-not-json",
         "config-no-default",
         "exit-at-import",
-        "dict-output",
+        "dict-output-without-the-contract-name",
     ],
 )
 def test_researcher_mistakes_are_named_not_tracebacks(
@@ -145,6 +147,13 @@ def test_gated_metric_that_model_py_never_produces(project: Path) -> None:
     with pytest.raises(HandoffError) as raised:
         check(project)
     assert str(raised.value).endswith(
-        "contract.yaml: slo.min_metrics: the gate needs ['f1'], which model.py metrics() does not "
-        "produce (it produces ['accuracy', 'val_loss'])"
+        "contract.yaml: slo.min_metrics.f1: no metric is called 'f1'; the gate can read the "
+        "evaluation suite's classification metrics (accuracy, macro_f1, ece), val_loss and what "
+        "model.py metrics() returns (accuracy): gate on one of these, or return 'f1' from "
+        "metrics() in model.py"
     )
+
+
+def test_the_evaluation_suite_stage_says_what_it_scores(project: Path) -> None:
+    detail = dict(check(project).passed)["evaluation suite"]
+    assert detail.startswith("classification: output 'logits' against the target (accuracy ")

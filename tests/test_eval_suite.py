@@ -14,7 +14,7 @@ import pytest
 from matplotlib.image import imread
 
 from handoff.errors import HandoffError
-from handoff.eval_suite import SuiteResult, evaluate_outputs
+from handoff.eval_suite import SUITE_METRICS, TASKS, SuiteResult, evaluate_outputs
 from handoff.plots import confusion_png, curves_png, latency_histogram_png
 
 pytestmark = pytest.mark.unit
@@ -125,6 +125,22 @@ def test_result_is_json_able_and_deterministic() -> None:
     assert len(first.confusion) == 10 and sum(map(sum, first.confusion)) == 200
     json.dumps([first.metrics, first.per_class, first.confusion, first.slices])
     assert all(v == round(v, 6) for v in first.metrics.values())
+
+
+@pytest.mark.parametrize(
+    ("task", "predictions", "targets"),
+    [
+        ("classification", np.eye(3)[[0, 1, 2, 1]], np.array([0, 1, 2, 2])),
+        ("regression", np.array([1.0, 2.0, 3.5]), np.array([1.0, 2.5, 3.0])),
+    ],
+)
+def test_the_headline_metrics_are_the_names_check_lets_a_gate_use(
+    task: str, predictions: np.ndarray, targets: np.ndarray
+) -> None:
+    """`handoff check` accepts SUITE_METRICS in slo.min_metrics/max_metrics: they must be what the
+    suite reports, or check would pass a gate that evaluation then finds no value for."""
+    assert set(SUITE_METRICS) == set(TASKS)
+    assert tuple(evaluate_outputs(task, predictions, targets).metrics) == SUITE_METRICS[task]
 
 
 # --- regression -------------------------------------------------------------------------------

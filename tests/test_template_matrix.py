@@ -13,9 +13,10 @@ pytest, `handoff compile`. The costs (two CPU cores) set the pruning:
 * bake, ruff, compile and the file checks: about 2 s a project, so every project gets them;
 * `handoff check`: about 8 s (half of it imports), and it is where a bad answer shows first, so
   every project gets it;
-* the project's pytest: about 15 s, and it re-runs `handoff check` in process, then trains and
-  evaluates model.py, which no answer changes beyond the project name in its docstring; it runs
-  once, on the project whose model.py carries a non-ASCII name.
+* the project's pytest: about 15 s, and it re-runs `handoff check` in process, then exports and
+  scores model.py, which no answer changes beyond the project name in its docstring; it runs
+  once, on the project whose model.py carries a non-ASCII name. (Each starter's own tests and
+  check run in test_starters.py.)
 
 The file costs about a minute on two cores (about 70 s once every project passes).
 
@@ -25,7 +26,6 @@ shows the namespace and a job name cut to fit the Kubernetes limit from a 63-cha
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import tomllib
@@ -36,6 +36,8 @@ from typing import Any
 import pytest
 import yaml
 from packaging.utils import InvalidName, canonicalize_name
+
+from handoff.project import Project
 
 from .conftest import BIN, TEMPLATE, edit_yaml, generate, handoff, project_tests
 
@@ -169,7 +171,7 @@ def assert_compiled(project: Path, case: Case) -> None:
     """What `handoff compile` wrote for the project's orchestrator names its image and contract."""
     compiled = project / "compiled"
     image = yaml.safe_load((project / "handoff.yaml").read_text())["image"]
-    contract_sha256 = hashlib.sha256((project / "contract.yaml").read_bytes()).hexdigest()
+    contract_sha256 = Project.load(project).contract.sha256  # of its content: comments do not count
     orchestrator = case.answers.get("orchestrator", "kfp")
     kfp_file, argo_file = compiled / "pipeline.kfp.yaml", compiled / "workflow-template.argo.yaml"
     assert kfp_file.exists() is (orchestrator in ("kfp", "both"))

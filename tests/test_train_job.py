@@ -397,7 +397,7 @@ def test_compile_emits_the_train_job_and_mounts_its_volume_in_the_train_step(pro
     assert train_config["pvcMount"][0]["mountPath"] == str(WORKSPACE) == WORKSPACE_MOUNT
     assert "shared-workspace" in json.dumps(train_config["pvcMount"][0])
     pipeline_text = (project / "compiled/pipeline.kfp.yaml").read_text()
-    assert f"contract.yaml sha256 {Project.load(project).contract.sha256}" in pipeline_text
+    assert f"Contract sha256 {Project.load(project).contract.sha256}" in pipeline_text
     assert handoff("compile", cwd=project).returncode == 0  # deterministic: same bytes again
     assert (project / "compiled/pipeline.kfp.yaml").read_text() == pipeline_text
     assert (project / "compiled/train-job.yaml").read_text() == job_text

@@ -219,6 +219,7 @@ def test_config_follows_the_contract_for_other_dtypes_shapes_and_latency_budgets
                 ),
             ],
             "slo": contract.slo.model_copy(update={"latency_p99_ms": 4.0}),
+            "task": {"type": "regression", "output": "score"},  # two outputs: the suite scores one
         }
     )
     config = parse_config(config_pbtxt(Contract.model_validate(changed.model_dump())))

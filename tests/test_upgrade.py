@@ -105,8 +105,9 @@ def cut_next_release(repo: Path) -> str:
         + "\nlint: ## ruff, as CI runs it\n\truff check . && ruff format --check .\n"
     )
     # The seeded example changes on the very line the researcher changed: skipped, not merged.
-    replace_in(template / "model.py", "channels: int = 16  # width", "channels: int = 16  # the width")
-    (template / "model_card.md").write_text((template / "model_card.md").read_text() + "\n## New section\n")
+    starter = template / "starters" / "image-classification"
+    replace_in(starter / "model.py", "channels: int = 16  # width", "channels: int = 16  # the width")
+    (starter / "model_card.md").write_text((starter / "model_card.md").read_text() + "\n## New section\n")
     git(repo, "commit", "-qam", "Projects get make lint")
     new = next_minor(__version__)
     cut = release(repo, new, "--skip-tests")
@@ -123,7 +124,8 @@ def test_cruft_update_to_the_next_release_keeps_the_researchers_work(tmp_path: P
     replace_in(project / "model.py", "channels: int = 16", "channels: int = 24")
     (project / "model_card.md").write_text((project / "model_card.md").read_text() + "\nOwner notes.\n")
     ours = {name: (project / name).read_bytes() for name in RESEARCHER_FILES}
-    git(project, "init", "-q", "-b", "main")
+    # The project is a repository from its first commit (the post-generation hook's).
+    assert git(project, "rev-list", "--count", "HEAD") == "1"
     git(project, "add", "-A")
     git(project, "commit", "-qm", "Our model")
 

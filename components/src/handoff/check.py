@@ -3,9 +3,13 @@
 Runs each hook once and names the hook or contract field at fault, so that what ``check`` passes
 the pipeline will not reject later: Config builds and is JSON-serialisable (checkpoints and
 config.json hold it), datasets yield ``(inputs, target)`` items that match the contract, the
-example passes a forward pass with the contract's output shapes and dtypes, ``metrics()`` returns
-every metric the contract gates on under a name MLflow accepts, two optimizer steps on one batch
-lower a finite loss, and the model survives an ONNX export round trip within the parity tolerance.
+example passes a forward pass with the contract's output shapes and dtypes (integer values
+within the contract's ranges), the evaluation suite can score the contract's output against the
+chosen target over joined batches, ``metrics()`` returns numbers under names MLflow accepts and
+every metric the contract gates on is one evaluation measures (the suite's for the task,
+``val_loss``, or ``metrics()``'s), two optimizer steps on one batch lower a finite loss, and the
+model survives an ONNX export round trip within the parity tolerance, at two sizes of every
+dynamic (-1) axis.
 """
 
 from __future__ import annotations
@@ -20,25 +24,41 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from handoff.contract import CONTRACT_FILE
 from handoff.errors import HandoffError
+from handoff.eval_suite import SUITE_METRICS, evaluate_outputs
 from handoff.hooks import (
     MODEL_FILE,
-    as_tuple,
     build_optimizer,
     call_hook,
+    contract_outputs,
     hook_batch,
-    hook_outputs,
+    items_in_batch,
+    join_batches,
+    map_leaves,
     metric_values,
+    model_outputs,
+    score_split,
+    scored_target,
     split_batch,
     user_code,
 )
+from handoff.model_source import RAW_HOOKS
 from handoff.onnx_io import check_arrays
 from handoff.project import Project
+from handoff.raw_io import check_raw_hooks, has_raw_hooks, postprocess, preprocess, raw_request
 from handoff.runtime import seed_everything
-from handoff.steps.export import check_parity, example_arrays, export_onnx, torch_outputs
+from handoff.steps.export import (
+    check_parity,
+    dynamic_axes,
+    example_arrays,
+    export_onnx,
+    torch_outputs,
+)
 from handoff.steps.train import int_setting
 
 # What MLflow accepts as a metric name (letters, digits, and _ - . space /).
@@ -100,33 +120,106 @@ def _datasets(project: Project, cfg: Any) -> tuple[Dataset, str]:
 
 
 def _metrics(project: Project, model: torch.nn.Module, batch: Any) -> str:
-    """metrics() on one batch: a dict of numbers, names MLflow accepts, every gated metric present."""
-    if not hasattr(project.hooks, "metrics"):
-        produced = {"val_loss"}
-    else:
+    """metrics() on one batch: a dict of numbers under names MLflow accepts; and every metric the
+    contract gates on is one evaluation will measure.
+
+    Evaluation measures the suite's headline metrics for the contract's task, ``val_loss`` and
+    whatever model.py ``metrics()`` returns. Check holds the contract to that same vocabulary,
+    so every gate it passes is one evaluation can decide, and a misspelt name is caught here
+    rather than as a failed gate after training.
+    """
+    own: set[str] = set()
+    if hasattr(project.hooks, "metrics"):
         inputs, target = split_batch(batch)
         with torch.no_grad(), user_code(project.hooks, "the forward pass on a training batch"):
-            outputs = hook_outputs(as_tuple(model(*inputs)))
-        produced = {
-            "val_loss",
-            *metric_values(call_hook(project.hooks, "metrics", outputs, hook_batch((inputs, target)))),
-        }
-    bad = sorted(name for name in produced if not METRIC_NAME.match(name))
+            outputs = model_outputs(model, inputs, project.contract)
+        own = set(metric_values(call_hook(project.hooks, "metrics", outputs, hook_batch((inputs, target)))))
+    bad = sorted(name for name in own if not METRIC_NAME.match(name))
     if bad:
         raise HandoffError(
             f"metric name(s) {bad} are not accepted by MLflow: use letters, digits and _ - . / or spaces",
             file=MODEL_FILE,
             field="metrics",
         )
-    missing = sorted(set(project.contract.slo.min_metrics) - produced)
-    if missing:
-        raise HandoffError(
-            f"the gate needs {missing}, which model.py metrics() does not "
-            f"produce (it produces {sorted(produced)})",
-            file="contract.yaml",
-            field="slo.min_metrics",
+    task = project.contract.task_type
+    suite = SUITE_METRICS[task]
+    if hasattr(project.hooks, "metrics"):
+        returned = ", ".join(sorted(own)) or "nothing"
+        available = f"model.py metrics() {returned}"
+    else:
+        returned = available = "model.py has no metrics()"
+    slo = project.contract.slo
+    for kind, bounds in (("min_metrics", slo.min_metrics), ("max_metrics", slo.max_metrics)):
+        for name in bounds:
+            if name not in {*suite, "val_loss", *own}:
+                raise HandoffError(
+                    f"no metric is called {name!r}; the gate can read the evaluation suite's {task} "
+                    f"metrics ({', '.join(suite)}), val_loss and what model.py metrics() returns "
+                    f"({returned}): gate on one of these, or return {name!r} from "
+                    "metrics() in model.py",
+                    file="contract.yaml",
+                    field=f"slo.{kind}.{name}",
+                )
+    gated = ", ".join(sorted({*slo.min_metrics, *slo.max_metrics})) or "nothing"
+    return f"gated: {gated}; available: evaluation suite ({task}) {', '.join(suite)}; val_loss; {available}"
+
+
+def _suite(project: Project, model: torch.nn.Module, batch: Any) -> str:
+    """The validation path on one batch cut in two: outputs, inputs and targets joined leaf by
+    leaf (as training and evaluation join a split), loss() and metrics() on the whole, and the
+    evaluation suite scoring the contract's output against the chosen target."""
+    contract = project.contract
+    inputs, target = split_batch(batch)
+    half = max(1, items_in_batch(inputs) // 2)
+    parts = [slice(0, half), slice(half, None)] if items_in_batch(inputs) > 1 else [slice(None)] * 2
+    with user_code(project.hooks, "cutting a training batch in two"):
+        pieces = [
+            (tuple(x[part] for x in inputs), map_leaves(target, lambda t, part=part: t[part]))
+            for part in parts
+        ]
+    outputs = []
+    with torch.no_grad():
+        for x, _ in pieces:
+            with user_code(project.hooks, "the forward pass on a training batch"):
+                value = model(*x)
+            outputs.append(tuple(t.detach() for t in contract_outputs(value, contract)))
+    score_split(project.hooks, outputs, [x for x, _ in pieces], [y for _, y in pieces], contract.output_names)
+    with user_code(
+        project.hooks,
+        "joining two batches' targets",
+        hint="targets must be tensors, or tuples or dicts of tensors, that torch.cat can join",
+    ):
+        joined = join_batches([y for _, y in pieces])
+    scored = contract.scored_output
+    name = contract.output_names[scored]
+    truth, which = scored_target(joined, contract.task, name)
+    predictions = torch.cat([o[scored] for o in outputs]).float().numpy()
+    result = evaluate_outputs(contract.task_type, predictions, truth.numpy())
+    shown = ", ".join(f"{k} {v:.3g}" for k, v in result.metrics.items())
+    return f"{contract.task_type}: output '{name}' against {which} ({shown}, untrained)"
+
+
+def _raw_hooks(project: Project, model: torch.nn.Module, cfg: Any, example: tuple[torch.Tensor, ...]) -> str:
+    """raw_example -> preprocess -> the model -> postprocess, as the model server runs them, each
+    result checked: preprocess's against ``inputs``, postprocess's against ``raw.outputs``."""
+    contract, hooks = project.contract, project.hooks
+    seen = []
+    if hasattr(hooks, "preprocess"):
+        raw = raw_request(hooks, contract, cfg)
+        feeds = preprocess(hooks, contract, raw)
+        example = tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in feeds.values())
+        seen.append(
+            "preprocess: "
+            + ", ".join(f"{k} {list(v.shape)}" for k, v in raw.items())
+            + " -> "
+            + ", ".join(f"{k} {list(v.shape)} {v.dtype}" for k, v in feeds.items())
         )
-    return ", ".join(sorted(produced))
+    outputs = torch_outputs(hooks, model, example, contract)
+    check_arrays(contract.outputs, outputs, what="outputs", source="the model on preprocess()'s inputs")
+    if hasattr(hooks, "postprocess"):
+        answer = postprocess(hooks, contract, dict(zip(contract.output_names, outputs, strict=True)))
+        seen.append("postprocess: -> " + ", ".join(f"{k} {list(v.shape)}" for k, v in answer.items()))
+    return "; ".join(seen)
 
 
 def _overfit(project: Project, model: torch.nn.Module, cfg: Any, batch: Any) -> str:
@@ -137,7 +230,7 @@ def _overfit(project: Project, model: torch.nn.Module, cfg: Any, batch: Any) -> 
 
     def loss_now() -> torch.Tensor:
         with user_code(project.hooks, "the forward pass in training mode"):
-            outputs = hook_outputs(as_tuple(model(*inputs)))
+            outputs = model_outputs(model, inputs, project.contract)
         loss = call_hook(project.hooks, "loss", outputs, hook_batch((inputs, target)))
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
             raise HandoffError(
@@ -191,10 +284,12 @@ def check(project_dir: Path | str, progress: Callable[[str, str], None] | None =
         f"{len(contract.inputs)} input(s), {len(contract.outputs)} output(s)",
     )
     cfg, detail = _config(project)  # imports model.py: syntax and missing hooks fail here
+    check_raw_hooks(project.hooks, contract, project.root / CONTRACT_FILE)
+    optional = [h for h in ("metrics", *RAW_HOOKS) if hasattr(project.hooks, h)]
     passed(
         "model.py hooks",
         "Config, build_model, build_datasets, loss, example_inputs"
-        + (", metrics" if hasattr(project.hooks, "metrics") else "")
+        + "".join(f", {h}" for h in optional)
         + f"; Config: {detail}",
     )
     seed_everything(int_setting(cfg, "seed", 0))
@@ -209,7 +304,7 @@ def check(project_dir: Path | str, progress: Callable[[str, str], None] | None =
         )
     model.eval()
     example = example_arrays(project, cfg)
-    outputs = torch_outputs(project.hooks, model, example)
+    outputs = torch_outputs(project.hooks, model, example, contract)
     check_arrays(contract.outputs, outputs, what="outputs", source="the model")
     passed(
         "forward pass",
@@ -217,17 +312,23 @@ def check(project_dir: Path | str, progress: Callable[[str, str], None] | None =
             f"{s.name} {list(o.shape)} {o.dtype}" for s, o in zip(contract.outputs, outputs, strict=True)
         ),
     )
+    if has_raw_hooks(contract):
+        passed("raw request hooks", _raw_hooks(project, model, cfg, example))
     with user_code(project.hooks, "loading a training batch"):
         batch = next(iter(DataLoader(train_set, batch_size=OVERFIT_BATCH)))
     passed("metrics", _metrics(project, model, batch))
+    passed("evaluation suite", _suite(project, model, batch))
     passed("two-step overfit", _overfit(project, model, cfg, batch))
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"
         export_onnx(model, contract, example, path)
         worst, _ = check_parity(model, project, path, example)
+    sizes = "".join(
+        f"; {a.name} axis {a.axis} at {a.size} and {a.other}" for a in dynamic_axes(contract, example)
+    )
     passed(
         "ONNX export round trip",
-        f"max |torch - onnxruntime| = {worst:.2g} (tolerance {contract.slo.parity_tolerance:g})",
+        f"max |torch - onnxruntime| = {worst:.2g} (tolerance {contract.slo.parity_tolerance:g}){sizes}",
     )
     report.seconds = round(time.perf_counter() - started, 2)
     return report

@@ -1,18 +1,25 @@
 """The project contract (``contract.yaml``): the one schema that export, evaluation, serving and
 smoke tests all enforce.
 
-Shapes use -1 for a dynamic axis (the batch). Dtypes are named as numpy names them; the V2
-datatype (``FP32``) and the ONNX element type follow from that one name, so they cannot drift.
+Shapes use -1 for a dynamic axis: the first axis is the batch and must be -1; any other -1 (a
+sequence length, an image size) is exported dynamic too and checked at two sizes. Dtypes are named
+as numpy names them; the V2 datatype (``FP32``) and the ONNX element type follow from that one
+name, so they cannot drift. ``task`` says what the evaluation suite scores: a bare
+``classification`` / ``regression``, or a mapping that also names the scored output and target.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SerializerFunctionWrapHandler, field_validator, model_serializer, model_validator
+from pydantic_core import PydanticCustomError
 
 from handoff.k8s_names import Dns1123Label
 from handoff.yaml_files import FieldError, StrictModel, load_yaml_model
@@ -33,6 +40,11 @@ V2_DATATYPES: dict[str, str] = {
 }
 
 Dtype = Literal["float32", "float16", "float64", "int8", "int16", "int32", "int64", "uint8", "bool"]
+RawDtype = Literal[
+    "float32", "float16", "float64", "int8", "int16", "int32", "int64", "uint8", "bool", "bytes"
+]
+TaskType = Literal["classification", "regression"]
+INTEGER_DTYPES = ("int8", "int16", "int32", "int64", "uint8")
 
 
 class TensorSpec(StrictModel):
@@ -44,6 +56,10 @@ class TensorSpec(StrictModel):
     # Inputs only: the model server answers NaN or infinite values with 400 unless this is true
     # (for a model that handles missing values itself).
     allow_non_finite: bool = False
+    # Integer inputs only: the values a request may carry, both ends included (token ids below the
+    # vocabulary size, say). The model server answers others with 400; ONNX Runtime would fail on
+    # an id past an embedding table (a 500) and silently wrap a negative one.
+    range: tuple[int, int] | None = None
 
     @field_validator("shape")
     @classmethod
@@ -53,6 +69,29 @@ class TensorSpec(StrictModel):
         if shape[0] != -1:
             raise ValueError("the first (batch) dimension must be -1 so requests can be batched")
         return shape
+
+    @model_validator(mode="after")
+    def _range_fits_the_dtype(self) -> TensorSpec:
+        if self.range is None:
+            return self
+        if self.dtype not in INTEGER_DTYPES:
+            raise FieldError(
+                ("range",), f"applies to integer dtypes ({', '.join(INTEGER_DTYPES)}), not {self.dtype}"
+            )
+        low, high = self.range
+        if low > high:
+            raise FieldError(("range",), f"the low end {low} is above the high end {high}")
+        info = np.iinfo(self.numpy_dtype)
+        if low < info.min or high > info.max:
+            raise FieldError(
+                ("range",), f"[{low}, {high}] does not fit {self.dtype} [{info.min}, {info.max}]"
+            )
+        return self
+
+    @property
+    def dynamic_axes(self) -> list[int]:
+        """Axes declared -1: the batch (0) and any other dynamic axis."""
+        return [axis for axis, dim in enumerate(self.shape) if dim == -1]
 
     @property
     def numpy_dtype(self) -> np.dtype:
@@ -73,6 +112,82 @@ class TensorSpec(StrictModel):
         )
 
 
+class RawTensorSpec(TensorSpec):
+    """A tensor of a raw request or response (``raw.inputs`` / ``raw.outputs``): a model input or
+    output spec whose dtype may also be ``bytes`` (V2 ``BYTES``; numpy object arrays of bytes/str)."""
+
+    dtype: RawDtype  # type: ignore[assignment]
+
+    @property
+    def numpy_dtype(self) -> np.dtype:
+        return np.dtype(object) if self.dtype == "bytes" else np.dtype(self.dtype)
+
+    @property
+    def v2_datatype(self) -> str:
+        return "BYTES" if self.dtype == "bytes" else V2_DATATYPES[self.dtype]
+
+
+def _unique_names(specs: list[RawTensorSpec] | None, where: str) -> None:
+    for i, spec in enumerate(specs or []):
+        if spec.name in [s.name for s in (specs or [])[:i]]:
+            raise FieldError((where, i, "name"), f"{spec.name!r} is used twice")
+
+
+class Raw(StrictModel):
+    """What clients send and get back when model.py's preprocess/postprocess run in the server.
+
+    ``inputs``: the request preprocess() receives (required with preprocess, refused without);
+    ``outputs``: the response postprocess() returns (required with postprocess, refused without).
+    """
+
+    inputs: list[RawTensorSpec] | None = Field(default=None, min_length=1)
+    outputs: list[RawTensorSpec] | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _names_are_unique(self) -> Raw:
+        _unique_names(self.inputs, "inputs")
+        _unique_names(self.outputs, "outputs")
+        for i, spec in enumerate(self.outputs or []):
+            for only_inputs in ("allow_non_finite", "range"):
+                if getattr(spec, only_inputs) not in (False, None):
+                    raise FieldError(
+                        ("outputs", i, only_inputs), "applies to inputs only (what requests may carry)"
+                    )
+        return self
+
+
+# A relative champion tolerance: a percentage of the champion's value ("2%", "0.5%").
+PERCENT = re.compile(r"^(\d+(\.\d*)?|\.\d+)%$")
+# What a metric not named in a champion_tolerance mapping (which has no ``default``) may trail by.
+DEFAULT_CHAMPION_TOLERANCE = 0.01
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How far a challenger may trail the champion on one metric, and which line said so.
+
+    Absolute: ``amount`` in the metric's own units. Relative: ``amount`` percent of the champion's
+    value, so one setting suits metrics of any scale (an RMSE in dollars, an R² near 1).
+    """
+
+    amount: float
+    relative: bool
+    source: str  # the contract field it came from, as a person would look it up
+
+    def allowance(self, champion: float) -> float:
+        """The largest shortfall allowed against a champion that scored ``champion``."""
+        return abs(champion) * self.amount / 100 if self.relative else self.amount
+
+
+def _tolerance_value(value: Any) -> float | str | None:
+    """A number >= 0 or an 'N%' string, as given; None when it is neither."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value) if value >= 0 else None
+    if isinstance(value, str) and PERCENT.match(value):
+        return value
+    return None
+
+
 class Slo(StrictModel):
     """Service-level objectives the gate checks before a model may be promoted."""
 
@@ -84,9 +199,36 @@ class Slo(StrictModel):
     parity_tolerance: float = Field(default=1e-4, gt=0)
     # The exported model.onnx may not be larger (what the serving pods must load).
     max_model_size_mb: float | None = Field(default=None, gt=0)
-    # Relative gate: a challenger may trail the registry's champion by at most this much on each
-    # min/max metric, measured on the same held-out data (the first model has no champion).
-    champion_tolerance: float = Field(default=0.01, ge=0)
+    # Relative gate: how far a challenger may trail the registry's champion on each min/max
+    # metric, on the same held-out split (the first model has no champion). A number (absolute,
+    # every metric), "N%" (of the champion's value), or per metric with an optional default:
+    # {r2: "2%", rmse: 0.5, default: 0.01}.
+    champion_tolerance: float | str | dict[str, float | str] = DEFAULT_CHAMPION_TOLERANCE
+
+    @field_validator("champion_tolerance", mode="plain")
+    @classmethod
+    def _tolerance_is_a_number_percentage_or_mapping(cls, value: Any) -> float | str | dict[str, float | str]:
+        # One hand-written validator rather than a pydantic union, whose errors would list every
+        # alternative it tried instead of the one mistake.
+        if isinstance(value, dict):
+            checked: dict[str, float | str] = {}
+            for name, each in value.items():
+                tolerance = _tolerance_value(each)
+                if not isinstance(name, str) or tolerance is None:
+                    message = f"must be a number >= 0 or a percentage such as '2%' (found {each!r})"
+                    raise FieldError((str(name),), message)
+                checked[name] = tolerance
+            return checked
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+            raise PydanticCustomError("greater_than_equal", "Input should be greater than or equal to 0")
+        tolerance = _tolerance_value(value)
+        if tolerance is None:
+            raise PydanticCustomError(
+                "champion_tolerance",
+                "Input should be a number >= 0, 'N%' or a mapping {metric: number or 'N%'} "
+                "with an optional default",
+            )
+        return tolerance
 
     @model_validator(mode="after")
     def _bounds_are_consistent(self) -> Slo:
@@ -95,7 +237,41 @@ class Slo(StrictModel):
             if lower is not None and lower > upper:
                 message = f"{upper:g} is below min_metrics.{name} = {lower:g}: no model can pass"
                 raise FieldError(("max_metrics", name), message)
+        if isinstance(self.champion_tolerance, dict):
+            gated = {"default", *self.min_metrics, *self.max_metrics}
+            for name in self.champion_tolerance:
+                if name not in gated:
+                    message = f"{name!r} is not gated (not in min_metrics or max_metrics)"
+                    raise FieldError(("champion_tolerance", name), message)
         return self
+
+    def tolerance(self, metric: str) -> Tolerance:
+        """The champion tolerance for ``metric``: its own entry, else ``default``, else 0.01."""
+        field = "slo.champion_tolerance"
+        value: float | str = DEFAULT_CHAMPION_TOLERANCE
+        if not isinstance(self.champion_tolerance, dict):
+            value, source = self.champion_tolerance, field
+        elif metric in self.champion_tolerance:
+            value, source = self.champion_tolerance[metric], f"{field}.{metric}"
+        elif "default" in self.champion_tolerance:
+            value, source = self.champion_tolerance["default"], f"{field}.default"
+        else:
+            source = f"the default: {field} has no {metric} or default entry"
+        if isinstance(value, str):
+            return Tolerance(float(value[:-1]), relative=True, source=source)
+        return Tolerance(float(value), relative=False, source=source)
+
+
+class Task(StrictModel):
+    """What the evaluation suite scores: the task kind, and which output against which target.
+
+    ``output`` names a contract output (required when there are several). ``target`` picks one
+    target when the datasets yield several: a dict key, or an index into a tuple of targets.
+    """
+
+    type: TaskType
+    output: str | None = None
+    target: str | int | None = None
 
 
 class Owners(StrictModel):
@@ -107,12 +283,28 @@ class Contract(StrictModel):
     """The handoff contract between the researcher and the platform."""
 
     name: Dns1123Label
-    task: Literal["classification", "regression"]
+    task: Task
     inputs: list[TensorSpec] = Field(min_length=1)
     outputs: list[TensorSpec] = Field(min_length=1)
     slo: Slo
     owners: Owners
+    raw: Raw | None = None
     sha256: str = Field(default="", exclude=True)
+
+    @model_serializer(mode="wrap")
+    def _without_absent_raw(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """A contract without ``raw`` dumps (and hashes) as it did before ``raw`` existed, so its
+        registered versions keep their ``handoff.contract_sha256``."""
+        data: dict[str, Any] = handler(self)
+        if self.raw is None:
+            data.pop("raw", None)
+        return data
+
+    @field_validator("task", mode="before")
+    @classmethod
+    def _bare_task_type(cls, value: Any) -> Any:
+        """``task: classification`` is short for ``task: {type: classification}``."""
+        return {"type": value} if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _tensor_names_are_unique(self) -> Contract:
@@ -129,10 +321,11 @@ class Contract(StrictModel):
             inputs.add(spec.name)
         outputs: set[str] = set()
         for i, spec in enumerate(self.outputs):
-            if spec.allow_non_finite:
-                raise FieldError(
-                    ("outputs", i, "allow_non_finite"), "applies to inputs only (what requests may carry)"
-                )
+            for only_inputs in ("allow_non_finite", "range"):
+                if getattr(spec, only_inputs) not in (False, None):
+                    raise FieldError(
+                        ("outputs", i, only_inputs), "applies to inputs only (what requests may carry)"
+                    )
             if spec.name in inputs:
                 raise FieldError(("outputs", i, "name"), f"{spec.name!r} is also an input name")
             if spec.name in outputs:
@@ -140,9 +333,46 @@ class Contract(StrictModel):
             outputs.add(spec.name)
         return self
 
+    @model_validator(mode="after")
+    def _scored_output_is_named(self) -> Contract:
+        """With several outputs the suite cannot guess which one holds the predictions: scoring
+        the first would grade an embedding as if it were logits, silently."""
+        names = self.output_names
+        if self.task.output is None and len(names) > 1:
+            raise FieldError(
+                ("task", "output"),
+                f"the model has {len(names)} outputs ({', '.join(names)}): say which one the "
+                "evaluation suite scores",
+            )
+        if self.task.output is not None and self.task.output not in names:
+            raise FieldError(
+                ("task", "output"), f"{self.task.output!r} is not an output; the outputs are {names}"
+            )
+        return self
+
+    @property
+    def task_type(self) -> TaskType:
+        """``classification`` or ``regression``: the one accessor code uses for the task kind."""
+        return self.task.type
+
+    @property
+    def scored_output(self) -> int:
+        """Index in ``outputs`` of the output the evaluation suite scores."""
+        return self.output_names.index(self.task.output) if self.task.output else 0
+
     @property
     def input_names(self) -> list[str]:
         return [spec.name for spec in self.inputs]
+
+    @property
+    def request_inputs(self) -> list[TensorSpec]:
+        """What a request carries: ``raw.inputs`` when preprocess runs in the server, else ``inputs``."""
+        return list(self.raw.inputs) if self.raw and self.raw.inputs else list(self.inputs)
+
+    @property
+    def response_outputs(self) -> list[TensorSpec]:
+        """What a response carries: ``raw.outputs`` when postprocess runs in the server, else ``outputs``."""
+        return list(self.raw.outputs) if self.raw and self.raw.outputs else list(self.outputs)
 
     @property
     def output_names(self) -> list[str]:
@@ -150,7 +380,12 @@ class Contract(StrictModel):
 
 
 def load_contract(project_dir: Path) -> Contract:
-    """Read and validate ``<project_dir>/contract.yaml``; the file's hash travels with it."""
-    path = project_dir / CONTRACT_FILE
-    contract = load_yaml_model(path, Contract)
-    return contract.model_copy(update={"sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
+    """Read and validate ``<project_dir>/contract.yaml``; its content hash travels with it.
+
+    The hash is of what the contract says (the validated fields, canonical JSON), not of the
+    file's bytes: a comment or a re-indent is not a new contract, a changed SLO is (a registered
+    version is the model and its contract).
+    """
+    contract = load_yaml_model(project_dir / CONTRACT_FILE, Contract)
+    canonical = json.dumps(contract.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return contract.model_copy(update={"sha256": hashlib.sha256(canonical.encode()).hexdigest()})

@@ -20,6 +20,13 @@ from handoff.contract import CONTRACT_FILE
 from handoff.errors import HandoffError
 
 TASKS = ("classification", "regression")
+# The headline metrics the suite reports per task: with val_loss and model.py's own metrics(),
+# the names a contract's slo may gate on. `handoff check` reads this so that it accepts exactly
+# what evaluation will measure (a test holds the two together).
+SUITE_METRICS: dict[str, tuple[str, ...]] = {
+    "classification": ("accuracy", "macro_f1", "ece"),
+    "regression": ("mae", "rmse", "r2"),
+}
 ECE_BINS = 15
 PROBABILITY_TOLERANCE = 1e-3
 DECIMALS = 6

@@ -5,9 +5,18 @@ model.py stays plain PyTorch and imports nothing from the platform; this module 
 place that knows the hook names. Conventions the steps rely on:
 
 * every dataset item is ``(inputs, target)``; ``inputs`` is a tensor, or a tuple of tensors in
-  the order of ``contract.yaml`` ``inputs``;
-* the model is called as ``model(*inputs)`` and returns a tensor, or a tuple in the order of
-  ``contract.yaml`` ``outputs``.
+  the order of ``contract.yaml`` ``inputs``; ``target`` is a tensor, a tuple/list of tensors or
+  a dict name -> tensor (several targets), joined batch to batch leaf by leaf;
+* the model is called as ``model(*inputs)``: one positional argument per contract input, in
+  order (``model(input_ids, attention_mask)``, never ``model(inputs)``);
+* it returns a tensor, a tuple/list of tensors in the order of ``contract.yaml`` ``outputs``, or a
+  dict (a HuggingFace ``ModelOutput`` is one) holding every output name as a key; other keys are
+  ignored. ``contract_outputs`` turns any of these into the contract's tuple, which is what ONNX
+  export, parity and serving see;
+* ``loss``, ``metrics`` and ``slices`` get the batch as the dataset yields it (one tensor when
+  there is one input) and the outputs as the contract lists them: the tensor when there is one,
+  else a tuple in contract order that also answers to the output names (``outputs["logits"]``,
+  ``outputs.logits``), the same in training (torch) and evaluation (ONNX Runtime).
 
 Any exception raised while the researcher's code runs becomes a ``HandoffError`` that names what
 was running and the line of model.py, so nobody has to read a platform traceback.
@@ -15,12 +24,10 @@ was running and the line of model.py, so nobody has to read a platform traceback
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import importlib.util
 import sys
-import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol
@@ -30,7 +37,16 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from handoff.errors import HandoffError
-from handoff.model_source import MODEL_FILE, REQUIRED_HOOKS, precheck_source
+from handoff.model_source import (  # user_code lives there: the model server needs it without torch
+    MODEL_FILE,
+    RAW_HOOKS,
+    REQUIRED_HOOKS,
+    _user_frame,
+    precheck_source,
+    user_code,
+)
+
+MODULE_NAME = "model"
 
 
 class ModelModule(Protocol):
@@ -48,23 +64,11 @@ class ModelModule(Protocol):
     def example_inputs(self, cfg: Any) -> torch.Tensor | tuple[torch.Tensor, ...]: ...
 
 
-def _user_frame(exc: BaseException, path: Path) -> str:
-    """'line N: ' of the deepest frame inside model.py, so errors point at the researcher's code."""
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if Path(f.filename) == path]
-    return f"line {frames[-1].lineno}: " if frames else ""
+class Outputs(Protocol):
+    """What ``contract_outputs`` needs of the contract (kept structural: no import cycle)."""
 
-
-@contextlib.contextmanager
-def user_code(module: ModelModule | Path, what: str, hint: str = "") -> Iterator[None]:
-    """Run researcher code; report a failure as model.py's, with the line and ``what`` was running."""
-    path = Path(module if isinstance(module, Path) else module.__file__)
-    try:
-        yield
-    except HandoffError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - whatever model.py raises is the researcher's to fix
-        detail = f"{_user_frame(exc, path)}{what} raised {type(exc).__name__}: {exc}"
-        raise HandoffError(f"{detail}{f'; {hint}' if hint else ''}", file=path) from None
+    @property
+    def output_names(self) -> list[str]: ...
 
 
 def call_hook(module: ModelModule, name: str, *args: Any) -> Any:
@@ -77,7 +81,10 @@ def load_model_module(project_dir: Path) -> ModelModule:
     """Import ``model.py`` from a project folder and check every hook is there and well formed."""
     path = (project_dir / MODEL_FILE).resolve()
     precheck_source(project_dir)  # missing file, syntax error, missing hook names: no import needed
-    module_name = f"handoff_user_model_{abs(hash(str(path)))}"
+    # One stable name, the file's own: the name is written into the exported ONNX graph (each
+    # node's module path), so a name that changed per process or per folder would change the
+    # model's sha256; and the project's own tests, which `import model`, see the same classes.
+    module_name = MODULE_NAME
     spec = importlib.util.spec_from_file_location(module_name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -119,7 +126,7 @@ def _check_hooks(module: ModuleType, path: Path) -> None:
             file=path,
             field="Config",
         )
-    for optional in ("metrics", "build_optimizer"):
+    for optional in ("metrics", "build_optimizer", *RAW_HOOKS):
         if hasattr(module, optional) and not callable(getattr(module, optional)):
             raise HandoffError(f"{optional} must be a function", file=path, field=optional)
 
@@ -156,6 +163,83 @@ def as_tuple(value: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor
     )
 
 
+def contract_outputs(value: Any, contract: Outputs) -> tuple[torch.Tensor, ...]:
+    """What the model returned, as the contract's outputs in the contract's order.
+
+    A tensor, a tuple/list of tensors (already in contract order), or a mapping (a dict, or a
+    HuggingFace ``ModelOutput``) from which the contract's names are taken and the rest (hidden
+    states, a loss) left out. Counts, shapes and dtypes are checked by the caller against the specs.
+    """
+    names = contract.output_names
+    if isinstance(value, Mapping):
+        missing = [name for name in names if not isinstance(value.get(name), torch.Tensor)]
+        if missing:
+            raise HandoffError(
+                f"the model returned a {type(value).__name__} without contract output(s) {missing}; "
+                f"its keys are {[str(k) for k in value]} (contract.yaml outputs name the keys to "
+                "serve, in order)",
+                file=MODEL_FILE,
+                field="build_model",
+            )
+        return tuple(value[name] for name in names)
+    if isinstance(value, torch.Tensor):
+        return (value,)
+    if isinstance(value, (tuple, list)) and all(isinstance(v, torch.Tensor) for v in value):
+        return tuple(value)
+    found = type(value).__name__
+    if isinstance(value, (tuple, list)):
+        found += f" holding {', '.join(sorted({type(v).__name__ for v in value}))}"
+    raise HandoffError(
+        f"the model returned a {found}; it must return a tensor, a tuple of tensors in the order "
+        f"of contract.yaml outputs ({', '.join(names)}), or a dict with those names as keys",
+        file=MODEL_FILE,
+        field="build_model",
+    )
+
+
+class NamedOutputs(tuple[torch.Tensor, ...]):
+    """Several outputs in contract order that also answer to their names.
+
+    Hooks see the same object in training (torch outputs) and in evaluation (ONNX Runtime's), so
+    a loss written against the model's dict (``outputs["logits"]``, ``outputs.logits``) and one
+    that unpacks a tuple both work in both places.
+    """
+
+    names: tuple[str, ...]
+
+    def __new__(cls, values: Sequence[torch.Tensor], names: Sequence[str]) -> NamedOutputs:
+        self = super().__new__(cls, values)
+        self.names = tuple(names)
+        return self
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, str):
+            if key not in self.names:
+                raise KeyError(f"{key!r}: the contract's outputs are {list(self.names)}")
+            return super().__getitem__(self.names.index(key))
+        return super().__getitem__(key)
+
+    def __getattr__(self, name: str) -> torch.Tensor:
+        if name != "names" and name in self.__dict__.get("names", ()):
+            return self[name]
+        raise AttributeError(name)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.names if isinstance(key, str) else any(key is v for v in self)
+
+    def keys(self) -> tuple[str, ...]:
+        return self.names
+
+    def values(self) -> tuple[torch.Tensor, ...]:
+        return tuple(self)
+
+    def items(self) -> list[tuple[str, torch.Tensor]]:
+        return list(zip(self.names, self, strict=True))
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self[key] if key in self.names else default
+
+
 def split_batch(batch: Any) -> tuple[tuple[torch.Tensor, ...], Any]:
     """``(inputs, target)`` from a collated batch, with ``inputs`` as a tuple."""
     if not isinstance(batch, (list, tuple)) or len(batch) != 2:
@@ -165,7 +249,16 @@ def split_batch(batch: Any) -> tuple[tuple[torch.Tensor, ...], Any]:
             file=MODEL_FILE,
             field="build_datasets",
         )
-    return as_tuple(batch[0]), batch[1]
+    try:
+        inputs = as_tuple(batch[0])
+    except HandoffError:
+        raise HandoffError(
+            f"an item's inputs must be a tensor or a tuple of tensors (in the order of contract.yaml "
+            f"inputs); got {type(batch[0]).__name__}",
+            file=MODEL_FILE,
+            field="build_datasets",
+        ) from None
+    return inputs, batch[1]
 
 
 def hook_batch(batch: tuple[tuple[torch.Tensor, ...], Any]) -> tuple[Any, Any]:
@@ -174,9 +267,110 @@ def hook_batch(batch: tuple[tuple[torch.Tensor, ...], Any]) -> tuple[Any, Any]:
     return (inputs[0] if len(inputs) == 1 else inputs, target)
 
 
-def hook_outputs(outputs: tuple[torch.Tensor, ...]) -> Any:
-    """Give hooks the outputs as the model returns them: one tensor when there is one output."""
-    return outputs[0] if len(outputs) == 1 else outputs
+def hook_outputs(outputs: tuple[torch.Tensor, ...], names: Sequence[str] = ()) -> Any:
+    """Give hooks the outputs: the tensor when there is one, else the tuple (named, given ``names``)."""
+    if len(outputs) == 1:
+        return outputs[0]
+    return NamedOutputs(outputs, names) if names else outputs
+
+
+def model_outputs(model: nn.Module, inputs: tuple[torch.Tensor, ...], contract: Outputs) -> Any:
+    """Call ``model(*inputs)`` and give back the outputs as hooks get them (``hook_outputs``)."""
+    return hook_outputs(contract_outputs(model(*inputs), contract), contract.output_names)
+
+
+def map_leaves(value: Any, change: Any) -> Any:
+    """``value`` (a target: tensor, tuple/list or dict of them, nested) with ``change`` applied to
+    each tensor; collated tuples come back from the DataLoader as lists and stay lists."""
+    if isinstance(value, torch.Tensor):
+        return change(value)
+    if isinstance(value, Mapping):
+        return {k: map_leaves(v, change) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(map_leaves(v, change) for v in value)
+    return value
+
+
+def join_batches(parts: Sequence[Any]) -> Any:
+    """Batches of a split joined into one, leaf by leaf (tensors, tuples/lists, dicts of them)."""
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(list(parts))
+    if isinstance(first, Mapping):
+        return {k: join_batches([p[k] for p in parts]) for k in first}
+    if isinstance(first, (tuple, list)):
+        return type(first)(join_batches(column) for column in zip(*parts, strict=True))
+    raise TypeError(
+        f"cannot join batches of {type(first).__name__}: use tensors (or tuples or dicts of them)"
+    )
+
+
+def items_in_batch(inputs: tuple[torch.Tensor, ...]) -> int:
+    """Items in a batch: the first input's batch axis (a target may be a tuple or a dict)."""
+    return int(inputs[0].shape[0])
+
+
+def describe_target(target: Any) -> str:
+    if isinstance(target, torch.Tensor):
+        return "a tensor"
+    if isinstance(target, Mapping):
+        return f"a dict with keys {[str(k) for k in target]}"
+    return f"a {type(target).__name__} of {len(target)}"
+
+
+def scored_target(target: Any, task: Any, scored_name: str) -> tuple[torch.Tensor, str]:
+    """The target the evaluation suite compares with, and how to say which one it is.
+
+    ``task`` is the contract's ``Task``: ``task.target`` picks a dict key or a tuple index; without
+    it a lone target is taken, or for a dict the key named like the scored output.
+    """
+    field = "task.target"
+    choice = task.target
+    if isinstance(target, torch.Tensor):
+        if choice not in (None, 0):
+            raise HandoffError(
+                f"is {choice!r}, but the datasets yield one target tensor (leave task.target out)",
+                file="contract.yaml",
+                field=field,
+            )
+        return target, "the target"
+    if isinstance(target, Mapping):
+        key = choice if choice is not None else (scored_name if scored_name in target else None)
+        if key is None and len(target) == 1:
+            key = next(iter(target))
+        if key is None or key not in target:
+            raise HandoffError(
+                f"the targets are {describe_target(target)}: name the one the evaluation suite "
+                f"compares with output '{scored_name}'"
+                + (f" ({choice!r} is not one of them)" if choice is not None else ""),
+                file="contract.yaml",
+                field=field,
+            )
+        value, label = target[key], f"target {key!r}"
+    elif isinstance(target, (tuple, list)):
+        index = choice if choice is not None else (0 if len(target) == 1 else None)
+        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(target):
+            raise HandoffError(
+                f"the targets are {describe_target(target)}: give the index of the one the "
+                f"evaluation suite compares with output '{scored_name}'"
+                + (f" ({choice!r} is not an index of them)" if choice is not None else ""),
+                file="contract.yaml",
+                field=field,
+            )
+        value, label = target[index], f"target [{index}]"
+    else:
+        raise HandoffError(
+            f"a target must be a tensor, a tuple of tensors or a dict of them, got {type(target).__name__}",
+            file=MODEL_FILE,
+            field="build_datasets",
+        )
+    if not isinstance(value, torch.Tensor):
+        raise HandoffError(
+            f"{label} is a {type(value).__name__}, not a tensor the suite can score",
+            file="contract.yaml",
+            field=field,
+        )
+    return value, label
 
 
 def metric_values(values: Any) -> dict[str, float]:
@@ -195,27 +389,41 @@ def metric_values(values: Any) -> dict[str, float]:
         ) from None
 
 
+def join_split(
+    module: ModelModule,
+    outputs: list[tuple[torch.Tensor, ...]],
+    inputs: list[tuple[torch.Tensor, ...]],
+    targets: list[Any],
+) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], Any]:
+    """A split's batches joined into one (outputs, inputs, target), each leaf concatenated."""
+    with user_code(
+        module,
+        "joining the batches of the validation split",
+        hint="targets must be tensors, or tuples or dicts of tensors, that torch.cat can join",
+    ):
+        return (
+            tuple(torch.cat(parts) for parts in zip(*outputs, strict=True)),
+            tuple(torch.cat(parts) for parts in zip(*inputs, strict=True)),
+            join_batches(targets),
+        )
+
+
 def score_split(
     module: ModelModule,
     outputs: list[tuple[torch.Tensor, ...]],
     inputs: list[tuple[torch.Tensor, ...]],
     targets: list[Any],
+    output_names: Sequence[str] = (),
 ) -> dict[str, float]:
     """``val_loss`` and the researcher's metrics, applied once to a whole split (not batch means).
 
     Shared by training (torch outputs) and evaluation (ONNX Runtime outputs), so the numbers a
     researcher watches while training are the ones the gate judges.
     """
-    with user_code(
-        module,
-        "joining the batches of the validation split",
-        hint="targets must be tensors that torch.cat can join",
-    ):
-        merged = hook_outputs(tuple(torch.cat(parts) for parts in zip(*outputs, strict=True)))
-        batch = hook_batch(
-            (tuple(torch.cat(parts) for parts in zip(*inputs, strict=True)), torch.cat(targets))
-        )
-    values = {"val_loss": float(call_hook(module, "loss", merged, batch))}
+    merged, joined, target = join_split(module, outputs, inputs, targets)
+    given = hook_outputs(merged, output_names)
+    batch = hook_batch((joined, target))
+    values = {"val_loss": float(call_hook(module, "loss", given, batch))}
     if hasattr(module, "metrics"):
-        values.update(metric_values(call_hook(module, "metrics", merged, batch)))
+        values.update(metric_values(call_hook(module, "metrics", given, batch)))
     return values

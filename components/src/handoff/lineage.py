@@ -13,6 +13,11 @@ GIT_SHA_ENV = "HANDOFF_GIT_SHA"
 # The sha256 of the training and validation data (handoff.data_hash), set by train on its MLflow
 # run and copied by register onto the version.
 DATA_TAG = "handoff.data_sha256"
+# The sha256 of the held-out split a version was evaluated on (handoff.data_hash over its items),
+# set by register from the evaluation. The relative gate compares a challenger with the champion
+# only on the split this names: another split would score the champion on other items, perhaps
+# on what it was trained on.
+HELDOUT_TAG = "handoff.heldout_sha256"
 # The image the pipeline's steps ran in (IMAGE_ENV, set by the compiled pipelines), "-" elsewhere.
 IMAGE_TAG = "handoff.image"
 

@@ -4,16 +4,23 @@ and the copy attached to each registered version with the measured facts filled 
 The researcher writes the parts only a person can (intended use, data, limitations, ethics,
 owners); the platform appends what it measured (metrics, gates, contract, lineage, plots), so
 the card in the registry can never disagree with the evaluation it describes.
+
+A generated project's card is filled in for its starter model (so the starter registers as it
+is), and says so in a comment that records the sha256 of the starter's model.py. Once model.py
+no longer has that sha256, the card describes a model that is no longer there: it is refused,
+naming the sections to rewrite, until the researcher rewrites them and deletes the comment.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from handoff.errors import HandoffError
+from handoff.model_source import MODEL_FILE
 
 CARD_FILE = "model_card.md"
 REQUIRED_SECTIONS = (
@@ -28,6 +35,20 @@ FILLED_IN_HEADING = "## Measured by handoff"
 # Words that mark a section as unfinished, as people write them in drafts.
 PLACEHOLDER = re.compile(r"\b(TODO|TBD|FIXME)\b|<[^>\n]*(fill|describe|write)[^>\n]*>", re.IGNORECASE)
 COMMENT = re.compile(r"<!--.*?-->", re.DOTALL)
+# The generated card's claim (hooks/post_gen_project.py writes the sha256): "I describe this
+# starter's model.py".
+STARTER_CLAIM = re.compile(
+    r"<!--\s*handoff: this card describes the (?P<starter>[\w.-]+) starter, "
+    r"model\.py sha256 (?P<sha256>[0-9a-f]{64})\b.*?-->",
+    re.DOTALL,
+)
+# The sections a starter's card fills in for the starter's model; Owners stays true of any model.
+STARTER_SECTIONS = REQUIRED_SECTIONS[:-1]
+
+
+def model_sha256(model_source: str) -> str:
+    """model.py's sha256 as the generated card records it (line endings normalised)."""
+    return hashlib.sha256(model_source.replace("\r\n", "\n").encode("utf-8")).hexdigest()
 
 
 def sections(text: str) -> dict[str, str]:
@@ -47,8 +68,9 @@ def sections(text: str) -> dict[str, str]:
     return found
 
 
-def card_problems(text: str) -> list[str]:
-    """One entry per required section that is missing, empty or still a placeholder."""
+def card_problems(text: str, model_source: str | None = None) -> list[str]:
+    """One entry per required section that is missing, empty or still a placeholder; with
+    ``model_source`` (model.py's text), also a card that still describes the starter model."""
     present = {name.casefold(): body for name, body in sections(text).items()}
     problems = []
     for name in REQUIRED_SECTIONS:
@@ -61,7 +83,33 @@ def card_problems(text: str) -> list[str]:
             problems.append(f"'{name}' is empty")
         elif match := PLACEHOLDER.search(visible):
             problems.append(f"'{name}' still says {match.group(0)!r}")
+    if model_source is not None:
+        problems.extend(starter_problems(text, model_source))
     return problems
+
+
+def starter_problems(text: str, model_source: str) -> list[str]:
+    """The card still claims to describe the starter's model.py, but model.py has changed."""
+    claim = STARTER_CLAIM.search(text)
+    if claim is None or claim.group("sha256") == model_sha256(model_source):
+        return []
+    named = ", ".join(f"'{name}'" for name in STARTER_SECTIONS)
+    return [
+        f"it still describes the {claim.group('starter')} starter, but {MODEL_FILE} has changed "
+        f"since (its sha256 is no longer the one the card's comment records): rewrite {named} "
+        "for your model, then delete the comment that starts 'handoff: this card describes'"
+    ]
+
+
+def project_card_problems(project_root: Path) -> list[str]:
+    """``card_problems`` for a project folder: its card read beside its model.py."""
+    path = project_root / CARD_FILE
+    if not path.is_file():
+        return [f"{CARD_FILE} is missing"]
+    model = project_root / MODEL_FILE
+    return card_problems(
+        path.read_text(encoding="utf-8"), model.read_text(encoding="utf-8") if model.is_file() else None
+    )
 
 
 def check_model_card(project_root: Path) -> str:
@@ -74,7 +122,8 @@ def check_model_card(project_root: Path) -> str:
             file=path,
         )
     text = path.read_text(encoding="utf-8")
-    problems = card_problems(text)
+    model = project_root / MODEL_FILE
+    problems = card_problems(text, model.read_text(encoding="utf-8") if model.is_file() else None)
     if problems:
         raise HandoffError("incomplete, so the model cannot be registered: " + "; ".join(problems), file=path)
     return text

@@ -1,14 +1,44 @@
-"""model.py as source text: its name, the hooks it must define, and a check that needs no torch."""
+"""model.py as source text: its name, the hooks it must define, and what needs no torch (a
+syntax check, and ``user_code``, which the model server uses around preprocess/postprocess)."""
 
 from __future__ import annotations
 
 import ast
+import contextlib
+import traceback
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from handoff.errors import HandoffError
 
 MODEL_FILE = "model.py"
 REQUIRED_HOOKS = ("Config", "build_model", "build_datasets", "loss", "example_inputs")
+# Optional hooks for raw requests, run by the model server around the ONNX model (numpy in and
+# out): preprocess(raw) -> model inputs, postprocess(outputs) -> response, raw_example(cfg).
+RAW_HOOKS = ("preprocess", "postprocess", "raw_example")
+
+
+def _user_frame(exc: BaseException, path: Path) -> str:
+    """'line N: ' of the deepest frame inside model.py, so errors point at the researcher's code."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if Path(f.filename) == path]
+    return f"line {frames[-1].lineno}: " if frames else ""
+
+
+@contextlib.contextmanager
+def user_code(module: Any, what: str, hint: str = "") -> Iterator[None]:
+    """Run researcher code; report a failure as model.py's, with the line and ``what`` was running.
+
+    ``module`` is model.py's module (anything with ``__file__``) or the file's path.
+    """
+    path = Path(module if isinstance(module, Path) else module.__file__)
+    try:
+        yield
+    except HandoffError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever model.py raises is the researcher's to fix
+        detail = f"{_user_frame(exc, path)}{what} raised {type(exc).__name__}: {exc}"
+        raise HandoffError(f"{detail}{f'; {hint}' if hint else ''}", file=path) from None
 
 
 def precheck_source(project_dir: Path) -> None:

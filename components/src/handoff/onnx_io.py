@@ -48,6 +48,28 @@ def check_arrays(
                 file="contract.yaml",
                 field=f"{what}[{index}].shape",
             )
+        outside = first_outside(spec, array)
+        if outside is not None:
+            value, at, bounds = outside
+            raise HandoffError(
+                f"{what}[{index}] '{spec.name}': {source} holds {value} at {at}, outside the range {bounds}",
+                file="contract.yaml",
+                field=f"{what}[{index}].range",
+            )
+
+
+def first_outside(spec: TensorSpec, array: np.ndarray) -> tuple[int, list[int], str] | None:
+    """The first value of ``array`` outside ``spec.range``, its index and the range as written
+    (``[0, 99]``), or None (also when the spec has no range)."""
+    if spec.range is None or not array.size:
+        return None
+    low, high = spec.range
+    bad = (array < low) | (array > high)
+    if not bad.any():
+        return None
+    flat = int(np.argmax(bad.reshape(-1)))
+    at = [int(i) for i in np.unravel_index(flat, array.shape)]
+    return int(array.reshape(-1)[flat]), at, f"[{low}, {high}]"
 
 
 def run_session(

@@ -22,16 +22,15 @@ from torch.utils.data import DataLoader
 from handoff import __version__
 from handoff.gates import LATENCY_CHECK, Gate, GateCheck
 from handoff.hooks import (
-    as_tuple,
     build_optimizer,
     call_hook,
     hook_batch,
-    hook_outputs,
+    model_outputs,
     split_batch,
     user_code,
 )
 from handoff.lineage import git_sha
-from handoff.model_card import CARD_FILE, card_problems
+from handoff.model_card import project_card_problems
 from handoff.project import Project
 from handoff.runtime import seed_everything
 
@@ -83,7 +82,7 @@ def reproducibility(project: Project, cfg: Any, steps: int = 2) -> ReadinessItem
         with user_code(hooks, "the reproducibility check"):
             inputs, target = split_batch(next(iter(DataLoader(train_set, batch_size=32))))
             for _ in range(steps):
-                outputs = hook_outputs(as_tuple(model(*inputs)))
+                outputs = model_outputs(model, inputs, project.contract)
                 loss = call_hook(hooks, "loss", outputs, hook_batch((inputs, target)))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -110,7 +109,10 @@ def lineage(evidence: Evidence) -> ReadinessItem:
     missing = [k for k, v in facts.items() if not v or v == "unknown"]
     shown = ", ".join(f"{k} {str(v)[:12] or '-'}" for k, v in facts.items())
     if missing:
-        return ReadinessItem("Lineage complete", False, f"missing {', '.join(missing)} ({shown})")
+        hint = ""
+        if "git commit" in missing:
+            hint = "; commit the project (`git init && git add -A && git commit -m 'First commit'`)"
+        return ReadinessItem("Lineage complete", False, f"missing {', '.join(missing)} ({shown}){hint}")
     return ReadinessItem("Lineage complete", True, shown)
 
 
@@ -153,10 +155,7 @@ def assess(evidence: Evidence) -> list[ReadinessItem]:
         ),
         reproducibility(project, evidence.cfg),
     ]
-    card = project.root / CARD_FILE
-    problems = (
-        card_problems(card.read_text(encoding="utf-8")) if card.is_file() else [f"{CARD_FILE} is missing"]
-    )
+    problems = project_card_problems(project.root)
     items.append(
         ReadinessItem(
             "Model card complete", not problems, "; ".join(problems) or "every required section is written"

@@ -8,6 +8,8 @@ folder its storage initializer downloads, so that folder must be a Triton model 
         config.pbtxt                how Triton loads and batches the model (from contract.yaml)
         contract.yaml               the contract, for the KServe runtime (Triton ignores it)
         1/model.onnx                byte-identical to the exported, parity-checked model.onnx
+        model.py, *.py              only with preprocess/postprocess (contract ``raw:``): the code
+                                    the KServe runtime runs around the model (Triton cannot)
 
 ``<model-name>`` is the contract's name: Triton serves a model under its folder's name, and that
 is the V2 model name in ``/v2/models/<name>/infer``, the same as local serving and the registry.
@@ -19,6 +21,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import onnx
@@ -115,8 +118,13 @@ def _rank(value: onnx.ValueInfoProto) -> int:
     return len(value.type.tensor_type.shape.dim)
 
 
-def write_layout(contract: Contract, contract_file: Path, onnx_path: Path, out: Path) -> Path:
+def write_layout(
+    contract: Contract, contract_file: Path, onnx_path: Path, out: Path, code: Sequence[Path] = ()
+) -> Path:
     """Write ``out/triton/<name>/...`` for ``onnx_path``; returns the repository root.
+
+    ``code``: Python files copied beside the contract (model.py and its helpers, for a model
+    whose preprocess/postprocess the handoff-onnx runtime runs).
 
     Built beside and moved into place, so a failed export never leaves half a repository that a
     later register could upload.
@@ -129,6 +137,8 @@ def write_layout(contract: Contract, contract_file: Path, onnx_path: Path, out: 
         (model_dir / MODEL_VERSION).mkdir(parents=True)
         shutil.copyfile(onnx_path, model_dir / MODEL_VERSION / ONNX_FILE)
         shutil.copyfile(contract_file, model_dir / CONTRACT_FILE)
+        for source in code:
+            shutil.copyfile(source, model_dir / source.name)
         atomic_write_bytes(model_dir / CONFIG_FILE, config_pbtxt(contract).encode())
         shutil.rmtree(root, ignore_errors=True)
         os.replace(scratch, root)

@@ -111,6 +111,15 @@ def _read_text(path: Path) -> str:
         ) from None
 
 
+def line_of_field(path: Path, loc: Loc) -> int | None:
+    """The line of field ``loc`` in a YAML file (for checks made after loading it), or None."""
+    try:
+        root = yaml.compose(_read_text(path), Loader=yaml.SafeLoader)
+    except (HandoffError, yaml.YAMLError, OSError):
+        return None
+    return _line_of(root, loc)
+
+
 def load_yaml_model(path: Path, model: type[ModelT]) -> ModelT:
     """Parse ``path`` and validate it as ``model``; raise HandoffError listing every problem."""
     if not path.is_file():

@@ -19,6 +19,7 @@ from kfp import compiler
 from handoff.artifact_store import check_cluster_tracking
 from handoff.labels import labels
 from handoff.project import Project
+from handoff.raw_io import check_cluster_runtime
 from handoff.settings import PROJECT_DIR_IN_IMAGE
 from handoff_pipelines.graph import build_pipeline
 
@@ -112,6 +113,7 @@ def compile_project(
         project = dataclasses.replace(project, settings=project.settings.model_copy(update={"image": image}))
     chosen = targets or targets_for(project.settings.orchestrator)
     check_cluster_tracking(project)  # every target runs its steps in pods
+    check_cluster_runtime(project.contract, project.settings, project.root)  # before a cluster run
     if "argo" in chosen:
         from handoff_pipelines.argo import check_argo_target
 

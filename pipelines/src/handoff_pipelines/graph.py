@@ -92,7 +92,7 @@ def cluster_plan(training: TrainingSettings) -> tuple[StepPlan, ...]:
 def description(contract_sha256: str) -> str:
     """What the compiled pipelines say they are; the contract's hash shows a changed contract in a diff."""
     text = f"Train, export, evaluate, register and deploy model.py (ml-template {__version__})."
-    return text + (f" contract.yaml sha256 {contract_sha256}." if contract_sha256 else "")
+    return text + (f" Contract sha256 {contract_sha256}." if contract_sha256 else "")
 
 
 def place_training(task: Any, training: TrainingSettings) -> None:

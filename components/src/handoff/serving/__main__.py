@@ -51,9 +51,11 @@ def serve(spec_path: Path, fd: int | None = None, takeover_fd: int | None = None
         contract,
         max_batch_size=batching.max_batch_size,
         max_wait_ms=batching.max_wait_ms,
+        # model.py (for preprocess/postprocess) sits beside the contract: register attaches both.
+        code_dir=Path(spec["contract_dir"]),
     )
 
-    example = {"inputs": [{**tensor.v2_metadata(), "data": ["..."]} for tensor in contract.inputs]}
+    example = {"inputs": [{**tensor.v2_metadata(), "data": ["..."]} for tensor in contract.request_inputs]}
     expected = f"a V2 inference request like {json.dumps(example)}"
     max_request_bytes = int(spec.get("max_request_bytes", guards.DEFAULT_MAX_REQUEST_BYTES))
 

@@ -257,6 +257,11 @@ def binary_request_error(body: bytes, header_length: bytes) -> str | None:
             return f"{where}: needs 'data' or parameters.binary_data_size"
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             return f"{where}: parameters.binary_data_size must be a byte count, got {size!r}"
+        if tensor.datatype == "BYTES":
+            # Length-prefixed elements: their count is checked against the shape once decoded
+            # (``OnnxModel``); here only that the sizes add up.
+            declared += size
+            continue
         item = BINARY_ITEM_SIZES.get(tensor.datatype)
         if item is None:
             return f"{where}: datatype {tensor.datatype!r} cannot be sent as binary data here"

@@ -17,9 +17,10 @@ from __future__ import annotations
 import contextlib
 import shutil
 import socket
+import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,20 +31,22 @@ from mlflow.exceptions import MlflowException
 
 from handoff.artifacts import EXAMPLE_FILE, EXTRA_DIR, ONNX_FILE
 from handoff.contract import CONTRACT_FILE, Contract, load_contract
+from handoff.contract_changes import contract_changes
 from handoff.errors import HandoffError
 from handoff.files import read_json, sha256_of, write_json
 from handoff.project import Project
+from handoff.raw_io import check_cluster_runtime
 from handoff.serving import local_server
 from handoff.serving.local_server import ServerHandle
-from handoff.serving.smoke import latency_check, smoke_test
+from handoff.serving.smoke import LatencyResult, SmokeResult, latency_check, smoke_test
 from handoff.step_entry import in_cluster
-from handoff.steps.register import SHA_TAG, TRITON_TAG
+from handoff.steps.register import SERVED_TAG, SHA_TAG, TRITON_TAG, undo_promotion
 from handoff.tracking import CHAMPION, alias_version, use_tracking
 
 if TYPE_CHECKING:
     from kubernetes.client import ApiClient
 
-    from handoff.kube.inference_service import Release
+    from handoff.kube.inference_service import Release, Rollout
 
 
 @dataclass(frozen=True)
@@ -132,6 +135,49 @@ def _project_socket(project: Project, previous: ServerHandle | None) -> socket.s
     return local_server.bind(serving.host, serving.port, listen=False)
 
 
+def enforced_contract(project: Project, registered: Contract, name: str, version: str) -> Contract:
+    """The contract deploy enforces: the working tree's, which may have moved on since the version
+    was registered (a new latency SLO applies to what is deployed now), said on stderr when it
+    differs; an interface the version's ONNX graph was not exported for is refused."""
+    interface, other = contract_changes(registered, project.contract)
+    if interface:
+        raise HandoffError(
+            f"contract.yaml declares another interface than {name} v{version} was exported for "
+            f"({'; '.join(interface)}); export and register the model again",
+            file=project.root / CONTRACT_FILE,
+        )
+    if other:
+        print(
+            f"handoff: deploy: enforcing the working tree's contract.yaml, which differs from the one "
+            f"v{version} was registered with: {'; '.join(other)}",
+            file=sys.stderr,
+            flush=True,
+        )
+    return project.contract
+
+
+def _served(project: Project, name: str, version: str, where: str) -> None:
+    """Record on the version that it served (what ``undo_promotion`` asks before demoting it)."""
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    use_tracking(project).set_model_version_tag(name, version, SERVED_TAG, f"{where} {stamp}")
+
+
+@contextlib.contextmanager
+def _promotion_follows(project: Project, name: str, version: str, champion_only: bool) -> Iterator[None]:
+    """A pipeline's deploy (``champion_only``) completes its register's promotion: if it fails,
+    the promotion is undone with it (``undo_promotion``) and the error says what champion is now."""
+    try:
+        yield
+    except HandoffError as exc:
+        if not champion_only:
+            raise
+        why = str(exc).split(";")[0]
+        done = undo_promotion(use_tracking(project), name, version, why)
+        if not done:
+            raise
+        raise HandoffError(f"{exc}; {done}") from None
+
+
 def require_champion(project: Project, name: str, version: str) -> None:
     """Refuse to serve a version that is not the champion: a pipeline deploys what its register
     promoted, and a later run may have promoted another since (that run deploys its own)."""
@@ -151,11 +197,19 @@ def deploy(
     *,
     cluster: bool | None = None,
     champion_only: bool = False,
+    registered_contract: bool = False,
 ) -> DeployResult:
     """Serve ``model_name`` version ``version`` and smoke-test it.
 
+    The checks enforce the working tree's contract.yaml (``enforced_contract``: its SLOs may have
+    moved on since registration; its interface may not), or with ``registered_contract`` (what
+    rollback passes: it restores what served before) the one the version was registered with.
+    Once the version serves, its ``handoff.served`` tag says where and when.
+
     ``champion_only`` (what the pipelines pass) refuses a version the ``champion`` alias no longer
-    points at (``require_champion``), before anything changes.
+    points at (``require_champion``), before anything changes; and if the deploy fails, the
+    promotion it was to complete is undone (``undo_promotion``), so champion never stays on a
+    version that never served.
 
     ``cluster`` None decides by where the step runs (``in_cluster``). Locally this is blue/green:
     the new version's server starts beside the running one on a private port, where it must pass
@@ -167,57 +221,21 @@ def deploy(
     if cluster is None:
         cluster = in_cluster()
     if cluster:
-        return deploy_to_cluster(project_dir, model_name, version, champion_only=champion_only)
+        return deploy_to_cluster(
+            project_dir,
+            model_name,
+            version,
+            champion_only=champion_only,
+            registered_contract=registered_contract,
+        )
     started = time.perf_counter()
     project = Project.load(project_dir)
     with local_server.deploy_lock(project.state_dir):
         if champion_only:
             require_champion(project, model_name, version)
-        model_dir = fetch_model(project, model_name, version)
-        contract = load_contract(model_dir / EXTRA_DIR)  # the contract this version was registered with
-        example = read_json(model_dir / EXTRA_DIR / EXAMPLE_FILE)
-        previous = local_server.current(project.state_dir, project.root)
-        with contextlib.ExitStack() as sockets:  # closed here unless the new server took them
-            port = sockets.enter_context(_project_socket(project, previous))  # busy: fails before any change
-            private = sockets.enter_context(local_server.bind(project.settings.serving.host, 0))
-            check_url = local_server.url_of(private)
-            handover = local_server.handover_path()
-            spec_file = _write_spec(project, model_dir, model_name, port.getsockname()[1], handover)
-            try:
-                handle = local_server.start(
-                    spec_file,
-                    private,
-                    model_name=model_name,
-                    version=version,
-                    state_dir=project.state_dir,
-                    ready_timeout_s=project.settings.serving.ready_timeout_s,
-                    takeover=port,
-                    handover=handover,
-                    project=project.root,
-                )
-            except HandoffError as exc:
-                raise HandoffError(f"{exc}; {_still_serving(previous)}") from None
-        try:
-            smoke = smoke_test(check_url, model_name, contract, example)
-            if not smoke.passed:
-                raise _NotTakingOver(smoke.detail)
-            latency = latency_check(check_url, model_name, contract, example)
-            if not latency.passed:
-                raise _NotTakingOver(latency.detail)
-            local_server.take_over(handle)
-        except BaseException as exc:  # Ctrl-C included: never leave an unrecorded server behind
-            local_server.terminate(handle)
-            if isinstance(exc, _NotTakingOver):
-                raise HandoffError(
-                    f"{model_name}/{version} did not pass its checks before taking over: {exc}; "
-                    f"the new server was stopped and {_still_serving(previous)}"
-                ) from None
-            if isinstance(exc, HandoffError):
-                raise HandoffError(f"{exc}; {_still_serving(previous)}") from None
-            raise
-        local_server.record(project.state_dir, handle)
-        if previous is not None:
-            local_server.retire(previous)  # stops accepting, finishes its requests, exits
+        with _promotion_follows(project, model_name, version, champion_only):
+            handle, smoke, latency = _blue_green(project, model_name, version, registered_contract)
+        _served(project, model_name, version, f"local {handle.url}")
     return DeployResult(
         url=handle.url,
         model_name=model_name,
@@ -229,6 +247,61 @@ def deploy(
         seconds=round(time.perf_counter() - started, 3),
         served_p99_ms=round(latency.p99_ms, 3),
     )
+
+
+def _blue_green(
+    project: Project, model_name: str, version: str, registered_contract: bool
+) -> tuple[ServerHandle, SmokeResult, LatencyResult]:
+    """Start the version beside the serving one; it takes over only once its checks passed."""
+    model_dir = fetch_model(project, model_name, version)
+    registered = load_contract(model_dir / EXTRA_DIR)  # the contract this version was registered with
+    contract = (
+        registered if registered_contract else enforced_contract(project, registered, model_name, version)
+    )
+    example = read_json(model_dir / EXTRA_DIR / EXAMPLE_FILE)
+    previous = local_server.current(project.state_dir, project.root)
+    with contextlib.ExitStack() as sockets:  # closed here unless the new server took them
+        port = sockets.enter_context(_project_socket(project, previous))  # busy: fails before any change
+        private = sockets.enter_context(local_server.bind(project.settings.serving.host, 0))
+        check_url = local_server.url_of(private)
+        handover = local_server.handover_path()
+        spec_file = _write_spec(project, model_dir, model_name, port.getsockname()[1], handover)
+        try:
+            handle = local_server.start(
+                spec_file,
+                private,
+                model_name=model_name,
+                version=version,
+                state_dir=project.state_dir,
+                ready_timeout_s=project.settings.serving.ready_timeout_s,
+                takeover=port,
+                handover=handover,
+                project=project.root,
+            )
+        except HandoffError as exc:
+            raise HandoffError(f"{exc}; {_still_serving(previous)}") from None
+    try:
+        smoke = smoke_test(check_url, model_name, contract, example)
+        if not smoke.passed:
+            raise _NotTakingOver(smoke.detail)
+        latency = latency_check(check_url, model_name, contract, example)
+        if not latency.passed:
+            raise _NotTakingOver(latency.detail)
+        local_server.take_over(handle)
+    except BaseException as exc:  # Ctrl-C included: never leave an unrecorded server behind
+        local_server.terminate(handle)
+        if isinstance(exc, _NotTakingOver):
+            raise HandoffError(
+                f"{model_name}/{version} did not pass its checks before taking over: {exc}; "
+                f"the new server was stopped and {_still_serving(previous)}"
+            ) from None
+        if isinstance(exc, HandoffError):
+            raise HandoffError(f"{exc}; {_still_serving(previous)}") from None
+        raise
+    local_server.record(project.state_dir, handle)
+    if previous is not None:
+        local_server.retire(previous)  # stops accepting, finishes its requests, exits
+    return handle, smoke, latency
 
 
 class _NotTakingOver(Exception):
@@ -286,34 +359,20 @@ def deploy_to_cluster(
     *,
     api: ApiClient | None = None,
     champion_only: bool = False,
+    registered_contract: bool = False,
     poll_s: float = 5.0,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
 ) -> DeployResult:
-    """Roll ``model_name`` version ``version`` out to the project's InferenceService."""
-    from handoff.kube import inference_service as isvc
-    from handoff.kube.client import api_client
-
+    """Roll ``model_name`` version ``version`` out to the project's InferenceService (``deploy``
+    says what ``champion_only`` and ``registered_contract`` do)."""
     started = time.perf_counter()
     project = Project.load(project_dir)
     if champion_only:
         require_champion(project, model_name, version)
-    release, contract, example = registered_release(project, model_name, version)
-    if release.triton_uri.startswith("file://"):
-        isvc.log(
-            f"warning: the model's files are on a local path ({release.triton_uri}); the predictor "
-            "can only download them if that path is mounted into it (use object storage for MLflow)"
-        )
-    services = isvc.ServiceClient(
-        project.settings.namespace, project.settings.project, api or api_client(), retry_s=poll_s, sleep=sleep
-    )
-    done = isvc.rollout(
-        services,
-        project.settings,
-        release,
-        lambda url: smoke_test(url, model_name, contract, example),
-        isvc.Watch(services, poll_s=poll_s, clock=clock, sleep=sleep),
-    )
+    with _promotion_follows(project, model_name, version, champion_only):
+        done = _roll_out(project, model_name, version, api, poll_s, clock, sleep, registered_contract)
+    _served(project, model_name, version, f"cluster {done.url}")
     return DeployResult(
         url=done.url,
         model_name=model_name,
@@ -324,4 +383,40 @@ def deploy_to_cluster(
         smoke_latency_ms=done.smoke.latency_ms,
         seconds=round(time.perf_counter() - started, 3),
         target="cluster",
+    )
+
+
+def _roll_out(
+    project: Project,
+    model_name: str,
+    version: str,
+    api: ApiClient | None,
+    poll_s: float,
+    clock: Callable[[], float],
+    sleep: Callable[[float], None],
+    registered_contract: bool,
+) -> Rollout:
+    """Point the InferenceService at the version, canary, smoke-test, promote or roll back."""
+    from handoff.kube import inference_service as isvc
+    from handoff.kube.client import api_client
+
+    release, registered, example = registered_release(project, model_name, version)
+    contract = (
+        registered if registered_contract else enforced_contract(project, registered, model_name, version)
+    )
+    check_cluster_runtime(registered, project.settings, project.root)  # Triton runs no preprocess
+    if release.triton_uri.startswith("file://"):
+        isvc.log(
+            f"warning: the model's files are on a local path ({release.triton_uri}); the predictor "
+            "can only download them if that path is mounted into it (use object storage for MLflow)"
+        )
+    services = isvc.ServiceClient(
+        project.settings.namespace, project.settings.project, api or api_client(), retry_s=poll_s, sleep=sleep
+    )
+    return isvc.rollout(
+        services,
+        project.settings,
+        release,
+        lambda url: smoke_test(url, model_name, contract, example),
+        isvc.Watch(services, poll_s=poll_s, clock=clock, sleep=sleep),
     )

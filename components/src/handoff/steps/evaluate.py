@@ -3,8 +3,10 @@
 The shared evaluation suite (task-aware metrics, per-class results, slices) and the researcher's
 own ``metrics`` hook are computed once over the whole held-out split, on ONNX Runtime's outputs;
 latency is measured at the contract's batch size. The gate holds every SLO in the contract and,
-when the registry has a champion, compares against it on the same data. The readiness report
-(Markdown + self-contained HTML, with plots) lists the checklist with its evidence.
+when the registry has a champion, compares against it on the same data: the held-out split's
+sha256 is recorded (register tags the version with it), and a champion evaluated on another
+split is not compared at all. The readiness report (Markdown + self-contained HTML, with plots)
+lists the checklist with its evidence.
 """
 
 from __future__ import annotations
@@ -20,12 +22,23 @@ from torch.utils.data import DataLoader
 
 from handoff import readiness
 from handoff.artifacts import CONFIG_FILE, EXPORT_RECORD_FILE, ONNX_FILE
+from handoff.data_hash import data_sha256
 from handoff.errors import HandoffError
 from handoff.eval_suite import evaluate_outputs
 from handoff.files import read_json
 from handoff.gates import Champion, Gate, absolute_checks, decide, relative_checks
-from handoff.hooks import MODEL_FILE, call_hook, hook_batch, score_split, split_batch, user_code
-from handoff.onnx_io import open_session, run_session
+from handoff.hooks import (
+    MODEL_FILE,
+    call_hook,
+    hook_batch,
+    join_split,
+    score_split,
+    scored_target,
+    split_batch,
+    user_code,
+)
+from handoff.lineage import HELDOUT_TAG
+from handoff.onnx_io import check_arrays, open_session, run_session
 from handoff.project import Project
 from handoff.readiness import ReadinessItem
 from handoff.steps.export import example_arrays
@@ -51,14 +64,19 @@ class EvalResult:
     readiness: list[ReadinessItem]
     report: str  # the readiness report's folder ('' when none was written)
     samples: int
+    # handoff.data_hash of the held-out split: register tags the version with it (HELDOUT_TAG), so
+    # a later challenger is compared with this model only on these same items.
+    heldout_sha256: str
     seconds: float
 
 
 @dataclass(frozen=True)
 class HeldOut:
-    """The held-out split, loaded once and scored for the challenger and the champion alike."""
+    """The held-out split, loaded once and scored for the challenger and the champion alike;
+    ``sha256`` names its items (in order), so two evaluations can tell whether they saw the same."""
 
     batches: list[tuple[tuple[torch.Tensor, ...], Any]]
+    sha256: str
 
     @classmethod
     def load(cls, project: Project, cfg: Any) -> HeldOut:
@@ -67,7 +85,9 @@ class HeldOut:
             batches = [split_batch(b) for b in DataLoader(val_set, batch_size=256)]
         if not batches:
             raise HandoffError("the validation dataset is empty", file=MODEL_FILE, field="build_datasets")
-        return cls(batches)
+        with user_code(project.hooks, "hashing the validation split"):
+            sha256 = data_sha256(val_set)
+        return cls(batches, sha256)
 
     @property
     def samples(self) -> int:
@@ -84,21 +104,27 @@ class Scores:
 
 def score(project: Project, session: Any, data: HeldOut) -> Scores:
     """The suite's metrics and the researcher's additions (the suite's win a name clash, so every
-    project's gate reads the same definition of accuracy, F1 and RMSE)."""
+    project's gate reads the same definition of accuracy, F1 and RMSE).
+
+    The suite scores the contract's ``task.output`` against the target ``task.target`` picks.
+    """
+    contract = project.contract
     outputs, inputs, targets = [], [], []
     for x, y in data.batches:
-        got = run_session(session, project.contract, [t.numpy() for t in x])
+        arrays = [t.numpy() for t in x]
+        check_arrays(contract.inputs, arrays, what="inputs", source="the validation dataset")
+        got = run_session(session, contract, arrays)
         outputs.append(tuple(torch.from_numpy(a) for a in got))
         inputs.append(x)
         targets.append(y)
-    own = score_split(project.hooks, outputs, inputs, targets)
-    predictions = np.concatenate([o[0].numpy() for o in outputs])
-    target = torch.cat(targets).numpy()
+    own = score_split(project.hooks, outputs, inputs, targets, contract.output_names)
+    merged, joined, target = join_split(project.hooks, outputs, inputs, targets)
+    scored = contract.scored_output
+    truth, _ = scored_target(target, contract.task, contract.output_names[scored])
     keys = None
     if hasattr(project.hooks, "slices"):
-        batch = hook_batch((tuple(torch.cat(p) for p in zip(*inputs, strict=True)), torch.cat(targets)))
-        keys = [str(k) for k in call_hook(project.hooks, "slices", batch)]
-    suite = evaluate_outputs(project.contract.task, predictions, target, keys)
+        keys = [str(k) for k in call_hook(project.hooks, "slices", hook_batch((joined, target)))]
+    suite = evaluate_outputs(contract.task_type, merged[scored].numpy(), truth.numpy(), keys)
     return Scores({**own, **suite.metrics}, suite.per_class, suite.confusion, suite.slices)
 
 
@@ -119,16 +145,22 @@ def measure_latency(project: Project, session: Any, example: list[np.ndarray]) -
 def champion_scores(project: Project, data: HeldOut) -> Champion | None:
     """The registry's champion scored on ``data``; None when there is none yet.
 
-    A champion that cannot be scored on this data (its contract's inputs differ) is reported as
-    not comparable rather than silently passed: the error names the version.
+    A champion evaluated on another held-out split (its ``handoff.heldout_sha256`` tag) is not
+    scored: these items may be ones it was trained on, and the gate says so. A champion that
+    cannot be scored on this data (its contract's inputs differ) is reported as not comparable
+    rather than silently passed: the error names the version.
     """
     from handoff.steps.deploy import fetch_model
     from handoff.tracking import CHAMPION, alias_version, use_tracking
 
     name = project.contract.name
-    version = alias_version(use_tracking(project), name, CHAMPION)
+    client = use_tracking(project)
+    version = alias_version(client, name, CHAMPION)
     if version is None:
         return None  # no such model or alias yet: the first model bootstraps
+    split = client.get_model_version(name, version).tags.get(HELDOUT_TAG)
+    if split is not None and split != data.sha256:
+        return Champion(name, version, {}, split)
     local = fetch_model(project, name, version)
     try:
         scores = score(project, open_session(local / ONNX_FILE), data)
@@ -138,7 +170,7 @@ def champion_scores(project: Project, data: HeldOut) -> Champion | None:
             f"relative gate cannot compare ({exc}); if the contract changed on purpose, remove "
             f"the alias first: MlflowClient().delete_registered_model_alias({name!r}, {CHAMPION!r})"
         ) from None
-    return Champion(version=version, metrics=scores.metrics)
+    return Champion(name, version, scores.metrics, split)
 
 
 def evaluate(
@@ -162,7 +194,8 @@ def evaluate(
     champion = champion_scores(project, data)
     slo = project.contract.slo
     gate = decide(
-        absolute_checks(slo, scores.metrics, p99, size_mb) + relative_checks(slo, scores.metrics, champion)
+        absolute_checks(slo, scores.metrics, p99, size_mb)
+        + relative_checks(slo, scores.metrics, champion, data.sha256)
     )
     export_record = model_dir / EXPORT_RECORD_FILE
     evidence = readiness.Evidence(
@@ -194,5 +227,6 @@ def evaluate(
         readiness=items,
         report=report,
         samples=data.samples,
+        heldout_sha256=data.sha256,
         seconds=round(time.perf_counter() - started, 3),
     )

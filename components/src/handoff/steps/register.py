@@ -16,6 +16,7 @@ where a cluster's storage initializer fetches the model from (``handoff deploy -
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import tempfile
 import time
@@ -37,7 +38,7 @@ from handoff.artifacts import EXAMPLE_FILE, ONNX_FILE
 from handoff.contract import CONTRACT_FILE, Contract
 from handoff.errors import HandoffError
 from handoff.files import sha256_of
-from handoff.lineage import DATA_TAG, IMAGE_TAG, git_sha, image_reference
+from handoff.lineage import DATA_TAG, HELDOUT_TAG, IMAGE_TAG, git_sha, image_reference
 from handoff.model_card import CARD_FILE, check_model_card, filled_in_card
 from handoff.project import Project
 from handoff.promotion_lock import promotion_lock
@@ -53,6 +54,15 @@ TRITON_TAG = "handoff.triton_uri"
 PREVIOUS_CHAMPION_TAG = "handoff.previous_champion"
 # Set on a version whose gate passed: whether it was promoted, and if not, why.
 PROMOTION_TAG = "handoff.promotion"
+# The content hash of the contract the version was registered with (``Contract.sha256``): with the
+# ONNX sha256, what identifies a version.
+CONTRACT_TAG = "handoff.contract_sha256"
+# With preprocess/postprocess (contract ``raw:``): the sha256 of the Python files the model server
+# runs beside the model (export's copy, ``served_code_sha256``), part of the version's identity.
+CODE_TAG = "handoff.served_code_sha256"
+# Set by deploy once the version has served (passed its smoke test and latency check): where and
+# when. A champion without it never served, and a failed deploy undoes its promotion.
+SERVED_TAG = "handoff.served"
 
 
 @dataclass(frozen=True)
@@ -92,6 +102,8 @@ def _gate_of(evaluation: dict[str, Any]) -> dict[str, Any]:
             "latency_p99_ms": float(evaluation["latency_p99_ms"]),
             "checks": [(str(c["name"]), bool(c["passed"]), str(c["detail"])) for c in gate.get("checks", [])],
             "champion": (evaluation.get("champion") or {}).get("version"),
+            # Written by evaluate since the relative gate pins the held-out split; "" before.
+            "heldout_sha256": str(evaluation.get("heldout_sha256") or ""),
         }
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise HandoffError(
@@ -162,21 +174,26 @@ def register(
     sha = sha256_of(model_dir / ONNX_FILE)
     triton = model_dir / TRITON_DIR
     check_layout(triton, project.contract, sha)  # before anything is written
-    version = existing_version(client, name, sha)
+    code = exported_code(triton, name)
+    identity = {SHA_TAG: sha, CONTRACT_TAG: project.contract.sha256}
+    if code:
+        identity[CODE_TAG] = served_code_sha256(code)
+    version = existing_version(client, name, identity)
     if version is None:
         # Log into the training run (one run holds the whole lineage) without letting a failure
         # here mark that finished run as FAILED, which `with start_run(...)` would do.
         run = mlflow.start_run(run_id=mlflow_run_id or None, run_name=f"{project.settings.project}-register")
         try:
             triton_uri = _log_triton_layout(triton)
-            tags = _tags(project, checked, sha, run.info.run_id, triton_uri, client)
-            info = _log_model(project, model_dir, checked, card, tags, report_dir)
+            tags = {**_tags(project, checked, sha, run.info.run_id, triton_uri, client), **identity}
+            info = _log_model(project, model_dir, checked, card, tags, report_dir, code)
         finally:
             mlflow.end_run()
         version = str(mlflow.register_model(info.model_uri, name, tags=tags).version)
     else:
         print(
-            f"handoff: register: {name} v{version} already holds this model.onnx (sha256 {sha[:12]}…)",
+            f"handoff: register: {name} v{version} already holds this model.onnx (sha256 {sha[:12]}…) "
+            "under this contract",
             file=sys.stderr,
             flush=True,
         )
@@ -228,14 +245,61 @@ def _champion_moved(current: str | None, compared: str | None) -> str:
     )
 
 
-def existing_version(client: MlflowClient, name: str, sha: str) -> str | None:
-    """The version already registered for this exact ONNX file (its sha256 tag), or None.
+def undo_promotion(client: MlflowClient, name: str, version: str, why: str) -> str:
+    """Undo the promotion of ``version`` when the deploy that followed it failed; returns what was
+    done, as a sentence for the error ('' when nothing was to undo).
 
-    A retried register (a step restarted after a crash, a pipeline run again) then reuses it
-    instead of adding a duplicate; the oldest wins if an earlier release left several.
+    Promotion and the deploy after it are one transaction: a champion that never served goes back
+    to the version it replaced (its ``handoff.previous_champion`` tag) or, the first champion, is
+    removed. A version that has served (``handoff.served``) stays champion: a failed redeploy of
+    what is serving is not a reason to change what serves. Under the promotion lock, and only if
+    ``version`` still is champion (another run may have promoted meanwhile).
     """
+    with promotion_lock(client, name, f"undoing the promotion of {name} v{version}"):
+        if alias_version(client, name, CHAMPION) != version:
+            return ""
+        tags = client.get_model_version(name, version).tags
+        if tags.get(SERVED_TAG):
+            return ""
+        previous = tags.get(PREVIOUS_CHAMPION_TAG)
+        if previous:
+            client.set_registered_model_alias(name, CHAMPION, previous)
+            done = f"champion moved back to v{previous}, which it replaced"
+        else:
+            client.delete_registered_model_alias(name, CHAMPION)
+            done = f"champion removed: v{version} was the first champion and never served"
+        client.set_model_version_tag(
+            name, version, PROMOTION_TAG, f"promotion undone: its deploy failed ({why})"
+        )
+    print(f"handoff: {done}", file=sys.stderr, flush=True)
+    return done
+
+
+def exported_code(triton: Path, name: str) -> list[Path]:
+    """The Python files export put beside the model for the server (preprocess/postprocess)."""
+    return sorted((triton / name).glob("*.py"))
+
+
+def served_code_sha256(files: list[Path]) -> str:
+    """One digest of the served Python files, their names included."""
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(f"{path.name}\0{sha256_of(path)}\n".encode())
+    return digest.hexdigest()
+
+
+def existing_version(client: MlflowClient, name: str, identity: dict[str, str]) -> str | None:
+    """The version already registered with exactly these identity tags, or None.
+
+    The identity is the ONNX file's sha256 and the contract's, plus the served code's when the
+    model has preprocess/postprocess. A retried register (a step restarted after a crash, a
+    pipeline run again) then reuses it instead of adding a duplicate; the oldest wins if an
+    earlier release left several. The same bytes under an edited contract (a new SLO) or with
+    edited serving code are a new version: deploy and the gates enforce what it was registered with.
+    """
+    query = " and ".join([f"name='{name}'", *(f"tags.`{tag}`='{value}'" for tag, value in identity.items())])
     try:
-        found = client.search_model_versions(f"name='{name}' and tags.`{SHA_TAG}`='{sha}'")
+        found = client.search_model_versions(query)
     except MlflowException as exc:
         if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
             return None
@@ -292,7 +356,7 @@ def _tags(
     return {
         SHA_TAG: sha,
         TRITON_TAG: triton_uri,
-        "handoff.contract_sha256": project.contract.sha256,
+        CONTRACT_TAG: project.contract.sha256,
         "handoff.template_version": __version__,
         "handoff.run_id": run_id,
         # Tagged on the run by train; a run train did not make (register on its own) has none.
@@ -302,6 +366,8 @@ def _tags(
         "handoff.gate": "passed" if checked["passed"] else "failed",
         "handoff.gate_reasons": "; ".join(checked["reasons"]) or "-",
         "handoff.compared_to_champion": checked["champion"] or "-",
+        # Absent when the evaluation did not say (the relative gate then scores as before it existed).
+        **({HELDOUT_TAG: checked["heldout_sha256"]} if checked["heldout_sha256"] else {}),
     }
 
 
@@ -312,6 +378,7 @@ def _log_model(
     card: str,
     tags: dict[str, str],
     report_dir: Path | str | None,
+    code: list[Path],
 ) -> Any:
     """Log metrics and the model (with its attachments) into the open MLflow run."""
     mlflow.log_metrics({f"onnx_{k}": v for k, v in checked["metrics"].items()})
@@ -328,5 +395,13 @@ def _log_model(
             # with the example the smoke test replays, the contract it is served with, the
             # filled-in model card and the readiness report.
             save_as_external_data=False,
-            extra_files=[str(model_dir / EXAMPLE_FILE), str(project.root / CONTRACT_FILE), *attached],
+            # With preprocess/postprocess, model.py and the *.py beside it too, as export copied
+            # them (what the cluster's Triton layout holds): the model server imports them from
+            # the same folder as the contract.
+            extra_files=[
+                str(model_dir / EXAMPLE_FILE),
+                str(project.root / CONTRACT_FILE),
+                *attached,
+                *(str(p) for p in code),
+            ],
         )

@@ -58,7 +58,9 @@ def rollback(project_dir: Path | str, to: str | None = None) -> RollbackResult:
         raise HandoffError(
             f"model {name!r} has no version {to!r} in the registry ({project.tracking_uri})", field="--to"
         ) from None
-    deployed = deploy(project.root, name, to, cluster=False)  # serves, or raises with nothing changed
+    # Serves, or raises with nothing changed; under the contract it was registered (and served)
+    # with: a rollback restores what served before, whatever the working tree says since.
+    deployed = deploy(project.root, name, to, cluster=False, registered_contract=True)
     with promotion_lock(client, name, f"rollback of {name} to v{to}"):
         now = alias_version(client, name, CHAMPION)
         if now != current:

@@ -30,17 +30,20 @@ from tqdm import tqdm
 from handoff import __version__, distributed
 from handoff.artifact_store import check_before_training
 from handoff.checkpoints import latest_state, save_checkpoint, save_state
+from handoff.contract import Contract
 from handoff.data_hash import data_sha256
 from handoff.data_order import EpochBatches
 from handoff.errors import HandoffError
 from handoff.hooks import (
     MODEL_FILE,
     ModelModule,
-    as_tuple,
     build_optimizer,
     call_hook,
+    contract_outputs,
     hook_batch,
-    hook_outputs,
+    items_in_batch,
+    map_leaves,
+    model_outputs,
     score_split,
     split_batch,
     user_code,
@@ -82,7 +85,9 @@ def int_setting(cfg: Any, name: str, default: int) -> int:
     return value
 
 
-def evaluate_torch(hooks: ModelModule, model: torch.nn.Module, loader: DataLoader) -> dict[str, float]:
+def evaluate_torch(
+    hooks: ModelModule, model: torch.nn.Module, loader: DataLoader, contract: Contract
+) -> dict[str, float]:
     """Loss and researcher metrics over a whole split with the torch model."""
     outputs, inputs, targets = [], [], []
     device = next(model.parameters()).device
@@ -90,11 +95,12 @@ def evaluate_torch(hooks: ModelModule, model: torch.nn.Module, loader: DataLoade
     with torch.no_grad(), user_code(hooks, "the forward pass on the validation split"):
         for batch in loader:
             x, y = split_batch(batch)
-            outputs.append(tuple(t.cpu() for t in as_tuple(model(*(t.to(device) for t in x)))))
+            value = model(*(t.to(device) for t in x))
+            outputs.append(tuple(t.cpu() for t in contract_outputs(value, contract)))
             inputs.append(x)
             targets.append(y)
     model.train()
-    return score_split(hooks, outputs, inputs, targets)
+    return score_split(hooks, outputs, inputs, targets, contract.output_names)
 
 
 class Preempted(SystemExit):
@@ -215,7 +221,9 @@ def _train(
     trained: torch.nn.Module = DistributedDataParallel(model) if ctx.enabled else model
     if training.compile:
         trained = cast(torch.nn.Module, torch.compile(trained))
-    stepper = Stepper(hooks, trained, optimizer, device, precision, scaler, training.channels_last)
+    stepper = Stepper(
+        hooks, project.contract, trained, optimizer, device, precision, scaler, training.channels_last
+    )
     loading = loader_options(device, ctx.world_size)
 
     def snapshot(epoch: int, in_epoch: int) -> None:
@@ -301,7 +309,7 @@ def _train(
             total, seen = ctx.sum(sums)
             last_loss, step_in_epoch, sums = total / max(seen, 1), 0, [0.0, 0.0]
             if ctx.is_main:
-                val_metrics = evaluate_torch(hooks, model, val_loader)
+                val_metrics = evaluate_torch(hooks, model, val_loader, project.contract)
             snapshot(epoch + 1, 0)  # saved before logging: a resume never logs an epoch twice
             if ctx.is_main:
                 mlflow.log_metrics({"train_loss": last_loss, **val_metrics}, step=epoch)
@@ -363,6 +371,7 @@ class Stepper:
     """
 
     hooks: ModelModule
+    contract: Contract
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     device: torch.device
@@ -400,10 +409,9 @@ class Stepper:
         inputs, target = split_batch(batch)
         if self.moves:
             inputs = tuple(self._move(x) for x in inputs)
-            if isinstance(target, torch.Tensor):
-                target = target.to(self.device, non_blocking=True)
+            target = map_leaves(target, lambda t: t.to(self.device, non_blocking=True))
         with self.precision.autocast(self.device):
-            outputs = hook_outputs(as_tuple(self.model(*inputs)))
+            outputs = model_outputs(self.model, inputs, self.contract)
             loss = self._loss(outputs, hook_batch((inputs, target)))
         # The step's one host sync (on a GPU it waits for the forward pass only; backward and
         # the update are then queued without waiting), before the update so a bad step is
@@ -421,7 +429,7 @@ class Stepper:
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        return value, len(target)
+        return value, items_in_batch(inputs)
 
 
 def loader_options(device: torch.device, world_size: int) -> dict[str, Any]:

@@ -1,13 +1,34 @@
 """{{ cookiecutter.project_name }}: the model, its data, loss and metrics in plain PyTorch.
 
-This is the one file a researcher edits. The platform (`handoff`) trains it, exports it to ONNX,
-evaluates it against contract.yaml, registers and serves it. Conventions:
+Starter: image classification. A small CNN reads scikit-learn's bundled 8x8 handwritten digits
+(offline) and names the digit.
 
-* every dataset item is ``(inputs, target)``; ``inputs`` matches contract.yaml ``inputs``;
-* the model is called as ``model(inputs)`` and returns what contract.yaml ``outputs`` declares;
-* ``example_inputs`` is a small real batch: export and the serving smoke test replay it.
+This is the one file a researcher edits: swap in any architecture, data or loss, as long as the
+hooks below keep their contract with contract.yaml. The platform (`handoff`) trains the model,
+exports it to ONNX, evaluates it, registers and serves it. The hooks (`make check` tests them all
+in seconds; model.py imports nothing from the platform):
 
-Run ``make check`` after each change (seconds), ``make run`` for the whole pipeline.
+* ``Config``: a dataclass with a default for every field (handoff.yaml's ``training.overrides``
+  changes them in pipeline runs); ``Config.tiny()``, optional, is a seconds-long smoke run.
+* ``build_datasets(cfg) -> (train, val)``: torch Datasets whose items are ``(inputs, target)``.
+  ``inputs``: a tensor, or a tuple of tensors in the order of contract.yaml ``inputs``.
+  ``target``: a tensor, a tuple of tensors, or a dict of name -> tensor. ``val`` is the held-out
+  split the evaluation suite and the gate score.
+* ``build_model(cfg) -> nn.Module``: called as ``model(*inputs)``, one positional argument per
+  contract input. It may return a tensor, a tuple of tensors in the order of contract.yaml
+  ``outputs``, or a dict (a HuggingFace ``ModelOutput`` too) holding every output's name as a key.
+* ``loss(outputs, batch)`` and, optional, ``metrics(outputs, batch) -> dict``: ``outputs`` as the
+  model returned them (with one contract output: that tensor), ``batch`` is ``(inputs, target)``.
+* ``example_inputs(cfg)``: a few real held-out items; export and the serving smoke test replay them.
+
+In contract.yaml every ``-1`` is a dynamic axis (the first one is the batch); an integer input may
+declare ``range: [low, high]``, which check, evaluation and the model server enforce; ``task`` may
+be ``{type, output, target}`` to say which output and which target the evaluation suite scores.
+Packages model.py needs beyond the platform's go in requirements-model.txt; modules and files
+beside model.py travel with it into the project image.
+
+Run ``make check`` after each change, ``make test`` for the project's own tests, then ``make run``
+for the whole pipeline.
 """
 
 from __future__ import annotations
@@ -28,7 +49,10 @@ class Config:
     lr: float = 3e-3  # AdamW learning rate
     channels: int = 16  # width of the first convolution
     val_fraction: float = 0.2  # share of the data held out for evaluation
-    seed: int = 0  # seeds weights, data split and batch order
+    seed: int = 0  # seeds weights and batch order
+    # Seeds the held-out split. Keep it fixed: the registry's champion is only compared on the
+    # split it was evaluated on (another would score it on items it was trained on).
+    split_seed: int = 0
 
     @classmethod
     def tiny(cls) -> Config:
@@ -57,7 +81,7 @@ def build_datasets(cfg: Config) -> tuple[TensorDataset, TensorDataset]:
     digits = load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
     labels = torch.tensor(digits.target, dtype=torch.long)
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(cfg.seed))
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(cfg.split_seed))
     n_val = int(len(labels) * cfg.val_fraction)
     val, train = order[:n_val], order[n_val:]
     return TensorDataset(images[train], labels[train]), TensorDataset(images[val], labels[val])
