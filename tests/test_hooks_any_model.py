@@ -1,7 +1,8 @@
 """Any PyTorch model a researcher brings, through check -> train -> export -> evaluate -> serve.
 
 Each test starts from a user's finding: several targets, several outputs (and which one the gate
-scores), a dynamic sequence axis, integer inputs with a value range, dict and HuggingFace outputs.
+scores), a dynamic sequence axis, integer inputs with a value range, dict outputs (a HuggingFace
+``ModelOutput`` is one: tests/zoo/hf_bert.py serves one).
 Everything is real: the model.py is written to a project and loaded by the platform, exported with
 torch.onnx (dynamo), run in ONNX Runtime and, for the range guard, served over HTTP.
 """
@@ -461,97 +462,5 @@ def test_a_dict_output_without_a_contract_name_says_which_keys_it_has(project: P
     ) in str(raised.value)
 
 
-BERT = """
-    from dataclasses import dataclass
-
-    import torch
-    import torch.nn.functional as F
-    from torch.utils.data import Dataset
-    from transformers import BertConfig, BertForSequenceClassification
-
-    VOCAB, LENGTH = 100, 16
-
-
-    @dataclass
-    class Config:
-        seed: int = 0
-        epochs: int = 1
-        batch_size: int = 16
-        lr: float = 0.001
-
-
-    class Sentences(Dataset):
-        def __init__(self, n, seed):
-            g = torch.Generator().manual_seed(seed)
-            self.ids = torch.randint(1, VOCAB, (n, LENGTH), generator=g)
-            lengths = torch.randint(4, LENGTH + 1, (n,), generator=g)
-            self.mask = (torch.arange(LENGTH)[None, :] < lengths[:, None]).long()
-            self.ids = self.ids * self.mask
-            self.label = (self.ids == 7).any(1).long()
-
-        def __len__(self):
-            return len(self.ids)
-
-        def __getitem__(self, i):
-            return (self.ids[i], self.mask[i]), self.label[i]
-
-
-    def build_model(cfg):
-        config = BertConfig(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=64,
-            num_labels=2,
-        )
-        return BertForSequenceClassification(config)
-
-
-    def build_datasets(cfg):
-        return Sentences(64, cfg.seed), Sentences(32, cfg.seed + 1)
-
-
-    def loss(outputs, batch):
-        return F.cross_entropy(outputs, batch[1])
-
-
-    def example_inputs(cfg):
-        ids = torch.randint(1, VOCAB, (2, LENGTH))
-        mask = torch.ones(2, LENGTH, dtype=torch.long)
-        mask[1, LENGTH // 2 :] = 0
-        return ids * mask, mask
-"""
-
-
-def test_a_huggingface_bert_with_two_int_inputs_and_a_model_output(project: Path, tmp_path: Path) -> None:
-    pytest.importorskip("transformers")
-    write_project(
-        project,
-        BERT,
-        task="classification",
-        inputs=[
-            {"name": "input_ids", "dtype": "int64", "shape": [-1, -1], "range": [0, 99]},
-            {"name": "attention_mask", "dtype": "int64", "shape": [-1, -1], "range": [0, 1]},
-        ],
-        outputs=[{"name": "logits", "dtype": "float32", "shape": [-1, 2]}],
-    )
-    report = check(project)
-    assert [name for name, _ in report.passed][-1] == "ONNX export round trip"
-    loaded = Project.load(project)
-    cfg = loaded.config()
-    torch.manual_seed(0)
-    model = loaded.hooks.build_model(cfg).eval()
-    path = tmp_path / "model.onnx"
-    export_onnx(model, loaded.contract, example_arrays(loaded, cfg), path)
-    session = open_session(path)
-    assert [i.name for i in session.get_inputs()] == ["input_ids", "attention_mask"]
-    assert [o.name for o in session.get_outputs()] == ["logits"]
-    for length in (7, 16, 33):
-        ids = torch.randint(1, 100, (3, length))
-        mask = torch.ones(3, length, dtype=torch.long)
-        mask[0, length // 2 :] = 0
-        (got,) = session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
-        with torch.no_grad():
-            np.testing.assert_allclose(got, model(ids, mask).logits.numpy(), atol=1e-4)
+# A HuggingFace BERT (from config, two int64 inputs, a ModelOutput) goes from check to a served
+# answer at two lengths in the model zoo: tests/zoo/hf_bert.py.

@@ -306,8 +306,9 @@ def test_kfp_replaces_the_champion_through_the_real_server(cluster: Cluster, doc
 def test_a_failed_gate_deploys_nothing_on_either_engine(cluster: Cluster, docker_host: str) -> None:
     serving = cluster.service()["metadata"]["generation"]
     edit_yaml(cluster.project / "contract.yaml", lambda c: c["slo"].update(min_metrics={"accuracy": 0.9999}))
-    # A model of its own (fewer epochs): the same ONNX file would be the registered v2 again.
-    edit_yaml(cluster.project / "handoff.yaml", lambda s: s["training"].update(overrides={"epochs": 10}))
+    # A model of its own under the edited contract (a version is the model and its contract); two
+    # epochs, because the gate fails whatever they learn.
+    edit_yaml(cluster.project / "handoff.yaml", lambda s: s["training"].update(overrides={"epochs": 2}))
     argo = run_argo(cluster)
     assert argo.phase == "Succeeded", explain(argo)  # a failed gate is an outcome, not an error
     assert argo["deploy[0].deploy"].phase == "Skipped"
