@@ -53,7 +53,7 @@ JOBS ?= 2
 test: lint tools checkov ## Lint, then the whole test suite (what CI runs; JOBS=1 runs it in one process)
 	$(BIN)/python -m pytest -n $(JOBS) --dist loadfile --durations=25
 
-test-fast: venv ## Unit tests only (seconds)
+test-fast: venv ## Unit tests only (about 3 minutes on 2 cores)
 	$(BIN)/python -m pytest -m unit
 
 test-zoo: venv ## The model zoo: each architecture in tests/zoo/ from check to a served V2 answer
