@@ -142,13 +142,20 @@ def named_arrays(
     return arrays
 
 
+class HookRaised(HandoffError):
+    """The hook itself raised (on a request: the request's fault, so the server answers 400)."""
+
+
 def run_hook(
     module: Any, hook: str, arrays: dict[str, np.ndarray], specs: Sequence[TensorSpec], field: str
 ) -> dict[str, np.ndarray]:
-    """``hook(arrays)`` under ``user_code`` (errors name model.py and the line), its result
-    checked against ``specs`` (``field`` names them in messages)."""
-    with user_code(module, f"{hook}()"):
-        value = getattr(module, hook)(dict(arrays))
+    """``hook(arrays)`` under ``user_code`` (errors name model.py and the line; ``HookRaised``),
+    its result checked against ``specs`` (``field`` names them; a plain ``HandoffError``)."""
+    try:
+        with user_code(module, f"{hook}()"):
+            value = getattr(module, hook)(dict(arrays))
+    except HandoffError as exc:
+        raise HookRaised(exc.detail, file=exc.file, field=exc.field) from None
     return named_arrays(value, specs, hook=hook, field=field, path=Path(module.__file__))
 
 

@@ -34,7 +34,7 @@ from kserve.errors import InferenceError, InvalidInput
 from handoff.contract import Contract, TensorSpec
 from handoff.errors import HandoffError
 from handoff.onnx_io import first_outside, open_session
-from handoff.raw_io import check_raw_hooks, has_raw_hooks, load_serving_hooks, run_hook
+from handoff.raw_io import HookRaised, check_raw_hooks, has_raw_hooks, load_serving_hooks, run_hook
 from handoff.serving import metrics
 from handoff.serving.batcher import Batcher
 
@@ -189,12 +189,11 @@ class OnnxModel(kserve.Model):
         assert self.hooks is not None
         try:
             return run_hook(self.hooks, hook, arrays, specs, field)
+        except HookRaised as exc:
+            raise InvalidInput(f"model.py {hook}() rejected the request: {exc.detail}") from None
         except HandoffError as exc:
-            detail = exc.detail
-            if f"{hook}() raised" in detail:
-                raise InvalidInput(f"model.py {hook}() rejected the request: {detail}") from None
-            log.error("model.py %s() broke the contract: %s", hook, detail)
-            raise InferenceError(f"model.py {hook}() broke the contract: {detail}") from None
+            log.error("model.py %s() broke the contract: %s", hook, exc.detail)
+            raise InferenceError(f"model.py {hook}() broke the contract: {exc.detail}") from None
 
     def _run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         return list(self.session.run(self.contract.output_names, dict(feeds)))

@@ -135,10 +135,15 @@ def _project_socket(project: Project, previous: ServerHandle | None) -> socket.s
     return local_server.bind(serving.host, serving.port, listen=False)
 
 
-def enforced_contract(project: Project, registered: Contract, name: str, version: str) -> Contract:
+def enforced_contract(
+    project: Project, registered: Contract, name: str, version: str, *, registered_contract: bool = False
+) -> Contract:
     """The contract deploy enforces: the working tree's, which may have moved on since the version
     was registered (a new latency SLO applies to what is deployed now), said on stderr when it
-    differs; an interface the version's ONNX graph was not exported for is refused."""
+    differs; an interface the version's ONNX graph was not exported for is refused. With
+    ``registered_contract`` (rollback), the one the version was registered with."""
+    if registered_contract:
+        return registered
     interface, other = contract_changes(registered, project.contract)
     if interface:
         raise HandoffError(
@@ -255,8 +260,8 @@ def _blue_green(
     """Start the version beside the serving one; it takes over only once its checks passed."""
     model_dir = fetch_model(project, model_name, version)
     registered = load_contract(model_dir / EXTRA_DIR)  # the contract this version was registered with
-    contract = (
-        registered if registered_contract else enforced_contract(project, registered, model_name, version)
+    contract = enforced_contract(
+        project, registered, model_name, version, registered_contract=registered_contract
     )
     example = read_json(model_dir / EXTRA_DIR / EXAMPLE_FILE)
     previous = local_server.current(project.state_dir, project.root)
@@ -401,8 +406,8 @@ def _roll_out(
     from handoff.kube.client import api_client
 
     release, registered, example = registered_release(project, model_name, version)
-    contract = (
-        registered if registered_contract else enforced_contract(project, registered, model_name, version)
+    contract = enforced_contract(
+        project, registered, model_name, version, registered_contract=registered_contract
     )
     check_cluster_runtime(registered, project.settings, project.root)  # Triton runs no preprocess
     if release.triton_uri.startswith("file://"):
