@@ -9,6 +9,8 @@ concurrent case. Distinct models come from untrained weights of different seeds 
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -32,11 +34,13 @@ from handoff.data_hash import data_sha256
 from handoff.doctor import check_mlflow_artifacts
 from handoff.errors import HandoffError
 from handoff.files import sha256_of
+from handoff.gates import absolute_checks, decide
 from handoff.lineage import DATA_TAG, GIT_SHA_ENV, IMAGE_TAG
 from handoff.project import Project
 from handoff.promotion_lock import ACQUIRED_TAG, HOLDER_TAG, TOKEN_TAG, lock_name, promotion_lock
 from handoff.serving import local_server
 from handoff.settings import IMAGE_ENV, TRACKING_URI_ENV
+from handoff.steps import register as register_step
 from handoff.steps.deploy import deploy
 from handoff.steps.register import PREVIOUS_CHAMPION_TAG, PROMOTION_TAG, SHA_TAG, TRITON_TAG, register
 from handoff.steps.rollback import rollback
@@ -83,6 +87,15 @@ def evaluation(passed: bool = True, champion: str | None = None) -> dict[str, An
     return {**EVALUATION, "gate": gate, "champion": {"version": champion} if champion else None}
 
 
+def failed(project: Path, metrics: dict[str, float], latency_p99_ms: float) -> dict[str, Any]:
+    """An evaluation whose gate failed, with the sentences evaluate writes for these measurements."""
+    checks = absolute_checks(Project.load(project).contract.slo, metrics, latency_p99_ms, 1.0)
+    gate = decide(checks)
+    assert not gate.passed
+    checked = {"passed": False, "reasons": gate.reasons, "checks": [dataclasses.asdict(c) for c in checks]}
+    return {**EVALUATION, "gate": checked, "metrics": metrics, "latency_p99_ms": latency_p99_ms}
+
+
 def client_of(root: Path) -> MlflowClient:
     return use_tracking(Project.load(root / MODEL))
 
@@ -103,6 +116,84 @@ def test_registering_the_same_onnx_again_returns_the_existing_version(root: Path
     tags = client.get_model_version(MODEL, "1").tags
     assert (tags[DATA_TAG], tags[IMAGE_TAG]) == ("unknown", "-")
     assert [m.name for m in client.search_registered_models()] == [MODEL]  # no lock left behind
+
+
+def test_every_register_says_and_tags_whether_it_promoted_and_if_not_why(
+    root: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """What on call reads off a version that is not champion (its ``handoff.promotion`` tag) and
+    off the register step's log, in every outcome: the gate failed (by how much), the gate failed
+    on the version that already is champion, the promotion lock stayed held, promoted, and
+    nothing left to do."""
+    project = root / MODEL
+    client = client_of(root)
+
+    def tag(version: str) -> str | None:
+        return client.get_model_version(MODEL, version).tags.get(PROMOTION_TAG)
+
+    def said() -> list[str]:
+        lines = capfd.readouterr().err.splitlines()
+        return [
+            line for line in lines if line.startswith("handoff: register: ") and " already holds " not in line
+        ]
+
+    first = register(project, root / "export-0", evaluation())
+    assert (first.promoted, first.promotion) == (True, "promoted: the first champion")
+    assert tag("1") == "promoted: the first champion"
+    assert said() == [f"handoff: register: {MODEL} v1 promoted: the first champion"]
+
+    # A worse model: the version says which gates failed and by how much, in evaluate's words.
+    why = (
+        "not promoted: the gate failed: accuracy 0.4100 below the minimum 0.95 by 0.5400 "
+        "(slo.min_metrics.accuracy); latency p99 40.00 ms > slo.latency_p99_ms 25 ms at batch 1 "
+        "(over by 15.00 ms)"
+    )
+    worse = register(project, root / "export-1", failed(project, {"accuracy": 0.41}, 40.0))
+    assert (worse.version, worse.aliases, worse.promoted, worse.promotion) == ("2", [CHALLENGER], False, why)
+    assert tag("2") == why and said() == [f"handoff: register: {MODEL} v2 {why}"]
+
+    # The champion registered again by a retry whose latency measured over the SLO this time: it
+    # stays champion (register never demotes), and its tag still says how it became champion.
+    again = register(project, root / "export-0", failed(project, {"accuracy": 0.99}, 40.0))
+    stays = (
+        "not promoted: the gate failed: latency p99 40.00 ms > slo.latency_p99_ms 25 ms at batch 1 "
+        "(over by 15.00 ms); it remains the champion (register never demotes one)"
+    )
+    assert (again.version, again.aliases, again.promoted, again.promotion) == (
+        "1",
+        [CHALLENGER, CHAMPION],
+        False,
+        stays,
+    )
+    assert tag("1") == "promoted: the first champion" and said() == [f"handoff: register: {MODEL} v1 {stays}"]
+    assert aliases(client) == {CHALLENGER: "1", CHAMPION: "1"}
+
+    # v2 again, now passing against v1, while another process holds the promotion lock for longer
+    # than register waits: the error says who, and the version says why it was not promoted.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(register_step, "promotion_lock", functools.partial(promotion_lock, wait_s=0.5))
+        with promotion_lock(client, MODEL, "rollback of v1"), pytest.raises(HandoffError) as error:
+            register(project, root / "export-1", evaluation(champion="1"))
+    held = f"not promoted: {error.value.detail}"
+    lock = f"the registry's promotion lock {lock_name(MODEL)!r} (held by rollback of v1"
+    assert held.startswith(f"not promoted: waited 0.5 s for {lock}")
+    assert tag("2") == held and said() == [f"handoff: register: {MODEL} v2 {held}"]
+    assert aliases(client) == {CHALLENGER: "2", CHAMPION: "1"}
+
+    promoted = register(project, root / "export-1", evaluation(champion="1"))
+    assert (promoted.promoted, promoted.promotion, tag("2")) == (
+        True,
+        "promoted: replaced v1",
+        "promoted: replaced v1",
+    )
+    assert said() == [f"handoff: register: {MODEL} v2 promoted: replaced v1"]
+    same = register(project, root / "export-1", evaluation(champion="2"))
+    assert (same.promoted, same.promotion, tag("2")) == (
+        True,
+        "already the champion",
+        "promoted: replaced v1",
+    )
+    assert said() == [f"handoff: register: {MODEL} v2 already the champion"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -289,7 +380,11 @@ def test_a_registered_version_carries_its_whole_lineage(root: Path, monkeypatch:
 def test_a_version_whose_stored_model_changed_is_never_promoted(root: Path, damage: str) -> None:
     register(root / MODEL, root / "export-0", evaluation())  # v1, champion
     held = register(root / MODEL, root / "export-1", evaluation(passed=False, champion="1"))
-    assert (held.version, held.aliases) == ("2", [CHALLENGER])
+    assert (held.version, held.aliases, held.promotion) == (
+        "2",
+        [CHALLENGER],
+        "not promoted: the gate failed: worse",
+    )
     stored = [
         p
         for p in (root / MODEL / "mlartifacts").rglob("model.onnx")
@@ -309,6 +404,8 @@ def test_a_version_whose_stored_model_changed_is_never_promoted(root: Path, dama
     assert "aliases left unchanged" in str(error.value)
     client = client_of(root)
     assert aliases(client) == {CHALLENGER: "2", CHAMPION: "1"}
+    # The version says why it was not promoted this time.
+    assert client.get_model_version(MODEL, "2").tags[PROMOTION_TAG] == f"not promoted: {error.value.detail}"
     assert len(client.search_model_versions(f"name='{MODEL}'")) == 2
 
 

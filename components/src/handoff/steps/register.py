@@ -52,7 +52,9 @@ SHA_TAG = "handoff.onnx_sha256"
 TRITON_TAG = "handoff.triton_uri"
 # Set on a version when it becomes champion: the version it replaced (what rollback returns to).
 PREVIOUS_CHAMPION_TAG = "handoff.previous_champion"
-# Set on a version whose gate passed: whether it was promoted, and if not, why.
+# Set by every register on its version: whether it was promoted, and if not, why ("promoted: ...",
+# "not promoted: ..."); deploy's rollback of a failed promotion sets "promotion undone: ...". A
+# champion registered again keeps the tag that says how it became champion.
 PROMOTION_TAG = "handoff.promotion"
 # The content hash of the contract the version was registered with (``Contract.sha256``): with the
 # ONNX sha256, what identifies a version.
@@ -161,8 +163,10 @@ def register(
     version gets the aliases instead. Before any alias moves, the stored model.onnx is downloaded
     and checked against the sha256, so a missing or altered artifact is never promoted. A new
     champion records the one it replaced (``handoff.previous_champion``, for ``handoff rollback``).
-    Champion is read, compared and moved under the promotion lock; a version not promoted because
-    the champion moved says why in its ``handoff.promotion`` tag.
+    Champion is read, compared and moved under the promotion lock. Whatever the outcome, one line
+    on stderr says whether the version was promoted and if not why (the gate's failed checks, a
+    champion that moved, the lock held too long, a stored model that changed), and so does the
+    version's ``handoff.promotion`` tag.
     """
     started = time.perf_counter()
     project = Project.load(project_dir)
@@ -197,41 +201,71 @@ def register(
             file=sys.stderr,
             flush=True,
         )
-    # Nothing points at a version whose stored model is not the one that was checked.
-    verify_artifact(name, version, sha)
-    aliases = [CHALLENGER]
-    client.set_registered_model_alias(name, CHALLENGER, version)
-    promotion = "not promoted: the gate failed"
-    if checked["passed"]:
-        # Compare-and-set: nothing moves champion between this read and this write.
-        with promotion_lock(client, name, f"register of {name} v{version}"):
-            current = alias_version(client, name, CHAMPION)
-            moved = "" if current == version else _champion_moved(current, checked["champion"])
-            if not moved:
-                if current is not None and current != version:
-                    # What `handoff rollback` returns to.
-                    client.set_model_version_tag(name, version, PREVIOUS_CHAMPION_TAG, current)
-                client.set_registered_model_alias(name, CHAMPION, version)
-                aliases.append(CHAMPION)
-        if moved:
-            promotion = f"not promoted: {moved}"
-            client.set_model_version_tag(name, version, PROMOTION_TAG, promotion)
-            print(f"handoff: register: {name} v{version} {promotion}", file=sys.stderr, flush=True)
-        elif current != version:
-            promotion = f"promoted: {f'replaced v{current}' if current else 'the first champion'}"
-            client.set_model_version_tag(name, version, PROMOTION_TAG, promotion)
-        else:
-            promotion = "already the champion"
+    try:
+        # Nothing points at a version whose stored model is not the one that was checked.
+        verify_artifact(name, version, sha)
+        client.set_registered_model_alias(name, CHALLENGER, version)
+        champion, promotion = _promote(client, name, version, checked)
+    except HandoffError as exc:  # the stored model changed, or the promotion lock stayed held
+        _say(client, name, version, f"not promoted: {exc.detail}")
+        raise
     return RegisterResult(
         model_name=name,
         version=version,
-        aliases=aliases,
+        aliases=[CHALLENGER, CHAMPION] if champion else [CHALLENGER],
         model_uri=f"models:/{name}/{version}",
         onnx_sha256=sha,
         seconds=round(time.perf_counter() - started, 3),
-        promoted=CHAMPION in aliases,
+        promoted=champion and checked["passed"],
         promotion=promotion,
     )
+
+
+def _promote(client: MlflowClient, name: str, version: str, checked: dict[str, Any]) -> tuple[bool, str]:
+    """Make ``version`` champion if its gate passed and the champion it was compared against still
+    is champion; says why (or why not) on stderr and in its tag. Returns whether ``version`` is
+    champion afterwards, and that sentence."""
+    if not checked["passed"]:
+        why = f"not promoted: {_gate_failure(checked)}"
+        if alias_version(client, name, CHAMPION) != version:
+            return False, _say(client, name, version, why)
+        # A retry whose gate failed this time (a noisy latency measurement, say): register moves
+        # champion only forward, and the tag keeps saying how the version became champion.
+        return True, _say(
+            client, name, version, f"{why}; it remains the champion (register never demotes one)", tag=False
+        )
+    # Compare-and-set: nothing moves champion between this read and this write.
+    with promotion_lock(client, name, f"register of {name} v{version}"):
+        current = alias_version(client, name, CHAMPION)
+        if current == version:
+            return True, _say(client, name, version, "already the champion", tag=False)
+        moved = _champion_moved(current, checked["champion"])
+        if not moved:
+            if current is not None:
+                # What `handoff rollback` returns to.
+                client.set_model_version_tag(name, version, PREVIOUS_CHAMPION_TAG, current)
+            client.set_registered_model_alias(name, CHAMPION, version)
+    if moved:
+        return False, _say(client, name, version, f"not promoted: {moved}")
+    return True, _say(
+        client, name, version, f"promoted: {f'replaced v{current}' if current else 'the first champion'}"
+    )
+
+
+def _gate_failure(checked: dict[str, Any]) -> str:
+    """Why the gate failed, in evaluate's words: its reasons (each names the gate, the measured
+    value and the bound), else the names of the failed checks."""
+    why = "; ".join(checked["reasons"]) or ", ".join(name for name, ok, _ in checked["checks"] if not ok)
+    return f"the gate failed: {why}" if why else "the gate failed"
+
+
+def _say(client: MlflowClient, name: str, version: str, promotion: str, *, tag: bool = True) -> str:
+    """Put ``promotion`` in the version's ``handoff.promotion`` tag (unless ``tag`` is False) and
+    print it as register's one line about it; returns it."""
+    if tag:
+        client.set_model_version_tag(name, version, PROMOTION_TAG, promotion)
+    print(f"handoff: register: {name} v{version} {promotion}", file=sys.stderr, flush=True)
+    return promotion
 
 
 def _champion_moved(current: str | None, compared: str | None) -> str:
