@@ -418,6 +418,85 @@ def test_the_kserve_runtime_reads_one_model_folder_and_settings_reach_the_predic
     }
 
 
+def _with_runtime(settings: Any, runtime: str, **serving: Any) -> Any:
+    kserve = settings.serving.kserve.model_copy(update={"runtime": runtime})
+    changed = settings.serving.model_copy(update={"kserve": kserve, **serving})
+    return settings.model_copy(update={"serving": changed})
+
+
+@pytest.mark.unit
+def test_the_kserve_runtime_gets_the_serving_settings_and_triton_does_not(default_project: Path) -> None:
+    """serving.batching, max_request_mib and the rest reach handoff-onnx (not local-only), as the
+    JSON its prologue merges into the server's spec; no Go template delimiters in it."""
+    from handoff.serving.spec import SETTINGS_ENV
+
+    base = Project.load(default_project).settings
+    batching = base.serving.batching.model_copy(update={"max_batch_size": 8, "max_wait_ms": 2.0})
+    settings = _with_runtime(base, "kserve", max_request_mib=1, max_concurrency=7, batching=batching)
+    release = isvc.Release(MODEL, "7", "ab" * 32, "s3://models/triton")
+    body = isvc.manifest(settings, release)
+    assert schema_problems(INFERENCESERVICE, body) == []
+    assert "{{" not in json.dumps(body)
+    model = body["spec"]["predictor"]["model"]
+    ((name, value),) = [(e["name"], e["value"]) for e in model["env"]]
+    assert name == SETTINGS_ENV
+    assert json.loads(value) == {
+        "model_version": "7",
+        "max_request_bytes": 1024 * 1024,
+        "max_inflight_bytes": 64 * 1024 * 1024,
+        "max_concurrency": 7,
+        "header_timeout_s": 10.0,
+        "shutdown_grace_s": 20.0,
+        "batching": {"max_batch_size": 8, "max_wait_ms": 2.0},
+    }
+    triton = isvc.manifest(_with_runtime(base, "triton"), release)["spec"]["predictor"]["model"]
+    assert "env" not in triton
+
+
+@pytest.mark.unit
+def test_pods_wait_for_their_endpoints_to_go_in_raw_mode_only(default_project: Path) -> None:
+    """Raw deployment mode: preStop sleep, then SIGTERM, within a grace period covering both and
+    serving.shutdown_grace_s. Serverless: neither (Knative refuses both; its queue-proxy drains)."""
+    settings = _with_runtime(Project.load(default_project).settings, "kserve", shutdown_grace_s=30)
+    v1 = isvc.Release(MODEL, "1", "ab" * 32, "s3://models/triton")
+    serverless = isvc.manifest(settings, v1)["spec"]["predictor"]
+    assert "terminationGracePeriodSeconds" not in serverless and "lifecycle" not in serverless["model"]
+    raw = isvc.manifest(settings, v1, raw=True)
+    assert schema_problems(INFERENCESERVICE, raw) == []
+    predictor = raw["spec"]["predictor"]
+    assert predictor["model"]["lifecycle"] == {"preStop": {"sleep": {"seconds": isvc.PRE_STOP_S}}}
+    assert predictor["terminationGracePeriodSeconds"] == isvc.PRE_STOP_S + 30 + isvc.EXIT_MARGIN_S
+
+    # A deploy learns the mode from the service it updates.
+    class Services:
+        what = "the service"
+
+        def __init__(self, mode: str) -> None:
+            self.obj = {**isvc.manifest(settings, v1), "status": {"deploymentMode": mode}}
+            self.obj["metadata"] = {**self.obj["metadata"], "generation": 1}
+            self.patches: list[dict[str, Any]] = []
+
+        def get(self) -> dict[str, Any]:
+            return self.obj
+
+        def apply(self, change: Callable[[dict[str, Any]], dict[str, Any] | None]) -> dict[str, Any]:
+            patch = change(self.obj)
+            assert patch is not None
+            self.patches.append(patch)
+            return {**self.obj, "metadata": {**self.obj["metadata"], "generation": 2}}
+
+        def say(self, message: str) -> None:
+            pass
+
+    v2 = isvc.Release(MODEL, "2", "cd" * 32, "s3://models/triton")
+    for mode, drains in (("RawDeployment", True), ("Standard", True), ("Serverless", False)):
+        services = Services(mode)
+        isvc._start(services, settings, v2)
+        (patch,) = services.patches
+        assert ("terminationGracePeriodSeconds" in patch["spec"]["predictor"]) is drains, mode
+        assert ("lifecycle" in patch["spec"]["predictor"]["model"]) is drains, mode
+
+
 @pytest.mark.unit
 def test_storage_uris_are_ones_kserve_can_download() -> None:
     assert isvc.storage_uri("s3://bucket/a/triton/x/") == "s3://bucket/a/triton/x"

@@ -334,6 +334,45 @@ def test_the_deploy_steps_inference_service_lifts_to_a_valid_restricted_pod(
     assert restricted_violations(pod) == []
 
 
+@pytest.mark.parametrize("runtime", ["kserve", "triton"])
+def test_a_raw_deployment_pod_drains_before_it_stops_and_gets_the_serving_settings(
+    built: dict[str, list[Obj]], project: Path, runtime: str
+) -> None:
+    """Raw deployment mode: a preStop sleep (the Service's endpoints drop the pod before SIGTERM)
+    and a grace period that covers it and serving.shutdown_grace_s; handoff-onnx also gets
+    handoff.yaml's serving settings, over the runtime's default, as KServe merges env by name."""
+    from handoff.kube.inference_service import EXIT_MARGIN_S, PRE_STOP_S, Release, manifest
+    from handoff.serving.spec import SETTINGS_ENV
+    from handoff.settings import load_settings
+
+    def configure(settings: dict[str, Any]) -> None:
+        settings["namespace"] = "ml-models-prod"
+        settings["serving"].update(shutdown_grace_s=12.5, max_concurrency=9)
+        settings["serving"]["kserve"].update(runtime=runtime, service_account="handoff-serving")
+
+    edit_yaml(project / "handoff.yaml", configure)
+    release = Release("digits-classifier", "3", "0" * 64, "s3://models/digits-classifier/3/triton")
+    isvc = manifest(load_settings(project), release, raw=True)
+    assert "{{" not in json.dumps(isvc)  # KServe renders the merged container as a Go template
+    (pod,) = [
+        p
+        for p in lift_pods.lift([isvc, *built["prod"]])
+        if p["metadata"]["annotations"]["lift-pods/from"].startswith("InferenceService")
+    ]
+    assert strict_errors(pod) is None
+    assert restricted_violations(pod) == []
+    container = pod["spec"]["containers"][0]
+    assert container["lifecycle"] == {"preStop": {"sleep": {"seconds": PRE_STOP_S}}}
+    assert pod["spec"]["terminationGracePeriodSeconds"] == PRE_STOP_S + 13 + EXIT_MARGIN_S
+    env = {e["name"]: e["value"] for e in container.get("env", [])}
+    if runtime == "kserve":
+        settings = json.loads(env[SETTINGS_ENV])
+        assert (settings["model_version"], settings["max_concurrency"]) == ("3", 9)
+        assert settings["shutdown_grace_s"] == 12.5
+    else:
+        assert SETTINGS_ENV not in env  # Triton has its own settings (config.pbtxt)
+
+
 # --- Pod Security ------------------------------------------------------------------------------
 
 
@@ -696,7 +735,15 @@ def test_the_runtimes_command_serves_an_exported_model(
     assert all(old in script for old in moved), script
     script = re.sub("|".join(map(re.escape, moved)), lambda m: moved[m.group(0)], script)
     port = int(moved["8080"])
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "HOME": str(scratch)}
+    # handoff.yaml's serving settings, as the InferenceService passes them (the fixed keys win).
+    settings = {"model_version": "3", "header_timeout_s": 7.5, "shutdown_grace_s": 4, "port": 1}
+    settings["batching"] = {"max_batch_size": 8, "max_wait_ms": 2}
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "HOME": str(scratch),
+        "HANDOFF_SERVER_SETTINGS": json.dumps(settings),
+    }
     log_path = tmp_path / "server.log"
     with log_path.open("w") as log:
         server = subprocess.Popen(
@@ -721,9 +768,11 @@ def test_the_runtimes_command_serves_an_exported_model(
         # exec: the prologue became the server, so Kubernetes' SIGTERM reaches it directly.
         cmdline = Path(f"/proc/{server.pid}/cmdline").read_bytes().split(b"\0")
         assert b"handoff.serving" in cmdline, cmdline
-        # Graceful: uvicorn drains, then re-raises the signal, as Kubernetes expects of PID 1.
+        spec = json.loads((scratch / "server.json").read_text())
+        assert {k: spec[k] for k in settings} == {**settings, "port": port}
+        # Graceful: it finishes what it received and exits 0 (a pod's container that completed).
         server.send_signal(signal.SIGTERM)
-        assert server.wait(timeout=20) == -signal.SIGTERM
+        assert server.wait(timeout=20) == 0
         assert "Finished server process" in log_path.read_text()
     finally:
         if server.poll() is None:

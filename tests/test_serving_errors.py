@@ -78,7 +78,7 @@ def post(conn: http.client.HTTPConnection, body: Any, path: str = INFER) -> tupl
 
 BAD_REQUESTS: dict[str, tuple[Any, str]] = {
     "malformed-json": (b'{"inputs": [', "the request body is not valid JSON"),
-    "not-utf8": (b"\x80", "There was an error parsing the body; expected a V2 inference request like"),
+    "not-utf8": (b"\x80", "the request body is not valid JSON ("),
     "no-inputs": ({"id": "x"}, "inputs: Field required; expected a V2 inference request like"),
     "input-without-data": (
         {"inputs": [{"name": "image", "shape": [1, 1, 8, 8], "datatype": "FP32"}]},
@@ -90,10 +90,35 @@ BAD_REQUESTS: dict[str, tuple[Any, str]] = {
         image(shape=[1, 64]),
         "input 'image': expected shape [-1, 1, 8, 8] (-1 = any), got [1, 64]",
     ),
-    "negative-dim": (image(shape=[-1, 1, 8, 8]), "input 'image': expected shape [-1, 1, 8, 8]"),
+    # A client's bugs a lenient parser would hide (shape -1 is a contract's "any size", never a size).
+    "negative-dim": (
+        image(shape=[-1, 1, 8, 8]),
+        "input 'image' (inputs[0]): shape must be sizes (integers >= 0), got [-1, 1, 8, 8]",
+    ),
+    "shape-of-strings": (
+        image(shape=["1", "1", "8", "8"]),
+        'input \'image\' (inputs[0]): shape must be a list of integers, got ["1", "1", "8", "8"]',
+    ),
+    "shape-with-a-bool": (
+        image(shape=[True, 1, 8, 8]),
+        "input 'image' (inputs[0]): shape must be a list of integers, got [true, 1, 8, 8]",
+    ),
+    "lower-case-datatype": (
+        image(datatype="fp32"),
+        "input 'image' (inputs[0]): unknown datatype 'fp32' (did you mean FP32?)",
+    ),
+    "duplicate-key": (
+        b'{"inputs": [{"name": "image", "name": "pixels", "shape": [1, 1, 8, 8], "datatype": "FP32", '
+        b'"data": [' + b"0, " * 63 + b"0]}]}",
+        'the request body repeats a key (Detected duplicate key "name"',
+    ),
     "wrong-datatype": (image(datatype="FP64"), "input 'image': expected datatype FP32, got FP64"),
     "short-data": (image(data=[0.0] * 60), "input 'image': shape [1, 1, 8, 8] needs 64 values, data has 60"),
-    "ragged-data": (image(data=[[0.0] * 8] * 7 + [[0.0] * 9]), "input 'image': data must be a flat"),
+    "ragged-data": (
+        image(data=[[0.0] * 8] * 6 + [[0.0] * 7, [0.0] * 9]),  # 64 values, but not in rows of 8
+        "input 'image': data must be a flat",
+    ),
+    "data-not-a-list": (image(data=0.5), "input 'image' (inputs[0]): data must be a list, got a number"),
     "strings": (image(data=["0.5"] * 64), "input 'image': data must be numbers for datatype FP32"),
     "nulls": (image(data=[None] * 64), "input 'image': data must be numbers for datatype FP32"),
     "absurd-shape": (
@@ -145,13 +170,21 @@ def test_a_request_without_id_gets_one(server: tuple[str, int]) -> None:
     assert answer["outputs"][0]["shape"] == [2, 10]
 
 
-def test_a_body_not_sent_as_json_says_so(server: tuple[str, int]) -> None:
+def test_a_body_is_read_as_json_whatever_its_content_type_and_says_so_when_it_is_not(
+    server: tuple[str, int],
+) -> None:
     conn = http.client.HTTPConnection(*server, timeout=10)
-    conn.request("POST", INFER, body=json.dumps(good_body()), headers={"content-type": "text/plain"})
+    # tritonclient sends no Content-Type, curl -d sends a form's: both are JSON when they parse.
+    for headers in ({}, {"content-type": "application/x-www-form-urlencoded"}):
+        conn.request("POST", INFER, body=json.dumps(good_body("typed")), headers=headers)
+        response = conn.getresponse()
+        assert (response.status, json.loads(response.read())["id"]) == (200, "typed")
+    conn.request("POST", INFER, body=b"image=0.5", headers={"content-type": "text/plain"})
     response = conn.getresponse()
     assert response.status == 400
     error = json.loads(response.read())["error"]
-    assert "sent as 'text/plain', not JSON; send it with 'Content-Type: application/json'" in error
+    assert "sent as 'text/plain', not JSON, and does not parse as JSON" in error
+    assert "send it with 'Content-Type: application/json'" in error
 
 
 def test_an_unknown_model_is_a_v2_404(server: tuple[str, int]) -> None:

@@ -24,36 +24,14 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from handoff.errors import HandoffError
-from handoff.files import write_json
 from handoff.serving import local_server
 from handoff.serving.batcher import Batcher
-from handoff.serving.local_server import ServerHandle
+from tests.model_server import start_server
 
 pytestmark = pytest.mark.local
 
 MODEL = "digits-classifier"
 INFER = f"/v2/models/{MODEL}/infer"
-
-
-def start_server(state: Path, onnx_path: Path, contract_dir: Path, **spec: Any) -> tuple[ServerHandle, str]:
-    sock = local_server.bind("127.0.0.1", 0)
-    url = local_server.url_of(sock)
-    spec_file = state / "spec.json"
-    write_json(
-        spec_file,
-        {
-            "model_name": MODEL,
-            "onnx_path": str(onnx_path),
-            "contract_dir": str(contract_dir),
-            "host": "127.0.0.1",
-            "port": sock.getsockname()[1],
-            **spec,
-        },
-    )
-    handle = local_server.start(
-        spec_file, sock, model_name=MODEL, version="1", state_dir=state, ready_timeout_s=60
-    )
-    return handle, url
 
 
 @pytest.fixture(scope="module")
@@ -167,17 +145,17 @@ def test_binary_tensors_in_and_out_give_the_json_results(batched: str) -> None:
         (
             binary_header(size=256),
             b"\0" * 100,
-            "the inputs' binary_data_size add up to 256 bytes, but 100 follow the JSON header",
+            "input 'image': binary_data_size 256 runs past the end of the body (100 bytes left",
         ),
         (
             {"inputs": [{"name": "image", "datatype": "FP32", "parameters": {"binary_data_size": 256}}]},
             b"\0" * 256,
-            "binary request: inputs.0.shape: Field required",
+            "binary request: input 'image' (inputs[0]): shape: Field required",
         ),
         (
             {"inputs": [{"name": "image", "shape": [1, 1, 8, 8], "datatype": "FP32"}]},
             b"\0" * 256,
-            "input 'image': needs 'data' or parameters.binary_data_size",
+            "binary request: input 'image' (inputs[0]): needs 'data' or parameters.binary_data_size",
         ),
     ],
     ids=["size-vs-shape", "missing-bytes", "no-shape", "no-size"],
@@ -253,8 +231,8 @@ def test_sigterm_lets_an_in_flight_request_finish(
     client.join(timeout=30)
     assert answered and answered[0].status_code == 200, answered and answered[0].text
     assert answered[0].json()["outputs"][0]["shape"] == [1, 10]
-    # uvicorn drains, then re-raises the signal it caught: the exit status says SIGTERM.
-    assert process.wait(timeout=15) in (0, -signal.SIGTERM)
+    # The server drains, then exits 0: a stop asked for is not a failure.
+    assert process.wait(timeout=15) == 0
     assert "Application shutdown complete" in Path(handle.log).read_text()
     with pytest.raises(requests.ConnectionError):
         requests.get(f"{url}/v2/health/live", timeout=2)

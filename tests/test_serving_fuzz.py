@@ -19,8 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from handoff.files import write_json
 from handoff.serving import local_server
+from tests.model_server import start_server
 
 pytestmark = pytest.mark.local
 
@@ -59,22 +59,11 @@ class Client:
 def client(
     default_onnx: Path, default_project: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Client]:
-    state = tmp_path_factory.mktemp("fuzz")
-    sock = local_server.bind("127.0.0.1", 0)
-    port = sock.getsockname()[1]
-    spec = {
-        "model_name": MODEL,
-        "onnx_path": str(default_onnx),
-        "contract_dir": str(default_project),
-        "host": "127.0.0.1",
-        "port": port,
-        "max_request_bytes": 64 * 1024,  # small, so the fuzzer also meets the limit
-    }
-    write_json(state / "spec.json", spec)
-    handle = local_server.start(
-        state / "spec.json", sock, model_name=MODEL, version="1", state_dir=state, ready_timeout_s=60
+    # A small body limit, so the fuzzer also meets it.
+    handle, url = start_server(
+        tmp_path_factory.mktemp("fuzz"), default_onnx, default_project, max_request_bytes=64 * 1024
     )
-    yield Client("127.0.0.1", port)
+    yield Client("127.0.0.1", int(url.rsplit(":", 1)[1]))
     local_server.terminate(handle)
 
 

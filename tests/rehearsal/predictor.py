@@ -318,6 +318,14 @@ def _merge_predictor(
     # ... and KServe merges the InferenceService's model container over the runtime's.
     model_context = model.get("securityContext", {})
     fields.update(security(model_context, "predictor.model.securityContext"))
+    env = dict(fields["env"])  # KServe merges env by name, the InferenceService's value winning
+    for variable in model.get("env", []):
+        if "value" not in variable:
+            raise RehearsalError(
+                f"predictor.model: env {variable['name']} uses valueFrom, which is not rehearsed"
+            )
+        env[variable["name"]] = str(variable["value"])
+    fields["env"] = env
     limits = model.get("resources", {}).get("limits", {})
     if "cpu" in limits:
         fields["cpus"] = str(limits["cpu"])

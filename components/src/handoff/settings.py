@@ -88,8 +88,19 @@ class ServingSettings(StrictModel):
     # 0 picks a free port; the chosen one is printed and written to the run summary.
     port: int = Field(default=8080, ge=0, le=65535)
     ready_timeout_s: float = Field(default=60, gt=0)
-    # Larger request bodies are answered 413 without being read.
+    # Larger request bodies are answered 413 without being read (a compressed body counts at
+    # its decoded size).
     max_request_mib: float = Field(default=16, gt=0)
+    # Request bodies held at once, all requests together; past it a request is answered 503 with
+    # Retry-After, so a burst of big requests cannot take the server past its memory limit.
+    max_inflight_mib: float = Field(default=64, gt=0)
+    # Connections served at once; more are answered 503 (uvicorn's limit_concurrency).
+    max_concurrency: int = Field(default=256, ge=1)
+    # A connection that has not sent a request's headers within this long is closed.
+    header_timeout_s: float = Field(default=10, gt=0)
+    # On SIGTERM: stop accepting, finish every request already received, exit 0 within this long
+    # (the serving pod's terminationGracePeriodSeconds leaves room for it).
+    shutdown_grace_s: float = Field(default=20, gt=0, le=600)
     batching: BatchingSettings = BatchingSettings()
     kserve: KServeSettings = KServeSettings()
 

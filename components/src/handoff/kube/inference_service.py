@@ -12,6 +12,17 @@ One InferenceService per project, named after it, in handoff.yaml's ``namespace`
    ``latest`` tag URL during a canary, so the old revision's share cannot answer for it);
 5. promotes (removes ``canaryTrafficPercent``: all traffic to the new revision) or rolls back.
 
+On the ``handoff-onnx`` runtime the predictor gets handoff.yaml's serving settings (batching,
+body and in-flight limits, concurrency, header timeout, shutdown grace) and the version number,
+as one JSON environment variable its prologue writes into the server's spec; Triton ignores them.
+Stopping a pod lets the server finish what it received (it exits 0 within
+``serving.shutdown_grace_s``). In raw deployment mode the pod also waits ``PRE_STOP_S`` before
+SIGTERM (a ``preStop`` sleep, so the Service's endpoints drop it before it stops accepting) and
+gets a termination grace period that covers both. Knative (Serverless mode) refuses both fields
+and does the same itself: its queue-proxy drains the pod before the server's SIGTERM, and the
+grace period is the revision's timeout (300 s by default). A first deploy cannot know the mode
+(the cluster's default decides it), so it leaves them out; later deploys read it from the service.
+
 Rolling back restores the previous predictor spec and handoff's annotations, so the spec says
 again what serves. KServe splits canary traffic between the newest *ready* revision and the last
 revision that had all traffic (``latestRolledoutRevision``). While the new revision never had all
@@ -35,6 +46,7 @@ the ``resourceVersion`` they were computed from: a concurrent change is re-read,
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 import time
@@ -50,6 +62,7 @@ from handoff.errors import HandoffError
 from handoff.kube.client import api_error, describe, reason
 from handoff.labels import labels
 from handoff.serving.smoke import SmokeResult
+from handoff.serving.spec import SETTINGS_ENV, server_settings
 from handoff.settings import Settings
 
 GROUP, VERSION, PLURAL, KIND = "serving.kserve.io", "v1beta1", "inferenceservices", "InferenceService"
@@ -75,6 +88,11 @@ NEVER_SERVED_KEY = PREFIX + "never-served"
 # The users the runtimes' images run as (Pod Security "restricted" needs a non-root user):
 # Triton's images have `triton-server` (1000), the platform image 10001.
 RUN_AS_USER = {"triton": 1000, "kserve": 10001}
+# Raw deployment mode: how long a stopping pod waits before SIGTERM, so that the Service's
+# endpoints (kube-proxy, ingress) stop sending it connections first; and the time kept beyond
+# shutdown_grace_s for the server's exit.
+PRE_STOP_S = 5
+EXIT_MARGIN_S = 5
 MAX_API_FAILURES = 30  # transient API failures in a row before a deploy gives up
 MAX_CONFLICTS = 10  # concurrent writers in a row before a patch gives up
 ROLLBACK_OBSERVE_S = 60.0  # how long to wait for KServe to act on a rollback before reporting
@@ -138,8 +156,11 @@ def storage_uri(artifact_uri: str) -> str:
     )
 
 
-def predictor_spec(settings: Settings, release: Release, canary: int | None) -> dict[str, Any]:
-    """``spec.predictor`` for ``release`` with handoff.yaml's serving.kserve settings."""
+def predictor_spec(
+    settings: Settings, release: Release, canary: int | None, *, raw: bool = False
+) -> dict[str, Any]:
+    """``spec.predictor`` for ``release`` with handoff.yaml's serving settings; ``raw``: the service
+    runs in raw deployment mode (see the module docstring)."""
     kserve = settings.serving.kserve
     root = storage_uri(release.triton_uri)
     amounts: dict[str, Any] = {"cpu": kserve.cpu, "memory": kserve.memory}
@@ -160,6 +181,13 @@ def predictor_spec(settings: Settings, release: Release, canary: int | None) -> 
     else:
         # The project's runtime pins its own image (the platform version); it reads one model folder.
         model.update(runtime=KSERVE_RUNTIME, storageUri=f"{root}/{release.model_name}")
+        # The same settings as a local server's; the runtime's prologue merges them into its spec.
+        tuned = json.dumps(
+            server_settings(settings.serving, release.version), sort_keys=True, separators=(",", ":")
+        )
+        model["env"] = [{"name": SETTINGS_ENV, "value": tuned}]
+    if raw:
+        model["lifecycle"] = {"preStop": {"sleep": {"seconds": PRE_STOP_S}}}
     spec: dict[str, Any] = {
         "minReplicas": kserve.min_replicas,
         "maxReplicas": kserve.max_replicas,
@@ -177,15 +205,23 @@ def predictor_spec(settings: Settings, release: Release, canary: int | None) -> 
     }
     if kserve.service_account:
         spec["serviceAccountName"] = kserve.service_account
+    if raw:
+        grace = PRE_STOP_S + math.ceil(settings.serving.shutdown_grace_s) + EXIT_MARGIN_S
+        spec["terminationGracePeriodSeconds"] = grace
     if canary is not None:
         spec["canaryTrafficPercent"] = canary
     return spec
 
 
 def manifest(
-    settings: Settings, release: Release, *, canary: int | None = None, rollback_to: str | None = None
+    settings: Settings,
+    release: Release,
+    *,
+    canary: int | None = None,
+    rollback_to: str | None = None,
+    raw: bool = False,
 ) -> dict[str, Any]:
-    """The whole InferenceService for ``release``."""
+    """The whole InferenceService for ``release`` (``raw``: for a service in raw deployment mode)."""
     annotations = {
         TAG_ROUTING: "true",
         MODEL_NAME_KEY: release.model_name,
@@ -203,7 +239,7 @@ def manifest(
             "labels": labels(settings.project, "serving"),
             "annotations": annotations,
         },
-        "spec": {"predictor": predictor_spec(settings, release, canary)},
+        "spec": {"predictor": predictor_spec(settings, release, canary, raw=raw)},
     }
 
 
@@ -616,7 +652,7 @@ def _start(services: ServiceClient, settings: Settings, release: Release) -> _St
         if _annotations(obj).get(NEVER_SERVED_KEY):  # a failed first deploy: still a first deploy
             plan.update(target=None, canary=None, generation=obj["metadata"].get("generation"))
             plan.update(in_flight=False)
-            return patch_to(obj, manifest(settings, release))
+            return patch_to(obj, manifest(settings, release, raw=_raw_mode(obj)))
         target = served_before(obj)
         same_model = (target.version, target.sha256) == (release.version, release.sha256)
         canary: int | None = settings.serving.kserve.canary_percent
@@ -632,7 +668,9 @@ def _start(services: ServiceClient, settings: Settings, release: Release) -> _St
         recorded = _annotations(obj).get(ROLLBACK_KEY) if same_model else target.encode()
         plan.update(target=target, canary=canary, generation=obj["metadata"].get("generation"))
         plan.update(in_flight=_canary(obj) is not None)
-        return patch_to(obj, manifest(settings, release, canary=canary, rollback_to=recorded))
+        return patch_to(
+            obj, manifest(settings, release, canary=canary, rollback_to=recorded, raw=_raw_mode(obj))
+        )
 
     updated = services.apply(change)
     target: Served | None = plan["target"]

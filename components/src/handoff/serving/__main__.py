@@ -1,10 +1,16 @@
 """Run the model server: ``python -m handoff.serving <server.json> [<listening fd> [<takeover fd>]]``.
 
 The spec file (written by the deploy step) names the model, its registered contract, host and
-port, and optionally ``max_request_bytes`` (default 16 MiB; larger bodies get 413) and
-``batching`` (``max_batch_size``, ``max_wait_ms``). It is a file rather than flags because
-importing ``kserve.model_server`` parses ``sys.argv`` itself. The deploy step binds the socket and
-passes it as a file descriptor.
+port, and optionally ``max_request_bytes`` (default 16 MiB; larger bodies get 413),
+``batching`` (``max_batch_size``, ``max_wait_ms``), ``model_version``, ``max_inflight_bytes``,
+``max_concurrency`` (connections served at once; more get 503), ``header_timeout_s`` and
+``shutdown_grace_s`` (defaults: handoff.yaml's, ``ServingSettings``). It is a file rather than
+flags because importing ``kserve.model_server`` parses ``sys.argv`` itself. The deploy step binds
+the socket and passes it as a file descriptor.
+
+SIGTERM (graceful.py): stop accepting, but first take every connection waiting in the listen
+queue; answer every request already received with ``Connection: close``; exit 0 within
+``shutdown_grace_s``. The handover socket file is removed on every way out.
 
 Blue/green (``handoff deploy``): the new server first serves only a private socket, where it is
 smoke-tested, while the old version keeps the project's port. The takeover fd is the project's
@@ -13,15 +19,17 @@ socket: the old server's own listening socket (which it gives over the Unix sock
 server does not accept on it until SIGUSR1, so no client reaches it before it passed its checks.
 SIGUSR2 retires a server: it stops accepting (the next version accepts from the same socket, so
 no waiting connection is lost) and closes each connection after its current response. SIGTERM
-then finishes the in-flight requests and exits.
+then finishes the in-flight requests and exits (taking nothing from the queue it gave away).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -33,15 +41,17 @@ from typing import Any
 
 from handoff.contract import load_contract
 from handoff.files import read_json
-from handoff.serving import guards, metrics
+from handoff.serving import graceful, guards
+from handoff.serving.front import FrontDoor
 from handoff.serving.local_server import serving_marker
 from handoff.serving.onnx_model import OnnxModel
-from handoff.settings import BatchingSettings
+from handoff.settings import BatchingSettings, ServingSettings
 
 
 def serve(spec_path: Path, fd: int | None = None, takeover_fd: int | None = None) -> None:
-    """Serve at once, load the model once (ready from then on), serve until SIGTERM (uvicorn finishes
-    in-flight requests). A model that cannot be loaded stops the server with exit code 1."""
+    """Serve at once, load the model once (ready from then on), serve until SIGTERM (graceful.py:
+    every request received is answered, exit 0). A model that cannot be loaded stops the server
+    with exit code 1."""
     spec = read_json(spec_path)
     contract = load_contract(Path(spec["contract_dir"]))
     batching = BatchingSettings.model_validate(spec.get("batching", {}))  # handoff.yaml's defaults
@@ -77,19 +87,35 @@ def serve(spec_path: Path, fd: int | None = None, takeover_fd: int | None = None
     # (127.0.0.1 by default) keeps a laptop's model off the network.
     failed = threading.Event()
     retiring = threading.Event()
+    # Set once SIGTERM starts the shutdown: responses then say Connection: close (graceful.py).
+    shutting_down = threading.Event()
+    defaults = ServingSettings()
+    shutdown_grace_s = float(spec.get("shutdown_grace_s", defaults.shutdown_grace_s))
+    header_timeout_s = float(spec.get("header_timeout_s", defaults.header_timeout_s))
+    max_concurrency = int(spec.get("max_concurrency", defaults.max_concurrency))
 
     class GuardedRESTServer(RESTServer):
         def _add_middlewares(self, app: Any) -> None:
             """Leave out KServe's timing middleware, which times every request (CPU time too) to log
-            it: ``metrics.RequestMetrics`` measures the same for Prometheus at a fraction of the cost."""
+            it: the front door (``front.py``) measures the same for Prometheus at a fraction of the cost."""
 
         def create_application(self) -> None:
             super().create_application()
             from kserve.model_server import app
 
-            guards.install(app, expected, max_request_bytes, lambda: bool(model.ready))
-            app.add_middleware(guards.CloseWhen, condition=retiring.is_set)
-            app.add_middleware(metrics.RequestMetrics, model_name=model.name)  # outermost: sees all
+            guards.install(app, expected, max_request_bytes)
+            # The model's V2 routes are answered in front of KServe's app (front.py says why).
+            self.config.app = FrontDoor(
+                app,
+                model,
+                version=str(spec.get("model_version", "1")),
+                expected=expected,
+                max_request_bytes=max_request_bytes,
+                max_inflight_bytes=int(spec.get("max_inflight_bytes", guards.DEFAULT_MAX_INFLIGHT_BYTES)),
+                idle_timeout_s=header_timeout_s,  # a body that stops arriving is timed like a head
+                closing=lambda: retiring.is_set() or shutting_down.is_set(),
+            )
+            self.config.proxy_headers = False  # nothing here reads X-Forwarded-*: one layer less
 
         def load_or_stop(self) -> None:
             """Load the model while the server answers 503 on readiness; stop it if loading fails."""
@@ -102,25 +128,32 @@ def serve(spec_path: Path, fd: int | None = None, takeover_fd: int | None = None
                 )
                 failed.set()
                 self._server.should_exit = True  # uvicorn checks it every 0.1 s, also before startup ends
+                return
+            # What start-up made (KServe, FastAPI, ONNX Runtime, model.py) lives as long as the
+            # process: out of the garbage collector's sight, its full collections stop walking it.
+            gc.collect()
+            gc.freeze()
+
+        def use_graceful_server(self) -> None:
+            """uvicorn's server and protocol with the graceful shutdown, the head timeout and the
+            concurrency limit (graceful.py)."""
+            config = self.config
+            config.http = graceful.protocol(header_timeout_s, shutting_down)
+            # uvicorn answers 503 once the connections (this one counted) reach the limit.
+            config.limit_concurrency = max_concurrency + 1
+            self._server = graceful.GracefulServer(
+                config, shutdown_grace_s=shutdown_grace_s, shutting_down=shutting_down
+            )
 
         async def take_over(self, sock: socket.socket) -> None:
             """Listen on ``sock`` too, with the same app and connection bookkeeping as uvicorn's own
             sockets (what ``uvicorn.Server.startup`` does for each), so shutdown drains both."""
-            server: Any = self._server
-            config = server.config
-
-            def create_protocol(_loop: asyncio.AbstractEventLoop | None = None) -> asyncio.Protocol:
-                return config.http_protocol_class(
-                    config=config,
-                    server_state=server.server_state,
-                    app_state=server.lifespan.state,
-                    _loop=_loop,
-                )
-
+            server: graceful.GracefulServer = self._server
             listening = await asyncio.get_running_loop().create_server(
-                create_protocol, sock=sock, backlog=config.backlog
+                server.protocol_factory, sock=sock, backlog=server.config.backlog
             )
             server.servers.append(listening)
+            server.listening.append(sock)
             serving_marker(spec_path).touch()
             where = sock.getsockname()[:2]
             print(f"model {model.name} now also serves on {where} (took over)", file=sys.stderr, flush=True)
@@ -129,8 +162,7 @@ def serve(spec_path: Path, fd: int | None = None, takeover_fd: int | None = None
             """Stop accepting (the next version accepts from the same socket); close connections
             after their current response. SIGTERM follows."""
             retiring.set()
-            for listening in self._server.servers:
-                listening.close()
+            self._server.stop_accepting()
             print(f"model {model.name} stopped accepting (retired)", file=sys.stderr, flush=True)
 
     rest = GuardedRESTServer(
@@ -138,44 +170,57 @@ def serve(spec_path: Path, fd: int | None = None, takeover_fd: int | None = None
         server.dataplane,
         server.model_repository_extension,
         spec["port"],
-        grace_period=10,
+        grace_period=math.ceil(shutdown_grace_s),
     )
+    rest.use_graceful_server()
     handover = Path(spec["handover"]) if spec.get("handover") else None
-    if takeover_fd is not None:
-        takeover = socket.socket(fileno=takeover_fd)
-
-        def start_taking_over() -> None:
-            task = asyncio.get_running_loop().create_task(rest.take_over(takeover))
-            task.add_done_callback(report_failure)
-
-        def report_failure(task: asyncio.Task[None]) -> None:
-            if not task.cancelled() and task.exception() is not None:
-                # deploy waits for the marker, then points at this log
-                print(
-                    f"model {model.name} could not take over: {task.exception()}", file=sys.stderr, flush=True
-                )
-
-        def on_sigusr1(signum: int, frame: Any) -> None:
-            loop = asyncio.get_running_loop()  # the handler runs on the main thread, inside the loop
-            loop.call_soon_threadsafe(start_taking_over)
-            signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # once
-
-        def on_sigusr2(signum: int, frame: Any) -> None:
-            asyncio.get_running_loop().call_soon_threadsafe(rest.retire)
-            signal.signal(signal.SIGUSR2, signal.SIG_IGN)
-
-        signal.signal(signal.SIGUSR1, on_sigusr1)
-        signal.signal(signal.SIGUSR2, on_sigusr2)
-        if handover is not None:
-            hand_over(handover, takeover)
-    threading.Thread(target=rest.load_or_stop, name="load-model", daemon=True).start()
+    # uvicorn handles SIGTERM while it serves; before and after, it ends the process through
+    # Python (SystemExit), so the finally below still removes the handover socket.
+    signal.signal(signal.SIGTERM, _exit_at_once)
     try:
+        if takeover_fd is not None:
+            takeover = socket.socket(fileno=takeover_fd)
+
+            def start_taking_over() -> None:
+                task = asyncio.get_running_loop().create_task(rest.take_over(takeover))
+                task.add_done_callback(report_failure)
+
+            def report_failure(task: asyncio.Task[None]) -> None:
+                if not task.cancelled() and task.exception() is not None:
+                    # deploy waits for the marker, then points at this log
+                    print(
+                        f"model {model.name} could not take over: {task.exception()}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+
+            def on_sigusr1(signum: int, frame: Any) -> None:
+                loop = asyncio.get_running_loop()  # the handler runs on the main thread, inside the loop
+                loop.call_soon_threadsafe(start_taking_over)
+                signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # once
+
+            def on_sigusr2(signum: int, frame: Any) -> None:
+                asyncio.get_running_loop().call_soon_threadsafe(rest.retire)
+                signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+            signal.signal(signal.SIGUSR1, on_sigusr1)
+            signal.signal(signal.SIGUSR2, on_sigusr2)
+            if handover is not None:
+                hand_over(handover, takeover)
+        threading.Thread(target=rest.load_or_stop, name="load-model", daemon=True).start()
         rest.run(sockets=[sock])
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # on the way out already: let nothing cut it
         if handover is not None:
             handover.unlink(missing_ok=True)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if failed.is_set():
         sys.exit(1)  # never ready: the deploy step (or Kubernetes) sees the exit and the one line above
+
+
+def _exit_at_once(signum: int, frame: Any) -> None:
+    """SIGTERM before the server serves (or after it stopped): nothing to finish, so exit 0 now."""
+    raise SystemExit(0)
 
 
 def hand_over(path: Path, listening: socket.socket) -> None:

@@ -74,22 +74,26 @@ class Batcher:
         rows = {int(array.shape[0]) for array in feeds.values()}
         if len(rows) != 1:
             raise ValueError("every input of one request needs the same first (batch) dimension")
+        count = rows.pop()
         loop = asyncio.get_running_loop()
         queue = self._queue
         if self._loop is not loop or queue is None:  # first request, or a new loop (asyncio.run)
             self._loop, self._queue, self._held = loop, (queue := asyncio.Queue()), None
             self._worker = loop.create_task(self._work(), name="batcher")
+        if self._inline(count, queue):
+            self.on_batch(count, 1)
+            started = time.perf_counter()
+            outputs = list(self.run_model(feeds))
+            self._timed(started, count)
+            return outputs
         key = tuple((name, tuple(array.shape[1:])) for name, array in sorted(feeds.items()))
-        pending = _Pending(feeds=feeds, rows=rows.pop(), key=key, done=loop.create_future())
-        if self._inline(pending, queue):
-            self.on_batch(pending.rows, 1)
-            return self._run_batch([pending], pending.rows)[0]
+        pending = _Pending(feeds=feeds, rows=count, key=key, done=loop.create_future())
         await queue.put(pending)
         return await pending.done
 
-    def _inline(self, pending: _Pending, queue: asyncio.Queue[_Pending]) -> bool:
-        """Whether to run ``pending`` on the event loop now (see the module docstring)."""
-        fast = pending.rows * self._row_s < INLINE_BELOW_S
+    def _inline(self, rows: int, queue: asyncio.Queue[_Pending]) -> bool:
+        """Whether to run a request of ``rows`` on the event loop now (see the module docstring)."""
+        fast = rows * self._row_s < INLINE_BELOW_S
         idle = not self._running and self._held is None and queue.empty()
         return fast and idle and self.max_wait_s == 0
 

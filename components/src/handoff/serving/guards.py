@@ -1,5 +1,6 @@
-"""HTTP-level guards for the model server: V2 error bodies for requests FastAPI rejects, a body size
-limit, a check of binary tensor requests, and a readiness check that waits for the model.
+"""HTTP-level guards for what KServe's own app still answers (everything the front door,
+``front.py``, does not route): V2 error bodies for requests FastAPI rejects, one log line (no
+traceback) for each client error, and a body size limit.
 
 Stock KServe answers a malformed body with FastAPI's 422 ``{"detail": [...]}`` and lets an
 unexpected exception escape to Starlette's outermost handler, which resets the keep-alive
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from http import HTTPStatus
 from typing import Any
@@ -18,12 +18,11 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from kserve.errors import InvalidInput
-from kserve.protocol.rest.v2_datamodels import RequestOutput
-from pydantic import BaseModel, NonNegativeInt, ValidationError
+from kserve.errors import InvalidInput, ModelNotFound
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024
+DEFAULT_MAX_INFLIGHT_BYTES = 64 * 1024 * 1024
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -64,8 +63,8 @@ def validation_message(exc: RequestValidationError, expected: str) -> str:
     return f"{_where(first.get('loc', ()), names)}: {first.get('msg', 'invalid')}; expected {expected}"
 
 
-def install(app: FastAPI, expected: str, max_request_bytes: int, model_ready: Callable[[], bool]) -> None:
-    """Register the V2 error handlers, the body size limit and the readiness gate on KServe's app."""
+def install(app: FastAPI, expected: str, max_request_bytes: int) -> None:
+    """Register the V2 error handlers and the body size limit on KServe's app."""
 
     async def invalid_request(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
@@ -76,15 +75,17 @@ def install(app: FastAPI, expected: str, max_request_bytes: int, model_ready: Ca
     async def invalid_input(request: Request, exc: Exception) -> JSONResponse:
         # KServe's own handler logs a full traceback for every client mistake; one line will do.
         message = str(exc)
-        content_type = request.headers.get("content-type", "")
-        if "inference-header-content-length" in message and "json" not in content_type:
-            # KServe reads a body not labelled JSON as the binary extension and says so cryptically.
-            message = (
-                f"the request body was sent as {content_type or 'no content type'!r}, not JSON; "
-                f"send it with 'Content-Type: application/json': {expected}"
-            )
         log.info("rejected request: %s", message)
         return JSONResponse(status_code=HTTPStatus.BAD_REQUEST, content={"error": message})
+
+    async def not_found(request: Request, exc: Exception) -> JSONResponse:
+        log.info("rejected request: %s %s: %s", request.method, request.url.path, exc)
+        return JSONResponse(status_code=HTTPStatus.NOT_FOUND, content={"error": str(exc)})
+
+    async def not_implemented(request: Request, exc: Exception) -> JSONResponse:
+        message = f"{request.method} {request.url.path} is not implemented by this server ({exc})"
+        log.info("rejected request: %s", message)
+        return JSONResponse(status_code=HTTPStatus.NOT_IMPLEMENTED, content={"error": message})
 
     async def http_error(_: Request, exc: Exception) -> JSONResponse:
         # FastAPI's own refusals (a body that is not UTF-8, an unknown route, a wrong method)
@@ -97,10 +98,10 @@ def install(app: FastAPI, expected: str, max_request_bytes: int, model_ready: Ca
 
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(InvalidInput, invalid_input)
+    app.add_exception_handler(ModelNotFound, not_found)
+    app.add_exception_handler(NotImplementedError, not_implemented)
     app.add_exception_handler(StarletteHTTPException, http_error)
-    app.add_middleware(BinaryRequests, expected=expected)  # inside BodyLimit: bodies are bounded
     app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
-    app.add_middleware(ReadyGate, model_ready=model_ready)
 
 
 async def _send_json(send: Send, status: int, content: dict[str, Any], close: bool = False) -> None:
@@ -110,41 +111,6 @@ async def _send_json(send: Send, status: int, content: dict[str, Any], close: bo
         headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
-
-
-class CloseWhen:
-    """Ask the client to close the connection after this response while ``condition()`` holds
-    (a retiring server: the client's next request opens a connection to the new version)."""
-
-    def __init__(self, app: Asgi, condition: Callable[[], bool]) -> None:
-        self.app = app
-        self.condition = condition
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def send_closing(message: Message) -> None:
-            if message["type"] == "http.response.start" and self.condition():
-                message["headers"] = [*message.get("headers", []), (b"connection", b"close")]
-            await send(message)
-
-        await self.app(scope, receive, send_closing)
-
-
-class ReadyGate:
-    """``/v2/health/ready`` answers 503 until the model is loaded (stock KServe says ready at once)."""
-
-    def __init__(self, app: Asgi, model_ready: Callable[[], bool]) -> None:
-        self.app = app
-        self.model_ready = model_ready
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] == "/v2/health/ready" and not self.model_ready():
-            await _send_json(send, HTTPStatus.SERVICE_UNAVAILABLE, {"error": "the model is not loaded yet"})
-            return
-        await self.app(scope, receive, send)
 
 
 class BodyLimit:
@@ -185,130 +151,6 @@ class BodyLimit:
                 return
             if not message.get("more_body", False):
                 break
-
-        async def replay() -> Message:
-            return buffered.pop(0) if buffered else await receive()
-
-        await self.app(scope, replay, send)
-
-
-# Bytes per element of the V2 datatypes that travel as raw little-endian arrays.
-BINARY_ITEM_SIZES = {
-    "BOOL": 1,
-    "UINT8": 1,
-    "UINT16": 2,
-    "UINT32": 4,
-    "UINT64": 8,
-    "INT8": 1,
-    "INT16": 2,
-    "INT32": 4,
-    "INT64": 8,
-    "FP16": 2,
-    "FP32": 4,
-    "FP64": 8,
-}
-HEADER_LENGTH = b"inference-header-content-length"
-
-
-class _BinaryInput(BaseModel):
-    name: str
-    shape: list[NonNegativeInt]
-    datatype: str
-    parameters: dict[str, Any] | None = None
-    data: list[Any] | None = None
-
-
-class _BinaryHeader(BaseModel):
-    """The JSON part of a binary-extension request: what KServe's decoder reads without checking."""
-
-    id: str | None = None
-    parameters: dict[str, Any] | None = None
-    inputs: list[_BinaryInput]
-    outputs: list[RequestOutput] | None = None
-
-
-def binary_request_error(body: bytes, header_length: bytes) -> str | None:
-    """What is wrong with a V2 binary tensor extension request, or None when KServe can decode it.
-
-    KServe slices the raw bytes after the JSON header by each input's ``binary_data_size`` and
-    reshapes them unchecked, so a wrong size or shape would be a 500; here it is a 400 that says
-    which input and how many bytes its shape and datatype need.
-    """
-    if not header_length.isdigit() or int(header_length) > len(body):
-        return (
-            f"Inference-Header-Content-Length must be the byte length of the JSON header at the "
-            f"start of the body ({len(body)} bytes), got {header_length.decode(errors='replace')!r}"
-        )
-    split = int(header_length)
-    try:
-        header = _BinaryHeader.model_validate_json(body[:split])
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "the JSON header"
-        return f"binary request: {where}: {first['msg']}"
-    raw_bytes = len(body) - split
-    declared = 0
-    for tensor in header.inputs:
-        where = f"input '{tensor.name}'"
-        size = (tensor.parameters or {}).get("binary_data_size")
-        if tensor.data is not None:
-            continue
-        if size is None:
-            return f"{where}: needs 'data' or parameters.binary_data_size"
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            return f"{where}: parameters.binary_data_size must be a byte count, got {size!r}"
-        if tensor.datatype == "BYTES":
-            # Length-prefixed elements: their count is checked against the shape once decoded
-            # (``OnnxModel``); here only that the sizes add up.
-            declared += size
-            continue
-        item = BINARY_ITEM_SIZES.get(tensor.datatype)
-        if item is None:
-            return f"{where}: datatype {tensor.datatype!r} cannot be sent as binary data here"
-        needed = math.prod(tensor.shape) * item
-        if size != needed:
-            return (
-                f"{where}: binary_data_size is {size} bytes, but shape {tensor.shape} of "
-                f"{tensor.datatype} needs {needed}"
-            )
-        declared += size
-    if declared != raw_bytes:
-        return (
-            f"the inputs' binary_data_size add up to {declared} bytes, but {raw_bytes} follow the JSON header"
-        )
-    return None
-
-
-class BinaryRequests:
-    """Answer 400 to a binary tensor extension request KServe would fail to decode (see
-    ``binary_request_error``); pass every other request through untouched."""
-
-    def __init__(self, app: Asgi, expected: str) -> None:
-        self.app = app
-        self.expected = expected
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # The first of repeated headers, as KServe reads it (``dict(request.headers)``).
-        headers = scope.get("headers", ()) if scope["type"] == "http" else ()
-        length = next((value for name, value in headers if name == HEADER_LENGTH), None)
-        if length is None:
-            await self.app(scope, receive, send)
-            return
-        buffered: list[Message] = []
-        chunks: list[bytes] = []
-        while True:
-            message = await receive()
-            buffered.append(message)
-            if message["type"] != "http.request":
-                break
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                break
-        problem = binary_request_error(b"".join(chunks), length.strip())
-        if problem is not None:
-            log.info("rejected request: %s", problem)
-            await _send_json(send, HTTPStatus.BAD_REQUEST, {"error": f"{problem}; expected {self.expected}"})
-            return
 
         async def replay() -> Message:
             return buffered.pop(0) if buffered else await receive()

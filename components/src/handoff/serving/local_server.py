@@ -37,11 +37,13 @@ import requests
 
 from handoff.errors import HandoffError
 from handoff.files import write_json
+from handoff.settings import ServingSettings
 
 STATE_FILE = "server.json"
 LOCK_FILE = "deploy.lock"
 # The run's own plumbing: a server that outlives the run must not point at its scratch folders.
 RUN_ONLY_ENV = ("TMPDIR", "HANDOFF_ERROR_FILE", "HANDOFF_FORKSERVER_SOCKET", "HANDOFF_FORKSERVER_PYTHON")
+DEFAULT_GRACE_S = ServingSettings().shutdown_grace_s  # a spec without shutdown_grace_s
 
 
 @dataclass(frozen=True)
@@ -195,8 +197,21 @@ def current(state_dir: Path, project: Path | None = None) -> ServerHandle | None
     return handle if _alive(handle) else None
 
 
-def terminate(handle: ServerHandle, timeout_s: float = 15.0) -> None:
-    """SIGTERM one server (in-flight requests finish), SIGKILL after ``timeout_s``."""
+def _grace_s(handle: ServerHandle) -> float:
+    """How long the server may take to finish its requests after SIGTERM (its spec's
+    ``shutdown_grace_s``), and a little for its exit."""
+    try:
+        grace = float(json.loads(Path(handle.spec).read_text()).get("shutdown_grace_s", DEFAULT_GRACE_S))
+    except (OSError, ValueError, TypeError, AttributeError):
+        grace = DEFAULT_GRACE_S
+    return grace + 5.0
+
+
+def terminate(handle: ServerHandle, timeout_s: float | None = None) -> None:
+    """SIGTERM one server (it finishes the requests it received and exits 0), SIGKILL after
+    ``timeout_s`` (default: its ``shutdown_grace_s`` and a few seconds)."""
+    if timeout_s is None:
+        timeout_s = _grace_s(handle)
     if _alive(handle):
         with contextlib.suppress(psutil.NoSuchProcess):
             process = psutil.Process(handle.pid)
@@ -206,7 +221,7 @@ def terminate(handle: ServerHandle, timeout_s: float = 15.0) -> None:
             except psutil.TimeoutExpired:
                 process.kill()
                 process.wait(timeout=5)
-    if handle.handover:  # the server exits by its signal, before it could remove it
+    if handle.handover:  # the server removes it as it exits, unless it had to be killed
         Path(handle.handover).unlink(missing_ok=True)
 
 
@@ -215,7 +230,7 @@ def record(state_dir: Path, handle: ServerHandle) -> None:
     write_json(state_dir / STATE_FILE, asdict(handle))
 
 
-def stop(state_dir: Path, timeout_s: float = 15.0, project: Path | None = None) -> ServerHandle | None:
+def stop(state_dir: Path, timeout_s: float | None = None, project: Path | None = None) -> ServerHandle | None:
     """Stop the project's recorded server, if one is running (and, with ``project``, serves it)."""
     handle = current(state_dir, project)
     if handle is not None:

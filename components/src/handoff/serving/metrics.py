@@ -1,24 +1,17 @@
 """Prometheus metrics of the model server, served with KServe's own at ``GET /metrics``.
 
-KServe's histograms time the model's pre/predict/post steps; these add what an on-call engineer
+KServe's ``request_predict_seconds`` times the model's run; these add what an on-call engineer
 alerts on: inference requests by status code, their latency as clients see it (every request,
-rejected ones included), and the batch sizes the dynamic batcher forms.
+rejected ones included; the front door records both), and the batch sizes the dynamic batcher
+forms.
 """
 
 from __future__ import annotations
 
-import re
-import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import Counter, Histogram
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-Asgi = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 REQUESTS = Counter(
     "handoff_inference_requests",  # exposed as handoff_inference_requests_total
@@ -44,42 +37,27 @@ BATCH_REQUESTS = Histogram(
     buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64),
 )
 
-_INFER_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/[^/]+)?/infer$")
+
+def batch_recorder(model: str) -> Callable[[int, int], None]:
+    """``record(rows, requests)`` for each model run of ``model``."""
+    sizes, requests_per_run = BATCH_SIZE.labels(model), BATCH_REQUESTS.labels(model)
+
+    def record(rows: int, requests: int) -> None:
+        sizes.observe(rows)
+        requests_per_run.observe(requests)
+
+    return record
 
 
-def record_batch(model: str, rows: int, requests: int) -> None:
-    BATCH_SIZE.labels(model).observe(rows)
-    BATCH_REQUESTS.labels(model).observe(requests)
+class RequestCounter:
+    """``count(status)`` for inference requests to ``model``, one child per status code seen."""
 
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.children: dict[int, Any] = {}
 
-class RequestMetrics:
-    """ASGI middleware counting and timing every inference request, whatever answered it.
-
-    The model label is the served model's name, or ``other`` for any other name in the path, so
-    requests for made-up models cannot grow the label set without bound.
-    """
-
-    def __init__(self, app: Asgi, model_name: str) -> None:
-        self.app = app
-        self.model_name = model_name
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        match = _INFER_PATH.match(scope.get("path", "")) if scope["type"] == "http" else None
-        if match is None:
-            await self.app(scope, receive, send)
-            return
-        model = self.model_name if match.group(1) == self.model_name else "other"
-        started = time.perf_counter()
-        status = 500  # what the client sees if the app fails before answering
-
-        async def send_and_watch(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = int(message["status"])
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_and_watch)
-        finally:
-            REQUESTS.labels(model, str(status)).inc()
-            LATENCY.labels(model).observe(time.perf_counter() - started)
+    def __call__(self, status: int) -> None:
+        child = self.children.get(status)
+        if child is None:
+            child = self.children[status] = REQUESTS.labels(self.model, str(status))
+        child.inc()

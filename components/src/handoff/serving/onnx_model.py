@@ -28,6 +28,7 @@ from typing import Any
 
 import kserve
 import numpy as np
+import onnxruntime as ort
 from kserve import InferOutput, InferRequest, InferResponse
 from kserve.errors import InferenceError, InvalidInput
 
@@ -37,28 +38,55 @@ from handoff.onnx_io import first_outside, open_session
 from handoff.raw_io import HookRaised, check_raw_hooks, has_raw_hooks, load_serving_hooks, run_hook
 from handoff.serving import metrics
 from handoff.serving.batcher import Batcher
+from handoff.serving.v2_wire import NUMPY_OF_DATATYPE, Output, Request, Tensor, WireError, bytes_elements
 
 # A child of KServe's logger, so its lines land in the server log in the same format.
 log = logging.getLogger("kserve.handoff")
+
+# Runs with inputs at least this large give ONNX Runtime's memory arena back when they end.
+SHRINK_ARENA_BYTES = 1024 * 1024
+_SHRINK = ort.RunOptions()
+_SHRINK.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
 
 # numpy's kinds for JSON data that may fill a tensor of each kind: no strings, nulls or booleans
 # in numbers (numpy would turn True into 1.0 and None into NaN), no fractions in integers.
 _ALLOWED_KINDS = {"f": "fi", "i": "iu", "u": "iu", "b": "b"}
 _KIND_NAMES = {"f": "numbers", "i": "integers", "u": "non-negative integers", "b": "true/false values"}
+# A flat JSON list longer than this is converted a slice at a time: numpy never holds a float64
+# copy of all of it, and between slices the event loop's thread gets the GIL back (health checks
+# answer while a maximum-size request is decoded).
+_SLICE = 1 << 16
 
 
-def _checked(where: str, spec: TensorSpec, shape: list[int], data: list[Any]) -> np.ndarray:
-    """JSON tensor data as the contract's dtype, or InvalidInput saying what is wrong with it."""
-    want = spec.numpy_dtype
-    expected_count = math.prod(shape)
+def _numbers(where: str, spec: TensorSpec, data: list[Any], count: int) -> np.ndarray:
+    """JSON numbers as a flat array of the contract's dtype, checked slice by slice."""
+    if len(data) != count or (data and isinstance(data[0], list)):  # nested in the tensor's shape
+        raw = _flat_array(where, data, count)
+        if raw.dtype == object:
+            raise InvalidInput(f"{where}: data must be a flat (or evenly nested) list of {count} values")
+        return _typed(where, spec, raw.reshape(-1), count)
+    if count <= _SLICE:
+        return _typed(where, spec, _flat_array(where, data, count), count)
+    out = np.empty(count, dtype=spec.numpy_dtype)
+    for start in range(0, count, _SLICE):
+        part = _flat_array(where, data[start : start + _SLICE], count)
+        out[start : start + len(part)] = _typed(where, spec, part, part.size)
+    return out
+
+
+def _flat_array(where: str, data: list[Any], count: int) -> np.ndarray:
     try:
-        raw = np.asarray(data)
-    except ValueError:  # ragged nesting
+        return np.asarray(data)
+    except ValueError:  # ragged nesting, or lists among the numbers
         raise InvalidInput(
-            f"{where}: data must be a flat (or evenly nested) list of {expected_count} values"
+            f"{where}: data must be a flat (or evenly nested) list of {count} values"
         ) from None
-    if raw.size != expected_count:
-        raise InvalidInput(f"{where}: shape {shape} needs {expected_count} values, data has {raw.size}")
+
+
+def _typed(where: str, spec: TensorSpec, raw: np.ndarray, count: int) -> np.ndarray:
+    want = spec.numpy_dtype
+    if raw.size != count or raw.ndim != 1:
+        raise InvalidInput(f"{where}: data must be a flat (or evenly nested) list of {count} values")
     if raw.size and raw.dtype.kind not in _ALLOWED_KINDS[want.kind]:
         raise InvalidInput(f"{where}: data must be {_KIND_NAMES[want.kind]} for datatype {spec.v2_datatype}")
     if want.kind in "iu" and raw.size:
@@ -68,7 +96,30 @@ def _checked(where: str, spec: TensorSpec, shape: list[int], data: list[Any]) ->
                 f"{where}: data outside the range of {spec.v2_datatype} [{info.min}, {info.max}]"
             )
     with np.errstate(over="ignore", invalid="ignore"):
-        return _finite(where, spec, raw.astype(want, copy=False).reshape(shape))
+        return raw.astype(want, copy=False)
+
+
+def _count(value: Any) -> int:
+    """How many values a (possibly nested) JSON list holds."""
+    if not isinstance(value, list):
+        return 1
+    if value and isinstance(value[0], list):
+        return sum(_count(item) for item in value)
+    return len(value)
+
+
+def _checked(where: str, spec: TensorSpec, shape: list[int], data: list[Any]) -> np.ndarray:
+    """JSON tensor data as the contract's dtype, or InvalidInput saying what is wrong with it."""
+    expected_count = math.prod(shape)
+    found = _count(data)
+    if found != expected_count:
+        raise InvalidInput(f"{where}: shape {shape} needs {expected_count} values, data has {found}")
+    flat = _numbers(where, spec, data, expected_count)
+    try:
+        array = flat.reshape(shape)
+    except ValueError as exc:  # an empty tensor with an absurd dimension beside the 0
+        raise InvalidInput(f"{where}: shape {shape} cannot be made: {exc}") from None
+    return _finite(where, spec, array)
 
 
 def _checked_bytes(where: str, shape: list[int], data: list[Any]) -> np.ndarray:
@@ -86,9 +137,19 @@ def _checked_bytes(where: str, shape: list[int], data: list[Any]) -> np.ndarray:
         raise InvalidInput(f"{where}: shape {shape} needs {expected_count} values, data has {len(flat)}")
     if not all(isinstance(v, str) for v in flat):
         raise InvalidInput(f"{where}: data must be strings for datatype BYTES")
-    array = np.empty(len(flat), dtype=object)
-    array[:] = [v.encode("utf-8") for v in flat]
+    return _object_array([v.encode("utf-8") for v in flat], shape)
+
+
+def _object_array(items: list[bytes], shape: list[int]) -> np.ndarray:
+    array = np.empty(len(items), dtype=object)
+    array[:] = items
     return array.reshape(shape)
+
+
+def _all_finite(array: np.ndarray) -> bool:
+    # One reduction where it can answer: a finite sum means finite values; a sum that is not
+    # (NaN, or an overflow of large finite values) is looked at value by value.
+    return math.isfinite(array.sum()) or bool(np.isfinite(array).all())
 
 
 def _finite(where: str, spec: TensorSpec, array: np.ndarray) -> np.ndarray:
@@ -100,7 +161,7 @@ def _finite(where: str, spec: TensorSpec, array: np.ndarray) -> np.ndarray:
         # around silently (a wrong 200). Neither is the client's answer.
         value, at, bounds = outside
         raise InvalidInput(f"{where}: {value} at {at} is outside the contract's range {bounds}")
-    if array.dtype.kind == "f" and not spec.allow_non_finite and not np.isfinite(array).all():
+    if array.dtype.kind == "f" and not spec.allow_non_finite and not _all_finite(array):
         raise InvalidInput(
             f"{where}: data holds NaN or infinite values (or values too large for {spec.v2_datatype}); "
             "the model accepts finite numbers only (contract.yaml: allow_non_finite: true on the "
@@ -129,11 +190,19 @@ class OnnxModel(kserve.Model):
         self.code_dir = code_dir
         self.hooks: ModuleType | None = None
         self.session: Any = None
+        # What every request is checked against, read from the contract once.
+        self.request_specs = contract.request_inputs
+        self.response_specs = contract.response_outputs
+        self.input_names = [spec.name for spec in self.request_specs]
+        self.input_set = set(self.input_names)
+        self.response_names = [spec.name for spec in self.response_specs]
+        self.response_types = [(spec.name, spec.v2_datatype) for spec in self.response_specs]
+        self.output_names = contract.output_names
         self.batcher = Batcher(
             self._run,
             max_batch_size=max_batch_size,
             max_wait_ms=max_wait_ms,
-            on_batch=lambda rows, requests: metrics.record_batch(name, rows, requests),
+            on_batch=metrics.batch_recorder(name),
         )
 
     def load(self) -> bool:
@@ -162,26 +231,35 @@ class OnnxModel(kserve.Model):
     def get_output_types(self) -> list[dict[str, Any]]:
         return [spec.v2_metadata() for spec in self.contract.response_outputs]
 
-    def _array(self, spec: TensorSpec, request: InferRequest) -> np.ndarray:
-        tensor = request.get_input_by_name(spec.name)
+    def _array(self, spec: TensorSpec, tensor: Tensor | None) -> np.ndarray:
         if tensor is None:
-            names = [s.name for s in self.contract.request_inputs]
-            raise InvalidInput(f"input '{spec.name}' is missing; expected inputs {names}")
+            raise InvalidInput(f"input '{spec.name}' is missing; expected inputs {self.input_names}")
         where = f"input '{spec.name}'"
         if tensor.datatype != spec.v2_datatype:
             raise InvalidInput(f"{where}: expected datatype {spec.v2_datatype}, got {tensor.datatype}")
-        shape = list(tensor.shape)
-        if any(dim < 0 for dim in shape) or not spec.accepts(shape):
+        shape = tensor.shape
+        if not spec.accepts(shape):
             raise InvalidInput(f"{where}: expected shape {spec.shape} (-1 = any), got {shape}")
-        if spec.v2_datatype == "BYTES" and tensor.data is not None:
-            return _checked_bytes(where, shape, tensor.data)
-        if tensor.data is None:  # binary tensor data extension: the bytes are already typed
+        if tensor.data is not None:
+            if spec.v2_datatype == "BYTES":
+                return _checked_bytes(where, shape, tensor.data)
+            return _checked(where, spec, shape, tensor.data)
+        if tensor.array is not None:  # decoded by KServe (``predict``)
+            array = tensor.array
+        elif spec.v2_datatype == "BYTES":
+            assert tensor.raw is not None
             try:
-                array = tensor.as_numpy().astype(spec.numpy_dtype, copy=False)
-            except Exception as exc:  # noqa: BLE001 - malformed data is the client's error
-                raise InvalidInput(f"{where}: binary data does not match shape {shape}: {exc}") from None
-            return _finite(where, spec, array)
-        return _checked(where, spec, shape, tensor.data)
+                return _object_array(bytes_elements(tensor.raw, math.prod(shape), where), shape)
+            except WireError as exc:
+                raise InvalidInput(str(exc)) from None
+        else:  # binary tensor data extension: the bytes are already typed (sizes checked on decoding)
+            assert tensor.raw is not None
+            array = np.frombuffer(tensor.raw, dtype=NUMPY_OF_DATATYPE[tensor.datatype])
+        try:
+            array = array.reshape(shape).astype(spec.numpy_dtype, copy=False)
+        except Exception as exc:  # noqa: BLE001 - malformed data is the client's error
+            raise InvalidInput(f"{where}: binary data does not match shape {shape}: {exc}") from None
+        return _finite(where, spec, array)
 
     def _hook(self, hook: str, arrays: dict[str, np.ndarray], specs: list[TensorSpec], field: str) -> Any:
         """Run model.py's ``hook``: raising on a request is the request's fault (400, naming the
@@ -196,36 +274,39 @@ class OnnxModel(kserve.Model):
             raise InferenceError(f"model.py {hook}() broke the contract: {exc.detail}") from None
 
     def _run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        return list(self.session.run(self.contract.output_names, dict(feeds)))
+        # ONNX Runtime's arena keeps the largest run's activations for good (150 MB for a 16 MiB
+        # request to a small CNN); after a large run it hands them back instead.
+        large = sum(array.nbytes for array in feeds.values()) >= SHRINK_ARENA_BYTES
+        return list(self.session.run(self.output_names, dict(feeds), _SHRINK if large else None))
 
-    async def predict(
-        self,
-        payload: InferRequest,
-        headers: dict[str, str] | None = None,
-        response_headers: dict[str, str] | None = None,
-    ) -> InferResponse:
-        """Check each input against the contract (400 on mismatch), run it (batched), answer V2."""
-        specs = self.contract.request_inputs
-        expected = [spec.name for spec in specs]
-        answers = self.contract.response_outputs
-        unknown = sorted({i.name for i in payload.inputs} - set(expected))
-        if unknown:
+    def decode(self, request: Request) -> dict[str, np.ndarray]:
+        """Each input checked against the contract (``InvalidInput``, a 400, naming what is wrong),
+        as the array the model (or preprocess) gets. Pure CPU work on the request alone: the front
+        door runs it off the event loop for large requests."""
+        expected = self.input_names
+        by_name = {tensor.name: tensor for tensor in request.inputs}
+        if not by_name.keys() <= self.input_set:
+            unknown = sorted(by_name.keys() - self.input_set)
             raise InvalidInput(f"unknown input(s) {unknown}; expected inputs {expected}")
-        repeated = sorted(
-            name for name, count in Counter(i.name for i in payload.inputs).items() if count > 1
-        )
-        if repeated:
+        if len(by_name) != len(request.inputs):
+            given = Counter(tensor.name for tensor in request.inputs)
+            repeated = sorted(name for name, count in given.items() if count > 1)
             raise InvalidInput(f"input(s) {repeated} given more than once; expected inputs {expected}")
-        requested = {o.name for o in payload.request_outputs or []}
-        if requested - {spec.name for spec in answers}:
+        if request.outputs is not None and not request.outputs.keys() <= set(self.response_names):
+            unknown_outputs = sorted(request.outputs.keys() - set(self.response_names))
             raise InvalidInput(
-                f"unknown output(s) {sorted(requested - {spec.name for spec in answers})}; "
-                f"the model's outputs are {[spec.name for spec in answers]}"
+                f"unknown output(s) {unknown_outputs}; the model's outputs are {self.response_names}"
             )
-        feeds = {spec.name: self._array(spec, payload) for spec in specs}
+        feeds = {spec.name: self._array(spec, by_name.get(spec.name)) for spec in self.request_specs}
         rows = {name: array.shape[0] for name, array in feeds.items()}
         if len(set(rows.values())) > 1:
             raise InvalidInput(f"every input needs the same first (batch) dimension, got {rows}")
+        return feeds
+
+    async def infer(self, request: Request, feeds: dict[str, np.ndarray] | None = None) -> list[Output]:
+        """The response's outputs for a V2 request (``feeds``: its inputs, already decoded)."""
+        if feeds is None:
+            feeds = self.decode(request)
         if self.hooks is not None and hasattr(self.hooks, "preprocess"):
             feeds = self._hook("preprocess", feeds, self.contract.inputs, "inputs")
             rows = {name: array.shape[0] for name, array in feeds.items()}
@@ -234,22 +315,66 @@ class OnnxModel(kserve.Model):
         try:
             results = await self.batcher.run(feeds)
         except Exception as exc:
-            # InferenceError is answered by FastAPI's own handler (500, V2 body) and keeps the
-            # connection open; an exception that escapes resets it.
             log.exception("inference failed for model %s", self.name)
             raise InferenceError(f"inference failed: {type(exc).__name__}: {exc}") from None
         if self.hooks is not None and hasattr(self.hooks, "postprocess"):
-            named = dict(zip(self.contract.output_names, results, strict=True))
-            results = list(self._hook("postprocess", named, answers, "raw.outputs").values())
-        outputs = [
-            # KServe encodes the array as JSON or raw bytes, as the request asked.
-            InferOutput(name=spec.name, shape=list(array.shape), datatype=spec.v2_datatype, data=array)
-            for spec, array in zip(answers, results, strict=True)
+            named = dict(zip(self.output_names, results, strict=True))
+            results = list(self._hook("postprocess", named, self.response_specs, "raw.outputs").values())
+        binary = request.binary_outputs
+        if request.outputs is None:
+            return [
+                Output(name, datatype, array, binary)
+                for (name, datatype), array in zip(self.response_types, results, strict=True)
+            ]
+        outputs = {
+            name: Output(name, datatype, array, binary)
+            for (name, datatype), array in zip(self.response_types, results, strict=True)
+        }
+        return [
+            Output(
+                name,
+                outputs[name].datatype,
+                outputs[name].array,
+                request.binary_outputs if binary is None else binary,
+            )
+            for name, binary in request.outputs.items()
         ]
+
+    async def predict(
+        self,
+        payload: InferRequest,
+        headers: dict[str, str] | None = None,
+        response_headers: dict[str, str] | None = None,
+    ) -> InferResponse:
+        """KServe's entry point (its own routes and tests): the same checks and run as the front
+        door's ``infer``, on a request KServe decoded."""
+        request = Request(
+            id=payload.id,
+            inputs=[
+                Tensor(
+                    name=tensor.name,
+                    datatype=tensor.datatype,
+                    shape=list(tensor.shape),
+                    data=tensor.data
+                    if tensor.data is not None and not isinstance(tensor.data, np.ndarray)
+                    else None,
+                    array=tensor.as_numpy()
+                    if tensor.data is None or isinstance(tensor.data, np.ndarray)
+                    else None,
+                )
+                for tensor in payload.inputs
+            ],
+            outputs={o.name: None for o in payload.request_outputs} if payload.request_outputs else None,
+            binary_outputs=bool(payload.use_binary_outputs),
+        )
+        outputs = await self.infer(request)
         return InferResponse(
             response_id=payload.id or str(uuid.uuid4()),
             model_name=self.name,
-            infer_outputs=outputs,
+            infer_outputs=[
+                # KServe encodes the array as JSON or raw bytes, as the request asked.
+                InferOutput(name=o.name, shape=list(o.array.shape), datatype=o.datatype, data=o.array)
+                for o in outputs
+            ],
             use_binary_outputs=bool(payload.use_binary_outputs),
-            requested_outputs=payload.request_outputs,
         )

@@ -39,6 +39,7 @@ from handoff.raw_io import check_cluster_runtime
 from handoff.serving import local_server
 from handoff.serving.local_server import ServerHandle
 from handoff.serving.smoke import LatencyResult, SmokeResult, latency_check, smoke_test
+from handoff.serving.spec import server_settings
 from handoff.step_entry import in_cluster
 from handoff.steps.register import SERVED_TAG, SHA_TAG, TRITON_TAG, undo_promotion
 from handoff.tracking import CHAMPION, alias_version, use_tracking
@@ -104,7 +105,10 @@ def _port_of(handle: ServerHandle) -> int:
     return int(urlsplit(handle.url).port or 80)
 
 
-def _write_spec(project: Project, model_dir: Path, model_name: str, port: int, handover: Path) -> Path:
+def _write_spec(
+    project: Project, model_dir: Path, model_name: str, version: str, port: int, handover: Path
+) -> Path:
+    """The server's spec: the version's files, where to listen, and handoff.yaml's serving settings."""
     serving = project.settings.serving
     spec_file = model_dir / "server.json"
     local_server.serving_marker(spec_file).unlink(missing_ok=True)
@@ -116,8 +120,7 @@ def _write_spec(project: Project, model_dir: Path, model_name: str, port: int, h
             "contract_dir": str(model_dir / EXTRA_DIR),
             "host": serving.host,
             "port": port,
-            "max_request_bytes": int(serving.max_request_mib * 1024 * 1024),
-            "batching": serving.batching.model_dump(),
+            **server_settings(serving, version),
             "handover": str(handover),
         },
     )
@@ -270,7 +273,7 @@ def _blue_green(
         private = sockets.enter_context(local_server.bind(project.settings.serving.host, 0))
         check_url = local_server.url_of(private)
         handover = local_server.handover_path()
-        spec_file = _write_spec(project, model_dir, model_name, port.getsockname()[1], handover)
+        spec_file = _write_spec(project, model_dir, model_name, version, port.getsockname()[1], handover)
         try:
             handle = local_server.start(
                 spec_file,
