@@ -40,7 +40,7 @@ from handoff_pipelines.argo import EXIT_HANDLER, GATE_TEMPLATE, OUTCOME_PROGRAM,
 from handoff_pipelines.compiled import ARGO_FILE, KFP_FILE, TRAIN_JOB_FILE, compile_project
 from handoff_pipelines.graph import RUN_AS_USER, TRACKING_URI_ENV, build_pipeline, cluster_plan
 
-from .conftest import TEMPLATE, edit_yaml, handoff
+from .conftest import TEMPLATE, edit_yaml, generate, handoff
 from .fake_kube import strict
 
 pytestmark = pytest.mark.unit
@@ -487,6 +487,34 @@ def test_local_runs_get_none_of_the_cluster_settings(tmp_path: Path) -> None:
     text = (tmp_path / "local.yaml").read_text()
     assert "retryPolicy" not in text and "resourceCpuLimit" not in text and "cachingOptions: {}" not in text
     assert IMAGE_ENV not in text  # register records handoff.image "-"
+
+
+# --- artifacts that match the task --------------------------------------------------------------
+
+
+def evaluate_artifacts(ir: dict[str, Any]) -> dict[str, str]:
+    """KFP: the evaluate step's output artifacts, name -> type (``system.Metrics``, ...)."""
+    outputs = ir["components"]["comp-evaluate"]["outputDefinitions"]["artifacts"]
+    return {name: spec["artifactType"]["schemaTitle"] for name, spec in outputs.items()}
+
+
+def test_a_regression_project_shows_residuals_and_no_classification_metrics(
+    default_compiled: Compiled, tmp_path: Path
+) -> None:
+    classification = evaluate_artifacts(default_compiled.ir)
+    assert classification["confusion"] == "system.ClassificationMetrics" and "residuals" not in classification
+
+    regression = generate(tmp_path / "generated", starter="tabular-regression")
+    compile_project(regression, tmp_path / "compiled", targets=("kfp",))
+    ir, _ = yaml.safe_load_all((tmp_path / "compiled" / KFP_FILE).read_text())
+    artifacts = evaluate_artifacts(ir)
+    assert "system.ClassificationMetrics" not in artifacts.values()
+    assert artifacts["metrics"] == "system.Metrics" and artifacts["residuals"] == "system.HTML"
+    # Everything else the later steps read is where it was: same graph, same step names.
+    assert {name: t for name, t in artifacts.items() if name != "residuals"} == {
+        name: t for name, t in classification.items() if name != "confusion"
+    }
+    assert set(ir["root"]["dag"]["tasks"]) == set(default_compiled.ir["root"]["dag"]["tasks"])
 
 
 # --- which targets, which image -----------------------------------------------------------------

@@ -15,7 +15,7 @@ from matplotlib.image import imread
 
 from handoff.errors import HandoffError
 from handoff.eval_suite import SUITE_METRICS, TASKS, SuiteResult, evaluate_outputs
-from handoff.plots import confusion_png, curves_png, latency_histogram_png
+from handoff.plots import confusion_png, curves_figure, curves_png, latency_histogram_png
 
 pytestmark = pytest.mark.unit
 
@@ -266,3 +266,9 @@ def test_plots_are_small_decodable_and_reproducible(draw: Callable[[], bytes]) -
 def test_confusion_png_refuses_a_matrix_that_does_not_match_its_labels() -> None:
     with pytest.raises(ValueError, match=r"found shape \(2, 2\) and 3 labels"):
         confusion_png([[1, 0], [0, 1]], ["a", "b", "c"])
+
+
+def test_the_training_curves_say_what_their_x_axis_counts() -> None:
+    history = {"train_loss": [(1, 2.0), (2, 1.2)], "accuracy": [(1, 0.5), (2, 0.7)]}
+    assert curves_figure(history).axes[-1].get_xlabel() == "epoch"  # the trainer logs step=epoch
+    assert curves_figure(history, x_label="step").axes[-1].get_xlabel() == "step"

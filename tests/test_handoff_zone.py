@@ -203,6 +203,21 @@ def test_the_registered_version_carries_the_filled_in_card_and_the_report(zone: 
         assert (extra / png).read_bytes().startswith(b"\x89PNG")
 
 
+def test_the_registry_page_shows_the_card_and_what_the_champion_is(zone: Path) -> None:
+    evaluation = evaluate(zone)
+    assert register(zone).returncode == 0
+    client = registry(zone)
+    description = client.get_model_version("digits-classifier", "1").description
+    assert description.startswith("# Model card: Digits Classifier")
+    for section in ("## Intended use", "## Training data", "## Limitations", "## Measured by handoff"):
+        assert section in description
+    assert f"| accuracy | {evaluation['metrics']['accuracy']:.4f} |" in description
+    assert "](" not in description  # no links the registry page could not resolve
+    about = client.get_registered_model("digits-classifier").description
+    assert about.startswith("A small CNN that reads 8x8 handwritten digits.\n\nChampion: version 1 (")
+    assert "promoted: the first champion" in about and "](" not in about
+
+
 def _chromium() -> str:
     found = shutil.which("chromium") or shutil.which("chromium-browser")
     assert found, "chromium is required for this test (apt-get install chromium; .ci/run installs it)"
@@ -238,6 +253,27 @@ def test_the_html_report_renders_its_pictures_in_a_browser(zone: Path, tmp_path:
     # The verdicts are in the page too, in the pass colour.
     green = (np.abs(pixels - np.array([10, 122, 47])).sum(axis=-1) < 40).sum()
     assert green > 50
+
+
+def test_the_html_report_shows_per_class_and_slice_tables_as_tables_in_a_browser(zone: Path) -> None:
+    evaluate(zone)
+    html = zone / "report/readiness.html"
+    dom = subprocess.run(
+        [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", html.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    section = dom.split("<h2>Per class and slices</h2>", 1)[1]
+    assert "<pre>" not in section and "|---" not in section  # no Markdown left in the page
+    tables = re.findall(r'<h3>([^<]+)</h3><table class="sortable">(.*?)</table>', section, re.S)
+    assert [title for title, _ in tables][:1] == ["Per class"]
+    rows = re.findall(r"<tr><th>(\d+)</th>", tables[0][1])
+    assert rows == [str(digit) for digit in range(10)]  # one row per class of the digits model
+    # The Markdown report keeps them as Markdown tables.
+    markdown = (zone / "report/readiness.md").read_text()
+    assert "## Per class\n\n| | " in markdown and "\n| 0 | " in markdown
 
 
 def test_a_champion_that_cannot_be_compared_stops_evaluation_with_what_to_do(zone: Path) -> None:

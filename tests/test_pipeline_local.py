@@ -18,7 +18,7 @@ from handoff.data_hash import data_sha256
 from handoff.files import sha256_of
 from handoff.project import Project
 
-from .conftest import edit_yaml, handoff, mlflow_state_restored, replace_in
+from .conftest import edit_yaml, generate, handoff, mlflow_state_restored, replace_in
 
 pytestmark = pytest.mark.local
 
@@ -197,3 +197,30 @@ def test_failed_gate_registers_a_challenger_but_does_not_promote_or_serve(served
     )
     with pytest.raises(MlflowException):
         client.get_model_version_by_alias("digits-classifier", "champion")
+
+
+def test_a_regression_run_shows_its_max_bound_and_a_residual_plot_not_classification_metrics(
+    tmp_path: Path,
+) -> None:
+    project = generate(tmp_path, starter="tabular-regression")
+    use_free_port(project)
+    # No model reaches this rmse: the gate fails, so nothing is served (and nothing to stop).
+    edit_yaml(project / "contract.yaml", lambda c: c["slo"].update(max_metrics={"rmse": 0.001}))
+    result = handoff("run", "--local", cwd=project)
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    bounds = {
+        line.split()[1]: line.partition("(contract:")[2]
+        for line in result.stdout.splitlines()
+        if line.startswith("metric ")
+    }
+    assert bounds["rmse"] == " <= 0.001)" and bounds["r2"] == " >= 0.3)"
+    assert "deploy     skipped: the gate failed" in result.stdout
+    # What the KFP UI shows for regression: metrics and the residual plot, no confusion matrix.
+    evaluate_dir = next((project / "runs" / "latest" / "artifacts").glob("*/evaluate"))
+    outputs = json.loads((evaluate_dir / "executor_output.json").read_text())["artifacts"]
+    assert "confusion" not in outputs and "confusion" not in {p.name for p in evaluate_dir.iterdir()}
+    assert {"mae", "rmse", "r2"} <= set(outputs["metrics"]["artifacts"][0]["metadata"])
+    assert (
+        '<img alt="residuals against predictions" src="data:image/png;base64,'
+        in (evaluate_dir / "residuals").read_text()
+    )

@@ -486,6 +486,7 @@ def project_pipeline(project: Project, image: str) -> Any:
         contract_sha256=project.contract.sha256,
         pod_labels=labels(project.settings.project),
         cluster=project.settings.cluster,
+        task_type=project.contract.task_type,
     )
 
 

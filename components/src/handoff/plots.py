@@ -20,6 +20,7 @@ from matplotlib.ticker import MaxNLocator
 FIGSIZE = (5.0, 4.0)
 DPI = 100
 MAX_ANNOTATED_CLASSES = 20  # beyond this the numbers overlap and hide the colours
+MAX_RESIDUAL_POINTS = 5000  # beyond this the points are one blot and the PNG only grows
 
 
 def _new_figure() -> Figure:
@@ -81,15 +82,21 @@ def _plot_lines(ax: Axes, history: dict[str, list[tuple[int, float]]], names: li
     ax.grid(alpha=0.3)
 
 
-def curves_png(history: dict[str, list[tuple[int, float]]]) -> bytes:
-    """One line per metric over steps or epochs; losses get their own panel.
+def curves_png(history: dict[str, list[tuple[int, float]]], x_label: str = "epoch") -> bytes:
+    return _png(curves_figure(history, x_label))
+
+
+def curves_figure(history: dict[str, list[tuple[int, float]]], x_label: str = "epoch") -> Figure:
+    """One line per metric over ``x_label`` (what the history's steps count: the trainer logs one
+    point per epoch); losses get their own panel.
 
     Losses and 0-1 metrics live on different scales; on one axis the metrics flatten into a line.
     """
     fig = _new_figure()
     names = sorted(name for name, points in history.items() if points)
     if not names:
-        return _nothing_to_show(fig, "no training history recorded")
+        _nothing_to_show(fig, "no training history recorded")
+        return fig
     losses = [name for name in names if "loss" in name.lower()]
     others = [name for name in names if name not in losses]
     groups = [(group, label) for group, label in ((losses, "loss"), (others, "metric")) if group]
@@ -97,9 +104,39 @@ def curves_png(history: dict[str, list[tuple[int, float]]]) -> bytes:
     for ax, (group, label) in zip(axes, groups, strict=True):
         _plot_lines(ax, history, group)
         ax.set_ylabel(label)
-    axes[-1].set_xlabel("step")
-    axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))  # steps and epochs are whole numbers
+    axes[-1].set_xlabel(x_label)
+    axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs (and steps) are whole numbers
     axes[0].set_title("training curves")
+    return fig
+
+
+def residuals_png(predictions: np.ndarray, targets: np.ndarray) -> bytes:
+    """Residuals against predictions, one colour per output column, with the zero line.
+
+    ``predictions`` and ``targets`` as the evaluation suite scores them: (N,) or (N, k), the same
+    shape. More than ``MAX_RESIDUAL_POINTS`` items are thinned evenly, so the same input gives the same bytes.
+    """
+    preds = np.asarray(predictions, dtype=np.float64).reshape(len(predictions), -1)
+    truth = np.asarray(targets, dtype=np.float64).reshape(len(targets), -1)
+    if preds.shape != truth.shape:
+        raise ValueError(
+            f"predictions and targets must have the same shape; found {preds.shape} and {truth.shape}"
+        )
+    if len(preds) > MAX_RESIDUAL_POINTS:
+        keep = np.linspace(0, len(preds) - 1, MAX_RESIDUAL_POINTS).astype(np.int64)
+        preds, truth = preds[keep], truth[keep]
+    fig = _new_figure()
+    ax = fig.add_subplot()
+    for column in range(preds.shape[1]):
+        label = f"output {column}" if preds.shape[1] > 1 else None
+        ax.scatter(preds[:, column], truth[:, column] - preds[:, column], s=8, alpha=0.5, label=label)
+    ax.axhline(0.0, color="tab:red", linewidth=1)
+    if preds.shape[1] > 1:
+        ax.legend(fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("residual (target - predicted)")
+    ax.set_title(f"residuals ({len(predictions)} held-out items)")
+    ax.grid(alpha=0.3)
     return _png(fig)
 
 

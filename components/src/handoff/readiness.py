@@ -166,17 +166,27 @@ def assess(evidence: Evidence) -> list[ReadinessItem]:
 
 
 def pictures(
-    project: Project, confusion: list[list[int]], timings_ms: np.ndarray, slo_ms: float, training_run_id: str
+    project: Project,
+    confusion: list[list[int]],
+    timings_ms: np.ndarray,
+    slo_ms: float,
+    training_run_id: str,
+    scored: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, bytes]:
-    """PNG name -> bytes: confusion matrix, latency histogram, and training curves from MLflow."""
+    """PNG name -> bytes: confusion matrix (classification) or residuals against predictions
+    (regression, from ``scored``: predictions and targets), latency histogram, and training
+    curves from MLflow."""
     from handoff import plots
+    from handoff.residuals import RESIDUALS_PNG
 
     found: dict[str, bytes] = {LATENCY_PNG: plots.latency_histogram_png(timings_ms.tolist(), slo_ms)}
     if confusion:
         found[CONFUSION_PNG] = plots.confusion_png(confusion, [str(i) for i in range(len(confusion))])
+    if scored is not None and project.contract.task_type == "regression":
+        found[RESIDUALS_PNG] = plots.residuals_png(*scored)
     history = training_history(project, training_run_id)
     if history:
-        found[CURVES_PNG] = plots.curves_png(history)
+        found[CURVES_PNG] = plots.curves_png(history, x_label="epoch")  # train logs step=epoch
     return found
 
 
@@ -220,23 +230,66 @@ def _markdown(evidence: Evidence, items: list[ReadinessItem], images: list[str],
     return "\n".join(lines) + "\n"
 
 
-def _breakdown(per_class: dict[str, dict[str, float]], slices: dict[str, dict[str, float]]) -> str:
-    """Per-class and per-slice tables, so a regression hidden in an average shows."""
-    out = []
+Breakdown = list[tuple[str, list[str], list[tuple[str, list[float]]]]]
+
+
+def _breakdown(per_class: dict[str, dict[str, float]], slices: dict[str, dict[str, float]]) -> Breakdown:
+    """Per-class and per-slice tables, so a regression hidden in an average shows: each a title,
+    its metric columns and its rows (name, values; NaN where a row lacks a metric)."""
+    tables = []
     for title, rows in (("Per class", per_class), ("Slices", slices)):
         if not rows:
             continue
         columns = sorted({c for row in rows.values() for c in row})
+        values = [(name, [row.get(c, float("nan")) for c in columns]) for name, row in rows.items()]
+        tables.append((title, columns, values))
+    return tables
+
+
+def _breakdown_markdown(tables: Breakdown) -> str:
+    out = []
+    for title, columns, rows in tables:
         out += [f"## {title}", "", "| | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
         out += [
-            f"| {name} | " + " | ".join(f"{row.get(c, float('nan')):.4g}" for c in columns) + " |"
-            for name, row in rows.items()
+            f"| {_cell(name)} | " + " | ".join(f"{v:.4g}" for v in values) + " |" for name, values in rows
         ]
         out.append("")
     return "\n".join(out)
 
 
-def _html(evidence: Evidence, items: list[ReadinessItem], images: dict[str, bytes], tables_md: str) -> str:
+def _breakdown_html(tables: Breakdown) -> str:
+    """HTML tables whose columns sort on a click of their header (numbers as numbers)."""
+    out = []
+    for title, columns, rows in tables:
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in ["", *columns])
+        body = "".join(
+            f"<tr><th>{html.escape(name)}</th>"
+            + "".join(f'<td data-value="{v!r}">{v:.4g}</td>' for v in values)
+            + "</tr>"
+            for name, values in rows
+        )
+        out.append(
+            f'<h3>{html.escape(title)}</h3><table class="sortable"><thead><tr>{head}</tr></thead>'
+            f"<tbody>{body}</tbody></table>"
+        )
+    return "\n".join(out) or "<p>none recorded</p>"
+
+
+# Click a header to sort its table by that column (again: the other way). No dependencies: the
+# report is one self-contained file.
+_SORT_SCRIPT = """
+document.querySelectorAll("table.sortable th").forEach((th) => th.addEventListener("click", () => {
+  const table = th.closest("table"), body = table.tBodies[0], col = th.cellIndex;
+  const key = (row) => { const c = row.cells[col]; const v = parseFloat(c.dataset.value);
+    return Number.isNaN(v) ? c.textContent : v; };
+  const up = th.dataset.order !== "up"; th.dataset.order = up ? "up" : "down";
+  [...body.rows].sort((a, b) => { const x = key(a), y = key(b);
+    return (x < y ? -1 : x > y ? 1 : 0) * (up ? 1 : -1); }).forEach((r) => body.appendChild(r));
+}));
+"""
+
+
+def _html(evidence: Evidence, items: list[ReadinessItem], images: dict[str, bytes], tables: Breakdown) -> str:
     ready = all(i.passed for i in items)
     rows = "".join(
         f"<tr class={'pass' if i.passed else 'fail'}><td>{html.escape(i.name)}</td>"
@@ -261,7 +314,7 @@ td,th{{border:1px solid #ccc;padding:.3rem .6rem;text-align:left}}
 tr.pass td:nth-child(2){{color:#0a7a2f;font-weight:600}}
 tr.fail td:nth-child(2){{color:#b00020;font-weight:600}}
 .verdict{{font-size:1.3rem;font-weight:700}}figure{{display:inline-block;margin:1rem}}img{{max-width:32rem}}
-pre{{background:#f6f6f6;padding:1rem;overflow:auto}}
+table.sortable th{{cursor:pointer}}table.sortable td{{text-align:right}}
 </style></head><body>
 <h1>{html.escape(title)}</h1>
 <p class="verdict">{"READY" if ready else "NOT READY"}:
@@ -270,7 +323,9 @@ gate {"passed" if evidence.gate.passed else "failed"}.</p>
 <table><tr><th>item</th><th>verdict</th><th>evidence</th></tr>{rows}</table>
 <h2>Metrics (held-out split, ONNX Runtime)</h2><table>{metrics}</table>
 {figures}
-<h2>Per class and slices</h2><pre>{html.escape(tables_md)}</pre>
+<h2>Per class and slices</h2>
+{_breakdown_html(tables)}
+<script>{_SORT_SCRIPT}</script>
 </body></html>
 """
 
@@ -290,5 +345,6 @@ def write_report(
     for name, data in images.items():
         (out / name).write_bytes(data)
     tables = _breakdown(per_class, slices)
-    (out / REPORT_MD).write_text(_markdown(evidence, items, list(images), tables), encoding="utf-8")
+    markdown = _markdown(evidence, items, list(images), _breakdown_markdown(tables))
+    (out / REPORT_MD).write_text(markdown, encoding="utf-8")
     (out / REPORT_HTML).write_text(_html(evidence, items, images, tables), encoding="utf-8")

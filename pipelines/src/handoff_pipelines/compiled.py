@@ -62,6 +62,7 @@ def compile_kfp(project: Project, path: Path) -> Path:
             contract_sha256=project.contract.sha256,
             pod_labels=labels(project.settings.project),
             cluster=project.settings.cluster,
+            task_type=project.contract.task_type,
         ),
         str(path),
         pipeline_parameters={"project_dir": PROJECT_DIR_IN_IMAGE},

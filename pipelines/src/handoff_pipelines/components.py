@@ -10,6 +10,8 @@ return value because conditions on single outputs are what every engine, kfp.loc
 resolves.
 """
 
+from typing import Any
+
 from kfp.dsl import HTML, Artifact, ClassificationMetrics, Input, Markdown, Metrics, Model, Output
 
 
@@ -49,6 +51,28 @@ def evaluate(
     record: Output[Artifact],
 ) -> bool:
     """Evaluate in ONNX Runtime, write the readiness report; returns whether the gate passed."""
+    from handoff_pipelines.components import evaluated
+
+    result = evaluated(project_dir, onnx_model, training, metrics, report, report_html, report_md, record)
+    if result.confusion:  # the KFP UI draws it
+        labels = [str(i) for i in range(len(result.confusion))]
+        confusion.log_confusion_matrix(labels, result.confusion)
+    return result.gate.passed
+
+
+def evaluated(
+    project_dir: str,
+    onnx_model: Any,
+    training: Any,
+    metrics: Any,
+    report: Any,
+    report_html: Any,
+    report_md: Any,
+    record: Any,
+) -> Any:
+    """What every evaluate step does, whatever the task (imported by the step, not a step itself):
+    run handoff's evaluate, log its metrics into ``metrics``, copy the report where the KFP UI
+    shows it; the step's result."""
     import shutil
     from pathlib import Path
 
@@ -68,12 +92,9 @@ def evaluate(
     for name, value in result.metrics.items():
         metrics.log_metric(name, value)
     metrics.log_metric("latency_p99_ms", result.latency_p99_ms)
-    if result.confusion:  # the KFP UI draws it
-        labels = [str(i) for i in range(len(result.confusion))]
-        confusion.log_confusion_matrix(labels, result.confusion)
     shutil.copyfile(Path(report.path) / REPORT_HTML, report_html.path)
     shutil.copyfile(Path(report.path) / REPORT_MD, report_md.path)
-    return result.gate.passed
+    return result
 
 
 def register(

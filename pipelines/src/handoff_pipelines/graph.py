@@ -20,8 +20,9 @@ from typing import Any
 from kfp import dsl, kubernetes
 
 from handoff import __version__
+from handoff.contract import TaskType
 from handoff.settings import IMAGE_ENV, TRACKING_URI_ENV, ClusterSettings, Toleration, TrainingSettings
-from handoff_pipelines import PIPELINE_NAME, STEPS, components
+from handoff_pipelines import PIPELINE_NAME, STEPS, components, regression_components
 
 # handoff.kube.train_job.WORKSPACE and RUN_AS_USER; kept as literals so building the graph does
 # not import the kubernetes client (a test checks they agree).
@@ -158,13 +159,16 @@ def build_pipeline(
     contract_sha256: str = "",
     pod_labels: dict[str, str] | None = None,
     cluster: ClusterSettings | None = None,
+    task_type: TaskType = "classification",
 ) -> Callable[..., Any]:
     """The KFP pipeline for a project whose steps run in ``image``.
 
     ``training`` and ``cluster`` place every step on a cluster (``cluster_plan``, ``on_cluster``)
     and ``pod_labels`` go on every step's pod; local runs leave them out: kfp.local runs every
     step in this Python, with no pods, and ignores what it cannot apply. ``contract_sha256`` and
-    the template version go into the description.
+    the template version go into the description. ``task_type`` (the contract's) picks the
+    wrappers: a regression project's evaluate step shows a residual plot where a classification
+    project's shows its confusion matrix (``regression_components``).
     """
     plans = {step.name: step for step in cluster_plan(training or TrainingSettings())}
 
@@ -180,7 +184,12 @@ def build_pipeline(
         # installing at run time would make every step slower and less reproducible.
         return dsl.component(function, base_image=image, install_kfp_package=False)
 
-    train, export, evaluate, register, deploy = (component(getattr(components, s)) for s in STEPS)
+    wrappers = regression_components if task_type == "regression" else components
+
+    def wrapper(step: str) -> Callable[..., Any]:
+        return getattr(wrappers, step, None) or getattr(components, step)
+
+    train, export, evaluate, register, deploy = (component(wrapper(s)) for s in STEPS)
 
     @dsl.pipeline(name=PIPELINE_NAME, description=description(contract_sha256))
     def handoff(project_dir: str) -> None:

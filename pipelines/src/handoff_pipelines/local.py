@@ -101,7 +101,7 @@ def run_local(project_dir: Path | str, *, fork_server: bool = True) -> dict[str,
                 pipeline_root=str(pipeline_root),
                 raise_on_error=False,
             )
-            pipeline = build_pipeline(image=project.settings.image)
+            pipeline = build_pipeline(image=project.settings.image, task_type=project.contract.task_type)
             stack.enter_context(_step_python(server.wait() if server else None))
             stack.enter_context(
                 _environment({ERROR_FILE_ENV: str(error_file), "TMPDIR": str(scratch), LOCAL_RUN_ENV: "1"})

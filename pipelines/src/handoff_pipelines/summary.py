@@ -37,6 +37,7 @@ def build_summary(
         "metrics": evaluation.get("metrics", {}),
         "contract": {
             "min_metrics": slo.min_metrics,
+            "max_metrics": slo.max_metrics,
             "latency_p99_ms": slo.latency_p99_ms,
             "latency_batch_size": slo.latency_batch_size,
         },
@@ -82,15 +83,24 @@ def _readiness(evaluation: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _bounds(contract: dict[str, Any], metric: str) -> str:
+    """Every bound the contract sets on ``metric`` (``  (contract: >= 0.9, <= 0.99)``), or ''."""
+    bounds = [
+        f"{sign} {contract[field][metric]:g}"
+        for sign, field in ((">=", "min_metrics"), ("<=", "max_metrics"))
+        if metric in contract[field]
+    ]
+    return f"  (contract: {', '.join(bounds)})" if bounds else ""
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     """A dozen lines for the terminal; summary.json has the same facts for machines."""
     lines = [f"\n== {summary['project']}: {summary['status'].upper().replace('_', ' ')} =="]
     if summary["error"]:
         lines.append(f"error: {summary['error']['step']} failed: {summary['error']['message']}")
-    minimums = summary["contract"]["min_metrics"]
+    contract = summary["contract"]
     for name, value in summary["metrics"].items():
-        bound = f"  (contract: >= {minimums[name]:g})" if name in minimums else ""
-        lines.append(f"metric     {name:<14} {value:.4f}{bound}")
+        lines.append(f"metric     {name:<14} {value:.4f}{_bounds(contract, name)}")
     if summary["latency_ms"]:
         lines.append(
             f"latency    p50 {summary['latency_ms']['p50']:.3f} ms, "

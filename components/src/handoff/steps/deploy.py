@@ -41,7 +41,7 @@ from handoff.serving.local_server import ServerHandle
 from handoff.serving.smoke import LatencyResult, SmokeResult, latency_check, smoke_test
 from handoff.serving.spec import server_settings
 from handoff.step_entry import in_cluster
-from handoff.steps.register import SERVED_TAG, SHA_TAG, TRITON_TAG, undo_promotion
+from handoff.steps.register import SERVED_TAG, SHA_TAG, TRITON_TAG, describe_registered_model, undo_promotion
 from handoff.tracking import CHAMPION, alias_version, use_tracking
 
 if TYPE_CHECKING:
@@ -180,9 +180,11 @@ def _promotion_follows(project: Project, name: str, version: str, champion_only:
         if not champion_only:
             raise
         why = str(exc).split(";")[0]
-        done = undo_promotion(use_tracking(project), name, version, why)
+        client = use_tracking(project)
+        done = undo_promotion(client, name, version, why)
         if not done:
             raise
+        describe_registered_model(client, name, project)
         raise HandoffError(f"{exc}; {done}") from None
 
 

@@ -100,6 +100,9 @@ class Scores:
     per_class: dict[str, dict[str, float]]
     confusion: list[list[int]]
     slices: dict[str, dict[str, float]]
+    # What the suite scored (the contract's task.output and its target), for the residual plot.
+    predictions: np.ndarray
+    targets: np.ndarray
 
 
 def score(project: Project, session: Any, data: HeldOut) -> Scores:
@@ -124,8 +127,11 @@ def score(project: Project, session: Any, data: HeldOut) -> Scores:
     keys = None
     if hasattr(project.hooks, "slices"):
         keys = [str(k) for k in call_hook(project.hooks, "slices", hook_batch((joined, target)))]
-    suite = evaluate_outputs(contract.task_type, merged[scored].numpy(), truth.numpy(), keys)
-    return Scores({**own, **suite.metrics}, suite.per_class, suite.confusion, suite.slices)
+    predicted, expected = merged[scored].numpy(), truth.numpy()
+    suite = evaluate_outputs(contract.task_type, predicted, expected, keys)
+    return Scores(
+        {**own, **suite.metrics}, suite.per_class, suite.confusion, suite.slices, predicted, expected
+    )
 
 
 def measure_latency(project: Project, session: Any, example: list[np.ndarray]) -> np.ndarray:
@@ -210,7 +216,14 @@ def evaluate(
     items = readiness.assess(evidence)
     report = ""
     if report_dir is not None:
-        pictures = readiness.pictures(project, scores.confusion, timings, slo.latency_p99_ms, training_run_id)
+        pictures = readiness.pictures(
+            project,
+            scores.confusion,
+            timings,
+            slo.latency_p99_ms,
+            training_run_id,
+            (scores.predictions, scores.targets),
+        )
         readiness.write_report(Path(report_dir), evidence, items, pictures, scores.per_class, scores.slices)
         report = str(report_dir)
     return EvalResult(

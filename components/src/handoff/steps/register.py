@@ -20,6 +20,7 @@ import hashlib
 import sys
 import tempfile
 import time
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -123,8 +124,19 @@ def _attachments(
 ) -> list[str]:
     """Files attached to the version: the filled-in model card and the readiness report."""
     images = sorted(p.name for p in report_dir.glob("*.png")) if report_dir else []
+    filled = filled_in_card(card, _card_facts(project, checked, tags), {name: name for name in images})
+    (tmp / CARD_FILE).write_text(filled, encoding="utf-8")
+    files = [str(tmp / CARD_FILE)]
+    if report_dir is not None:
+        report = [report_dir / n for n in (REPORT_MD, REPORT_HTML, *images)]
+        files += [str(p) for p in report if p.is_file()]
+    return files
+
+
+def _card_facts(project: Project, checked: dict[str, Any], tags: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """What registration measured and decided, as the filled-in card's tables."""
     slo = project.contract.slo
-    facts = {
+    return {
         "Metrics (held-out split, ONNX Runtime)": {
             k: f"{v:.4f}" for k, v in sorted(checked["metrics"].items())
         },
@@ -136,13 +148,6 @@ def _attachments(
         },
         "Lineage": tags,
     }
-    filled = filled_in_card(card, facts, {name: name for name in images})
-    (tmp / CARD_FILE).write_text(filled, encoding="utf-8")
-    files = [str(tmp / CARD_FILE)]
-    if report_dir is not None:
-        report = [report_dir / n for n in (REPORT_MD, REPORT_HTML, *images)]
-        files += [str(p) for p in report if p.is_file()]
-    return files
 
 
 def register(
@@ -194,6 +199,11 @@ def register(
         finally:
             mlflow.end_run()
         version = str(mlflow.register_model(info.model_uri, name, tags=tags).version)
+        # The registry page shows the card itself (Markdown, which MLflow's UI renders); its
+        # pictures stay in the attached files, where their relative links resolve.
+        client.update_model_version(
+            name, version, filled_in_card(card, _card_facts(project, checked, tags), {})
+        )
     else:
         print(
             f"handoff: register: {name} v{version} already holds this model.onnx (sha256 {sha[:12]}…) "
@@ -206,6 +216,7 @@ def register(
         verify_artifact(name, version, sha)
         client.set_registered_model_alias(name, CHALLENGER, version)
         champion, promotion = _promote(client, name, version, checked)
+        describe_registered_model(client, name, project)
     except HandoffError as exc:  # the stored model changed, or the promotion lock stayed held
         _say(client, name, version, f"not promoted: {exc.detail}")
         raise
@@ -307,6 +318,32 @@ def undo_promotion(client: MlflowClient, name: str, version: str, why: str) -> s
         )
     print(f"handoff: {done}", file=sys.stderr, flush=True)
     return done
+
+
+def describe_registered_model(client: MlflowClient, name: str, project: Project) -> str:
+    """Set the registered model's description (the registry page's first lines): the project's
+    own description and what its champion is, from the champion's tags (no links, which the
+    registry would not resolve). Called whenever the champion may have moved."""
+    pyproject = project.root / "pyproject.toml"
+    about = (
+        tomllib.loads(pyproject.read_text())["project"].get("description", "") if pyproject.is_file() else ""
+    )
+    champion = alias_version(client, name, CHAMPION)
+    if champion is None:
+        now = "No champion: no version has passed its gate and been promoted yet."
+    else:
+        tags = client.get_model_version(name, champion).tags
+        sha = tags.get(SHA_TAG, "")
+        now = (
+            f"Champion: version {champion} ({tags.get(PROMOTION_TAG, 'promoted')}); gate "
+            f"{tags.get('handoff.gate', 'unknown')}; model.onnx sha256 {sha[:12]}…; git "
+            f"{tags.get('handoff.git_sha', 'unknown')[:12]}; "
+            f"template {tags.get('handoff.template_version', '?')}. "
+            f"Its model card is version {champion}'s description."
+        )
+    description = f"{about}\n\n{now}" if about else now
+    client.update_registered_model(name, description)
+    return description
 
 
 def exported_code(triton: Path, name: str) -> list[Path]:

@@ -18,7 +18,7 @@ from handoff.errors import HandoffError
 from handoff.project import Project
 from handoff.promotion_lock import promotion_lock
 from handoff.steps.deploy import DeployResult, deploy
-from handoff.steps.register import PREVIOUS_CHAMPION_TAG
+from handoff.steps.register import PREVIOUS_CHAMPION_TAG, describe_registered_model
 from handoff.tracking import CHAMPION, alias_version, use_tracking
 
 
@@ -69,4 +69,5 @@ def rollback(project_dir: Path | str, to: str | None = None) -> RollbackResult:
                 f"at v{now} (the local server serves v{to}): run `handoff rollback` again if still wanted"
             )
         client.set_registered_model_alias(name, CHAMPION, to)
+    describe_registered_model(client, name, project)
     return RollbackResult(model_name=name, from_version=current, to_version=to, deployed=deployed)
