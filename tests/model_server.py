@@ -12,7 +12,9 @@ from handoff.serving.local_server import ServerHandle
 MODEL = "digits-classifier"  # the default project's model
 
 
-def start_server(state: Path, onnx_path: Path, contract_dir: Path, **spec: Any) -> tuple[ServerHandle, str]:
+def start_server(
+    state: Path, onnx_path: Path, contract_dir: Path, model_name: str = MODEL, **spec: Any
+) -> tuple[ServerHandle, str]:
     """Start a server for ``onnx_path`` under ``contract_dir``'s contract (``spec``: more server.json
     keys, e.g. ``model_version`` or limits), ready; its handle and base URL. Stop it with
     ``local_server.terminate(handle)``."""
@@ -22,7 +24,7 @@ def start_server(state: Path, onnx_path: Path, contract_dir: Path, **spec: Any) 
     write_json(
         spec_file,
         {
-            "model_name": MODEL,
+            "model_name": model_name,
             "onnx_path": str(onnx_path),
             "contract_dir": str(contract_dir),
             "host": "127.0.0.1",
@@ -32,6 +34,6 @@ def start_server(state: Path, onnx_path: Path, contract_dir: Path, **spec: Any) 
     )
     version = str(spec.get("model_version", "1"))
     handle = local_server.start(
-        spec_file, sock, model_name=MODEL, version=version, state_dir=state, ready_timeout_s=60
+        spec_file, sock, model_name=model_name, version=version, state_dir=state, ready_timeout_s=60
     )
     return handle, url

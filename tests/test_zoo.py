@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 
 from handoff.check import check
 from handoff.checkpoints import load_checkpoint
-from handoff.files import read_json, write_json
+from handoff.files import read_json
 from handoff.project import Project
 from handoff.serving import local_server
 from handoff.steps.evaluate import evaluate
@@ -40,6 +40,7 @@ from handoff.steps.export import export
 from handoff.steps.train import train
 
 from .conftest import edit_yaml, mlflow_state_restored
+from .model_server import start_server
 
 pytestmark = [pytest.mark.zoo, pytest.mark.slow]
 
@@ -167,22 +168,8 @@ def serve() -> Iterator[Any]:
 
     def start(project: Path, model_dir: Path, name: str) -> str:
         state = Project.load(project).state_dir
-        sock = local_server.bind("127.0.0.1", 0)
-        url = local_server.url_of(sock)
-        spec = state / "spec.json"
-        write_json(
-            spec,
-            {
-                "model_name": name,
-                "onnx_path": str(model_dir / "model.onnx"),
-                "contract_dir": str(project),
-                "host": "127.0.0.1",
-                "port": sock.getsockname()[1],
-            },
-        )
-        handles.append(
-            local_server.start(spec, sock, model_name=name, version="1", state_dir=state, ready_timeout_s=60)
-        )
+        handle, url = start_server(state, model_dir / "model.onnx", project, model_name=name)
+        handles.append(handle)
         return url
 
     yield start

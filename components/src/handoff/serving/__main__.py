@@ -45,6 +45,7 @@ from handoff.serving import graceful, guards
 from handoff.serving.front import FrontDoor
 from handoff.serving.local_server import serving_marker
 from handoff.serving.onnx_model import OnnxModel
+from handoff.serving.spec import server_settings
 from handoff.settings import BatchingSettings, ServingSettings
 
 
@@ -52,9 +53,10 @@ def serve(spec_path: Path, fd: int | None = None, takeover_fd: int | None = None
     """Serve at once, load the model once (ready from then on), serve until SIGTERM (graceful.py:
     every request received is answered, exit 0). A model that cannot be loaded stops the server
     with exit code 1."""
-    spec = read_json(spec_path)
+    # handoff.yaml's defaults for whatever the spec leaves out (serving/spec.py writes the keys).
+    spec = {**server_settings(ServingSettings(), "1"), **read_json(spec_path)}
     contract = load_contract(Path(spec["contract_dir"]))
-    batching = BatchingSettings.model_validate(spec.get("batching", {}))  # handoff.yaml's defaults
+    batching = BatchingSettings.model_validate(spec["batching"])
     model = OnnxModel(
         spec["model_name"],
         Path(spec["onnx_path"]),
@@ -67,7 +69,7 @@ def serve(spec_path: Path, fd: int | None = None, takeover_fd: int | None = None
 
     example = {"inputs": [{**tensor.v2_metadata(), "data": ["..."]} for tensor in contract.request_inputs]}
     expected = f"a V2 inference request like {json.dumps(example)}"
-    max_request_bytes = int(spec.get("max_request_bytes", guards.DEFAULT_MAX_REQUEST_BYTES))
+    max_request_bytes = int(spec["max_request_bytes"])
 
     from kserve import ModelServer
     from kserve.constants.constants import FASTAPI_APP_IMPORT_STRING
@@ -89,10 +91,9 @@ def serve(spec_path: Path, fd: int | None = None, takeover_fd: int | None = None
     retiring = threading.Event()
     # Set once SIGTERM starts the shutdown: responses then say Connection: close (graceful.py).
     shutting_down = threading.Event()
-    defaults = ServingSettings()
-    shutdown_grace_s = float(spec.get("shutdown_grace_s", defaults.shutdown_grace_s))
-    header_timeout_s = float(spec.get("header_timeout_s", defaults.header_timeout_s))
-    max_concurrency = int(spec.get("max_concurrency", defaults.max_concurrency))
+    shutdown_grace_s = float(spec["shutdown_grace_s"])
+    header_timeout_s = float(spec["header_timeout_s"])
+    max_concurrency = int(spec["max_concurrency"])
 
     class GuardedRESTServer(RESTServer):
         def _add_middlewares(self, app: Any) -> None:
@@ -108,10 +109,10 @@ def serve(spec_path: Path, fd: int | None = None, takeover_fd: int | None = None
             self.config.app = FrontDoor(
                 app,
                 model,
-                version=str(spec.get("model_version", "1")),
+                version=str(spec["model_version"]),
                 expected=expected,
                 max_request_bytes=max_request_bytes,
-                max_inflight_bytes=int(spec.get("max_inflight_bytes", guards.DEFAULT_MAX_INFLIGHT_BYTES)),
+                max_inflight_bytes=int(spec["max_inflight_bytes"]),
                 idle_timeout_s=header_timeout_s,  # a body that stops arriving is timed like a head
                 closing=lambda: retiring.is_set() or shutting_down.is_set(),
             )

@@ -21,9 +21,6 @@ from fastapi.responses import JSONResponse
 from kserve.errors import InvalidInput, ModelNotFound
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024
-DEFAULT_MAX_INFLIGHT_BYTES = 64 * 1024 * 1024
-
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
