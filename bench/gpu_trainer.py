@@ -5,7 +5,10 @@ Prepared to run in one go on a machine with a CUDA GPU (under 8 minutes on one d
 1. the default example (small CNN on digits), trainer vs a bare bf16 loop;
 2. a larger CNN on synthetic 3x64x64 images with bf16 + torch.compile, trainer vs a bare loop
    compiled the same way;
-3. ``torchrun --nproc-per-node 1`` on CUDA (the data-parallel path with NCCL, one process).
+3. ``torchrun --nproc-per-node 1`` on CUDA (the data-parallel path with NCCL, one process);
+4. ``training.gpus: N`` (N = the GPUs this machine has, at least 2): ``handoff train`` runs N
+   processes under torchrun inside the step (NCCL), against one process on one GPU, on the
+   larger CNN; skipped, saying why, with one GPU. ``--device cpu`` runs it with N = 2 on gloo.
 
 Both loops see the same model, data and batch size; the trainer is timed over its step loop
 (``loop_seconds``). GPU utilisation is sampled with nvidia-smi while each loop runs. Figures go
@@ -209,6 +212,50 @@ def torchrun_one_process(project_dir: Path) -> dict[str, Any]:
     return row
 
 
+def handoff_train(project_dir: Path, checkpoint: str, epochs: int) -> tuple[dict[str, Any], int, float]:
+    """``handoff train`` as the pipeline's step runs it: its record, exit code and wall seconds."""
+    started = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-m", "handoff", "train", "--checkpoint", checkpoint, "--fresh",
+         "--set", f"epochs={epochs}", "--record", f"{checkpoint}.json"],
+        cwd=project_dir, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    seconds = round(time.perf_counter() - started, 1)
+    if result.returncode:
+        return {"tail": (result.stdout + result.stderr)[-600:]}, result.returncode, seconds
+    return json.loads((project_dir / f"{checkpoint}.json").read_text()), 0, seconds
+
+
+def gpus_in_the_step(project_dir: Path, device: str, epochs: int) -> dict[str, Any]:
+    """training.gpus = N: N torchrun processes inside the step vs one, the same global batch."""
+    processes = torch.cuda.device_count() if device == "cuda" else 2
+    row: dict[str, Any] = {"case": f"training.gpus = {processes} (torchrun in the step)"}
+    if processes < 2:
+        row["skipped"] = f"{processes} CUDA device: gpus > 1 needs as many GPUs (NCCL, one per process)"
+        print(json.dumps(row), flush=True)
+        return row
+    set_training(project_dir, gpus=0, compile=False, checkpoint_every_steps=0)
+    one, one_code, one_s = handoff_train(project_dir, "one.pt", epochs)
+    set_training(project_dir, gpus=processes)
+    many, many_code, many_s = handoff_train(project_dir, "many.pt", epochs)
+    row |= {"returncode": many_code or one_code, "seconds_one": one_s, "seconds_many": many_s}
+    if many_code or one_code:
+        row["tail"] = many.get("tail") or one.get("tail")
+    else:
+        # samples and loop_seconds are rank 0's; every rank runs as many steps on as many items.
+        one_rate = one["samples"] / one["loop_seconds"]
+        many_rate = many["samples"] * many["world_size"] / many["loop_seconds"]
+        row |= {
+            "world_size": many["world_size"],
+            "samples_per_s_one": round(one_rate),
+            "samples_per_s_many": round(many_rate),
+            "speedup": round(many_rate / one_rate, 2),
+            "same_steps": many["steps"] == one["steps"],
+        }
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path)
@@ -231,6 +278,7 @@ def main() -> None:
         use_compile = args.device == "cuda"
         rows.append(compare("larger CNN (bf16 + compile)", larger, args.device, use_compile, epochs))
         rows.append(torchrun_one_process(default))
+        rows.append(gpus_in_the_step(larger, args.device, epochs))
     report = {
         "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
         "torch": torch.__version__,

@@ -9,6 +9,9 @@ import re
 import sys
 
 DNS_1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+# KServe's rule for an InferenceService name (IsvcNameFmt in its validation webhook), which the
+# project slug becomes: a DNS-1123 label that starts with a letter.
+INFERENCE_SERVICE_NAME = "[a-z]([-a-z0-9]*[a-z0-9])?"
 # An import name that is also a PEP 508 distribution name (so pip can install the project).
 PACKAGE_NAME = re.compile(r"^[A-Za-z]([A-Za-z0-9_]*[A-Za-z0-9])?$")
 # Names that would shadow a library the project imports, or the platform's own modules.
@@ -67,6 +70,9 @@ def problems() -> list[str]:
         if len(value) > 63 or not DNS_1123_LABEL.match(value):
             found.append(f"{field} {value!r} is not a DNS-1123 label: use lowercase letters, digits "
                          "and '-', start and end with a letter or digit, at most 63 characters")
+        elif field == "project" and not re.fullmatch(INFERENCE_SERVICE_NAME, value):
+            found.append(f"project {value!r} must start with a letter: the InferenceService is named "
+                         f"after it and KServe accepts only names matching {INFERENCE_SERVICE_NAME}")
     package = answers["package_name"]
     if not PACKAGE_NAME.match(package) or keyword.iskeyword(package):
         found.append(f"package_name {package!r} is not a Python identifier that is also a valid "

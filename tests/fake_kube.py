@@ -17,12 +17,16 @@ paths, bodies and error handling are the real ones. What the fake keeps honest:
 What an operator would do (start pods, set conditions) is played by a *controller*, a function
 each test passes in: it gets the stored object after a create and after every spec change, and may
 update its status and pods from a thread. ``KServe`` is one for InferenceServices.
+
+Every request is authorized first, for ``caller`` against the RBAC objects in ``rbac``, as the API
+server's RBAC authorizer does (``fake_rbac.py``; the default caller is a cluster admin).
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import json
 import re
 import threading
@@ -38,7 +42,10 @@ from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 import jsonschema
+import kubernetes_validate
 from kubernetes import client
+
+from . import fake_rbac
 
 SCHEMAS = Path(__file__).parent / "schemas"
 RFC_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -154,7 +161,11 @@ class FakeKube:
     served: dict[str, set[str]] = field(
         default_factory=lambda: {f"{r.group}/{r.version}": {r.plural} for r in RESOURCES}
     )
-    denied: set[tuple[str, str, str]] = field(default_factory=set)  # (group, resource, verb)
+    # Who sends the requests, and the RBAC objects each one is authorized against (fake_rbac.py);
+    # other plain objects doctor reads (ConfigMaps, Deployments) by (plural, namespace, name).
+    caller: fake_rbac.User = fake_rbac.CLUSTER_ADMIN
+    rbac: fake_rbac.Rbac = field(default_factory=fake_rbac.Rbac)
+    stored: dict[tuple[str, str, str], dict[str, Any]] = field(default_factory=dict)
     closed: bool = False
     lock: threading.RLock = field(default_factory=threading.RLock)
     _resource_version: int = 0
@@ -172,6 +183,15 @@ class FakeKube:
                 "status": {"allocatable": allocatable, "capacity": allocatable},
             }
         )
+
+    def apply(self, *objects: dict[str, Any]) -> None:
+        """Store objects as `kubectl apply` would: RBAC kinds for authorization, others to be read."""
+        with self.lock:
+            for obj in objects:
+                if not self.rbac.apply(obj):
+                    meta = obj["metadata"]
+                    key = (f"{obj['kind'].lower()}s", meta.get("namespace", ""), meta["name"])
+                    self.stored[key] = copy.deepcopy(obj)
 
     def api_client(self) -> client.ApiClient:
         configuration = client.Configuration(host=self.url)
@@ -417,9 +437,21 @@ def _handler(fake: FakeKube) -> type:
             self._send(422, _status(422, "Invalid", message))
 
         def _cluster_get(self, path: str, query: str) -> bool:
-            """Version, namespaces, nodes and discovery: what `handoff doctor` reads."""
+            """Version, namespaces, nodes, discovery, ConfigMaps, Deployments: what `handoff doctor` reads."""
             if path.rstrip("/") == "/version":
                 self._send(200, VERSION)
+                return True
+            plain = re.fullmatch(r"/api/v1/namespaces/([^/]+)/(configmaps)/([^/]+)", path) or re.fullmatch(
+                r"/apis/apps/v1/namespaces/([^/]+)/(deployments)/([^/]+)", path
+            )
+            if plain:
+                namespace, plural, name = plain.groups()
+                found = fake.stored.get((plural, namespace, name))
+                if found is not None:
+                    self._send(200, found)
+                else:  # as the API server words it: `configmaps "x"`, `deployments.apps "x"`
+                    qualified = "configmaps" if plural == "configmaps" else "deployments.apps"
+                    self._send(404, _status(404, "NotFound", f'{qualified} "{name}" not found'))
                 return True
             namespace = re.fullmatch(r"/api/v1/namespaces/([^/]+)", path)
             if namespace:
@@ -487,12 +519,6 @@ def _handler(fake: FakeKube) -> type:
             self._send(200, found)
 
         def do_POST(self) -> None:
-            if urlparse(self.path).path == "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews":
-                review = self._body()
-                asked = review["spec"]["resourceAttributes"]
-                allowed = (asked.get("group", ""), asked["resource"], asked["verb"]) not in fake.denied
-                self._send(201, {**review, "status": {"allowed": allowed}})
-                return
             resource, namespace, name, path = self._route()
             if resource is None or name:
                 self._send(404, _status(404, "NotFound", f"the server could not find {path}"))
@@ -609,7 +635,7 @@ def _handler(fake: FakeKube) -> type:
                 return
             self._send(200, {"kind": "Status", "apiVersion": "v1", "status": "Success"})
 
-    return Handler
+    return fake_rbac.authorizing(Handler, fake)
 
 
 @contextmanager
@@ -630,9 +656,45 @@ def fake_kube(controller: Controller | None = None) -> Iterator[FakeKube]:
 
 
 # --- KServe -------------------------------------------------------------------------------------
+#
+# Read from kserve/kserve at v0.20.0 (1fb781055dd1) and master (aaac4e294dae, 2026-08-21), the
+# same in what is played here as v0.16.0 (5b033a402444); v0.15 differs in names and the raw status:
+# - pkg/constants/constants.go: 0.16 renamed the modes Serverless to ``Knative`` and RawDeployment
+#   to ``Standard`` (kserve#4608); the controller still reads the old names (``ParseDeploymentMode``)
+#   and writes the new one into ``status.deploymentMode`` (``updateStatus``, controller.go). 0.15
+#   knows only the old names: it refuses ``Standard`` as the default mode (kserve#4701) and ignores
+#   it in the annotation.
+# - pkg/apis/serving/v1beta1/inference_service_status.go: ``PropagateStatus`` (Serverless) copies
+#   the Knative Service's revisions, traffic, Ready *and observedGeneration*; ``PropagateRawStatus``
+#   (RawDeployment) derives Ready from the Deployment's Available/Progressing conditions and copies
+#   *its* observedGeneration (kserve#6081). Neither is the InferenceService's own generation.
+#   From 0.16 on, the Deployment's ``ReplicaFailure`` (pods it cannot create) makes Ready False.
+# - pkg/controller/v1beta1/inferenceservice/reconcilers/knative/ksvc_reconciler.go: the traffic
+#   split (canary share to the latest ready revision only once a revision was rolled out).
+# - pkg/controller/v1beta1/inferenceservice/reconcilers/deployment/deployment_reconciler.go:
+#   the predictor's Deployment ``<name>-predictor`` (constants.PredictorServiceName) with the
+#   predictor's labels and the service's annotations on its pod template, RollingUpdate 25%/25%;
+#   updates leave ``replicas`` to the HPA, and the status propagated right after an update is the
+#   Deployment's status from before it.
+# Knative (knative/serving 98e5ef90aa70): a revision's pods carry ``serving.knative.dev/revision``
+# (pkg/reconciler/revision/resources/meta.go). A revision whose pods admission refuses fails:
+# the Deployment's ReplicaFailure becomes the revision's ResourcesAvailable=False
+# (TransformDeploymentStatus in pkg/apis/serving/k8s_lifecycle.go, PropagateDeploymentStatus in
+# pkg/apis/serving/v1/revision_lifecycle.go), and its Configuration and Service say RevisionFailed,
+# "Revision %q failed with message: %s." (MarkLatestCreatedFailed, configuration_lifecycle.go). A
+# revision scaled to zero stays Ready (revisionCondSet leaves out Active, revision_lifecycle.go).
+# The Deployment controller's rollout and its conditions are Kubernetes' (pkg/controller/deployment,
+# as ``kubectl rollout status`` reads them; a ReplicaSet's FailedCreate becomes the Deployment's
+# ReplicaFailure in progress.go, with the API server's refusal as its message).
 
 ISVC_LABEL = "serving.kserve.io/inferenceservice"
 TAG_ROUTING = "serving.kserve.io/enable-tag-routing"
+DEPLOYMENT_MODE = "serving.kserve.io/deploymentMode"
+MODE_NAMES = {"Serverless": "Knative", "RawDeployment": "Standard"}  # KServe 0.16's, in the status
+RAW_MODES = ("RawDeployment", "Standard")  # "Standard" is the raw mode's name since KServe 0.16
+KNATIVE_REVISION = "serving.knative.dev/revision"
+KUBERNETES_VERSION = "1.31"  # the Deployment is checked against this version's schema
+RUNNING, STARTING = "running", "starting"  # raw-mode pod states (any other: a crash's message)
 
 
 @dataclass
@@ -641,6 +703,7 @@ class Revision:
     template: str  # what Knative makes a new revision for: the pod template (predictor, annotations)
     url: str
     ready: bool
+    failure: str = ""  # why Knative gave up on it: its pods crash, or admission refused them
 
 
 @dataclass
@@ -649,36 +712,104 @@ class _Service:
     latest_ready: Revision | None = None
     latest_rolled_out: Revision | None = None
     previous_rolled_out: Revision | None = None
+    # Serverless: the Knative Service's spec as KServe last wrote it, and its generation.
+    ksvc: str = ""
+    ksvc_generation: int = 0
+    # RawDeployment: the ReplicaSet (pod-template-hash) whose pods serve, and where they answer.
+    serving: str = ""
+    serving_url: str = ""
 
 
 @dataclass
 class KServe:
-    """Plays KServe's controller for InferenceServices in serverless mode, as a fake's controller.
+    """Plays KServe's controller for InferenceServices, as a fake's controller.
 
-    Each new generation is reconciled in a thread, as KServe and Knative would: a changed pod
-    template (predictor without ``canaryTrafficPercent``, annotations) makes a new revision with
-    predictor pods. Traffic follows KServe's ksvc reconciler: with ``canaryTrafficPercent`` and a
-    rolled-out revision, the canary share goes to the newest *ready* revision and the rest to
-    ``latestRolledoutRevision`` (tag ``prev``); otherwise all of it goes to the newest ready
-    revision. A revision that gets all traffic becomes the rolled-out one. Tag ``latest`` (a URL
-    for the newest ready revision) exists only with ``serving.kserve.io/enable-tag-routing``. The
-    status reports ``observedGeneration``, ``Ready`` (the newest revision's), URLs and revisions.
+    Each new generation is reconciled in a thread, as KServe would. The deployment mode is the
+    service's ``serving.kserve.io/deploymentMode`` annotation, else ``mode`` (the cluster default),
+    either name of it; ``status.deploymentMode`` says the name KServe 0.16 gave it.
 
-    ``url_for`` says where a revision of a spec answers (a real local model server); ``crash``
-    gives the container's message when a spec's pods should crash-loop (and never get ready);
+    Serverless (Knative): a changed pod template (predictor without ``canaryTrafficPercent``,
+    annotations) makes a new revision with predictor pods. Traffic follows KServe's ksvc
+    reconciler: with ``canaryTrafficPercent`` and a rolled-out revision, the canary share goes to
+    the newest *ready* revision and the rest to ``latestRolledoutRevision`` (tag ``prev``);
+    otherwise all of it goes to the newest ready revision. A revision that gets all traffic becomes
+    the rolled-out one. Tag ``latest`` (a URL for the newest ready revision) exists only with
+    ``serving.kserve.io/enable-tag-routing``. The status reports ``Ready`` (the newest revision's),
+    URLs, revisions, and the *Knative Service's* generation as ``observedGeneration``: it moves
+    when KServe changes the Knative Service (template or traffic), and ``upgrade`` moves it alone.
+    ``idle`` scales revisions to zero where ``minReplicas: 0`` lets Knative.
+
+    RawDeployment: KServe keeps the Deployment ``<name>-predictor``; the Deployment controller
+    rolls a changed pod template out (one surge pod, then all), each step lasting ``step_gets``
+    reads of the InferenceService or ``step_s`` seconds; ``autoscale_to`` is an HPA that scales the
+    Deployment mid-rollout (a new generation of the Deployment, not of the InferenceService). The
+    status is ``PropagateRawStatus``'s: Ready from the Deployment's conditions (True while the old
+    pods keep it Available; False on ReplicaFailure), the Deployment's ``observedGeneration``, and
+    the URL of the pods that answer (the old ones until the rollout completes).
+
+    ``url_for`` says where the pods of a spec answer (a real local model server); ``crash`` gives
+    the container's message when a spec's pods should crash-loop (and never get ready); ``refuse``
+    gives admission's reason when it refuses a spec's pods (Pod Security, a ResourceQuota);
     ``stale_gets`` keeps the previous generation's status for that many GETs of the object (a
     busy controller: a client that trusts a stale Ready condition is caught by that).
     """
 
     url_for: Callable[[dict[str, Any]], str]
     crash: Callable[[dict[str, Any]], str | None] = lambda obj: None
+    refuse: Callable[[dict[str, Any]], str | None] = lambda obj: None
     stale_gets: int = 0
+    mode: str = "Serverless"
+    autoscale_to: int | None = None
+    step_gets: int = 2
+    step_s: float = 2.0
     stale_answers: int = 0  # GETs answered while a newer generation waited to be reconciled
+    release: int = 0  # KServe's version: an upgrade re-renders what it made
     services: dict[tuple[str, str], _Service] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __call__(self, fake: FakeKube, obj: dict[str, Any]) -> None:
         threading.Thread(target=self._reconcile, args=(fake, obj), daemon=True).start()
+
+    def upgrade(self, fake: FakeKube) -> None:
+        """KServe upgraded (or its inferenceservice-config changed, say a new storage-initializer
+        image): its controller renders every Knative Service anew, so each gets a new revision of
+        the same spec and a new generation, while the InferenceServices' generations stay."""
+        self.release += 1
+        with fake.lock:
+            current = [
+                copy.deepcopy(o) for (plural, *_), o in fake.objects.items() if plural == "inferenceservices"
+            ]
+        with self.lock:
+            for obj in current:
+                if self._mode(obj) not in RAW_MODES:
+                    self._apply(fake, obj)
+
+    def _mode(self, obj: dict[str, Any]) -> str:
+        return (obj["metadata"].get("annotations") or {}).get(DEPLOYMENT_MODE, self.mode)
+
+    def _status_mode(self, obj: dict[str, Any]) -> str:
+        """What ``status.deploymentMode`` says: the mode's name since KServe 0.16."""
+        return MODE_NAMES.get(self._mode(obj), self._mode(obj))
+
+    def idle(self, fake: FakeKube) -> None:
+        """No requests for a while: Knative's autoscaler scales the revisions of every Serverless
+        service whose predictor allows it to zero (``minReplicas: 0``, which KServe passes on as
+        the revision's min-scale: SetAutoScalingAnnotations, pkg/controller/v1alpha1/utils). They
+        stay Ready; their pods are gone."""
+        with fake.lock:
+            idle = {
+                o["metadata"]["name"]
+                for (plural, *_), o in fake.objects.items()
+                if plural == "inferenceservices"
+                and self._mode(o) not in RAW_MODES
+                and o["spec"]["predictor"].get("minReplicas") == 0
+            }
+            fake.pods = [
+                p
+                for p in fake.pods
+                if p["metadata"]["labels"].get(ISVC_LABEL) not in idle
+                or KNATIVE_REVISION not in p["metadata"]["labels"]
+            ]
 
     def _reconcile(self, fake: FakeKube, obj: dict[str, Any]) -> None:
         meta = obj["metadata"]
@@ -693,7 +824,10 @@ class KServe:
             time.sleep(0.002)
         self.stale_answers += fake.gets_of(*key) - start
         with self.lock:
-            self._apply(fake, obj)
+            if self._mode(obj) in RAW_MODES:
+                self._apply_raw(fake, obj)
+            else:
+                self._apply(fake, obj)
 
     def _apply(self, fake: FakeKube, obj: dict[str, Any]) -> None:
         meta, predictor = obj["metadata"], obj["spec"]["predictor"]
@@ -703,26 +837,36 @@ class KServe:
             {
                 "predictor": {k: v for k, v in predictor.items() if k != "canaryTrafficPercent"},
                 "annotations": meta.get("annotations") or {},
+                "kserve": self.release,
             },
             sort_keys=True,
         )
         if not service.revisions or service.revisions[-1].template != template:
-            crash = self.crash(obj)
-            revision = Revision(
-                f"{name}-predictor-{len(service.revisions) + 1:05d}",
-                template,
-                self.url_for(obj),
-                crash is None,
-            )
+            crash, refused = self.crash(obj), self.refuse(obj)
+            revision_name = f"{name}-predictor-{len(service.revisions) + 1:05d}"
+            pod = f"{revision_name}-deployment-7d9f8"  # the ReplicaSet's generateName, then a suffix
+            failure = ""
+            if refused is not None:  # the API server's refusal, the ReplicaSet's FailedCreate
+                failure = f'pods "{pod}-" is forbidden: {refused}'
+            elif crash is not None:
+                failure = f"Container failed with: {crash}"
+            revision = Revision(revision_name, template, self.url_for(obj), not failure, failure)
             service.revisions.append(revision)
-            pod_labels = {ISVC_LABEL: name, **(predictor.get("labels") or {})}
-            pod = f"{revision.name}-deployment-7d9f8-abcde"
-            if crash is None:
-                fake.add_pod(pod, pod_labels, running=True, container="kserve-container")
+            pod_labels = {
+                ISVC_LABEL: name,
+                **(predictor.get("labels") or {}),
+                KNATIVE_REVISION: revision.name,
+                "app": revision.name,
+            }
+            pod, namespace = f"{pod}-abcde", meta["namespace"]
+            if refused is not None:  # no pod at all
+                pass
+            elif crash is None:
+                fake.add_pod(pod, pod_labels, running=True, container="kserve-container", namespace=namespace)
             else:
                 fake.add_pod(
                     pod, pod_labels, waiting="CrashLoopBackOff", restart_count=3, last_exit_code=1,
-                    last_message=crash, container="kserve-container",
+                    last_message=crash, container="kserve-container", namespace=namespace,
                     message="back-off 40s restarting failed container=kserve-container",
                 )  # fmt: skip
         latest = service.revisions[-1]
@@ -731,6 +875,11 @@ class KServe:
         canary = predictor.get("canaryTrafficPercent")
         tagged = (meta.get("annotations") or {}).get(TAG_ROUTING) == "true"
         newest, rolled = service.latest_ready, service.latest_rolled_out
+        # The Knative Service KServe writes: the template, and the split it asks for.
+        split = canary if canary is not None and rolled is not None else None
+        ksvc = json.dumps([template, split, rolled.name if split is not None and rolled else "", tagged])
+        if ksvc != service.ksvc:
+            service.ksvc, service.ksvc_generation = ksvc, service.ksvc_generation + 1
         traffic: list[dict[str, Any]] = []
         if newest is not None:
             if canary is not None and rolled is not None:
@@ -742,8 +891,7 @@ class KServe:
             if traffic[0]["percent"] == 100 and rolled is not newest:
                 service.previous_rolled_out, service.latest_rolled_out = rolled, newest
         ready = condition("Ready", "", "") if latest.ready else condition(
-            "Ready", "RevisionFailed",
-            f"Revision \"{latest.name}\" failed with message: Container failed with: {self.crash(obj)}",
+            "Ready", "RevisionFailed", f"Revision \"{latest.name}\" failed with message: {latest.failure}.",
             status="False",
         )  # fmt: skip
         ready = {k: v for k, v in ready.items() if v != ""}
@@ -759,8 +907,8 @@ class KServe:
             if revision is not None:
                 components[field_name] = revision.name
         status: dict[str, Any] = {
-            "observedGeneration": generation,
-            "deploymentMode": "Serverless",
+            "observedGeneration": service.ksvc_generation,  # the Knative Service's (PropagateStatus)
+            "deploymentMode": self._status_mode(obj),
             "conditions": [ready],
             "components": {"predictor": components},
         }
@@ -776,3 +924,322 @@ class KServe:
         if tag:  # only tagged targets get a URL of their own
             target.update(tag=tag, url=revision.url)
         return target
+
+    # --- RawDeployment --------------------------------------------------------------------------
+
+    def _apply_raw(self, fake: FakeKube, obj: dict[str, Any]) -> None:
+        """KServe updates the predictor's Deployment; the Deployment controller rolls it out."""
+        meta = obj["metadata"]
+        namespace, name = meta["namespace"], meta["name"]
+        service = self.services.setdefault((namespace, name), _Service())
+        deployment = self._deployment(obj)
+        template = deployment["spec"]["template"]
+        new = hashlib.sha256(json.dumps(template, sort_keys=True).encode()).hexdigest()[:10]
+        with fake.lock:
+            previous = copy.deepcopy(
+                fake.stored.get(("deployments", namespace, deployment["metadata"]["name"]))
+            )
+        if previous is not None:
+            if previous["spec"]["template"] == template:  # e.g. only maxReplicas (the HPA's) changed
+                self._raw_status(fake, obj, previous, service.serving_url)
+                return
+            deployment["metadata"] = {
+                **previous["metadata"],
+                "generation": previous["metadata"]["generation"] + 1,
+            }
+            deployment["spec"]["replicas"] = previous["spec"]["replicas"]  # the HPA's, not KServe's
+            deployment["status"] = previous["status"]
+        self._store(fake, deployment)
+        # The status KServe writes with its update is the Deployment's status from before it.
+        self._raw_status(fake, obj, previous or deployment, service.serving_url)
+        if new == service.serving:  # back to the serving ReplicaSet (a rollback): it is all there
+            self._rolled_out(fake, obj, deployment, new, service.serving_url)
+            return
+        if not self._step(fake, obj):
+            return
+        # The Deployment controller starts a ReplicaSet for the new template with one surge pod
+        # (25% of one replica, rounded up); the old pods stay and keep the Deployment Available.
+        crash, url, refused = self.crash(obj), self.url_for(obj), self.refuse(obj)
+        old = deployment["spec"]["replicas"] if service.serving else 0
+        if refused is not None:
+            # Admission refuses the surge pod: the ReplicaSet says FailedCreate, the Deployment
+            # controller copies it as ReplicaFailure, and the rollout stays where it is.
+            deployment["status"] = self._rolling(deployment, new, old, 0)
+            deployment["status"]["conditions"].append(
+                _deployment_condition(
+                    "ReplicaFailure", True, "FailedCreate",
+                    f'pods "{deployment["metadata"]["name"]}-{new}-" is forbidden: {refused}',
+                )
+            )  # fmt: skip
+            self._store(fake, deployment)
+            self._raw_status(fake, obj, deployment, service.serving_url if old else "")
+            return
+        self._pod(fake, obj, deployment, new, 0, STARTING)
+        deployment["status"] = self._rolling(deployment, new, old, 1)
+        self._store(fake, deployment)
+        self._raw_status(fake, obj, deployment, service.serving_url if old else "")
+        if self.autoscale_to is not None and self.autoscale_to != deployment["spec"]["replicas"]:
+            if not self._step(fake, obj):
+                return
+            # The HPA scales the Deployment (its scale subresource): the Deployment's generation
+            # moves, the InferenceService's does not; the rollout goes on at the new size.
+            deployment["spec"]["replicas"] = self.autoscale_to
+            deployment["metadata"]["generation"] += 1
+            for index in range(1, self.autoscale_to):
+                self._pod(fake, obj, deployment, new, index, STARTING)
+            deployment["status"] = self._rolling(deployment, new, old, self.autoscale_to)
+            self._store(fake, deployment)
+            self._raw_status(fake, obj, deployment, service.serving_url if old else "")
+        if not self._step(fake, obj):
+            return
+        if crash is not None:
+            # The new pods' containers fail, again and again: they never become available, and
+            # the rollout stays where it is (until its progress deadline, 600 s).
+            for index in range(deployment["status"]["updatedReplicas"]):
+                self._pod(fake, obj, deployment, new, index, crash)
+            return
+        self._rolled_out(fake, obj, deployment, new, url)
+
+    @staticmethod
+    def _deployment(obj: dict[str, Any]) -> dict[str, Any]:
+        """The Deployment KServe makes for the service's predictor (as new, at generation 1)."""
+        meta, predictor = obj["metadata"], obj["spec"]["predictor"]
+        model = predictor["model"]
+        name = f"{meta['name']}-predictor"
+        labels = {
+            **(meta.get("labels") or {}),
+            **(predictor.get("labels") or {}),
+            ISVC_LABEL: meta["name"],
+            "component": "predictor",
+            "app": f"isvc.{name}",
+        }
+        container: dict[str, Any] = {
+            "name": "kserve-container",
+            "image": f"{model.get('runtime', 'runtime')}:{model.get('runtimeVersion', 'latest')}",
+            "args": ["--model_dir=/mnt/models"],
+            **{k: model[k] for k in ("env", "resources", "securityContext", "lifecycle") if k in model},
+        }
+        pod_spec: dict[str, Any] = {
+            "initContainers": [
+                {
+                    "name": "storage-initializer",
+                    "image": "kserve/storage-initializer",
+                    "args": [model["storageUri"], "/mnt/models"],
+                }
+            ],
+            "containers": [container],
+            **{
+                k: predictor[k]
+                for k in (
+                    "securityContext",
+                    "serviceAccountName",
+                    "automountServiceAccountToken",
+                    "terminationGracePeriodSeconds",
+                )
+                if k in predictor
+            },
+        }
+        return {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {
+                "name": name,
+                "namespace": meta["namespace"],
+                "labels": labels,
+                "generation": 1,
+                "uid": str(uuid.uuid4()),
+                "creationTimestamp": now(),
+            },
+            "spec": {
+                "replicas": 1,  # the API server's default: KServe leaves the count to the HPA
+                "selector": {"matchLabels": {"app": f"isvc.{name}"}},
+                "strategy": {
+                    "type": "RollingUpdate",
+                    "rollingUpdate": {"maxUnavailable": "25%", "maxSurge": "25%"},
+                },
+                "progressDeadlineSeconds": 600,
+                "template": {
+                    "metadata": {"labels": labels, "annotations": dict(meta.get("annotations") or {})},
+                    "spec": pod_spec,
+                },
+            },
+            "status": {},
+        }
+
+    def _step(self, fake: FakeKube, obj: dict[str, Any]) -> bool:
+        """Let a rollout step be seen: ``step_gets`` reads of the service, or ``step_s`` without
+        any; False when the service moved to another generation (KServe reconciles that one)."""
+        meta = obj["metadata"]
+        key = (INFERENCESERVICE.plural, meta["namespace"], meta["name"])
+        start, deadline = fake.gets_of(*key), time.monotonic() + self.step_s
+        while fake.gets_of(*key) < start + self.step_gets and time.monotonic() < deadline:
+            if (
+                fake.closed
+                or fake.objects.get(key, {}).get("metadata", {}).get("generation") != meta["generation"]
+            ):
+                return False
+            time.sleep(0.002)
+        return (
+            not fake.closed
+            and fake.objects.get(key, {}).get("metadata", {}).get("generation") == meta["generation"]
+        )
+
+    @staticmethod
+    def _rolling(deployment: dict[str, Any], new: str, old: int, updated: int) -> dict[str, Any]:
+        """The status mid-rollout: ``updated`` new pods not yet available, ``old`` old ones serving."""
+        wanted = deployment["spec"]["replicas"]
+        # Available: no more than maxUnavailable (25% of the replicas, rounded down) missing.
+        available = old >= wanted - wanted // 4
+        replica_set = f"{deployment['metadata']['name']}-{new}"
+        status: dict[str, Any] = {
+            "observedGeneration": deployment["metadata"]["generation"],
+            "replicas": old + updated,
+            "updatedReplicas": updated,
+            "conditions": [
+                _deployment_condition("Available", available),
+                _deployment_condition(
+                    "Progressing", True, "ReplicaSetUpdated", f'ReplicaSet "{replica_set}" is progressing.'
+                ),
+            ],
+        }
+        if old:
+            status.update(readyReplicas=old, availableReplicas=old)
+        if wanted > old:
+            status["unavailableReplicas"] = wanted - old
+        return status
+
+    def _rolled_out(
+        self, fake: FakeKube, obj: dict[str, Any], deployment: dict[str, Any], new: str, url: str
+    ) -> None:
+        """The rollout done: every replica of the new ReplicaSet available, the old ones gone."""
+        # The Service's endpoints follow the pods: with the old ones gone only the new ones answer,
+        # before the Deployment's status says so (and long before KServe's does).
+        self._raw_status(fake, obj, copy.deepcopy(deployment), url)
+        wanted = deployment["spec"]["replicas"]
+        for index in range(wanted):
+            self._pod(fake, obj, deployment, new, index, RUNNING)
+        app = deployment["spec"]["selector"]["matchLabels"]["app"]
+        with fake.lock:
+            fake.pods = [
+                p
+                for p in fake.pods
+                if p["metadata"]["labels"].get("app") != app
+                or p["metadata"]["labels"].get("pod-template-hash") == new
+            ]
+        replica_set = f"{deployment['metadata']['name']}-{new}"
+        deployment["status"] = {
+            "observedGeneration": deployment["metadata"]["generation"],
+            "replicas": wanted,
+            "updatedReplicas": wanted,
+            "readyReplicas": wanted,
+            "availableReplicas": wanted,
+            "conditions": [
+                _deployment_condition("Available", True),
+                _deployment_condition(
+                    "Progressing",
+                    True,
+                    "NewReplicaSetAvailable",
+                    f'ReplicaSet "{replica_set}" has successfully progressed.',
+                ),
+            ],
+        }
+        self._store(fake, deployment)
+        service = self.services[(obj["metadata"]["namespace"], obj["metadata"]["name"])]
+        service.serving, service.serving_url = new, url
+        self._raw_status(fake, obj, deployment, url)
+
+    def _pod(
+        self,
+        fake: FakeKube,
+        obj: dict[str, Any],
+        deployment: dict[str, Any],
+        new: str,
+        index: int,
+        state: str,
+    ) -> None:
+        """Pod ``index`` of the ReplicaSet ``new``: STARTING, RUNNING, or crash-looping with ``state``
+        as its container's last message."""
+        labels = {**deployment["spec"]["template"]["metadata"]["labels"], "pod-template-hash": new}
+        pod = f"{deployment['metadata']['name']}-{new}-{index}"
+        namespace = obj["metadata"]["namespace"]
+        if state == RUNNING:
+            fake.add_pod(pod, labels, running=True, container="kserve-container", namespace=namespace)
+        elif state == STARTING:
+            fake.add_pod(
+                pod, labels, waiting="ContainerCreating", container="kserve-container", namespace=namespace
+            )
+        else:
+            fake.add_pod(
+                pod, labels, waiting="CrashLoopBackOff", restart_count=3, last_exit_code=1,
+                last_message=state, container="kserve-container", namespace=namespace,
+                message="back-off 40s restarting failed container=kserve-container",
+            )  # fmt: skip
+
+    @staticmethod
+    def _store(fake: FakeKube, deployment: dict[str, Any]) -> None:
+        """Keep the Deployment where the fake API server serves it, as Kubernetes' schema allows."""
+        try:
+            kubernetes_validate.validate(deployment, KUBERNETES_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            raise AssertionError(f"simulated Deployment is invalid: {str(exc).splitlines()[0]}") from None
+        meta = deployment["metadata"]
+        with fake.lock:
+            meta["resourceVersion"] = fake.next_resource_version()
+            fake.stored[("deployments", meta["namespace"], meta["name"])] = copy.deepcopy(deployment)
+
+    def _raw_status(self, fake: FakeKube, obj: dict[str, Any], deployment: dict[str, Any], url: str) -> None:
+        """``PropagateRawStatus``: Ready from the Deployment's conditions, its observedGeneration."""
+        found = {c["type"]: c for c in (deployment.get("status") or {}).get("conditions") or []}
+        available, progressing = found.get("Available"), found.get("Progressing")
+        ready: tuple[str, str, str] = ("False", "", "")
+        if available is not None and available["status"] == "True":
+            ready = ("True", available["reason"], available["message"])
+        if progressing is not None:
+            said = (progressing["reason"], progressing["message"])
+            if progressing["status"] == "False" and progressing["message"]:
+                ready = ("False", *said)
+            elif progressing["status"] == "True" and progressing["reason"] == "NewReplicaSetAvailable":
+                ready = ("True", *said)
+            elif progressing["status"] == "True" and ready[0] != "True":
+                ready = ("Unknown", *said)
+        if available is not None and available["status"] == "False":
+            ready = ("False", available["reason"], available["message"])
+        failure = found.get("ReplicaFailure")
+        if failure is not None and failure["status"] == "True":  # since KServe 0.16
+            ready = ("False", failure["reason"], failure["message"])
+        status: dict[str, Any] = {
+            "deploymentMode": self._status_mode(obj),
+            "conditions": [
+                {k: v for k, v in condition("Ready", ready[1], ready[2], status=ready[0]).items() if v != ""}
+            ],
+            "components": {"predictor": {"url": url} if url and ready[0] == "True" else {}},
+        }
+        observed = (deployment.get("status") or {}).get("observedGeneration")
+        if observed:
+            status["observedGeneration"] = observed  # the Deployment's, not the InferenceService's
+        if url:
+            status["url"] = url  # the Service reaches the pods that are available
+        meta = obj["metadata"]
+        fake.replace_status(
+            INFERENCESERVICE.plural, meta["namespace"], meta["name"], status, generation=meta["generation"]
+        )
+
+
+def _deployment_condition(type_: str, true: bool, reason: str = "", message: str = "") -> dict[str, Any]:
+    """A Deployment condition as the Deployment controller words it (pkg/controller/deployment/util)."""
+    if type_ == "Available" and not reason:
+        reason = "MinimumReplicasAvailable" if true else "MinimumReplicasUnavailable"
+        message = (
+            "Deployment has minimum availability."
+            if true
+            else "Deployment does not have minimum availability."
+        )
+    stamp = now()
+    return {
+        "type": type_,
+        "status": "True" if true else "False",
+        "reason": reason,
+        "message": message,
+        "lastUpdateTime": stamp,
+        "lastTransitionTime": stamp,
+    }

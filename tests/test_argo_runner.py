@@ -270,10 +270,8 @@ def test_retry_decisions_follow_process_node_retries() -> None:
         ),
         (lambda t: t["spec"]["templates"][0]["dag"]["tasks"][0].update(depends="x"), "tasks[step].depends"),
         (
-            lambda t: t["spec"]["templates"][1]["container"].update(
-                resources={"limits": {"nvidia.com/gpu": 1}}
-            ),
-            "nvidia.com/gpu",
+            lambda t: t["spec"]["templates"][1]["container"].update(resources={"limits": {"amd.com/gpu": 1}}),
+            "amd.com/gpu",
         ),
         (
             lambda t: t["spec"]["templates"][1]["container"].update(
@@ -295,7 +293,7 @@ def test_retry_decisions_follow_process_node_retries() -> None:
             lambda t: t["spec"]["volumes"].append({"name": "data", "hostPath": {"path": "/data"}}),
             "volumes[data].hostPath",
         ),
-        (lambda t: t["spec"].update(activeDeadlineSeconds=60), "spec.activeDeadlineSeconds"),
+        (lambda t: t["spec"].update(parallelism=2), "spec.parallelism"),
         (
             lambda t: t["spec"]["templates"][1].update(retryStrategy={"retryPolicy": "Always"}),
             "a limit is required",

@@ -114,6 +114,12 @@ def test_quotes_in_free_text_keep_pyproject_valid(cookies) -> None:
     ("answers", "message"),
     [
         ({"project": "Bad_Name"}, "ERROR: project 'Bad_Name' is not a DNS-1123 label"),
+        # KServe names the InferenceService after the slug and refuses one that starts with a digit.
+        (
+            {"project": "3d-digits", "package_name": "digits3d"},
+            "ERROR: project '3d-digits' must start with a letter: the InferenceService is named after it "
+            "and KServe accepts only names matching [a-z]([-a-z0-9]*[a-z0-9])?",
+        ),
         ({"package_name": "2fast"}, "ERROR: package_name '2fast' is not a Python identifier"),
         ({"package_name": "torch"}, "ERROR: package_name 'torch' is reserved"),
         # Python identifiers that pip cannot install as a project name (PEP 508).
@@ -146,6 +152,7 @@ def test_quotes_in_free_text_keep_pyproject_valid(cookies) -> None:
     ],
     ids=[
         "slug",
+        "slug-digit",
         "identifier",
         "reserved",
         "non-ascii-package",

@@ -8,11 +8,11 @@ import pytest
 import yaml
 
 from handoff import __version__
+from handoff.kube.images import is_image_reference
 from handoff.labels import TEMPLATE_VERSION_LABEL, labels
 from handoff.project import Project
 from handoff.settings import IMAGE_ENV
 from handoff.steps.train_launch import in_this_image
-from handoff_pipelines.compiled import is_image_reference
 
 from .conftest import edit_yaml, handoff
 
@@ -75,11 +75,14 @@ def test_image_option_pins_every_step_and_the_train_job(project: Path) -> None:
     assert {"name": IMAGE_ENV, "value": PINNED} in train_env
     job = yaml.safe_load((project / "compiled/train-job.yaml").read_text())
     assert job["spec"]["trainer"]["image"] == PINNED
-    # The image is the only difference, and handoff.yaml keeps its tag.
+    # The image is the only difference, with how it is pulled: a tag at every pod start (it may
+    # have been pushed again), a digest once per node. handoff.yaml keeps its tag.
     for name in ("pipeline.kfp.yaml", "train-job.yaml"):
         by_tag = (project / "by-tag" / name).read_text()
         assert tagged in by_tag
-        assert by_tag.replace(tagged, PINNED) == (project / "compiled" / name).read_text()
+        pinned = by_tag.replace(tagged, PINNED).replace("PullPolicy: Always", "PullPolicy: IfNotPresent")
+        assert pinned == (project / "compiled" / name).read_text()
+    assert "imagePullPolicy: Always" in (project / "by-tag/pipeline.kfp.yaml").read_text()
     assert yaml.safe_load((project / "handoff.yaml").read_text())["image"] == tagged
 
 
@@ -91,6 +94,28 @@ def test_a_bad_image_is_refused_naming_the_option(project: Path, image: str) -> 
     assert repr(image) in result.stderr
     assert "Traceback" not in result.stderr
     assert not (project / "compiled").exists()  # refused before anything is written
+
+
+@pytest.mark.parametrize(
+    ("image", "said"),
+    [
+        ("registry.example.com/ml/digits-classifier", "has no tag"),
+        ("registry.example.com/ml/digits-classifier:latest", "is tagged :latest"),
+    ],
+)
+def test_compiling_an_untagged_or_latest_image_warns_and_says_to_pin_a_digest(
+    project: Path, image: str, said: str
+) -> None:
+    result = handoff("compile", "--image", image, cwd=project)
+    assert result.returncode == 0, result.stderr  # a warning: a dev cluster may run such an image
+    assert (
+        f"handoff: warning: image {image} {said}: every pod pulls whatever it points at when it starts"
+        in result.stderr
+    )
+    assert "pass --image REPOSITORY@sha256:<digest>" in result.stderr
+    for pinned in (PINNED, "registry.example.com/ml/digits-classifier:1.4.2"):
+        quiet = handoff("compile", "--image", pinned, cwd=project)
+        assert quiet.returncode == 0 and "warning" not in quiet.stderr, quiet.stderr
 
 
 def test_the_train_step_launches_its_job_in_the_image_the_pipeline_gave_it(

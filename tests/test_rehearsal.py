@@ -9,15 +9,23 @@ as Secret references; the deploy step talks to the fake API server, whose KServe
 starts the real predictor: KServe's storage initializer pulls the registered ``storageUri`` from
 S3 and the ``handoff-onnx`` ServingRuntime's container serves it.
 
-The tests run in order and share one registry: a first Argo run (its training killed once and
-retried) makes the first champion; a KFP run of a retrained model replaces it through the real
-server; a run whose contract asks for more than the model reaches deploys nothing, on each engine.
+The tests run in order and share one registry: a first Argo run (its training, two processes
+under torchrun as ``training.gpus: 2`` asks, killed mid-epoch once and resumed by the retry from
+the state it stored in S3 through MLflow) makes the first champion, and its model is the very
+one an uninterrupted run of the same container makes; a KFP run of a retrained model (two
+processes too) replaces it through the real server; a run whose contract asks for more than the
+model reaches deploys nothing, on each engine.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
+import statistics
 import threading
+import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +34,7 @@ from typing import Any
 import numpy as np
 import pytest
 import requests
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -164,15 +173,19 @@ def kubeconfig(server: str, project: Project) -> dict[str, Any]:
     }
 
 
+STORED = re.compile(r"training state at step (\d+) stored in .* \(([\d.]+) MiB in ([\d.]+) s\)")
+RESUMED = re.compile(r"resuming from \S+: epoch (\d+), step (\d+)")
+
+
 def killing_train_once(podman: Podman) -> Callable[[ContainerSpec, float], Finished]:
-    """``Podman.run``, except that the first train pod is killed (SIGKILL: a node lost) once it
-    has finished its first epoch."""
+    """``Podman.run``, except that the first train pod is killed (SIGKILL: a node lost) in the
+    middle of training, once it has stored a state where the retry's new pod can find it."""
     killed: list[str] = []
 
     def kill_mid_training(name: str, done: threading.Event) -> None:
         while not done.wait(0.1):
             logs = podman.call("logs", name, check=False)
-            if "epoch 1/" in logs.stdout + logs.stderr:  # progress goes to stderr
+            if STORED.search(logs.stdout + logs.stderr):  # progress goes to stderr
                 podman.call("kill", name, check=False)
                 killed.append(name)
                 return
@@ -237,15 +250,72 @@ def served(cluster: Cluster) -> tuple[str, str]:
     return obj["metadata"]["annotations"][isvc.VERSION_KEY], obj["spec"]["predictor"]["model"]["storageUri"]
 
 
-def test_argo_runs_every_pod_as_compiled_retries_a_killed_training_and_serves_from_s3(
+def uninterrupted(cluster: Cluster, spec: ContainerSpec) -> tuple[dict[str, Any], Path, float]:
+    """The train pod's container run again, as another pipeline run (another run key) would run
+    it, uninterrupted: its record, its checkpoint and how long the container took."""
+    args = list(spec.args)
+    args[args.index("--run-key") + 1] = str(uuid.uuid4())
+    outputs = cluster.work / "uninterrupted"
+    outputs.mkdir(mode=0o777)
+    outputs.chmod(0o777)  # an emptyDir, writable by the pod's user
+    mounts = [m for m in spec.mounts if m.target not in ("/tmp/outputs", "/dev/termination-log")]
+    reference = dataclasses.replace(
+        spec,
+        args=args,
+        mounts=(*mounts, Mount(outputs, "/tmp/outputs", read_only=False)),
+        name=f"uninterrupted-{uuid.uuid4().hex[:8]}",
+    )
+    started = time.monotonic()
+    finished = cluster.podman.run(reference, 1800)
+    assert finished.exit_code == 0, finished.stderr[-3000:]
+    return json.loads(finished.stdout), outputs / "checkpoint.pt", time.monotonic() - started
+
+
+def same_tensors(a: Path, b: Path) -> list[str]:
+    """Names of the weights that differ in any bit between two checkpoints."""
+    first, second = (torch.load(p, map_location="cpu", weights_only=True)["model"] for p in (a, b))
+    assert first.keys() == second.keys()
+    return [name for name in first if not torch.equal(first[name], second[name])]
+
+
+def test_argo_runs_every_pod_as_compiled_resumes_a_killed_training_and_serves_from_s3(
     cluster: Cluster,
 ) -> None:
-    # Long enough a training that the kill lands in the middle of it.
-    edit_yaml(cluster.project / "handoff.yaml", lambda s: s["training"].update(overrides={"epochs": 20}))
+    # Long enough a training that the kill lands in the middle of it, with state every 10 steps
+    # (an epoch is 23): the retry resumes mid-epoch. Two GPUs: torchrun runs two processes (gloo).
+    edit_yaml(
+        cluster.project / "handoff.yaml",
+        lambda s: s["training"].update(overrides={"epochs": 20}, gpus=2, checkpoint_every_steps=10),
+    )
     run = run_argo(cluster, run_container=killing_train_once(cluster.podman))
     assert run.phase == "Succeeded", explain(run)
     train = run["train"]
     assert len(train.attempts) == 2 and train.attempts[0].exit_code == 137  # killed, then retried
+    killed, retry = train.attempts
+    assert "handoff: training as 2 processes (torchrun)" in killed.stderr
+    stored = [int(m[1]) for m in STORED.finditer(killed.stderr)]
+    resumed = json.loads(train.outputs.parameters["record"])
+    assert resumed["world_size"] == 2 and 0 < resumed["resumed_from_step"] < resumed["steps"]
+    # The retry's pod has a new disk: it fetched what the killed pod stored (the kill came once a
+    # state was stored; more may have been stored before it landed) and resumed from it.
+    assert resumed["resumed_from_step"] >= stored[0]
+    assert (
+        f"fetched training state step-{resumed['resumed_from_step']:09d}.pt from MLflow run" in retry.stderr
+    )
+    assert f"step {resumed['resumed_from_step']}" in RESUMED.search(retry.stderr)[0]  # type: ignore[index]
+    assert retry.spec is not None
+    reference, reference_checkpoint, reference_s = uninterrupted(cluster, retry.spec)
+    assert reference["resumed_from_step"] == 0 and reference["steps"] == resumed["steps"]
+    (outputs,) = [m.source for m in retry.spec.mounts if m.target == "/tmp/outputs"]
+    assert same_tensors(outputs / "checkpoint.pt", reference_checkpoint) == []  # bit for bit
+    uploads = [float(m[3]) for m in STORED.finditer(killed.stderr + retry.stderr)]
+    SUMMARY.append(
+        f"argo train: killed once step {stored[0]}'s state was stored, resumed from step "
+        f"{resumed['resumed_from_step']}, same weights as uninterrupted; {len(uploads)} state uploads "
+        f"({STORED.search(retry.stderr)[2]} MiB) to S3, median {statistics.median(uploads):.2f} s, "  # type: ignore[index]
+        f"max {max(uploads):.2f} s; the retry trained {resumed['seconds']:.0f} s, uninterrupted "
+        f"{reference['seconds']:.0f} s (its container {reference_s:.0f} s)"
+    )
     for name in ("train", "export", "evaluate", "register"):
         spec = run[name].attempts[-1].spec
         assert spec is not None and (spec.user, spec.read_only, spec.cap_drop) == (10001, True, ("ALL",))
@@ -287,10 +357,14 @@ def explain_kfp(run: KfpRun) -> str:
 
 def test_kfp_replaces_the_champion_through_the_real_server(cluster: Cluster, docker_host: str) -> None:
     before = infer(cluster.predictors[-1].url)
-    edit_yaml(cluster.project / "handoff.yaml", lambda s: s["training"].update(overrides={"epochs": 30}))
+    edit_yaml(
+        cluster.project / "handoff.yaml",
+        lambda s: s["training"].update(overrides={"epochs": 30}, checkpoint_every_steps=50),
+    )
     run = run_kfp(cluster, docker_host)
     assert run.status == "SUCCESS", explain_kfp(run)
     assert all(c.user == "10001:10001" and c.read_only for c in run.containers)
+    assert run.records["train"]["world_size"] == 2  # training.gpus: 2, through the KFP wrapper
     registered, deployed = run.records["register"], run.records["deploy"]
     assert (registered["version"], registered["promoted"]) == ("2", True)
     assert registered["promotion"] == "promoted: replaced v1"
@@ -308,7 +382,9 @@ def test_a_failed_gate_deploys_nothing_on_either_engine(cluster: Cluster, docker
     edit_yaml(cluster.project / "contract.yaml", lambda c: c["slo"].update(min_metrics={"accuracy": 0.9999}))
     # A model of its own under the edited contract (a version is the model and its contract); two
     # epochs, because the gate fails whatever they learn.
-    edit_yaml(cluster.project / "handoff.yaml", lambda s: s["training"].update(overrides={"epochs": 2}))
+    edit_yaml(
+        cluster.project / "handoff.yaml", lambda s: s["training"].update(overrides={"epochs": 2}, gpus=0)
+    )
     argo = run_argo(cluster)
     assert argo.phase == "Succeeded", explain(argo)  # a failed gate is an outcome, not an error
     assert argo["deploy[0].deploy"].phase == "Skipped"

@@ -154,7 +154,12 @@ def running(api: FakeApi, route: Any) -> Iterator[FakeApi]:
 def kfp_route(api: FakeApi, seen: Seen) -> Any:
     experiments = api.objects.setdefault("experiments", {})
     if (seen.method, seen.path) == ("GET", "/apis/v2beta1/healthz"):
-        return {"multi_user": False, "pipeline_store": "database"}
+        return {
+            "commit_sha": "unknown",
+            "tag_name": "2.17.0",
+            "multi_user": False,
+            "pipeline_store": "database",
+        }
     if (seen.method, seen.path) == ("GET", "/apis/v2beta1/experiments"):
         (namespace,) = seen.query["namespace"]
         (predicate,) = json.loads(seen.query["filter"][0])["predicates"]

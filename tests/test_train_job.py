@@ -30,10 +30,11 @@ from handoff.kube.train_job import PYTORCHJOB, TRAINJOB, WORKSPACE, JobClient, j
 from handoff.project import Project
 from handoff.settings import PROJECT_DIR_IN_IMAGE
 from handoff.step_entry import LOCAL_RUN_ENV
+from handoff.steps import train_launch as train_launch_module
 from handoff.steps.train_launch import train_step
 from handoff_pipelines.graph import WORKSPACE_MOUNT
 
-from .conftest import HANDOFF, edit_yaml, handoff
+from .conftest import HANDOFF, edit_yaml, handoff, mlflow_state_restored
 from .fake_kube import RESOURCES, FakeKube, condition, fake_kube
 
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
@@ -136,12 +137,16 @@ def test_job_names_are_rfc1035_and_stable_per_run() -> None:
 
 
 @pytest.mark.unit
-def test_multi_node_without_a_shared_volume_is_refused_naming_the_field(project: Path) -> None:
+@pytest.mark.parametrize("command", ["check", "compile", "train"])
+def test_multi_node_without_a_shared_volume_is_refused_naming_the_field(project: Path, command: str) -> None:
+    # Without a volume the nodes share, a restarted node would start over: no command gets past
+    # handoff.yaml (check, compile which writes the job, train which the nodes run).
     edit_yaml(project / "handoff.yaml", lambda s: s["training"].update(nodes=2))
-    result = handoff("check", cwd=project)
+    result = handoff(command, cwd=project)
     assert result.returncode == 1
     assert "handoff.yaml: line" in result.stderr
     assert "training.job.workspace_claim" in result.stderr and "ReadWriteMany" in result.stderr
+    assert not (project / "compiled").exists() and not (project / "checkpoint.pt").exists()
 
 
 @pytest.mark.unit
@@ -421,4 +426,40 @@ def test_compile_emits_the_train_job_and_mounts_its_volume_in_the_train_step(pro
     assert train_config["nodeSelector"]["labels"] == {"pool": "gpu"}
     gpu_taint = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
     assert train_config["tolerations"] == [gpu_taint]
-    assert "pvcMount" not in train_config
+    # The claim is still set: one node keeps its resumable state there.
+    assert [mount["mountPath"] for mount in train_config["pvcMount"]] == [WORKSPACE_MOUNT]
+
+
+@pytest.mark.local
+def test_one_node_with_a_workspace_claim_mounts_it_and_keeps_its_state_there(
+    project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    claimed = {"workspace_claim": "shared-workspace"}
+    edit_yaml(project / "handoff.yaml", lambda s: s["training"].update(job=claimed, overrides={"epochs": 1}))
+    compiled = handoff("compile", "--target", "all", cwd=project)
+    assert compiled.returncode == 0, compiled.stderr
+    _, platform = yaml.safe_load_all((project / "compiled/pipeline.kfp.yaml").read_text())
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert [m["mountPath"] for m in executors["exec-train"]["pvcMount"]] == [WORKSPACE_MOUNT]
+    assert "pvcMount" not in executors["exec-export"]
+    argo = yaml.safe_load((project / "compiled/workflow-template.argo.yaml").read_text())
+    (claim,) = [v for v in argo["spec"]["volumes"] if "persistentVolumeClaim" in v]
+    assert claim["persistentVolumeClaim"] == {"claimName": "shared-workspace"}
+    templates = {t["name"]: t["container"] for t in argo["spec"]["templates"] if "container" in t}
+    mounts = {name: [m["name"] for m in c["volumeMounts"]] for name, c in templates.items()}
+    assert claim["name"] in mounts["train"] and claim["name"] not in mounts["export"]
+    args = templates["train"]["args"]
+    assert args[args.index("--run-key") + 1] == "{{workflow.uid}}"
+
+    # The step (here with the claim at a folder of this machine) keeps its state on the claim, in
+    # the run's folder: a retried pod mounts the same claim and resumes; nothing goes to MLflow.
+    workspace = tmp_path / "workspace"
+    monkeypatch.setattr(train_launch_module, "WORKSPACE", workspace)
+    with mlflow_state_restored():
+        result = train_step(project, tmp_path / "out.pt", run_key="run-1")
+    states = workspace / train_job.job_name("digits-classifier", "run-1") / "train-state"
+    assert result.resumed_from_step == 0 and list(states.glob("step-*.pt"))
+    assert not list(project.glob("mlartifacts/**/train-state/*"))
+    with mlflow_state_restored():
+        again = train_step(project, tmp_path / "again.pt", run_key="run-1")
+    assert again.resumed_from_step == result.steps  # a later attempt of the run finds it

@@ -14,6 +14,10 @@ processNodeRetries, inferFailedReason, the exit handler and ``workflow.duration`
 Only what ``handoff_pipelines.argo`` emits is implemented; ``check_supported`` refuses any other
 field, and unknown variables or expression forms raise, so a change to the template cannot pass
 here unexercised. Steps run one at a time (Argo would start independent tasks together).
+``activeDeadlineSeconds`` (workflow and template) bound each pod as ``workflowpod.go`` does;
+``podGC`` and ``ttlStrategy`` are accepted and change nothing here (every container is removed
+when it ends, and no workflow object outlives the run); an ``nvidia.com/gpu`` request is accepted
+but the container gets no GPU (the images hold CPU torch: what is checked is what the step runs).
 
     runner = ArgoRunner(Podman(...).run, S3Bucket(boto3_client, "artifacts"), workdir)
     result = runner.run(workflow_template_dict(project))  # -> WorkflowRun
@@ -70,7 +74,10 @@ _SCHEMA_TEXT = """
 workflow: apiVersion kind metadata:metadata spec:spec
 metadata: name generateName namespace labels annotations
 spec: arguments:workflowArguments entrypoint onExit podMetadata:podMetadata serviceAccountName
-  securityContext:podSecurityContext templates:[]template volumes:[]volume
+  securityContext:podSecurityContext templates:[]template volumes:[]volume activeDeadlineSeconds
+  podGC:podGC ttlStrategy:ttlStrategy
+podGC: strategy
+ttlStrategy: secondsAfterCompletion secondsAfterSuccess secondsAfterFailure
 workflowArguments: parameters:[]parameter
 podMetadata: labels annotations
 podSecurityContext: runAsUser runAsGroup runAsNonRoot fsGroup seccompProfile:seccompProfile
@@ -78,14 +85,14 @@ seccompProfile: type
 volume: name emptyDir:emptyDir
 emptyDir: medium sizeLimit
 template: name container:container dag:dag steps:[][]step inputs:inputs outputs:outputs
-  retryStrategy:retryStrategy
+  retryStrategy:retryStrategy activeDeadlineSeconds
 container: image command args env:[]env resources:resources securityContext:securityContext
-  volumeMounts:[]volumeMount workingDir
+  volumeMounts:[]volumeMount workingDir imagePullPolicy
 env: name value valueFrom:envSource
 envSource: secretKeyRef:secretKeyRef
 secretKeyRef: name key optional
 resources: limits:resourceList requests:resourceList
-resourceList: cpu memory
+resourceList: cpu memory nvidia.com/gpu
 securityContext: allowPrivilegeEscalation readOnlyRootFilesystem capabilities:capabilities runAsUser
   runAsGroup runAsNonRoot seccompProfile:seccompProfile
 capabilities: drop
@@ -115,6 +122,9 @@ _VALUES: dict[tuple[str, str], tuple[Any, ...]] = {
     ("emptyDir", "medium"): ("", "Memory"),
     ("retryStrategy", "retryPolicy"): ("Always", "OnFailure", "OnError"),
     ("secretKeyRef", "optional"): (False,),
+    # Images are built here and never pulled (podman --pull=never): there is no registry to ask,
+    # so every policy runs the image podman has (what Always would find the tag pointing at).
+    ("container", "imagePullPolicy"): ("IfNotPresent", "Never", "Always"),
 }
 
 
@@ -625,6 +635,7 @@ class _Execution:
     status: str = "Running"
     skew: float = 0.0  # Argo's backoff time not actually slept: the clock runs as Argo's would
     started: float = field(default_factory=time.monotonic)
+    uid: str = field(default_factory=lambda: str(uuid.uuid4()))  # metadata.uid, set by the API server
 
     def now(self) -> float:
         return time.monotonic() + self.skew
@@ -658,6 +669,7 @@ class _Execution:
     def scope(self, inputs: Mapping[str, str] = _EMPTY) -> dict[str, str]:
         scope = {
             "workflow.name": self.name,
+            "workflow.uid": self.uid,
             "workflow.namespace": self.template["metadata"].get("namespace", "default"),
             "workflow.status": self.status,
             "workflow.duration": f"{self.now() - self.started:f}",  # Go's %f of the seconds
@@ -799,6 +811,7 @@ class _Execution:
             if attempts and max_duration:  # a retried pod's activeDeadlineSeconds ends at maxDuration
                 timeout = min(timeout, first_started + parse_duration(max_duration) - self.now())
             resolved = _substitute_all(tmpl, self.scope(inputs) | retries)
+            timeout = min(timeout, self.pod_deadline_s(resolved, node_name))
             attempts.append(attempt := self.attempt(child, resolved, artifacts, timeout))
             if attempt.phase == "Succeeded" or not strategy or attempt.reason == "CreateContainerConfigError":
                 break  # a pod the kubelet cannot configure stays Pending: Argo never retries it
@@ -826,6 +839,20 @@ class _Execution:
         if message is not None:
             node.message = message
         return self.record(node)
+
+    def pod_deadline_s(self, tmpl: Mapping[str, Any], node_name: str) -> float:
+        """A pod's activeDeadlineSeconds as createWorkflowPod (workflowpod.go) sets it: the
+        template's, or what is left of the workflow's when that is less, except in the exit
+        handler (which runs even past the workflow's deadline)."""
+        deadlines = [math.inf]
+        if "activeDeadlineSeconds" in tmpl:
+            where = f"templates[{tmpl['name']}].activeDeadlineSeconds"
+            deadlines.append(float(_int_or_string(tmpl["activeDeadlineSeconds"], where)))
+        workflow = self.template["spec"].get("activeDeadlineSeconds")
+        if workflow is not None and not node_name.startswith(f"{self.name}.onExit"):
+            where = "spec.activeDeadlineSeconds"
+            deadlines.append(self.started + _int_or_string(workflow, where) - self.now())
+        return min(deadlines)
 
     def attempt(self, node_name: str, tmpl: Mapping[str, Any], artifacts: dict, timeout_s: float) -> Attempt:
         """One pod: Argo's init container (inputs), the main container, the wait container (outputs)."""

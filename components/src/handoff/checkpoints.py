@@ -54,6 +54,16 @@ def save_state(folder: Path, step: int, state: dict[str, Any]) -> Path:
     return path
 
 
+def state_step(path: Path | str) -> int:
+    """The optimizer step a state file was written at (its name says it: ``step-<n>.pt``)."""
+    return int(Path(path).stem.split("-")[1])
+
+
+def newest_state_step(folder: Path) -> int:
+    """The step of the newest state file in ``folder`` (-1 when there is none)."""
+    return max((state_step(path) for path in folder.glob(STATE_PATTERN)), default=-1)
+
+
 def latest_state(folder: Path) -> dict[str, Any] | None:
     """The newest training state that loads completely, or None to start from scratch."""
     for path in sorted(folder.glob(STATE_PATTERN), reverse=True):

@@ -103,7 +103,7 @@ OutOpt = Annotated[Path, typer.Option(help="Folder for the compiled files.", fil
 
 
 def _checked_image(image: str | None) -> str | None:
-    from handoff_pipelines.compiled import is_image_reference
+    from handoff.kube.images import is_image_reference
 
     if image is not None and not is_image_reference(image):
         raise HandoffError(
@@ -158,12 +158,20 @@ def train(
         bool, typer.Option(help="Ignore saved state in <checkpoint>.state/ and start over.")
     ] = False,
     record: Annotated[Path | None, typer.Option(help="Also write the result here (JSON).")] = None,
+    run_key: Annotated[
+        str,
+        typer.Option(
+            help="The pipeline run's id, the same for every attempt: state is also kept in the MLflow "
+            "run tagged with it, and a retried step on a new machine resumes from there."
+        ),
+    ] = "",
 ) -> None:
-    """Train model.py's model and write a checkpoint (resumes from <checkpoint>.state/)."""
-    from handoff.steps.train import train as step
+    """Train model.py's model and write a checkpoint (resumes from <checkpoint>.state/); with
+    training.gpus > 1, one process per GPU under torchrun."""
+    from handoff.steps.train_launch import train_on_this_node as step
 
     with _record_only_on_stdout():
-        result = step(project, checkpoint, overrides=_overrides(set_ or []), fresh=fresh)
+        result = step(project, checkpoint, run_key=run_key, overrides=_overrides(set_ or []), fresh=fresh)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one record, from rank 0
         if record:
             atomic_write_bytes(record, (record_json(result) + "\n").encode())
@@ -284,13 +292,27 @@ def rollback(
 
 
 @app.command()
-def doctor(project: ProjectOpt = Path(".")) -> None:
-    """Check what a cluster run needs, before one: API server, namespace, CRDs, access, GPUs, image,
+def doctor(
+    project: ProjectOpt = Path("."),
+    argo_config: Annotated[
+        str, typer.Option(help="NAMESPACE/NAME of the Argo workflow controller's ConfigMap.")
+    ] = "argo/workflow-controller-configmap",
+    kfp_namespace: Annotated[
+        str, typer.Option(help="Where KFP is installed (its API server and its Argo controller's ConfigMap).")
+    ] = "kubeflow",
+) -> None:
+    """Check what a cluster run needs, before one: API server, namespace, CRDs, the pipeline
+    account's access, GPUs, Argo's executor security context, artifact stores, KFP's mode, image,
     MLflow, and the KFP / Argo servers. Exits 1 when a check fails."""
     from handoff.doctor import run_doctor
+    from handoff.doctor_engines import Locations
     from handoff.project import Project
 
-    findings = run_doctor(Project.load(project))
+    namespace, _, name = argo_config.partition("/")
+    if not namespace or not name or "/" in name:
+        raise HandoffError(f"--argo-config {argo_config!r}: expected NAMESPACE/NAME of a ConfigMap")
+    where = Locations(argo_config=(namespace, name), kfp_namespace=kfp_namespace)
+    findings = run_doctor(Project.load(project), where=where)
     for finding in findings:
         typer.echo(f"{finding.outcome.upper():5} {finding.check}: {finding.detail}")
     failed = [f for f in findings if f.outcome == "fail"]

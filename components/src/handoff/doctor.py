@@ -2,31 +2,39 @@
 
 Each check is independent and ends as pass, fail (with what to do) or skip (with why it could
 not be checked, e.g. a permission the caller lacks). They use the caller's own credentials, the
-same ones `handoff submit` uses, and only read: discovery, namespaces, nodes, access reviews,
-the registry's manifest endpoint and the MLflow and pipeline servers' health endpoints.
+same ones `handoff submit` uses, and only read: discovery, namespaces, nodes, the engines'
+ConfigMaps and Deployments (KFP's API server, Argo's controller), the registry's manifest endpoint
+and the MLflow and pipeline servers' health endpoints; the one thing they create is
+SubjectAccessReviews, which store nothing.
+
+Access is reviewed for the account the pipeline's pods run as, not for the caller
+(``handoff.doctor_access``); the engines' checks (Argo's executor security context and image,
+artifact repositories, KFP's mode, version and pipeline root) are in ``handoff.doctor_engines``;
+every check reports a ``handoff.doctor_findings.Finding``.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Literal
 
 import requests
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from handoff import doctor_engines as engines
+from handoff.doctor_access import check_access
+from handoff.doctor_engines import KfpServer, Locations, kfp_healthz
+from handoff.doctor_findings import HTTP_TIMEOUT_S, Finding, Get, check_health
 from handoff.errors import HandoffError
 from handoff.kube.client import api_client, reason
+from handoff.kube.pod_security import ENFORCE_LABEL
 from handoff.project import Project
 
-Outcome = Literal["pass", "fail", "skip"]
-HTTP_TIMEOUT_S = 10
+__all__ = ["Finding", "check_cluster", "check_image", "check_mlflow_artifacts", "run_doctor"]
+
 GPU = "nvidia.com/gpu"
-# What the pipeline's steps do in the namespace (the Role in manifests/ grants exactly this).
-INFERENCE_SERVICE_VERBS = ("get", "list", "watch", "create", "patch")
-JOB_VERBS = ("get", "list", "watch", "create", "delete")
 # The manifest media types a registry may answer with for a tag (single image or multi-platform).
 MANIFEST_TYPES = ", ".join(
     (
@@ -40,40 +48,6 @@ MANIFEST_TYPES = ", ".join(
 IMAGE = re.compile(
     r"^(?:(?P<registry>[^/]+)/)?(?P<repository>[^:@]+)(?::(?P<tag>[^@/]+))?(?:@(?P<digest>.+))?$"
 )
-
-
-@dataclass(frozen=True)
-class Finding:
-    check: str
-    outcome: Outcome
-    detail: str
-
-
-@dataclass(frozen=True)
-class ApiRule:
-    """One verb on one resource, as a SelfSubjectAccessReview asks it."""
-
-    group: str
-    resource: str
-    verb: str
-
-    def __str__(self) -> str:
-        return f"{self.verb} {self.resource}{'.' + self.group if self.group else ''}"
-
-
-def needed_rules(project: Project) -> list[ApiRule]:
-    """The namespace permissions the steps use for this project's settings."""
-    rules = [ApiRule("serving.kserve.io", "inferenceservices", v) for v in INFERENCE_SERVICE_VERBS]
-    rules += [ApiRule("", "pods", v) for v in ("get", "list", "watch")]
-    training = project.settings.training
-    if training.distributed_job:
-        group, plural = (
-            ("trainer.kubeflow.org", "trainjobs")
-            if training.job.api == "trainjob"
-            else ("kubeflow.org", "pytorchjobs")
-        )
-        rules += [ApiRule(group, plural, v) for v in JOB_VERBS]
-    return rules
 
 
 def needed_apis(project: Project) -> list[tuple[str, str]]:
@@ -91,8 +65,14 @@ def needed_apis(project: Project) -> list[tuple[str, str]]:
     return apis
 
 
-def check_cluster(project: Project, api: client.ApiClient) -> Iterator[Finding]:
+def check_cluster(
+    project: Project,
+    api: client.ApiClient,
+    where: Locations | None = None,
+    kfp_server: KfpServer | None = None,
+) -> Iterator[Finding]:
     """The checks that need the API server; all are skipped when it cannot be reached."""
+    where = where or Locations()
     try:
         server = client.VersionApi(api).get_code()
     except (ApiException, OSError, ValueError) as exc:
@@ -100,12 +80,41 @@ def check_cluster(project: Project, api: client.ApiClient) -> Iterator[Finding]:
         yield Finding("api server", "fail", f"cannot reach {api.configuration.host}: {detail}")
         return
     yield Finding("api server", "pass", f"{api.configuration.host} (Kubernetes {server.git_version})")
+    namespace, labels = check_namespace(project, api)
+    yield namespace
+    orchestrator = project.settings.orchestrator
+    on_kfp = orchestrator in ("kfp", "both")
+    try:  # KFP's mode says where its pods run, which the access check needs
+        mode = engines.resolve_kfp_mode(api, where, kfp_server or KfpServer()) if on_kfp else None
+    except ApiException as exc:
+        mode = engines.KfpMode(None, f"reading KFP's mode: {reason(exc)}", project.settings.namespace)
+    kfp_pods_in = (mode.pods_in or project.settings.namespace) if mode else None
+    # The pipeline root where KFP runs the pods says whether its launcher reads KFP's MinIO
+    # Secret, a call the access check reviews too.
+    kfp_root = functools.cache(lambda runs_in: engines.kfp_pipeline_root(api, runs_in))
+
+    def access() -> Finding:
+        minio_secret = kfp_pods_in is not None and kfp_root(kfp_pods_in).reads_minio_secret
+        return check_access(project, api, kfp_pods_in, minio_secret=minio_secret)
+
     checks: list[tuple[str, Callable[[], Iterator[Finding] | Finding]]] = [
-        ("namespace", lambda: check_namespace(project, api)),
         ("api", lambda: check_apis(project, api)),
-        ("access", lambda: check_access(project, api)),
+        ("access", access),
         ("gpus", lambda: check_gpus(project, api)),
     ]
+    if orchestrator in ("argo", "both"):
+        argo = functools.cache(lambda: engines.controller_config(api, *where.argo_config))
+        checks += [
+            ("argo executor", lambda: engines.check_argo_executor(project, argo(), labels)),
+            ("argo artifacts", lambda: engines.check_argo_artifacts(project, api, argo())),
+        ]
+    if mode is not None and kfp_pods_in is not None:
+        runs_in = kfp_pods_in
+        checks += [
+            ("kfp mode", lambda: engines.check_kfp_mode(project, mode, labels)),
+            ("kfp executor", lambda: _kfp_executor(api, where, runs_in, project, labels)),
+            ("kfp artifacts", lambda: engines.check_kfp_artifacts(kfp_root(runs_in))),
+        ]
     for name, run in checks:
         try:
             found = run()
@@ -114,23 +123,36 @@ def check_cluster(project: Project, api: client.ApiClient) -> Iterator[Finding]:
             yield Finding(name, "fail", reason(exc))
 
 
-def check_namespace(project: Project, api: client.ApiClient) -> Finding:
+def _kfp_executor(
+    api: client.ApiClient, where: Locations, runs_in: str, project: Project, labels: dict[str, str] | None
+) -> Finding:
+    """KFP's executor, held to the Pod Security level of the namespace KFP runs the pods in: its
+    own when single-user, the project's when multi-user."""
+    config = engines.controller_config(api, *where.kfp_argo_config)
+    if runs_in != project.settings.namespace:
+        labels = engines.namespace_labels(api, runs_in)
+    return engines.check_kfp_executor(api, config, runs_in, labels)
+
+
+def check_namespace(project: Project, api: client.ApiClient) -> tuple[Finding, dict[str, str] | None]:
+    """The namespace line, and the namespace's labels (None when it could not be read)."""
     namespace = project.settings.namespace
     try:
         found = client.CoreV1Api(api).read_namespace(namespace)
     except ApiException as exc:
         if exc.status == 404:
-            return Finding(
-                "namespace",
-                "fail",
+            detail = (
                 f"namespace {namespace!r} (handoff.yaml namespace) does not exist: create it with "
-                "`kubectl apply -k manifests/overlays/<env>`",
+                "`kubectl apply -k manifests/overlays/<env>`"
             )
+            return Finding("namespace", "fail", detail), None
         if exc.status == 403:
-            return Finding("namespace", "skip", f"not allowed to read namespace {namespace!r}: {reason(exc)}")
-        return Finding("namespace", "fail", f"reading namespace {namespace!r}: {reason(exc)}")
-    enforce = (found.metadata.labels or {}).get("pod-security.kubernetes.io/enforce", "not set")
-    return Finding("namespace", "pass", f"{namespace} (Pod Security enforce: {enforce})")
+            detail = f"not allowed to read namespace {namespace!r}: {reason(exc)}"
+            return Finding("namespace", "skip", detail), None
+        return Finding("namespace", "fail", f"reading namespace {namespace!r}: {reason(exc)}"), None
+    labels = dict(found.metadata.labels or {})
+    enforce = labels.get(ENFORCE_LABEL, "not set")
+    return Finding("namespace", "pass", f"{namespace} (Pod Security enforce: {enforce})"), labels
 
 
 def check_apis(project: Project, api: client.ApiClient) -> Iterator[Finding]:
@@ -163,32 +185,6 @@ def discovered(api: client.ApiClient, group_version: str) -> set[str] | None:
     return {r["name"] for r in body.get("resources", [])}
 
 
-def check_access(project: Project, api: client.ApiClient) -> Finding:
-    namespace = project.settings.namespace
-    authorization = client.AuthorizationV1Api(api)
-    denied = []
-    for rule in needed_rules(project):
-        review = client.V1SelfSubjectAccessReview(
-            spec=client.V1SelfSubjectAccessReviewSpec(
-                resource_attributes=client.V1ResourceAttributes(
-                    namespace=namespace, group=rule.group, resource=rule.resource, verb=rule.verb
-                )
-            )
-        )
-        answer = authorization.create_self_subject_access_review(review)
-        if not answer.status.allowed:
-            denied.append(str(rule))
-    if denied:
-        return Finding(
-            "access",
-            "fail",
-            f"in {namespace} you may not: {', '.join(denied)}; grant them with the Role in manifests/base",
-        )
-    return Finding(
-        "access", "pass", f"the steps' {len(needed_rules(project))} verbs are allowed in {namespace}"
-    )
-
-
 def check_gpus(project: Project, api: client.ApiClient) -> Finding:
     training = project.settings.training
     if not training.gpus:
@@ -216,7 +212,7 @@ def check_gpus(project: Project, api: client.ApiClient) -> Finding:
     )
 
 
-def check_image(image: str, get: Callable[..., requests.Response] = requests.get) -> Finding:
+def check_image(image: str, get: Get = requests.get) -> Finding:
     """Is the image's manifest in its registry (anonymous, or with the registry's bearer token dance)?"""
     match = IMAGE.match(image)
     if not match:
@@ -252,7 +248,7 @@ def check_image(image: str, get: Callable[..., requests.Response] = requests.get
     return Finding("image", "fail", f"{registry} answered HTTP {answer.status_code} for {url}")
 
 
-def anonymous_token(challenge: str, get: Callable[..., requests.Response]) -> str | None:
+def anonymous_token(challenge: str, get: Get) -> str | None:
     """The token a registry's ``WWW-Authenticate: Bearer realm=…,service=…,scope=…`` offers."""
     params = dict(re.findall(r'(\w+)="([^"]*)"', challenge))
     realm = params.pop("realm", None)
@@ -266,7 +262,7 @@ def anonymous_token(challenge: str, get: Callable[..., requests.Response]) -> st
     return str(token) if token else None
 
 
-def check_mlflow(project: Project, get: Callable[..., requests.Response] = requests.get) -> Finding:
+def check_mlflow(project: Project, get: Get = requests.get) -> Finding:
     """The pods need an MLflow server: a sqlite file on this machine is out of their reach."""
     settings = project.settings
     uri = settings.cluster.mlflow_tracking_uri or settings.mlflow.tracking_uri
@@ -280,7 +276,7 @@ def check_mlflow(project: Project, get: Callable[..., requests.Response] = reque
     return check_health("mlflow", f"{uri.rstrip('/')}/health", get)
 
 
-def check_mlflow_artifacts(project: Project, get: Callable[..., requests.Response] = requests.get) -> Finding:
+def check_mlflow_artifacts(project: Project, get: Get = requests.get) -> Finding:
     """Where the tracking server keeps the experiment's artifacts: KServe must fetch models there.
 
     Asked over MLflow's REST API with one request, as the health check (MLflow's own client would
@@ -317,21 +313,11 @@ def check_mlflow_artifacts(project: Project, get: Callable[..., requests.Respons
     )
 
 
-def check_health(check: str, url: str, get: Callable[..., requests.Response]) -> Finding:
-    try:
-        answer = get(url, timeout=HTTP_TIMEOUT_S)
-    except requests.RequestException as exc:
-        return Finding(check, "fail", f"cannot reach {url}: {exc}")
-    if answer.status_code >= 400:
-        return Finding(check, "fail", f"{url} answered HTTP {answer.status_code}")
-    return Finding(check, "pass", f"{url} answered HTTP {answer.status_code}")
-
-
-def check_pipeline_servers(project: Project, get: Callable[..., requests.Response]) -> Iterator[Finding]:
+def check_pipeline_servers(project: Project, get: Get, kfp: Finding | None = None) -> Iterator[Finding]:
     cluster, orchestrator = project.settings.cluster, project.settings.orchestrator
     if orchestrator in ("kfp", "both"):
-        if cluster.kfp_endpoint:
-            yield check_health("kfp", f"{cluster.kfp_endpoint.rstrip('/')}/apis/v2beta1/healthz", get)
+        if kfp is not None:
+            yield kfp
         else:
             yield Finding("kfp", "skip", "cluster.kfp_endpoint is not set: `handoff submit` cannot reach KFP")
     if orchestrator in ("argo", "both"):
@@ -346,20 +332,25 @@ def check_pipeline_servers(project: Project, get: Callable[..., requests.Respons
 def run_doctor(
     project: Project,
     connect: Callable[[], client.ApiClient] = api_client,
-    get: Callable[..., requests.Response] = requests.get,
+    get: Get = requests.get,
+    where: Locations | None = None,
 ) -> list[Finding]:
     """Every check, in the order a person would fix them."""
     findings: list[Finding] = []
+    kfp, kfp_server = None, KfpServer()
+    endpoint = project.settings.cluster.kfp_endpoint
+    if endpoint and project.settings.orchestrator in ("kfp", "both"):
+        kfp, kfp_server = kfp_healthz(endpoint, get)  # its mode is one of the cluster's checks
     try:
         api = connect()
     except HandoffError as exc:
         findings.append(Finding("api server", "fail", str(exc)))
     else:
-        findings.extend(check_cluster(project, api))
+        findings.extend(check_cluster(project, api, where, kfp_server))
     findings.append(check_image(project.settings.image, get))
     mlflow = check_mlflow(project, get)
     findings.append(mlflow)
     if mlflow.outcome == "pass":  # the server answers: ask it where it keeps artifacts
         findings.append(check_mlflow_artifacts(project, get))
-    findings.extend(check_pipeline_servers(project, get))
+    findings.extend(check_pipeline_servers(project, get, kfp))
     return findings

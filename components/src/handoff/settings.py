@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from handoff.k8s_names import Dns1123Label
+from handoff.k8s_names import Dns1123Label, InferenceServiceName
 from handoff.yaml_files import FieldError, StrictModel, load_yaml_model
 
 SETTINGS_FILE = "handoff.yaml"
@@ -132,6 +132,9 @@ class ClusterSettings(StrictModel):
     # Retries of the steps that are safe to retry (train resumes, export/evaluate are pure,
     # register is idempotent on the model's sha256), with exponential backoff.
     retries: int = Field(default=2, ge=0, le=10)
+    # The whole run's deadline: Argo stops the workflow then, and on KFP (no run deadline) no
+    # step's pod runs longer. Two days: a run that has not finished by then is stuck.
+    timeout_s: int = Field(default=2 * 24 * 3600, gt=0)
 
 
 class Toleration(StrictModel):
@@ -198,7 +201,7 @@ class TrainingSettings(StrictModel):
 
 
 class Settings(StrictModel):
-    project: Dns1123Label
+    project: InferenceServiceName
     template_version: str
     orchestrator: str = Field(pattern=r"^(kfp|argo|both)$")
     image: str = Field(min_length=1)
@@ -207,6 +210,18 @@ class Settings(StrictModel):
     serving: ServingSettings = ServingSettings()
     training: TrainingSettings = TrainingSettings()
     cluster: ClusterSettings = ClusterSettings()
+
+    @model_validator(mode="after")
+    def _run_outlasts_training(self) -> Settings:
+        run_s, train_s = self.cluster.timeout_s, self.training.job.timeout_s
+        if run_s <= train_s:
+            raise FieldError(
+                ("cluster", "timeout_s"),
+                f"the whole run's deadline ({run_s} s) must be longer than one training attempt "
+                f"(training.job.timeout_s, {train_s} s): raise cluster.timeout_s or lower "
+                "training.job.timeout_s",
+            )
+        return self
 
     def tracking_uri(self, project_dir: Path) -> str:
         """The MLflow tracking URI, a relative sqlite path made absolute under the project.

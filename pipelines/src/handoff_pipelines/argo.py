@@ -18,7 +18,10 @@ The exit handler prints how the run ended and writes it as its pod's termination
 failed step records its own error there too, which Argo shows as the failed node's message.
 
 Nothing is cached (no ``memoize``): every run trains, as on KFP, whose train step takes the run's
-id. Pods run as the image's non-root user with a read-only root filesystem, scratch space in
+id. Here the train step's ``--run-key`` is the workflow's uid (the same for every retry of the
+step and for ``argo retry``): a retried train pod, on a new disk, resumes from the state the
+earlier attempt stored in its MLflow run (or on ``training.job.workspace_claim``, mounted then).
+Pods run as the image's non-root user with a read-only root filesystem, scratch space in
 emptyDirs, no privilege escalation, no capabilities and the runtime's seccomp profile: what the
 namespace's Pod Security "restricted" level admits. Argo's own init and wait containers take
 their security context from the workflow controller's ``executor`` configuration.
@@ -46,6 +49,7 @@ from hera.workflows import (
 from hera.workflows import models as m
 
 from handoff.errors import HandoffError
+from handoff.kube.images import pull_policy
 from handoff.labels import labels
 from handoff.project import Project
 from handoff.settings import IMAGE_ENV, PROJECT_DIR_IN_IMAGE, SETTINGS_FILE, TRACKING_URI_ENV
@@ -56,6 +60,7 @@ from handoff_pipelines.graph import (
     RUN_AS_USER,
     SHM_VOLUME,
     TMP_VOLUME,
+    WORKSPACE_MOUNT,
     StepPlan,
     cluster_plan,
     description,
@@ -64,6 +69,11 @@ from handoff_pipelines.graph import (
 EXIT_HANDLER = "outcome"
 GATE_TEMPLATE = "deploy-if-promoted"
 PROJECT_DIR = "project-dir"
+# Pods go when the run succeeds; a failed run keeps them (and their logs) until the workflow goes:
+# a day after success, a week after failure.
+POD_GC = m.PodGC(strategy="OnWorkflowSuccess")
+TTL = m.TTLStrategy(seconds_after_success=24 * 3600, seconds_after_failure=7 * 24 * 3600)
+WORKSPACE_VOLUME = "workspace"  # training.job.workspace_claim, when handoff.yaml names one
 IN, OUT = "/tmp/inputs", "/tmp/outputs"  # under the /tmp emptyDir: the root filesystem is read-only
 
 
@@ -121,12 +131,17 @@ PARAMETERS: dict[str, dict[str, str]] = {
 }
 
 
+RUN_KEY = ["--run-key", "{{workflow.uid}}"]
+
+
 def step_arguments(step: str) -> list[str]:
     """``python -m handoff <step>``'s options (see ``handoff <step> --help``)."""
     project = ["--project", f"{{{{workflow.parameters.{PROJECT_DIR}}}}}"]
     run_id = ["--run-id", "{{inputs.parameters.run-id}}"]
     return {
-        "train": [*project, "--checkpoint", CHECKPOINT.produced, "--record", TRAIN_RECORD],
+        # The workflow's uid is the same for every attempt (and `argo retry`) of a run and new
+        # for every run: a retried train pod finds its run's state by it.
+        "train": [*project, "--checkpoint", CHECKPOINT.produced, "--record", TRAIN_RECORD, *RUN_KEY],
         "export": [*project, "--checkpoint", CHECKPOINT.consumed, "--out", ONNX_MODEL.produced],
         "evaluate": [
             *project,
@@ -199,6 +214,13 @@ def _mounts(step: StepPlan | None) -> list[m.VolumeMount]:
     return mounts
 
 
+def _workspace_mounts(project: Project, step: StepPlan) -> list[m.VolumeMount]:
+    """training.job.workspace_claim, in the train step: its resumable state outlives the pod there."""
+    if step.name != "train" or not project.settings.training.job.workspace_claim:
+        return []
+    return [m.VolumeMount(name=WORKSPACE_VOLUME, mount_path=WORKSPACE_MOUNT)]
+
+
 def _retry(step: StepPlan, retries: int) -> RetryStrategy | None:
     if not (step.retry_window_s and retries):
         return None
@@ -238,15 +260,17 @@ def _step_template(project: Project, step: StepPlan) -> Container:
     return Container(
         name=step.name,
         image=project.settings.image,
+        image_pull_policy=pull_policy(project.settings.image),
         command=["python", "-m", "handoff", step.name],
         args=step_arguments(step.name),
         env=_env(project),
         resources=_resources(step.cpu, step.memory, step.gpus),
         security_context=_container_security(),
-        volume_mounts=_mounts(step),
+        volume_mounts=_mounts(step) + _workspace_mounts(project, step),
         node_selector=dict(step.node_selector) or None,
         tolerations=[m.Toleration(**t.model_dump(exclude_none=True)) for t in step.tolerations] or None,
         retry_strategy=_retry(step, project.settings.cluster.retries),
+        active_deadline_seconds=step.deadline_s or None,  # one attempt's; the run's is the workflow's
         inputs=inputs or None,
         outputs=outputs or None,
     )
@@ -283,6 +307,9 @@ def workflow_template(project: Project) -> WorkflowTemplate:
         m.Volume(name=TMP_VOLUME[0], empty_dir=m.EmptyDirVolumeSource()),
         m.Volume(name=SHM_VOLUME[0], empty_dir=m.EmptyDirVolumeSource(medium="Memory")),
     ]
+    if settings.training.job.workspace_claim:
+        claim = m.PersistentVolumeClaimVolumeSource(claim_name=settings.training.job.workspace_claim)
+        volumes.append(m.Volume(name=WORKSPACE_VOLUME, persistent_volume_claim=claim))
     with WorkflowTemplate(
         name=settings.project,
         namespace=settings.namespace,
@@ -295,6 +322,9 @@ def workflow_template(project: Project) -> WorkflowTemplate:
         pod_metadata=m.Metadata(labels=labels(settings.project)),
         security_context=_pod_security(),
         volumes=volumes,
+        active_deadline_seconds=settings.cluster.timeout_s,
+        pod_gc=POD_GC,
+        ttl_strategy=TTL,
     ) as template:
         # The graph first (templates are referenced by name), then what each node runs.
         with DAG(name=PIPELINE_NAME):
@@ -317,6 +347,7 @@ def workflow_template(project: Project) -> WorkflowTemplate:
         Container(
             name=EXIT_HANDLER,
             image=settings.image,
+            image_pull_policy=pull_policy(settings.image),
             command=["python", "-c", OUTCOME_PROGRAM],
             args=["{{workflow.name}}", "{{workflow.status}}", "{{workflow.duration}}"],
             resources=_resources("100m", "256Mi"),

@@ -10,13 +10,14 @@ drift in CI.
 from __future__ import annotations
 
 import dataclasses
-import re
+import sys
 from pathlib import Path
 
 import yaml
 from kfp import compiler
 
 from handoff.artifact_store import check_cluster_tracking
+from handoff.kube.images import floating_image_warning
 from handoff.labels import labels
 from handoff.project import Project
 from handoff.raw_io import check_cluster_runtime
@@ -29,23 +30,6 @@ TRAIN_JOB_FILE = "train-job.yaml"
 TARGETS = ("kfp", "argo")
 # The train step names its job after the pipeline run; the compiled copy shows this one.
 EXAMPLE_RUN_KEY = "example-run"
-
-# An image reference as `docker pull` reads it (the distribution/reference grammar):
-# [host[:port]/]path[:tag][@algorithm:hex], e.g. registry.example.com/ml/name@sha256:<64 hex>.
-_HOST_PART = r"[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?"
-_HOST = rf"(?:{_HOST_PART}(?:\.{_HOST_PART})*|\[[0-9a-fA-F:]+\])(?::[0-9]+)?"
-_PATH_PART = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
-_TAG = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}"
-_DIGEST = r"[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}"
-IMAGE_REFERENCE = re.compile(
-    rf"(?P<name>(?:{_HOST}/)?{_PATH_PART}(?:/{_PATH_PART})*)(?::{_TAG})?(?:@{_DIGEST})?"
-)
-
-
-def is_image_reference(image: str) -> bool:
-    """Whether ``image`` is a reference a container runtime can pull (by tag or by digest)."""
-    match = IMAGE_REFERENCE.fullmatch(image)
-    return match is not None and len(match["name"]) <= 255
 
 
 def targets_for(orchestrator: str) -> tuple[str, ...]:
@@ -105,7 +89,8 @@ def compile_project(
     """Write everything a cluster run needs into ``out_dir``; returns the files written.
 
     ``image`` replaces handoff.yaml's image in the output: CI passes the digest it just pushed, so
-    the compiled pipeline runs exactly that build. Callers check it with ``is_image_reference``.
+    the compiled pipeline runs exactly that build. Callers check it with
+    ``handoff.kube.images.is_image_reference``.
     ``targets`` (``TARGETS``) defaults to handoff.yaml's ``orchestrator``. Every target is checked
     before anything is written.
     """
@@ -113,6 +98,9 @@ def compile_project(
     if image is not None:
         project = dataclasses.replace(project, settings=project.settings.model_copy(update={"image": image}))
     chosen = targets or targets_for(project.settings.orchestrator)
+    warning = floating_image_warning(project.settings.image)
+    if warning:
+        print(f"handoff: warning: {warning}", file=sys.stderr, flush=True)
     check_cluster_tracking(project)  # every target runs its steps in pods
     check_cluster_runtime(project.contract, project.settings, project.root)  # before a cluster run
     if "argo" in chosen:

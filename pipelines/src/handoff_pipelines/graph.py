@@ -21,6 +21,7 @@ from kfp import dsl, kubernetes
 
 from handoff import __version__
 from handoff.contract import TaskType
+from handoff.kube.images import pull_policy
 from handoff.settings import IMAGE_ENV, TRACKING_URI_ENV, ClusterSettings, Toleration, TrainingSettings
 from handoff_pipelines import PIPELINE_NAME, STEPS, components, regression_components
 
@@ -55,6 +56,8 @@ class StepPlan:
     node_selector: tuple[tuple[str, str], ...] = ()
     tolerations: tuple[Toleration, ...] = ()
     shared_memory: bool = False  # a memory-backed /dev/shm
+    # One attempt's deadline (the pod's activeDeadlineSeconds); 0: only the run's (cluster.timeout_s).
+    deadline_s: int = 0
 
 
 def cluster_plan(training: TrainingSettings) -> tuple[StepPlan, ...]:
@@ -67,7 +70,15 @@ def cluster_plan(training: TrainingSettings) -> tuple[StepPlan, ...]:
     traffic and rolls back on its own.
     """
     if training.distributed_job:
-        train = StepPlan("train", (), "1", "2Gi", training.job.timeout_s, side_effects=False)
+        train = StepPlan(
+            "train",
+            (),
+            "1",
+            "2Gi",
+            training.job.timeout_s,
+            side_effects=False,
+            deadline_s=training.job.timeout_s,
+        )
     else:
         train = StepPlan(
             "train",
@@ -80,6 +91,7 @@ def cluster_plan(training: TrainingSettings) -> tuple[StepPlan, ...]:
             node_selector=tuple(sorted(training.node_selector.items())),
             tolerations=tuple(training.tolerations),
             shared_memory=True,
+            deadline_s=training.job.timeout_s,
         )
     return (
         train,
@@ -102,10 +114,13 @@ def place_training(task: Any, training: TrainingSettings) -> None:
     More than one node: the step only launches and watches the job and mounts the ReadWriteMany
     volume it shares with the job's nodes at ``WORKSPACE_MOUNT``. The job's nodes run the step's
     own image (``IMAGE_ENV``, which ``on_cluster`` sets on every step): the very build the pipeline
-    was compiled for (by digest from CI), not the tag in the image's handoff.yaml.
+    was compiled for (by digest from CI), not the tag in the image's handoff.yaml. One node with a
+    workspace claim mounts it too: its resumable state outlives the pod there (without one, it is
+    kept in the MLflow run's artifacts). Settings refuse nodes > 1 without a claim.
     """
-    if training.distributed_job:
-        kubernetes.mount_pvc(task, pvc_name=training.job.workspace_claim or "", mount_path=WORKSPACE_MOUNT)
+    claim = training.job.workspace_claim
+    if claim is not None:
+        kubernetes.mount_pvc(task, pvc_name=claim, mount_path=WORKSPACE_MOUNT)
 
 
 def on_cluster(task: Any, step: StepPlan, cluster: ClusterSettings, image: str) -> None:
@@ -131,6 +146,8 @@ def on_cluster(task: Any, step: StepPlan, cluster: ClusterSettings, image: str) 
             backoff_factor=float(RETRY_BACKOFF_FACTOR),
             backoff_max_duration=f"{step.retry_window_s}s",
         )
+    # KFP has no run deadline: each step's pod gets its own, train's one attempt, the others the run's.
+    kubernetes.set_timeout(task, step.deadline_s or cluster.timeout_s)
     if step.side_effects:
         # KFP would skip a step whose image, command and inputs it has seen before; these must
         # happen every time. The others may be cached: their key holds the image, and train's
@@ -139,6 +156,8 @@ def on_cluster(task: Any, step: StepPlan, cluster: ClusterSettings, image: str) 
     # The image the step runs in, by the reference it was compiled with: register records it on the
     # version (handoff.image), a multi-node train step runs its job's nodes in it.
     task.set_env_variable(name=IMAGE_ENV, value=image)
+    # A tag is resolved again at each start, a digest pulled once per node (handoff.kube.images).
+    kubernetes.set_image_pull_policy(task, pull_policy(image))
     if cluster.mlflow_tracking_uri:
         task.set_env_variable(name=TRACKING_URI_ENV, value=cluster.mlflow_tracking_uri)
     for secret in cluster.secret_env:  # Secret references: the values never enter the pipeline

@@ -4,13 +4,30 @@ One InferenceService per project, named after it, in handoff.yaml's ``namespace`
 
 1. creates it (the first version takes all traffic) or patches it to the new version with
    ``canaryTrafficPercent`` (``serving.kserve.canary_percent``; 0 = all at once);
-2. waits until it is Ready *at the generation the patch produced*: right after a patch the status
-   still shows the previous generation as Ready, which says nothing about the new model;
-3. meanwhile watches the new version's predictor pods and stops at the first crash loop, restart
+2. waits until it is Ready *for the spec the patch wrote* (below): right after a patch the status
+   still shows the previous spec as Ready, which says nothing about the new model;
+3. meanwhile watches the new spec's predictor pods and stops at the first crash loop, restart
    or failed container, with that container's own message;
 4. replays the contract example over Open Inference Protocol v2 against the new revision (KServe's
    ``latest`` tag URL during a canary, so the old revision's share cannot answer for it);
 5. promotes (removes ``canaryTrafficPercent``: all traffic to the new revision) or rolls back.
+
+What KServe reports is tied to the spec it is about by the predictor's ``handoff.dev/predictor-spec``
+label, a digest of the spec that KServe copies onto its pods and onto the Deployment or Knative
+revision it makes from it. Serverless (``Knative`` since KServe 0.16): the latest created revision
+is this spec's (its pods carry the label; while it has no pod, because none has started, admission
+refused them or they scaled to zero, it is the one KServe made after the patch, or the one it had
+if the patch left the pods' spec as it was), it is the latest ready one, Ready is True, and the
+traffic is what the spec asks; Knative giving up on it (``RevisionFailed``) is a failure.
+RawDeployment (``Standard`` since 0.16): the predictor's Deployment carries the label in its pod
+template and has rolled out as ``kubectl rollout status`` judges it (every replica updated and
+available, none of the old ones left; its progress deadline passed, or pods it cannot make, is a
+failure), and Ready is True; KServe alone says Ready while the old pods still serve. A deploy
+that may not list the pods stops before changing anything: without them neither a crash loop nor
+a status left from before the patch can be told. ``status.observedGeneration`` is of no use:
+KServe copies it from the Knative Service or the Deployment (``PropagateStatus``/
+``PropagateRawStatus``, kserve#6081), whose generations count their own changes (an
+autoscaler's scaling, a KServe upgrade re-rendering them).
 
 On the ``handoff-onnx`` runtime the predictor gets handoff.yaml's serving settings (batching,
 body and in-flight limits, concurrency, header timeout, shutdown grace) and the version number,
@@ -35,7 +52,9 @@ restore goes without it and the restored revision takes over when Ready. A servi
 revision at 0% as well and promotes it after its smoke test. A first deploy that fails is left
 in place, marked as never having served (``handoff.dev/never-served``), for inspection: it takes
 no traffic from anything, and the next deploy treats it as a first deploy again. The step's Role
-has no ``delete`` (get, list, watch, create and patch are all a deploy needs).
+has no ``delete`` (get, create and patch on the InferenceService are all a deploy needs), and
+reads no more than its pods (``list``) and, in raw deployment mode, the predictor's Deployment
+(``get``).
 
 The spec each rollout replaced is kept in the ``handoff.dev/rollback-to`` annotation, so a retried
 deploy step that finds its own half-finished rollout still knows what to go back to. Every call
@@ -45,6 +64,7 @@ the ``resourceVersion`` they were computed from: a concurrent change is re-read,
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -78,13 +98,28 @@ ISVC_LABEL = "serving.kserve.io/inferenceservice"
 # Makes KServe publish per-revision URLs (tags `latest` and `prev`), which the smoke test needs to
 # reach the new revision while a canary shares traffic with the old one.
 TAG_ROUTING = "serving.kserve.io/enable-tag-routing"
-RAW_MODES = ("RawDeployment", "Standard")  # no Knative revisions: no traffic split, no canary
+# No Knative revisions: no traffic split, no canary. KServe 0.16 renamed RawDeployment to Standard
+# (and Serverless to Knative); it reads either name and reports the new one (pkg/constants).
+RAW_MODES = ("RawDeployment", "Standard")
 PREFIX = "handoff.dev/"
 MODEL_NAME_KEY = PREFIX + "model-name"
 VERSION_KEY = PREFIX + "model-version"  # an annotation on the service and a label on its pods
 SHA_KEY = PREFIX + "onnx-sha256"
 ROLLBACK_KEY = PREFIX + "rollback-to"
 NEVER_SERVED_KEY = PREFIX + "never-served"
+# On the predictor (so on its pods, its Deployment's pod template and its Knative revision): a
+# digest of the predictor spec, which tells what KServe reports about this spec from what it
+# still reports about the previous one.
+SPEC_KEY = PREFIX + "predictor-spec"
+# Knative's label on a revision's pods (knative/serving pkg/reconciler/revision/resources/meta.go).
+REVISION_LABEL = "serving.knative.dev/revision"
+# What the status says of a revision Knative gave up on (Configuration's MarkLatestCreatedFailed,
+# propagated by KServe), and of a Deployment whose rollout stopped progressing (kubectl's
+# TimedOutReason) or whose ReplicaSet cannot make its pods (admission refused them: Pod Security,
+# a ResourceQuota; the ReplicaSet's FailedCreate, which the Deployment controller copies).
+REVISION_FAILED = "RevisionFailed"
+PROGRESS_DEADLINE = "ProgressDeadlineExceeded"
+REPLICA_FAILURE = "ReplicaFailure"
 # The users the runtimes' images run as (Pod Security "restricted" needs a non-root user):
 # Triton's images have `triton-server` (1000), the platform image 10001.
 RUN_AS_USER = {"triton": 1000, "kserve": 10001}
@@ -210,7 +245,17 @@ def predictor_spec(
         spec["terminationGracePeriodSeconds"] = grace
     if canary is not None:
         spec["canaryTrafficPercent"] = canary
+    spec["labels"][SPEC_KEY] = spec_digest(spec)
     return spec
+
+
+def spec_digest(predictor: dict[str, Any]) -> str:
+    """What ``SPEC_KEY`` says: a digest of what KServe makes the predictor's pods from, so neither
+    the canary share (traffic, not pods) nor the label itself is in it."""
+    labels = {k: v for k, v in (predictor.get("labels") or {}).items() if k != SPEC_KEY}
+    rest = {k: v for k, v in predictor.items() if k not in ("canaryTrafficPercent", "labels")}
+    text = json.dumps({**rest, "labels": labels}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
 def manifest(
@@ -309,11 +354,16 @@ def served_before(obj: dict[str, Any]) -> Served:
     return Served.of(obj)
 
 
-def _raw_mode(obj: dict[str, Any]) -> bool:
+def _mode(obj: dict[str, Any]) -> str | None:
+    """KServe's deployment mode for the service: its status says; the annotation asks for one."""
     mode = (obj.get("status") or {}).get("deploymentMode") or _annotations(obj).get(
         "serving.kserve.io/deploymentMode"
     )
-    return mode in RAW_MODES
+    return str(mode) if mode else None
+
+
+def _raw_mode(obj: dict[str, Any]) -> bool:
+    return _mode(obj) in RAW_MODES
 
 
 # --- JSON merge patches (RFC 7386), the patch type the kubernetes client sends --------------------
@@ -380,10 +430,12 @@ class ServiceClient:
     say: Callable[[str], None] = log
     objects: client.CustomObjectsApi = field(init=False)
     core: client.CoreV1Api = field(init=False)
+    apps: client.AppsV1Api = field(init=False)
 
     def __post_init__(self) -> None:
         self.objects = client.CustomObjectsApi(self.api)
         self.core = client.CoreV1Api(self.api)
+        self.apps = client.AppsV1Api(self.api)
 
     @property
     def what(self) -> str:
@@ -450,9 +502,8 @@ class ServiceClient:
                 raise Conflict(reason(exc)) from None
             raise api_error(exc, "patch", self.what) from None
 
-    def pods(self, version: str) -> list[Any]:
-        """The predictor pods of ``version`` (not those of the revision still serving)."""
-        selector = f"{ISVC_LABEL}={self.name},{VERSION_KEY}={version}"
+    def pods(self, selector: str) -> list[Any]:
+        """The predictor pods ``selector`` picks (``pod_selector``: one spec's, not the serving one's)."""
         try:
             found = self._retry(
                 "list pods", lambda: self.core.list_namespaced_pod(self.namespace, label_selector=selector)
@@ -460,6 +511,27 @@ class ServiceClient:
         except ApiException as exc:
             raise api_error(exc, "list the pods of", self.what) from None
         return list(found.items)
+
+    @property
+    def deployment_name(self) -> str:
+        # KServe's name for the predictor's Deployment in raw deployment mode (pkg/constants/
+        # constants.go, PredictorServiceName, in 0.15 and 0.20). A service an older KServe made
+        # as `<name>-predictor-default` keeps that name (predictor.go) and is not looked for.
+        return f"{self.name}-predictor"
+
+    def deployment(self) -> Any | None:
+        """The predictor's Deployment (raw deployment mode), or None while KServe has made none."""
+        name = self.deployment_name
+        try:
+            return self._retry(
+                "read Deployment", lambda: self.apps.read_namespaced_deployment(name, self.namespace)
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise api_error(
+                exc, f"read Deployment {self.namespace}/{name}, the predictor of", self.what
+            ) from None
 
     def apply(self, change: Callable[[dict[str, Any]], dict[str, Any] | None]) -> dict[str, Any]:
         """Read, compute a patch with ``change`` (None: nothing to do), patch it if unchanged since."""
@@ -485,22 +557,172 @@ class RolloutFailed(Exception):
     """The new version did not come up healthy; the message says why."""
 
 
-def readiness(obj: dict[str, Any], generation: int) -> tuple[bool, str]:
-    """Ready *at* ``generation``; a Ready condition of an older generation does not count."""
-    status = obj.get("status") or {}
+@dataclass(frozen=True)
+class Progress:
+    """Where a rollout stands, judged from what KServe reports about the spec it is waiting for."""
+
+    summary: str  # one line for the log
+    done: bool = False  # Ready, for this spec, with the traffic the spec asks for
+    failure: str | None = None  # why it will not get there on its own
+    acted: bool = False  # KServe made this spec's revision or updated its Deployment to it
+
+
+@dataclass(frozen=True)
+class Before:
+    """What the status said just before a patch (Serverless): it tells the patched spec's revision
+    when no pod can, because there is none yet, admission refused them, or they scaled to zero."""
+
+    revision: str | None = None  # status.components.predictor.latestCreatedRevision then
+    same_spec: bool = False  # the patch left the pods' spec (its digest) as it was
+
+    @classmethod
+    def patch(cls, current: dict[str, Any], desired: dict[str, Any]) -> Before:
+        """Before patching ``current`` to ``desired``."""
+        return cls(_created(current), spec_mark(current) == spec_mark(desired))
+
+    def claims(self, created: str) -> bool:
+        """Whether ``created`` is the patched spec's revision as far as the status alone tells:
+        KServe made it after the patch, or the patch changed nothing KServe makes revisions of.
+        (Only the pods tell a status that is stale from before an earlier, identical patch.)"""
+        return self.same_spec or created != self.revision
+
+
+def _created(obj: dict[str, Any]) -> str | None:
+    predictor = ((obj.get("status") or {}).get("components") or {}).get("predictor") or {}
+    return predictor.get("latestCreatedRevision")
+
+
+def pod_selector(name: str) -> str:
+    """The label selector of every predictor pod of the service ``name``, of any spec: a pod of
+    another spec tells that the revision it belongs to is not this spec's."""
+    return f"{ISVC_LABEL}={name}"
+
+
+def spec_mark(obj: dict[str, Any]) -> tuple[str, str | None]:
+    """The pod label that marks ``obj``'s predictor spec: its digest, or its version for a spec
+    written before ``SPEC_KEY`` existed (None: the spec has neither)."""
+    marks = _predictor(obj).get("labels") or {}
+    key = SPEC_KEY if SPEC_KEY in marks else VERSION_KEY
+    return key, marks.get(key)
+
+
+def _of_spec(obj: dict[str, Any], found: dict[str, str] | None) -> bool:
+    """Whether labels (a pod's or a pod template's) are those of ``obj``'s predictor spec."""
+    key, value = spec_mark(obj)
+    return value is not None and (found or {}).get(key) == value
+
+
+def _ready(status: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """The Ready condition ({} when there is none yet), and it as one line."""
     ready = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), None)
-    state = "no Ready condition yet"
-    if ready is not None:
-        detail = ": ".join(p for p in (ready.get("reason"), one_line(ready.get("message") or "", 200)) if p)
-        state = f"Ready={ready.get('status')}" + (f" ({detail})" if detail else "")
-    observed = status.get("observedGeneration")
-    if observed != generation:
-        return (
-            False,
-            f"waiting for KServe to act on generation {generation} "
-            f"(status is of {observed or 'none'}: {state})",
+    if ready is None:
+        return {}, "no Ready condition yet"
+    detail = ": ".join(p for p in (ready.get("reason"), one_line(ready.get("message") or "", 200)) if p)
+    return ready, f"Ready={ready.get('status')}" + (f" ({detail})" if detail else "")
+
+
+def serverless_progress(
+    obj: dict[str, Any], generation: int, revisions: dict[str, bool], before: Before
+) -> Progress:
+    """Serverless mode: the latest created revision is this spec's, it is the latest ready one,
+    Ready is True and the traffic is what the spec asks.
+
+    ``revisions``: the revisions the service's pods are of, each with whether its pods carry this
+    spec. The latest created revision is this spec's when its pods say so; when it has none and
+    no pod of this spec names another revision, ``before`` says (Knative starts pods only after
+    the revision exists, admission may refuse them, and with ``minReplicas: 0`` they scale to zero).
+    KServe copies ``latestCreatedRevision``, ``latestReadyRevision``, the traffic and Ready from
+    the Knative Service (``PropagateStatus`` in pkg/apis/serving/v1beta1/inference_service_status.go).
+    """
+    status = obj.get("status") or {}
+    ready, state = _ready(status)
+    predictor = (status.get("components") or {}).get("predictor") or {}
+    created, newest_ready = predictor.get("latestCreatedRevision"), predictor.get("latestReadyRevision")
+    at = f"generation {generation}"
+    if not created:
+        return Progress(f"{at}: waiting for KServe to create its revision ({state})")
+    if created in revisions:
+        ours = revisions[created]
+    else:
+        ours = not any(revisions.values()) and before.claims(created)
+    if not ours:
+        return Progress(f"{at}: waiting for its revision (the latest, {created}, is another spec's: {state})")
+    if created != newest_ready:
+        if ready.get("status") == "False" and ready.get("reason") == REVISION_FAILED:
+            said = one_line(ready.get("message") or "") or "no message"
+            failure = f"revision {created} failed: {said}"
+            return Progress(f"{at}: revision {created}: {state}", failure=failure, acted=True)
+        return Progress(f"{at}: revision {created} is not ready yet ({state})", acted=True)
+    # KServe splits traffic only while a revision had all of it (createKnativeService in
+    # reconcilers/knative/ksvc_reconciler.go); the latest revision's share is the spec's canary.
+    canary = _canary(obj)
+    wanted = canary if canary is not None and predictor.get("latestRolledoutRevision") else 100
+    share = sum(
+        int(t.get("percent") or 0)
+        for t in predictor.get("traffic") or []
+        if t.get("latestRevision") and t.get("revisionName") == created
+    )
+    if share != wanted:
+        return Progress(
+            f"{at}: revision {created} has {share}% of traffic, waiting for {wanted}% ({state})", acted=True
         )
-    return ready is not None and ready.get("status") == "True", f"generation {generation}: {state}"
+    done = ready.get("status") == "True"
+    return Progress(f"{at}: revision {created}, {share}% of traffic: {state}", done=done, acted=True)
+
+
+def raw_progress(obj: dict[str, Any], generation: int, deployment: Any | None, name: str) -> Progress:
+    """Raw deployment mode: the predictor's Deployment ``name`` has this spec in its pod template
+    and has rolled out, and Ready is True.
+
+    KServe's Ready alone is not enough: it is True while the old pods keep the Deployment
+    Available in the middle of a rolling update, and it is computed from the Deployment's status
+    as it was before KServe's own update (``PropagateRawStatus``; ``Reconcile`` in
+    reconcilers/deployment/deployment_reconciler.go). The rollout is judged as ``kubectl rollout
+    status`` judges it (kubernetes/kubectl pkg/polymorphichelpers/rollout_status.go), on the
+    Deployment's own generation, which an autoscaler's scaling moves too.
+    """
+    ready, state = _ready(obj.get("status") or {})
+    at = f"generation {generation}"
+    if deployment is None:
+        return Progress(f"{at}: waiting for KServe to create Deployment {name} ({state})")
+    template = deployment.spec.template.metadata
+    if not _of_spec(obj, template.labels if template else None):
+        return Progress(f"{at}: waiting for KServe to update Deployment {name} to it ({state})")
+    status = deployment.status
+    if status is None or (status.observed_generation or 0) < (deployment.metadata.generation or 0):
+        return Progress(f"{at}: Deployment {name} has not started its rollout yet ({state})", acted=True)
+    progressing = next((c for c in status.conditions or [] if c.type == "Progressing"), None)
+    if progressing is not None and progressing.reason == PROGRESS_DEADLINE:
+        said = one_line(progressing.message or "") or "no message"
+        return Progress(
+            f"{at}: Deployment {name}: {PROGRESS_DEADLINE}",
+            failure=f"Deployment {name} exceeded its progress deadline: {said}",
+            acted=True,
+        )
+    # kubectl waits on: a refused pod is retried, but by then the deploy is better told (and the
+    # deadline is 600 s away). KServe says the same as Ready=False (PropagateRawStatus, 0.16 on).
+    refused = next((c for c in status.conditions or [] if c.type == REPLICA_FAILURE), None)
+    if refused is not None and refused.status == "True":
+        said = one_line(refused.message or "") or "no message"
+        return Progress(
+            f"{at}: Deployment {name}: {REPLICA_FAILURE} ({refused.reason})",
+            failure=f"Deployment {name} cannot make its pods ({refused.reason}): {said}",
+            acted=True,
+        )
+    wanted, updated = deployment.spec.replicas, status.updated_replicas or 0
+    replicas, available = status.replicas or 0, status.available_replicas or 0
+    if wanted is not None and updated < wanted:
+        waiting = f"{updated} of {wanted} replicas updated"
+    elif replicas > updated:
+        waiting = f"{replicas - updated} old replicas still running"
+    elif available < updated:
+        waiting = f"{available} of {updated} updated replicas available"
+    else:
+        done = ready.get("status") == "True"
+        return Progress(
+            f"{at}: Deployment {name} rolled out ({available} replicas): {state}", done=done, acted=True
+        )
+    return Progress(f"{at}: Deployment {name}: {waiting} ({state})", acted=True)
 
 
 def _terminated_said(state: Any) -> str:
@@ -570,12 +792,34 @@ class Watch:
     clock: Callable[[], float] = time.monotonic
     sleep: Callable[[float], None] = time.sleep
 
-    def ready(self, generation: int, version: str, timeout_s: float) -> dict[str, Any]:
-        """Poll until Ready at ``generation``; RolloutFailed on a pod failure or the timeout."""
+    def pods(self) -> list[Any]:
+        """Every predictor pod of the service, of any spec. HandoffError when the step may not list
+        them: the Role grants it and ``handoff doctor`` checks it, and without the pods neither a
+        crash loop nor (in Serverless mode) a status left from before the patch can be told."""
+        return self.services.pods(pod_selector(self.services.name))
+
+    def progress(self, obj: dict[str, Any], generation: int, pods: list[Any], before: Before) -> Progress:
+        """How far ``obj`` (at ``generation``) has got, read in its deployment mode's own terms."""
+        mode = _mode(obj)
+        if mode is None:
+            return Progress(f"generation {generation}: waiting for KServe to act on it (no status yet)")
+        if mode in RAW_MODES:
+            services = self.services
+            return raw_progress(obj, generation, services.deployment(), services.deployment_name)
+        revisions: dict[str, bool] = {}
+        for pod in pods:
+            found = pod.metadata.labels or {}
+            if found.get(REVISION_LABEL):
+                revisions[found[REVISION_LABEL]] = _of_spec(obj, found)
+        return serverless_progress(obj, generation, revisions, before)
+
+    def ready(self, generation: int, timeout_s: float, before: Before) -> dict[str, Any]:
+        """Poll until Ready at ``generation`` (patched from what ``before`` says); RolloutFailed on
+        a pod failure or the timeout."""
         services = self.services
         deadline = self.clock() + timeout_s
         restarts: dict[tuple[str, str], int] = {}
-        check_pods, last = True, ""
+        last = ""
         while True:
             obj = services.get()
             if obj is None:
@@ -585,36 +829,40 @@ class Watch:
                 raise RolloutFailed(
                     f"someone else changed {services.what} (generation {now_at}, expected {generation})"
                 )
-            ready, summary = readiness(obj, generation)
-            if summary != last:
-                services.say(f"{services.what}: {summary}")
-                last = summary
-            if ready:
-                return obj
-            if check_pods:
-                try:
-                    problem = pod_problem(services.pods(version), restarts)
-                except HandoffError as exc:  # e.g. no RBAC for pods: keep waiting on the status alone
-                    services.say(
-                        f"{services.what}: cannot watch its pods ({exc}); waiting on its status only"
-                    )
-                    check_pods, problem = False, None
-                if problem:
-                    raise RolloutFailed(problem)
+            pods = self.pods()
+            progress = self.progress(obj, generation, pods, before)
+            if progress.summary != last:
+                services.say(f"{services.what}: {progress.summary}")
+                last = progress.summary
+            if progress.done:
+                # The status read after the Deployment or pods: its URL is no older than they are.
+                newest = services.get()
+                at = (newest or {}).get("metadata", {}).get("generation")
+                return newest if newest is not None and at == generation else obj
+            problem = pod_problem([p for p in pods if _of_spec(obj, p.metadata.labels)], restarts)
+            if problem or progress.failure:
+                raise RolloutFailed(problem or str(progress.failure))
             if self.clock() >= deadline:
                 raise RolloutFailed(
                     f"not Ready at generation {generation} within serving.kserve.ready_timeout_s = "
-                    f"{timeout_s:g} s (last: {summary})"
+                    f"{timeout_s:g} s (last: {last})"
                 )
             self.sleep(self.poll_s)
 
-    def observed(self, generation: int, timeout_s: float) -> bool:
-        """Whether KServe acted on ``generation`` (of a rollback) within ``timeout_s``."""
+    def observed(self, generation: int, timeout_s: float, before: Before) -> bool:
+        """Whether KServe acted on ``generation`` (of a rollback) within ``timeout_s``: made the
+        restored spec's revision, or updated the predictor's Deployment to it."""
         deadline = self.clock() + timeout_s
         while True:
             obj = self.services.get()
-            if obj is None or ((obj.get("status") or {}).get("observedGeneration") or 0) >= generation:
-                return True
+            if obj is None or obj["metadata"].get("generation") != generation:
+                return True  # gone, or changed again: nothing left to observe
+            try:
+                pods = [] if _raw_mode(obj) else self.pods()
+                if self.progress(obj, generation, pods, before).acted:
+                    return True
+            except HandoffError:  # e.g. the Deployment may not be read: the rollback itself is done
+                return False
             if self.clock() >= deadline:
                 return False
             self.sleep(self.poll_s)
@@ -625,6 +873,7 @@ class _Started:
     obj: dict[str, Any]
     target: Served | None  # what to go back to; None: nothing served before (marked on failure)
     changed: bool  # whether this deploy (or the one it resumes) changed what the service runs
+    before: Before  # what the status said before the patch (tells its revision when no pod can)
 
 
 def _start(services: ServiceClient, settings: Settings, release: Release) -> _Started:
@@ -636,7 +885,7 @@ def _start(services: ServiceClient, settings: Settings, release: Release) -> _St
                 f"created {services.what}: {release.model_name} version {release.version}, all traffic "
                 f"once Ready (generation {created['metadata'].get('generation')})"
             )
-            return _Started(created, None, True)
+            return _Started(created, None, True, Before())
         services.say(f"{services.what} appeared meanwhile; updating it instead")
     plan: dict[str, Any] = {}
 
@@ -651,8 +900,9 @@ def _start(services: ServiceClient, settings: Settings, release: Release) -> _St
             )
         if _annotations(obj).get(NEVER_SERVED_KEY):  # a failed first deploy: still a first deploy
             plan.update(target=None, canary=None, generation=obj["metadata"].get("generation"))
-            plan.update(in_flight=False)
-            return patch_to(obj, manifest(settings, release, raw=_raw_mode(obj)))
+            desired = manifest(settings, release, raw=_raw_mode(obj))
+            plan.update(in_flight=False, before=Before.patch(obj, desired))
+            return patch_to(obj, desired)
         target = served_before(obj)
         same_model = (target.version, target.sha256) == (release.version, release.sha256)
         canary: int | None = settings.serving.kserve.canary_percent
@@ -667,10 +917,9 @@ def _start(services: ServiceClient, settings: Settings, release: Release) -> _St
         # A rollout records what it replaced; a redeploy of the same model keeps the record it has.
         recorded = _annotations(obj).get(ROLLBACK_KEY) if same_model else target.encode()
         plan.update(target=target, canary=canary, generation=obj["metadata"].get("generation"))
-        plan.update(in_flight=_canary(obj) is not None)
-        return patch_to(
-            obj, manifest(settings, release, canary=canary, rollback_to=recorded, raw=_raw_mode(obj))
-        )
+        desired = manifest(settings, release, canary=canary, rollback_to=recorded, raw=_raw_mode(obj))
+        plan.update(in_flight=_canary(obj) is not None, before=Before.patch(obj, desired))
+        return patch_to(obj, desired)
 
     updated = services.apply(change)
     target: Served | None = plan["target"]
@@ -692,7 +941,8 @@ def _start(services: ServiceClient, settings: Settings, release: Release) -> _St
         services.say(
             f"{services.what} already has this spec: version {release.version} (generation {generation})"
         )
-    return _Started(updated, target, generation != plan["generation"] or plan["in_flight"])
+    changed = generation != plan["generation"] or plan["in_flight"]
+    return _Started(updated, target, changed, plan["before"])
 
 
 def _roll_back(
@@ -720,27 +970,28 @@ def _roll_back(
                 f"left for inspection (kubectl -n {services.namespace} describe inferenceservice "
                 f"{services.name}) and the next deploy replaces it"
             )
-        pin = [False]
+        plan: dict[str, Any] = {}
 
         def restore(obj: dict[str, Any]) -> dict[str, Any] | None:
             predictor = dict(target.predictor)
-            pin[0] = not had_all_traffic and not _raw_mode(obj)
-            if pin[0]:
+            pin = not had_all_traffic and not _raw_mode(obj)
+            if pin:
                 predictor["canaryTrafficPercent"] = 0
             desired = {
                 "metadata": {"annotations": {**target.annotations, TAG_ROUTING: "true"}},
                 "spec": {"predictor": predictor},
             }
+            plan.update(pin=pin, before=Before.patch(obj, desired))
             return patch_to(obj, desired)
 
         obj = services.apply(restore)
         outcome = f"rolled back: version {target.version}'s spec is restored" + (
             " with canaryTrafficPercent 0, so its revision keeps all traffic"
-            if pin[0]
+            if plan["pin"]
             else " and its revision takes all traffic back once Ready"
         )
         generation = obj["metadata"].get("generation", 0)
-        seen = watch.observed(generation, min(ROLLBACK_OBSERVE_S, timeout_s))
+        seen = watch.observed(generation, min(ROLLBACK_OBSERVE_S, timeout_s), plan["before"])
         services.say(
             f"{services.what}: {outcome} (generation {generation}{'' if seen else ', not yet observed'})"
         )
@@ -761,12 +1012,16 @@ def rollout(
 ) -> Rollout:
     """Serve ``release`` (steps in the module docstring); HandoffError after rolling back."""
     timeout_s = settings.serving.kserve.ready_timeout_s
+    try:
+        watch.pods()  # the wait needs them (Watch.pods): a step that may not list them changes nothing
+    except HandoffError as exc:
+        raise HandoffError(flat(f"{exc}; the deploy watches them, so it changed nothing")) from None
     started = _start(services, settings, release)
     generation = int(started.obj["metadata"]["generation"])
     canary = _canary(started.obj)
     had_all_traffic = False  # whether the new revision ever had every request (see _roll_back)
     try:
-        obj = watch.ready(generation, release.version, timeout_s)
+        obj = watch.ready(generation, timeout_s, started.before)
         had_all_traffic = canary is None
         url = smoke_url(obj)
         if not url:
@@ -792,7 +1047,7 @@ def rollout(
                 f"promoted version {release.version} of {services.what} to all traffic "
                 f"(generation {generation})"
             )
-            obj = watch.ready(generation, release.version, timeout_s)
+            obj = watch.ready(generation, timeout_s, Before(same_spec=True))  # traffic only
     except (RolloutFailed, HandoffError) as failure:
         if not started.changed:
             raise HandoffError(

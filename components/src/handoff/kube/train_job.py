@@ -31,6 +31,7 @@ from kubernetes.client.exceptions import ApiException
 from handoff.errors import HandoffError
 from handoff.files import read_json
 from handoff.kube.client import api_client, api_error, describe, reason
+from handoff.kube.images import pull_policy
 from handoff.labels import labels
 from handoff.project import Project
 from handoff.settings import TrainingSettings
@@ -222,11 +223,17 @@ def pytorchjob_manifest(project: Project, name: str, project_dir: str) -> dict[s
     container = {
         "name": "pytorch",  # the container name training-operator v1 looks for
         "image": settings.image,
+        # A tag is resolved again at every node's start, so no node runs a stale cached build.
+        "imagePullPolicy": pull_policy(settings.image),
         "command": node_command(PYTORCHJOB, name, project_dir, training),
         "env": list(ENV),
         "resources": _resources(training),
     }
     pod_spec = _pod_spec(training, container)
+    # The nodes train and write to the volume; they never call the API server, so they carry no
+    # token. (A TrainJob's runtime patch has no such field: its nodes run as the namespace's
+    # `default` account, which mounts none in the platform manifests.)
+    pod_spec["automountServiceAccountToken"] = False
 
     def replicas(count: int) -> dict[str, Any]:
         return {"replicas": count, "restartPolicy": "OnFailure", "template": {"spec": pod_spec}}

@@ -2,7 +2,9 @@
 
 Seeded, with a progress bar, a NaN guard (a non-finite loss stops training with the epoch and
 step), validation metrics every epoch, and an atomic checkpoint so a crash never leaves half a
-file where export expects a model.
+file where export expects a model. Resumable state is saved every N steps and at each epoch end;
+given the pipeline run's key, it is also kept in the MLflow run's artifacts, where a retried
+step's new pod finds it (``handoff.resume_store``).
 """
 
 from __future__ import annotations
@@ -22,14 +24,16 @@ from typing import Any, cast
 
 import mlflow
 import torch
+import torch.distributed as dist
 from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from handoff import __version__, distributed
 from handoff.artifact_store import check_before_training
-from handoff.checkpoints import latest_state, save_checkpoint, save_state
+from handoff.checkpoints import latest_state, newest_state_step, save_checkpoint, save_state, state_step
 from handoff.contract import Contract
 from handoff.data_hash import data_sha256
 from handoff.data_order import EpochBatches
@@ -51,6 +55,7 @@ from handoff.hooks import (
 from handoff.lineage import DATA_TAG
 from handoff.precision import Precision, allow_fast_kernels, choose_precision
 from handoff.project import Project
+from handoff.resume_store import RUN_KEY_TAG, RemoteStates, Uploader, check_run_key, find_run
 from handoff.runtime import seed_everything
 from handoff.tracking import use_tracking
 
@@ -141,16 +146,62 @@ def train(
     *,
     overrides: dict[str, Any] | None = None,
     fresh: bool = False,
+    state_dir: Path | str | None = None,
+    run_key: str = "",
 ) -> TrainResult:
     """Train the project's model and write ``checkpoint`` (state dict + the Config used).
 
-    Resumes from the newest complete state in ``<checkpoint>.state/`` unless ``fresh``; runs
-    data parallel when started by torchrun. SIGTERM is honoured from the first line on: one
-    that arrives while data and model are still being built stops training after its first
-    step, with that step's state saved.
+    Resumes from the newest complete state in ``state_dir`` (default ``<checkpoint>.state/``)
+    unless ``fresh``; runs data parallel when started by torchrun. With a ``run_key`` (the
+    pipeline run's id, the same for every attempt) the MLflow run is tagged with it and every
+    state is also stored in its artifacts: an attempt whose disk is new (a retried pod) resumes
+    from there, in the same MLflow run. SIGTERM is honoured from the first line on: one that
+    arrives while data and model are still being built stops training after its first step,
+    with that step's state saved.
     """
+    states = Path(state_dir) if state_dir is not None else state_dir_for(checkpoint)
+    if run_key:
+        check_run_key(run_key)
     with sigterm_requested() as stop:
-        return _train(project_dir, checkpoint, overrides, fresh, stop)
+        return _train(project_dir, checkpoint, overrides, fresh, states, run_key, stop)
+
+
+def _restore(remote: RemoteStates, states: Path) -> None:
+    """Fetch the remote state when it is newer than any here (a retried pod has none here)."""
+    names = remote.names()
+    if names and state_step(names[0]) > newest_state_step(states):
+        remote.download(names[0], states)
+        print(f"handoff: fetched training state {names[0]} from {remote.where}", file=sys.stderr, flush=True)
+
+
+def _rng_states(ctx: distributed.Dist) -> list[dict[str, torch.Tensor]]:
+    """Every rank's random number generator states (CPU, and CUDA where used), gathered on each
+    rank: a resumed rank continues its own sequence (dropout, augmentation), not rank 0's."""
+    mine = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        mine["cuda"] = torch.cuda.get_rng_state()
+    if not ctx.enabled:
+        return [mine]
+    gathered: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(gathered, mine)
+    return [{name: tensor.cpu() for name, tensor in states.items()} for states in gathered]
+
+
+def _set_rng_states(ctx: distributed.Dist, state: dict[str, Any]) -> None:
+    ranks = state.get("rng_ranks")
+    if not ranks or len(ranks) != ctx.world_size:  # an older state, or another world size
+        torch.set_rng_state(state["rng"])
+        return
+    torch.set_rng_state(ranks[ctx.rank]["cpu"])
+    if "cuda" in ranks[ctx.rank] and torch.cuda.is_available():
+        torch.cuda.set_rng_state(ranks[ctx.rank]["cuda"])
+
+
+def _logged_epochs(client: MlflowClient, run_id: str) -> set[int]:
+    """Epochs an earlier attempt of this MLflow run already logged (it may have logged an epoch
+    whose state it did not live to store): they are not logged twice."""
+    history = client.get_metric_history(run_id, "train_loss")
+    return {metric.step for metric in history}
 
 
 def _train(
@@ -158,6 +209,8 @@ def _train(
     checkpoint: Path | str,
     overrides: dict[str, Any] | None,
     fresh: bool,
+    states: Path,
+    run_key: str,
     stop: list[bool],
 ) -> TrainResult:
     started = time.perf_counter()
@@ -185,13 +238,20 @@ def _train(
     optimizer = build_optimizer(hooks, model, cfg)
     every = project.settings.training.checkpoint_every_steps
 
-    states = state_dir_for(checkpoint)
     if fresh and ctx.is_main:
         shutil.rmtree(states, ignore_errors=True)
+    earlier_run = ""  # this pipeline run's MLflow run, from an earlier attempt of the step
+    if ctx.is_main and run_key:
+        client = use_tracking(project)
+        experiment = client.get_experiment_by_name(project.settings.mlflow.experiment)
+        assert experiment is not None  # use_tracking made sure it exists
+        earlier_run = "" if fresh else find_run(client, experiment.experiment_id, run_key) or ""
+        if earlier_run:
+            _restore(RemoteStates(client, earlier_run), states)
     ctx.barrier()
     states.mkdir(parents=True, exist_ok=True)
     state = latest_state(states)
-    epoch0, step_in_epoch, step, run_id, sums = 1, 0, 0, "", [0.0, 0.0]
+    epoch0, step_in_epoch, step, run_id, sums = 1, 0, 0, earlier_run, [0.0, 0.0]
     last_loss, val_metrics = math.nan, {}
     loop_seconds, samples = 0.0, 0  # the optimizer-step loop alone (throughput), this process
     if state is not None:
@@ -204,9 +264,9 @@ def _train(
             )
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
+        _set_rng_states(ctx, state)
         epoch0, step_in_epoch, step = state["epoch"], state["step_in_epoch"], state["step"]
-        run_id, sums = state["mlflow_run_id"], list(state["loss_sums"])
+        run_id, sums = state["mlflow_run_id"] or run_id, list(state["loss_sums"])
         last_loss, val_metrics = state["last"]["train_loss"], dict(state["last"]["val_metrics"])
         if ctx.is_main:
             print(f"resuming from {state['path']}: epoch {epoch0}, step {step}", flush=True)
@@ -226,15 +286,19 @@ def _train(
     )
     loading = loader_options(device, ctx.world_size)
 
+    uploader: Uploader | None = None
+
     def snapshot(epoch: int, in_epoch: int) -> None:
+        rng = _rng_states(ctx)  # a collective: every rank takes part
         if ctx.is_main:
-            save_state(
+            saved = save_state(
                 states,
                 step,
                 {
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
-                    "rng": torch.get_rng_state(),
+                    "rng": rng[0]["cpu"],
+                    "rng_ranks": rng,
                     "scaler": scaler.state_dict(),
                     "config": dataclasses.asdict(cfg),
                     "epoch": epoch,
@@ -245,13 +309,23 @@ def _train(
                     "last": {"train_loss": last_loss, "val_metrics": val_metrics},
                 },
             )
+            if uploader is not None:
+                uploader.offer(saved)
         ctx.barrier()
 
+    logged: set[int] = set()  # epochs an earlier attempt already logged in this MLflow run
     if ctx.is_main:
-        use_tracking(project)
+        client = use_tracking(project)
+        resumed_run = bool(run_id)
         run_id = mlflow.start_run(
-            run_id=run_id or None, run_name=f"{project.settings.project}-train"
+            run_id=run_id or None,
+            run_name=f"{project.settings.project}-train",
+            tags={RUN_KEY_TAG: run_key} if run_key else None,
         ).info.run_id
+        if resumed_run:
+            logged = _logged_epochs(client, run_id)
+        if run_key:
+            uploader = Uploader(RemoteStates(client, run_id), states / ".upload")
     try:
         if ctx.is_main and state is None:
             with user_code(hooks, "reading the datasets' items to hash them"):
@@ -312,7 +386,8 @@ def _train(
                 val_metrics = evaluate_torch(hooks, model, val_loader, project.contract)
             snapshot(epoch + 1, 0)  # saved before logging: a resume never logs an epoch twice
             if ctx.is_main:
-                mlflow.log_metrics({"train_loss": last_loss, **val_metrics}, step=epoch)
+                if epoch not in logged:
+                    mlflow.log_metrics({"train_loss": last_loss, **val_metrics}, step=epoch)
                 shown = ", ".join(f"{k}={v:.4f}" for k, v in val_metrics.items())
                 print(f"epoch {epoch}/{epochs}: train_loss={last_loss:.4f} {shown}", flush=True)
         if ctx.is_main:
@@ -342,6 +417,8 @@ def _train(
             mlflow.end_run(status="FAILED")
         raise
     finally:
+        if uploader is not None:
+            uploader.close()  # the last state (the final one, or SIGTERM's) is stored before the step ends
         distributed.shutdown(ctx)
     if ctx.is_main:
         mlflow.end_run()
