@@ -2,9 +2,9 @@
 
 Five projects instead of the full product of answers: together they cover every orchestrator,
 names that are odd but pass the hook (non-ASCII project names, a slug and package name derived
-from punctuation, a digits-first slug at the 63-character limit, an all-digit slug, a non-ASCII
-package name), non-default namespaces, registries and MLflow tracking URIs. The default project is
-covered by test_bake.py and not repeated here.
+from punctuation, a slug at the 63-character limit with a digit right after its first letter, an
+all-digit namespace, a non-ASCII package name), non-default namespaces, registries and MLflow
+tracking URIs. The default project is covered by test_bake.py and not repeated here.
 
 Each project runs in one test, in the order a user meets the checks: `handoff check`, what the
 answers became in its files, ruff (lint and format, with the project's own config), its own
@@ -44,9 +44,10 @@ from .conftest import BIN, TEMPLATE, edit_yaml, generate, handoff, project_tests
 pytestmark = [pytest.mark.bake, pytest.mark.slow]
 
 RUFF = str(BIN / "ruff")
-# The Kubernetes limit on a DNS-1123 label, and a slug that uses all of it, digits first.
+# The Kubernetes limit on a DNS-1123 label, and a slug that uses all of it; a digit comes right after
+# its first letter (KServe's InferenceService names must start with a letter).
 LABEL_MAX = 63
-LONG_SLUG = "3d-handwritten-digit-recognition-for-postal-codes-and-forms-v21"
+LONG_SLUG = "d3-handwritten-digit-recognition-for-postal-codes-and-forms-v21"
 assert len(LONG_SLUG) == LABEL_MAX
 # Answers a case leaves out take the template's defaults (the first option of a choice).
 DEFAULTS = {
@@ -121,12 +122,18 @@ MATRIX = [
     ),
     pytest.param(
         Case(
-            # All digits: a valid DNS-1123 label that YAML would read as a number unless quoted.
-            answers={"project_name": "2048", "package_name": "game_2048", "orchestrator": "kfp"},
-            slug="2048",
+            # An all-digit namespace: a valid DNS-1123 label that YAML would read as a number
+            # unless quoted (a slug must start with a letter: test_bake.py).
+            answers={
+                "project_name": "Game 2048",
+                "package_name": "game_2048",
+                "namespace": "2048",
+                "orchestrator": "kfp",
+            },
+            slug="game-2048",
             package="game_2048",
         ),
-        id="kfp-all-digit-slug",
+        id="kfp-all-digit-namespace",
     ),
 ]
 

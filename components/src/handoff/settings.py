@@ -156,6 +156,7 @@ class JobSettings(StrictModel):
     runtime: Dns1123Label = "torch-distributed"
     # A ReadWriteMany PersistentVolumeClaim mounted by the train step and by every node: the
     # nodes write checkpoints and the trained model there, and a retried job resumes from them.
+    # Set on one node too, the step keeps its resumable state there instead of in its MLflow run.
     workspace_claim: Dns1123Label | None = None
     # Give up (and delete the job) after this long.
     timeout_s: int = Field(default=24 * 3600, gt=0)
@@ -165,7 +166,7 @@ class TrainingSettings(StrictModel):
     # Overrides applied to model.py's Config (field name -> value) for pipeline runs.
     overrides: dict[str, object] = Field(default_factory=dict)
     # Nodes × GPUs per node. nodes > 1 runs training as a job of its own (see `job`); one node
-    # stays a plain pipeline step.
+    # stays a plain pipeline step, under torchrun with one process per GPU when gpus > 1.
     nodes: int = Field(default=1, ge=1)
     gpus: int = Field(default=0, ge=0)
     # Per node (or for the single-node step): requests, also used as limits.

@@ -16,7 +16,9 @@ from kfp.dsl import HTML, Artifact, ClassificationMetrics, Input, Markdown, Metr
 
 
 def train(project_dir: str, run_key: str, checkpoint: Output[Model], record: Output[Artifact]):
-    """Train model.py's model, or launch a multi-node job named after run_key (handoff.steps.train_launch)."""
+    """Train model.py's model (under torchrun when training.gpus > 1), or launch a multi-node job named
+    after run_key; a retried attempt resumes from the state the run keyed by run_key stored
+    (handoff.steps.train_launch)."""
     from handoff.step_entry import run_step
     from handoff.steps.train_launch import train_step as step
 
