@@ -720,6 +720,15 @@ class _Service:
     serving_url: str = ""
 
 
+def _crash_looping(fake: FakeKube, pod: str, labels: dict[str, str], message: str, namespace: str) -> None:
+    """A predictor pod whose server keeps exiting with ``message``, as the kubelet reports it."""
+    fake.add_pod(
+        pod, labels, waiting="CrashLoopBackOff", restart_count=3, last_exit_code=1,
+        last_message=message, container="kserve-container", namespace=namespace,
+        message="back-off 40s restarting failed container=kserve-container",
+    )  # fmt: skip
+
+
 @dataclass
 class KServe:
     """Plays KServe's controller for InferenceServices, as a fake's controller.
@@ -864,11 +873,7 @@ class KServe:
             elif crash is None:
                 fake.add_pod(pod, pod_labels, running=True, container="kserve-container", namespace=namespace)
             else:
-                fake.add_pod(
-                    pod, pod_labels, waiting="CrashLoopBackOff", restart_count=3, last_exit_code=1,
-                    last_message=crash, container="kserve-container", namespace=namespace,
-                    message="back-off 40s restarting failed container=kserve-container",
-                )  # fmt: skip
+                _crash_looping(fake, pod, pod_labels, crash, namespace)
         latest = service.revisions[-1]
         if latest.ready:
             service.latest_ready = latest
@@ -1169,11 +1174,7 @@ class KServe:
                 pod, labels, waiting="ContainerCreating", container="kserve-container", namespace=namespace
             )
         else:
-            fake.add_pod(
-                pod, labels, waiting="CrashLoopBackOff", restart_count=3, last_exit_code=1,
-                last_message=state, container="kserve-container", namespace=namespace,
-                message="back-off 40s restarting failed container=kserve-container",
-            )  # fmt: skip
+            _crash_looping(fake, pod, labels, state, namespace)
 
     @staticmethod
     def _store(fake: FakeKube, deployment: dict[str, Any]) -> None:
