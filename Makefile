@@ -5,7 +5,7 @@ BIN := $(abspath $(VENV))/bin
 DEMO := demo/digits-classifier
 
 .DEFAULT_GOAL := help
-.PHONY: help venv tools checkov demo rehearse test test-fast test-zoo lint format bench release image clean
+.PHONY: help venv lock tools checkov demo rehearse test test-fast test-zoo lint format bench release image clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -18,6 +18,31 @@ $(VENV)/.installed: requirements/lock.txt components/pyproject.toml pipelines/py
 	touch $@
 
 venv: $(VENV)/.installed ## Create .venv with every pinned dependency (once)
+
+# Re-lock: resolve the two packages' ranges and requirements/dev.txt within constraints.txt (the narrow
+# overlaps and the held torch, see requirements/README.md) in a throw-away venv, then `pip freeze
+# --all` there, less pip and the two local packages (setuptools stays: torch needs it at run time),
+# under the lock's own header and sorted as it is. Local version labels go (torch==X, not X+cpu), so
+# pip takes a CPU build only where one is offered. The packages are built from copies: no egg-info
+# lands beside the editable install. LOCK=<file> writes elsewhere, to compare before replacing.
+LOCK ?= requirements/lock.txt
+LOCK_PIP := pip==26.3
+
+lock: ## Re-resolve requirements/lock.txt from the pyproject ranges (LOCK=<file> writes elsewhere; minutes)
+	@set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	cp -R components pipelines "$$tmp/"; \
+	$(PYTHON) -m venv "$$tmp/venv"; \
+	pip="$$tmp/venv/bin/python -m pip --disable-pip-version-check"; \
+	$$pip install --quiet $(LOCK_PIP); \
+	$$pip install --quiet -c requirements/constraints.txt --upgrade setuptools \
+		"$$tmp/components" "$$tmp/pipelines" -r requirements/dev.txt; \
+	$$pip check; \
+	{ sed '/^[^#]/,$$d' requirements/lock.txt; \
+	  $$pip freeze --all --exclude pip --exclude ml-handoff --exclude ml-handoff-pipelines \
+		| sed -E 's/^([A-Za-z0-9._-]+==[^+ ]+)\+[A-Za-z0-9.]+$$/\1/' \
+		| "$$tmp/venv/bin/python" -c 'import sys; sys.stdout.writelines(sorted(sys.stdin, key=str.lower))'; \
+	} > "$$tmp/lock.txt"; \
+	mv "$$tmp/lock.txt" $(LOCK); echo "wrote $(LOCK)"
 
 tools/node_modules/.installed: tools/package.json tools/package-lock.json
 	cd tools && npm ci --no-audit --no-fund

@@ -120,8 +120,9 @@ def project_tests(project: Path) -> subprocess.CompletedProcess[str]:
 @pytest.fixture(scope="session")
 def default_onnx(default_project: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The default project's untrained model exported to ONNX once, for the serving tests."""
+    from handoff.contract_examples import example_arrays
+    from handoff.onnx_export import export_onnx
     from handoff.project import Project
-    from handoff.steps.export import example_arrays, export_onnx
 
     project = Project.load(default_project)
     cfg = project.config()

@@ -11,8 +11,13 @@ paths, bodies and error handling are the real ones. What the fake keeps honest:
   ``generation`` moves only when the spec changes (the resources have a status subresource, so
   ``status`` in a create or patch body is ignored and metadata changes leave ``generation`` alone),
   ``resourceVersion`` on every write, and a patch carrying a stale ``resourceVersion`` gets 409;
-- PATCH takes JSON merge patches (RFC 7386, what ``CustomObjectsApi.patch_*`` sends) and JSON
-  patches (RFC 6902); strategic merge patches get 415, as for any custom resource.
+- PATCH takes server-side apply (``application/apply-patch+yaml``: create if absent, merge into
+  the live object, remove what the same field manager applied before and leaves out now, 409 on
+  another manager's field unless forced, ``uid``/``resourceVersion`` preconditions, 422 without
+  ``fieldManager``; see "server-side apply" below), JSON merge patches (RFC 7386, what
+  ``CustomObjectsApi.patch_*`` sends) and JSON patches (RFC 6902); strategic merge patches, and
+  any other content type, get 415, as for any custom resource. Field managers are kept per object
+  and shown as ``metadata.managedFields``; a write that changes nothing is not written.
 
 What an operator would do (start pods, set conditions) is played by a *controller*, a function
 each test passes in: it gets the stored object after a create and after every spec change, and may
@@ -25,6 +30,7 @@ server's RBAC authorizer does (``fake_rbac.py``; the default caller is a cluster
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import hashlib
 import json
@@ -43,6 +49,7 @@ from urllib.parse import parse_qs, urlparse
 
 import jsonschema
 import kubernetes_validate
+import yaml
 from kubernetes import client
 
 from . import fake_rbac
@@ -149,6 +156,10 @@ class FakeKube:
     history: dict[tuple[str, str, str], list[dict[str, Any]]] = field(default_factory=dict)
     pods: list[dict[str, Any]] = field(default_factory=list)
     requests: list[tuple[str, str]] = field(default_factory=list)  # (method, path)
+    # Every PATCH as received: (path, Content-Type, query parameters).
+    patches: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
+    # Who owns which fields of each object (server-side apply's field managers; see below).
+    managed: dict[tuple[str, str, str], Managers] = field(default_factory=dict)
     rejected: list[str] = field(default_factory=list)  # the messages of every 4xx/5xx answer
     gets: dict[tuple[str, str, str], int] = field(default_factory=dict)  # GETs answered per object
     unavailable_gets: int = 0  # answer this many GETs of objects with 503, as a restarting server does
@@ -311,6 +322,10 @@ def _selects(selector: str, labels: dict[str, str]) -> bool:
     return True
 
 
+def _invalid_message(resource: Resource, name: str, problems: list[str]) -> str:
+    return f'{resource.kind}.{resource.group} "{name}" is invalid: ' + "; ".join(problems)
+
+
 def _modified(resource: Resource, name: str) -> str:
     return (
         f'Operation cannot be fulfilled on {resource.plural}.{resource.group} "{name}": the object has '
@@ -386,6 +401,179 @@ def json_patch(target: Any, operations: list[dict[str, Any]]) -> Any:
     return doc
 
 
+# --- server-side apply --------------------------------------------------------------------------
+#
+# What the API server's field manager does (k8s.io/apiserver pkg/endpoints/handlers/fieldmanager,
+# sigs.k8s.io/structured-merge-diff), for what the deploy relies on. A field set is every path an
+# object sets: object keys, items of a `x-kubernetes-list-type: map` list by their keys, and the
+# fields inside (other lists are atomic: one leaf). Each manager owns a set: an apply's manager
+# (operation Apply) owns exactly what it sent last, an update's (POST, merge and JSON patches,
+# operation Update) the fields it changed. An apply merges its object into the live one, and removes
+# what its manager applied before and leaves out now, unless another manager owns it too. Changing
+# a field another manager owns is a conflict (409), unless the apply is forced: then it takes the
+# field over. Simplified: every path of a set is a member (SSA marks leaves and list items only, so
+# a struct whose fields all go is removed here with them), and managedFields carry no "." markers.
+
+Path = tuple[Any, ...]  # object keys, and (key, value) pairs naming an item of a list-map
+APPLY = "application/apply-patch+yaml"
+_MISSING = object()
+# Set by the API server, not by whoever writes the object: never in a field set.
+SYSTEM = ("uid", "resourceVersion", "generation", "creationTimestamp", "managedFields")
+UNOWNED = {("apiVersion",), ("kind",), ("status",), ("metadata", "name"), ("metadata", "namespace")} | {
+    ("metadata", key) for key in SYSTEM
+}
+Managers = dict[tuple[str, str], frozenset[Path]]  # (manager, operation) -> the fields it owns
+
+
+def _child(schema: dict[str, Any], key: str) -> dict[str, Any]:
+    found = (schema.get("properties") or {}).get(key, schema.get("additionalProperties"))
+    return found if isinstance(found, dict) else {}
+
+
+def _list_keys(schema: dict[str, Any]) -> list[str]:
+    return (
+        list(schema.get("x-kubernetes-list-map-keys") or [])
+        if schema.get("x-kubernetes-list-type") == "map"
+        else []
+    )
+
+
+def _item(item: Any, keys: list[str]) -> tuple[tuple[str, Any], ...]:
+    return tuple((k, item.get(k)) for k in keys) if isinstance(item, dict) else ()
+
+
+def field_set(value: Any, schema: dict[str, Any], path: Path = ()) -> frozenset[Path]:
+    """Every field ``value`` sets (see above), less those the API server owns."""
+    found: set[Path] = set()
+    if isinstance(value, dict) and schema.get("x-kubernetes-map-type") != "atomic":
+        for key, child in value.items():
+            at = (*path, key)
+            found |= {at, *field_set(child, _child(schema, key), at)}
+    elif isinstance(value, list) and (keys := _list_keys(schema)):
+        for item in value:
+            at = (*path, _item(item, keys))
+            found |= {at, *field_set(item, schema.get("items") or {}, at)}
+    return frozenset(p for p in found if not any(p[: len(u)] == u for u in UNOWNED))
+
+
+def _at(obj: Any, path: Path) -> Any:
+    for segment in path:
+        if isinstance(segment, tuple) and isinstance(obj, list):
+            obj = next((i for i in obj if _item(i, [k for k, _ in segment]) == segment), _MISSING)
+        elif isinstance(obj, dict):
+            obj = obj.get(segment, _MISSING)
+        else:
+            return _MISSING
+    return obj
+
+
+def _remove(obj: Any, path: Path) -> None:
+    parent, last = _at(obj, path[:-1]), path[-1]
+    if isinstance(last, tuple) and isinstance(parent, list):
+        parent[:] = [i for i in parent if _item(i, [k for k, _ in last]) != last]
+    elif isinstance(parent, dict):
+        parent.pop(last, None)
+
+
+def _merged(live: Any, applied: Any, schema: dict[str, Any]) -> Any:
+    """``applied`` merged into ``live``: objects key by key, list-maps item by item, else replaced."""
+    if (
+        isinstance(live, dict)
+        and isinstance(applied, dict)
+        and schema.get("x-kubernetes-map-type") != "atomic"
+    ):
+        merged = dict(live)
+        for key, value in applied.items():
+            merged[key] = (
+                _merged(live[key], value, _child(schema, key)) if key in live else copy.deepcopy(value)
+            )
+        return merged
+    keys = _list_keys(schema)
+    if keys and isinstance(live, list) and isinstance(applied, list):
+        merged_items = copy.deepcopy(live)
+        for item in applied:
+            at = next((n for n, i in enumerate(merged_items) if _item(i, keys) == _item(item, keys)), None)
+            if at is None:
+                merged_items.append(copy.deepcopy(item))
+            else:
+                merged_items[at] = _merged(merged_items[at], item, schema.get("items") or {})
+        return merged_items
+    return copy.deepcopy(applied)
+
+
+def _leaves(fields: frozenset[Path]) -> frozenset[Path]:
+    return fields - {p[:-1] for p in fields}
+
+
+def _dotted(path: Path) -> str:
+    return "".join(
+        f"[{','.join(f'{k}={v}' for k, v in s)}]" if isinstance(s, tuple) else f".{s}" for s in path
+    )
+
+
+def server_side_apply(
+    current: dict[str, Any],
+    body: dict[str, Any],
+    schema: dict[str, Any],
+    managers: Managers,
+    who: str,
+    force: bool,
+) -> tuple[dict[str, Any], Managers]:
+    """``body`` applied by ``who`` to ``current``: the object and its managers. PatchError on a conflict."""
+    applied = field_set(body, schema)
+    others = {m: f for m, f in managers.items() if m != (who, "Apply")}
+    changed = frozenset(p for p in _leaves(applied) if _at(current, p) != _at(body, p))
+    taken = sorted({(m[0], p) for m, f in others.items() for p in changed & f}, key=repr)
+    if taken and not force:
+        said = "; ".join(f'conflict with "{m}": {_dotted(p)}' for m, p in taken)
+        raise PatchError(409, "Conflict", f"Apply failed with {len(taken)} conflict(s): {said}")
+    others = {m: f - changed for m, f in others.items()}  # a changed field changes owner
+    updated = _merged(current, body, schema)
+    kept = {p[:n] for f in others.values() for p in f for n in range(1, len(p) + 1)}  # and their parents
+    for path in sorted(managers.get((who, "Apply"), frozenset()) - applied - kept, key=len):
+        _remove(updated, path)
+    return updated, {**others, (who, "Apply"): applied}
+
+
+def updated_managers(
+    before: dict[str, Any] | None, after: dict[str, Any], schema: dict[str, Any], managers: Managers, who: str
+) -> Managers:
+    """An update's (a create, a merge or JSON patch) managers: ``who`` owns the fields it changed."""
+    was, now_set = field_set(before or {}, schema), field_set(after, schema)
+    leaves = _leaves(now_set)
+    changed = frozenset(
+        p for p in now_set if p not in was or (p in leaves and _at(before, p) != _at(after, p))
+    )
+    result = {m: f - changed for m, f in managers.items() if m != (who, "Update")}
+    result[(who, "Update")] = managers.get((who, "Update"), frozenset()) | changed
+    return result
+
+
+def pruned(managers: Managers, obj: dict[str, Any]) -> Managers:
+    """Each manager's fields that ``obj`` still has; a manager left with none is gone."""
+    kept = {m: frozenset(p for p in f if _at(obj, p) is not _MISSING) for m, f in managers.items()}
+    return {m: f for m, f in kept.items() if f}
+
+
+def managed_fields(managers: Managers, obj: dict[str, Any]) -> list[dict[str, Any]]:
+    """``metadata.managedFields`` as the API server shows it (FieldsV1)."""
+    entries = []
+    for (manager, operation), fields in sorted(managers.items()):
+        tree: dict[str, Any] = {}
+        for path in sorted(fields, key=repr):
+            node = tree
+            for s in path:
+                node = node.setdefault(
+                    f"k:{json.dumps(dict(s), sort_keys=True)}" if isinstance(s, tuple) else f"f:{s}", {}
+                )
+        if tree:
+            entries.append(
+                {"manager": manager, "operation": operation, "apiVersion": obj["apiVersion"], "time": now(),
+                 "fieldsType": "FieldsV1", "fieldsV1": tree}
+            )  # fmt: skip
+    return entries
+
+
 def _handler(fake: FakeKube) -> type:
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args: Any) -> None:
@@ -433,8 +621,7 @@ def _handler(fake: FakeKube) -> type:
             return json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"null")
 
         def _invalid(self, resource: Resource, name: str, problems: list[str]) -> None:
-            message = f'{resource.kind}.{resource.group} "{name}" is invalid: ' + "; ".join(problems)
-            self._send(422, _status(422, "Invalid", message))
+            self._send(422, _status(422, "Invalid", _invalid_message(resource, name, problems)))
 
         def _cluster_get(self, path: str, query: str) -> bool:
             """Version, namespaces, nodes, discovery, ConfigMaps, Deployments: what `handoff doctor` reads."""
@@ -518,15 +705,12 @@ def _handler(fake: FakeKube) -> type:
                 return
             self._send(200, found)
 
-        def do_POST(self) -> None:
-            resource, namespace, name, path = self._route()
-            if resource is None or name:
-                self._send(404, _status(404, "NotFound", f"the server could not find {path}"))
-                return
-            if self._unavailable():
-                return
-            body = self._body()
-            body.pop("status", None)  # the status subresource: only the operator writes status
+        def _manager(self, query: dict[str, list[str]]) -> str:
+            """The request's field manager: its fieldManager, else its User-Agent up to the first "/"."""
+            given = (query.get("fieldManager") or [""])[-1]
+            return given or (self.headers.get("User-Agent") or "unknown").split("/")[0][:128]
+
+        def _creation_problems(self, resource: Resource, namespace: str, body: dict[str, Any]) -> list[str]:
             problems = schema_problems(resource, body)
             meta = body.get("metadata") or {}
             name = meta.get("name", "")
@@ -541,28 +725,69 @@ def _handler(fake: FakeKube) -> type:
                 problems.append(f"metadata.name {name!r} must be an RFC 1035 label of at most 63 characters")
             if meta.get("namespace", namespace) != namespace:
                 problems.append("metadata.namespace does not match the request's namespace")
+            return problems
+
+        def _write(
+            self,
+            key: tuple[str, str, str],
+            obj: dict[str, Any],
+            managers: Managers,
+            current: dict[str, Any] | None,
+        ) -> dict[str, Any]:
+            """Store ``obj`` (created from nothing when ``current`` is None) with its managers."""
+            meta = obj["metadata"]
+            if current is None:
+                meta.update(generation=1, uid=str(uuid.uuid4()), creationTimestamp=now())
+            else:
+                for system in ("uid", "creationTimestamp", "generation"):
+                    meta[system] = current["metadata"][system]
+                meta["generation"] += int(obj.get("spec") != current.get("spec"))
+            managers = pruned(managers, obj)
+            if current is not None and managers == fake.managed.get(key):
+                meta["managedFields"] = current["metadata"].get("managedFields", [])
+            else:
+                meta["managedFields"] = managed_fields(managers, obj)
+            meta["resourceVersion"] = fake.next_resource_version()
+            fake.objects[key], fake.managed[key] = obj, managers
+            fake.history.setdefault(key, []).append(copy.deepcopy(obj))
+            return copy.deepcopy(obj)
+
+        def do_POST(self) -> None:
+            resource, namespace, name, path = self._route()
+            if resource is None or name:
+                self._send(404, _status(404, "NotFound", f"the server could not find {path}"))
+                return
+            if self._unavailable():
+                return
+            body = self._body()
+            body.pop("status", None)  # the status subresource: only the operator writes status
+            meta = body.setdefault("metadata", {})
+            name = meta.get("name", "")
+            problems = self._creation_problems(resource, namespace, body)
             if problems:
                 self._invalid(resource, name, problems)
                 return
             key = (resource.plural, namespace, name)
+            schema = resource.validator().schema
             with fake.lock:
                 if key in fake.objects:
                     exists = f'{resource.plural}.{resource.group} "{name}" already exists'
                     self._send(409, _status(409, "AlreadyExists", exists))
                     return
-                meta.update(
-                    namespace=namespace,
-                    generation=1,
-                    uid=str(uuid.uuid4()),
-                    creationTimestamp=now(),
-                    resourceVersion=fake.next_resource_version(),
-                )
-                fake.objects[key] = body
-                fake.history.setdefault(key, []).append(copy.deepcopy(body))
-                stored = copy.deepcopy(body)
+                meta["namespace"] = namespace
+                who = self._manager(parse_qs(urlparse(self.path).query))
+                stored = self._write(key, body, updated_managers(None, body, schema, {}, who), None)
             self._send(201, stored)
             if fake.controller is not None:
                 fake.controller(fake, copy.deepcopy(stored))
+
+        def _options_problem(self, content_type: str, query: dict[str, list[str]]) -> str:
+            """ValidatePatchOptions, which the API server checks before it looks the object up."""
+            if content_type == APPLY and not (query.get("fieldManager") or [""])[-1]:
+                return "fieldManager: Required value: is required for apply patch"
+            if content_type != APPLY and "force" in query:
+                return "force: Forbidden: may not be specified for non-apply patch"
+            return ""
 
         def do_PATCH(self) -> None:
             resource, namespace, name, path = self._route()
@@ -571,65 +796,155 @@ def _handler(fake: FakeKube) -> type:
                 return
             if self._unavailable():
                 return
+            query = parse_qs(urlparse(self.path).query)
             content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip()
-            body = self._body()
+            with fake.lock:
+                fake.patches.append((path, content_type, {k: v[-1] for k, v in query.items()}))
+            problem = self._options_problem(content_type, query)
+            if problem:
+                self._send(422, _status(422, "Invalid", f'PatchOptions.meta.k8s.io "" is invalid: {problem}'))
+                return
+            raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
             key = (resource.plural, namespace, name)
             with fake.lock:
-                current = fake.objects.get(key)
-                if current is None:
-                    self._send(
-                        404,
-                        _status(404, "NotFound", f'{resource.plural}.{resource.group} "{name}" not found'),
-                    )
-                    return
                 try:
-                    if content_type == "application/merge-patch+json" and isinstance(body, dict):
-                        wanted = (body.get("metadata") or {}).get("resourceVersion")
-                        if wanted is not None and wanted != current["metadata"]["resourceVersion"]:
-                            raise PatchError(409, "Conflict", _modified(resource, name))
-                        updated = merge_patch(copy.deepcopy(current), body)
-                    elif content_type == "application/json-patch+json" and isinstance(body, list):
-                        updated = json_patch(current, body)
-                    else:
-                        raise PatchError(
-                            415,
-                            "UnsupportedMediaType",
-                            f"the body of the request was in an unknown format: {content_type}",
-                        )
+                    code, stored, changed = self._patched(resource, key, content_type, raw, query)
                 except PatchError as exc:
                     self._send(exc.code, _status(exc.code, exc.reason, str(exc)))
                     return
-                updated["status"] = copy.deepcopy(current.get("status"))  # status is a subresource
-                if updated["status"] is None:
-                    del updated["status"]
-                problems = schema_problems(resource, updated)
-                for immutable in ("name", "namespace", "uid", "creationTimestamp"):
-                    if updated["metadata"].get(immutable) != current["metadata"].get(immutable):
-                        problems.append(f"metadata.{immutable}: field is immutable")
-                if (updated.get("kind"), updated.get("apiVersion")) != (
-                    current["kind"],
-                    current["apiVersion"],
-                ):
-                    problems.append("kind/apiVersion are immutable")
-                if problems:
-                    self._invalid(resource, name, problems)
-                    return
-                spec_changed = updated.get("spec") != current.get("spec")
-                updated["metadata"]["generation"] = current["metadata"]["generation"] + int(spec_changed)
-                updated["metadata"]["resourceVersion"] = fake.next_resource_version()
-                fake.objects[key] = updated
-                fake.history.setdefault(key, []).append(copy.deepcopy(updated))
-                stored = copy.deepcopy(updated)
-            self._send(200, stored)
-            if spec_changed and fake.controller is not None:
+            self._send(code, stored)
+            if changed and fake.controller is not None:
                 fake.controller(fake, copy.deepcopy(stored))
+
+        def _patched(
+            self,
+            resource: Resource,
+            key: tuple[str, str, str],
+            content_type: str,
+            raw: bytes,
+            query: dict[str, list[str]],
+        ) -> tuple[int, dict[str, Any], bool]:
+            """The answer to a PATCH: its code, the object, whether its spec changed (or it was
+            created). PatchError as the API server answers."""
+            namespace, name = key[1], key[2]
+            schema, who, managers = (
+                resource.validator().schema,
+                self._manager(query),
+                fake.managed.get(key, {}),
+            )
+            current = fake.objects.get(key)
+            if content_type == APPLY:
+                body = self._applied(resource, raw, name, current)
+                if current is None:
+                    return 201, self._apply_create(resource, namespace, key, body, schema, who), True
+                force = (query.get("force") or ["false"])[-1].lower() not in ("false", "0", "no")
+                updated, managers = server_side_apply(current, body, schema, managers, who, force)
+            elif current is None:
+                raise PatchError(404, "NotFound", f'{resource.plural}.{resource.group} "{name}" not found')
+            elif content_type == "application/merge-patch+json" and isinstance(
+                body := json.loads(raw or b"null"), dict
+            ):
+                wanted = (body.get("metadata") or {}).get("resourceVersion")
+                if wanted is not None and wanted != current["metadata"]["resourceVersion"]:
+                    raise PatchError(409, "Conflict", _modified(resource, name))
+                updated = merge_patch(copy.deepcopy(current), body)
+                managers = updated_managers(current, updated, schema, managers, who)
+            elif content_type == "application/json-patch+json" and isinstance(
+                body := json.loads(raw or b"null"), list
+            ):
+                updated = json_patch(current, body)
+                managers = updated_managers(current, updated, schema, managers, who)
+            else:
+                raise PatchError(
+                    415,
+                    "UnsupportedMediaType",
+                    f"the body of the request was in an unknown format: {content_type}",
+                )
+            updated["status"] = copy.deepcopy(current.get("status"))  # status is a subresource
+            if updated["status"] is None:
+                del updated["status"]
+            problems = schema_problems(resource, updated)
+            for immutable in ("name", "namespace", "uid", "creationTimestamp"):
+                if updated["metadata"].get(immutable) != current["metadata"].get(immutable):
+                    problems.append(f"metadata.{immutable}: field is immutable")
+            if (updated.get("kind"), updated.get("apiVersion")) != (current["kind"], current["apiVersion"]):
+                problems.append("kind/apiVersion are immutable")
+            if problems:
+                raise PatchError(422, "Invalid", _invalid_message(resource, name, problems))
+            if updated == current and pruned(managers, updated) == fake.managed.get(key):
+                return 200, copy.deepcopy(current), False  # nothing changed: nothing written
+            spec_changed = updated.get("spec") != current.get("spec")
+            return 200, self._write(key, updated, managers, current), spec_changed
+
+        def _applied(
+            self, resource: Resource, raw: bytes, name: str, current: dict[str, Any] | None
+        ) -> dict[str, Any]:
+            """An apply's object (YAML, so JSON too), checked against its preconditions and stripped of
+            what the API server sets. PatchError as the API server answers."""
+            try:
+                body = yaml.safe_load(raw)
+            except yaml.YAMLError as exc:
+                raise PatchError(400, "BadRequest", f"error decoding YAML: {exc}") from None
+            if not isinstance(body, dict):
+                raise PatchError(400, "BadRequest", "the body of an apply must be an object")
+            meta = body.get("metadata") or {}
+            if meta.get("managedFields") is not None:
+                raise PatchError(400, "BadRequest", "metadata.managedFields must be nil")
+            if meta.get("name", name) != name:
+                raise PatchError(
+                    400,
+                    "BadRequest",
+                    f"the name of the object ({meta['name']}) does not match the name on the URL ({name})",
+                )
+            live = (current or {}).get("metadata") or {}
+            uid = meta.get("uid")
+            if uid is not None and uid != live.get("uid"):
+                raise PatchError(
+                    409,
+                    "Conflict",
+                    f"Precondition failed: UID in precondition: {uid}, "
+                    f"UID in object meta: {live.get('uid', '')}",
+                )
+            version = meta.get("resourceVersion")
+            if version is not None and current is not None and version != live["resourceVersion"]:
+                raise PatchError(409, "Conflict", _modified(resource, name))
+            body.pop("status", None)  # the status subresource: only the operator writes status
+            body["metadata"] = {k: v for k, v in meta.items() if k not in SYSTEM}
+            return body
+
+        def _apply_create(
+            self,
+            resource: Resource,
+            namespace: str,
+            key: tuple[str, str, str],
+            body: dict[str, Any],
+            schema: dict[str, Any],
+            who: str,
+        ) -> dict[str, Any]:
+            """An apply of an object that is not there creates it, if the caller may also create
+            (the API server authorizes the create as well as the patch)."""
+            asked = dataclasses.replace(
+                fake_rbac.request_attributes("PATCH", urlparse(self.path).path), verb="create"
+            )
+            if not fake.rbac.authorize(fake.caller, asked):
+                denied = fake_rbac.forbidden(fake.caller, asked)
+                raise PatchError(403, denied["reason"], denied["message"])
+            body.setdefault("metadata", {}).setdefault("name", key[2])
+            problems = self._creation_problems(resource, namespace, body)
+            if problems:
+                raise PatchError(422, "Invalid", _invalid_message(resource, key[2], problems))
+            body["metadata"]["namespace"] = namespace
+            return self._write(key, body, {(who, "Apply"): field_set(body, schema)}, None)
 
         def do_DELETE(self) -> None:
             resource, namespace, name, path = self._route()
             if resource is not None and self._unavailable():
                 return
+            removed = None
             with fake.lock:
-                removed = fake.objects.pop((resource.plural, namespace, name), None) if resource else None
+                if resource is not None:
+                    removed = fake.objects.pop((resource.plural, namespace, name), None)
+                    fake.managed.pop((resource.plural, namespace, name), None)
             if removed is None:
                 self._send(404, _status(404, "NotFound", f"the server could not find {path}"))
                 return

@@ -331,9 +331,11 @@ def compiled(default_project: Path) -> dict[str, Any]:
     return workflow_template_dict(Project.load(default_project))
 
 
-def play_handoff(promoted: bool = True) -> dict[str, Play]:
+def play_handoff(promoted: bool = True, noise: str = "") -> dict[str, Play]:
     """The five steps and the exit handler as the compiled template wires them; register's record
-    says whether it promoted the version (what the deploy gate reads)."""
+    says whether it promoted the version (what the deploy gate reads). Register writes its record
+    where ``--record`` says, as the CLI does, and prints it on stdout after ``noise`` (what a library
+    could print there)."""
 
     def train(spec: ContainerSpec, pod: Pod) -> Finished:
         pod.out("checkpoint.pt").write_bytes(b"weights")
@@ -357,7 +359,11 @@ def play_handoff(promoted: bool = True) -> dict[str, Play]:
     def register(spec: ContainerSpec, pod: Pod) -> Finished:
         assert (pod.read("/tmp/inputs/report") / "index.md").read_text() == "report"
         assert json.loads(pod.read("/tmp/inputs/evaluation.json").read_text())["gate"]["passed"] is promoted
-        return Finished(0, json.dumps({"version": 3, "promoted": promoted, "run_id": "run-1"}) + "\n", "")
+        record = json.dumps({"version": 3, "promoted": promoted, "run_id": "run-1"})
+        if "--record" in spec.args:
+            path = spec.args[spec.args.index("--record") + 1]
+            pod.out(path.removeprefix("/tmp/outputs/")).write_text(record + "\n")
+        return Finished(0, noise + record + "\n", "")
 
     def deploy(spec: ContainerSpec, pod: Pod) -> Finished:
         assert spec.args[spec.args.index("--version") + 1] == "3"
@@ -394,9 +400,9 @@ def test_the_compiled_template_runs_and_hands_on_artifacts_and_parameters(
         "onExit": "Succeeded",
     }
     assert result["train"].outputs.parameters == {"record": json.dumps({"mlflow_run_id": "run-1"})}
-    assert result["register"].outputs.result == json.dumps(
-        {"version": 3, "promoted": True, "run_id": "run-1"}
-    )
+    assert result["register"].outputs.parameters == {
+        "record": json.dumps({"version": 3, "promoted": True, "run_id": "run-1"})
+    }
     key = result["export"].outputs.artifacts["onnx-model"]
     assert (
         key == f"wf/{result['export'].attempts[0].pod}/onnx-model.tgz"
@@ -431,6 +437,20 @@ def test_every_compiled_pod_runs_as_its_pod_spec_says(compiled: dict[str, Any], 
     assert specs["train"][0].args[:2] == ["--project", "/app"]
     assert specs["register"][0].env["HANDOFF_IMAGE"] == specs["register"][0].image
     assert specs["outcome"][0].args[:2] == ["wf", "Succeeded"]
+
+
+@pytest.mark.unit
+def test_what_register_prints_on_stdout_does_not_reach_deploy(
+    compiled: dict[str, Any], tmp_path: Path
+) -> None:
+    """Deploy's version and gate come from register's record file, not its stdout (``outputs.result``):
+    a line a library prints there leaves them as they were."""
+    noise = "2024/01/01 12:00:00 INFO mlflow: Registered model 'digits' version 3\n"
+    result, specs = run(compiled, play_handoff(noise=noise), tmp_path)
+    assert result.phase == "Succeeded", [(n.name, n.phase, n.message) for n in result.nodes.values()]
+    assert result["deploy[0].deploy"].phase == "Succeeded"
+    (deploy,) = specs["deploy"]
+    assert deploy.args[deploy.args.index("--version") + 1] == "3"
 
 
 @pytest.mark.unit
@@ -474,8 +494,11 @@ def test_outputs_missing_after_success_are_an_error_and_retried(
 
 @pytest.mark.unit
 def test_a_bad_record_errors_the_task_that_reads_it(compiled: dict[str, Any], tmp_path: Path) -> None:
-    plays = {**play_handoff(), "register": ok("registered version 3\n")}  # stdout is not the record
-    result, _ = run(compiled, plays, tmp_path)
+    def register(spec: ContainerSpec, pod: Pod) -> Finished:
+        pod.out("register.json").write_text("registered version 3\n")  # not the record
+        return Finished(0, "", "")
+
+    result, _ = run(compiled, {**play_handoff(), "register": register}, tmp_path)
     assert result["deploy"].phase == "Error" and "not JSON" in result["deploy"].message
     assert result.phase == "Error"
 

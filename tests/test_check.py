@@ -157,3 +157,40 @@ def test_gated_metric_that_model_py_never_produces(project: Path) -> None:
 def test_the_evaluation_suite_stage_says_what_it_scores(project: Path) -> None:
     detail = dict(check(project).passed)["evaluation suite"]
     assert detail.startswith("classification: output 'logits' against the target (accuracy ")
+
+
+STREAMED_VAL = '''
+
+class _Stream(torch.utils.data.IterableDataset):
+    """The val split as a stream with no length, as shards in object storage are read."""
+
+    def __init__(self, items):
+        self.items = items
+        self.tensors = items.tensors  # example_inputs() takes its example from the val tensors
+
+    def __iter__(self):
+        return iter(self.items)
+
+
+_build_datasets = build_datasets
+
+
+def build_datasets(cfg):
+    train, val = _build_datasets(cfg)
+    return TRAIN, _Stream(val)
+'''
+
+
+def test_a_streamed_val_split_passes_and_a_streamed_train_split_is_named(project: Path) -> None:
+    """Evaluation streams the held-out split, so an IterableDataset is accepted there; training
+    shuffles and resumes by item index, so its split must have a length, and check says so."""
+    model = project / "model.py"
+    original = model.read_text()
+    model.write_text(original + STREAMED_VAL.replace("TRAIN", "train"))
+    report = check(project)
+    assert dict(report.passed)["datasets"].endswith("val a stream of items")
+
+    model.write_text(original + STREAMED_VAL.replace("TRAIN", "_Stream(train)"))
+    result = handoff("check", cwd=project)
+    assert result.returncode == 1
+    assert "model.py: build_datasets: the train dataset must define __len__" in result.stderr

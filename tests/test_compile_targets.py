@@ -214,7 +214,7 @@ def test_both_engines_run_the_same_graph_and_deploy_only_what_register_promoted(
     deploy = default_compiled.dag_tasks["deploy"]
     assert deploy["template"] == GATE_TEMPLATE
     promoted = {p["name"]: p["value"] for p in deploy["arguments"]["parameters"]}["promoted"]
-    assert promoted == "{{=jsonpath(tasks.register.outputs.result, '$.promoted')}}"
+    assert promoted == "{{=jsonpath(tasks.register.outputs.parameters.record, '$.promoted')}}"
     ((step,),) = default_compiled.templates[GATE_TEMPLATE]["steps"]
     assert (step["template"], step["when"]) == ("deploy", "{{inputs.parameters.promoted}} == true")
     # Both refuse, at deploy time, a version that is no longer the champion.
@@ -246,8 +246,8 @@ def test_argo_steps_call_options_the_handoff_cli_has(default_compiled: Compiled,
     ("expression", "module", "result", "path"),
     [
         ("train.outputs.parameters.record, '$.mlflow_run_id'", "train", "TrainResult", ["mlflow_run_id"]),
-        ("register.outputs.result, '$.promoted'", "register", "RegisterResult", ["promoted"]),
-        ("register.outputs.result, '$.version'", "register", "RegisterResult", ["version"]),
+        ("register.outputs.parameters.record, '$.promoted'", "register", "RegisterResult", ["promoted"]),
+        ("register.outputs.parameters.record, '$.version'", "register", "RegisterResult", ["version"]),
     ],
 )
 def test_argo_reads_fields_the_step_records_have(
@@ -261,6 +261,18 @@ def test_argo_reads_fields_the_step_records_have(
     for field in path:
         assert dataclasses.is_dataclass(cls) and field in {f.name for f in dataclasses.fields(cls)}, field
         cls = typing.get_type_hints(cls)[field]
+
+
+def test_steps_hand_values_on_in_files_never_through_stdout(default_compiled: Compiled) -> None:
+    """Every value a step reads from another comes from a file the other wrote (an output parameter
+    read with ``valueFrom.path``, or an artifact), never from what it printed (``outputs.result``)."""
+    text = json.dumps(default_compiled.argo)
+    assert ".outputs.result" not in text
+    for name, path in (("train", "/tmp/outputs/train.json"), ("register", "/tmp/outputs/register.json")):
+        template = default_compiled.templates[name]
+        assert template["outputs"]["parameters"] == [{"name": "record", "valueFrom": {"path": path}}]
+        args = template["container"]["args"]
+        assert args[args.index("--record") + 1] == path
 
 
 def test_the_exit_handler_prints_and_records_the_outcome() -> None:

@@ -24,13 +24,15 @@ import yaml
 from handoff import __version__
 from handoff.check import check
 from handoff.contract import load_contract
+from handoff.contract_examples import example_arrays
 from handoff.errors import HandoffError
 from handoff.files import write_json
+from handoff.onnx_export import export_onnx
 from handoff.onnx_io import open_session
 from handoff.project import Project
 from handoff.serving import local_server
 from handoff.steps.evaluate import evaluate
-from handoff.steps.export import example_arrays, export, export_onnx
+from handoff.steps.export import export
 from handoff.steps.train import train
 
 from .conftest import mlflow_state_restored, replace_in

@@ -10,6 +10,7 @@ test that reaches the wrong revision fails just as it would on a cluster.
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import shutil
@@ -17,6 +18,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,23 +27,27 @@ import pytest
 import requests
 import yaml
 
+from handoff.deployment import DeployResult, deploy_to_cluster, registered_release
 from handoff.errors import HandoffError
 from handoff.files import write_json
 from handoff.kube import inference_service as isvc
+from handoff.kube import isvc_plan
 from handoff.project import Project
+from handoff.registry import TRITON_TAG
 from handoff.serving import local_server
+from handoff.serving.smoke import SmokeResult
+from handoff.serving.spec import SETTINGS_ENV
 from handoff.step_entry import in_cluster
-from handoff.steps.deploy import DeployResult, deploy_to_cluster, registered_release
-from handoff.steps.register import TRITON_TAG
 from handoff.tracking import use_tracking
 
 from . import fake_rbac
 from .conftest import HANDOFF, TEMPLATE, edit_yaml
-from .fake_kube import INFERENCESERVICE, FakeKube, KServe, fake_kube, schema_problems
+from .fake_kube import APPLY, INFERENCESERVICE, FakeKube, KServe, fake_kube, schema_problems
 from .test_triton_layout import MODEL, Registered, registered_versions
 
 NAMESPACE = "ml-models"
 KEY = ("inferenceservices", NAMESPACE, MODEL)
+JSON_PATCH = "application/json-patch+json"
 POLL_S = 0.02
 CRASH = (  # what a predictor says when its model file is corrupt, traceback and all
     'Traceback (most recent call last):\n  File "/usr/lib/python3/serve.py", line 12\n'
@@ -139,7 +145,7 @@ def test_first_deploy_creates_the_service_and_gives_it_all_traffic(
     assert (result.target, result.version, result.smoke_passed) == ("cluster", "1", True)
     assert result.url == servers["1"] and result.smoke_detail == "outputs match the contract example"
     assert invalid(fake) == [] and schema_problems(INFERENCESERVICE, obj) == []
-    assert [method for method, path in fake.requests if method != "GET"] == ["POST"]  # no canary to promote
+    assert [method for method, path in fake.requests if method != "GET"] == ["PATCH"]  # no canary to promote
     project = Project.load(registered.project)
     kserve = project.settings.serving.kserve  # the project's handoff.yaml, as generated
     tags = use_tracking(project).get_model_version(MODEL, "1").tags
@@ -748,14 +754,16 @@ def test_the_api_server_rejects_a_misspelt_field_with_its_path(registered: Regis
         with pytest.raises(HandoffError) as caught:
             services.create(body)
         assert fake.objects == {}
-        services.create(isvc.manifest(project.settings, release))
-        with pytest.raises(HandoffError) as patched:  # a patch is checked as the object it makes
-            services.patch({"spec": {"predictor": {"minReplica": 2}}})
+        config = isvc.manifest(project.settings, release)
+        services.create(config)
+        config["spec"]["predictor"]["minReplica"] = 2
+        with pytest.raises(HandoffError) as patched:  # an apply is checked as the object it makes
+            services.apply(config)
     assert "could not create InferenceService ml-models/digits-classifier: HTTP 422" in str(caught.value)
     assert "spec.predictor.model: Additional properties are not allowed ('storageURI' was unexpected)" in str(
         caught.value
     )
-    assert "could not patch" in str(patched.value)
+    assert "could not apply" in str(patched.value)
     assert "spec.predictor: Additional properties are not allowed ('minReplica' was unexpected)" in str(
         patched.value
     )
@@ -861,34 +869,14 @@ def test_pods_wait_for_their_endpoints_to_go_in_raw_mode_only(default_project: P
     assert predictor["model"]["lifecycle"] == {"preStop": {"sleep": {"seconds": isvc.PRE_STOP_S}}}
     assert predictor["terminationGracePeriodSeconds"] == isvc.PRE_STOP_S + 30 + isvc.EXIT_MARGIN_S
 
-    # A deploy learns the mode from the service it updates.
-    class Services:
-        what = "the service"
-
-        def __init__(self, mode: str) -> None:
-            self.obj = {**isvc.manifest(settings, v1), "status": {"deploymentMode": mode}}
-            self.obj["metadata"] = {**self.obj["metadata"], "generation": 1}
-            self.patches: list[dict[str, Any]] = []
-
-        def get(self) -> dict[str, Any]:
-            return self.obj
-
-        def apply(self, change: Callable[[dict[str, Any]], dict[str, Any] | None]) -> dict[str, Any]:
-            patch = change(self.obj)
-            assert patch is not None
-            self.patches.append(patch)
-            return {**self.obj, "metadata": {**self.obj["metadata"], "generation": 2}}
-
-        def say(self, message: str) -> None:
-            pass
-
+    # A deploy learns the mode from the service it updates (decided from the object read: no API).
     v2 = isvc.Release(MODEL, "2", "cd" * 32, "s3://models/triton")
     for mode, drains in (("RawDeployment", True), ("Standard", True), ("Serverless", False)):
-        services = Services(mode)
-        isvc._start(services, settings, v2)
-        (patch,) = services.patches
-        assert ("terminationGracePeriodSeconds" in patch["spec"]["predictor"]) is drains, mode
-        assert ("lifecycle" in patch["spec"]["predictor"]["model"]) is drains, mode
+        live = {**isvc.manifest(settings, v1), "status": {"deploymentMode": mode}}
+        live["metadata"] = {**live["metadata"], "generation": 1}
+        predictor = isvc_plan.start(live, settings, v2, "the service").config["spec"]["predictor"]
+        assert ("terminationGracePeriodSeconds" in predictor) is drains, mode
+        assert ("lifecycle" in predictor["model"]) is drains, mode
 
 
 @pytest.mark.unit
@@ -967,42 +955,301 @@ def test_a_retried_deploy_finishes_the_rollout_its_killed_attempt_started(
     assert recorded is not None and recorded.predictor == history[0]["spec"]["predictor"]
 
 
+MERGE = "application/merge-patch+json"
+PATH = f"/apis/serving.kserve.io/v1beta1/namespaces/{NAMESPACE}/inferenceservices/{MODEL}"
+
+
+def send(api: Any, body: Any, content_type: str, **query: str) -> Any:
+    """A PATCH of the service as any client sends it (``fieldManager``, ``force``: query parameters)."""
+    return api.call_api(
+        PATH,
+        "PATCH",
+        query_params=list(query.items()),
+        header_params={"Content-Type": content_type, "Accept": "application/json"},
+        body=body,
+        response_type="object",
+        _return_http_data_only=True,
+    )
+
+
 @pytest.mark.unit
 def test_the_fake_patches_like_the_api_server(default_project: Path) -> None:
     """The fake's PATCH is what the deploy relies on; check it against the API server's rules."""
     project = Project.load(default_project)
     release = isvc.Release(MODEL, "1", "ab" * 32, "s3://models/triton/0123456789abcdef")
+    config = isvc.manifest(project.settings, release)
     with fake_kube() as fake:
         api = fake.api_client()
         services = isvc.ServiceClient(NAMESPACE, MODEL, api, retry_s=POLL_S)
-        created = services.create(isvc.manifest(project.settings, release))
+        created = services.create(config)
         assert created is not None and created["metadata"]["generation"] == 1
-        version = created["metadata"]["resourceVersion"]
+        version, uid = created["metadata"]["resourceVersion"], created["metadata"]["uid"]
         # Metadata changes leave the generation alone; status in a patch is ignored (a subresource).
-        noted = services.patch({"metadata": {"annotations": {"note": "x"}}, "status": {"url": "http://evil"}})
+        noted = send(
+            api, {"metadata": {"annotations": {"note": "x"}}, "status": {"url": "http://evil"}}, MERGE
+        )
         assert noted["metadata"]["generation"] == 1 and "status" not in noted
         assert noted["metadata"]["resourceVersion"] != version
         # A spec change moves the generation; null deletes a key (RFC 7386).
-        changed = services.patch({"spec": {"predictor": {"minReplicas": 2, "labels": None}}})
+        changed = send(api, {"spec": {"predictor": {"minReplicas": 2, "labels": None}}}, MERGE)
         assert changed["metadata"]["generation"] == 2 and "labels" not in changed["spec"]["predictor"]
-        # A patch made from a stale read is refused, not applied over the newer state.
-        with pytest.raises(isvc.Conflict):
-            services.patch(
-                {"metadata": {"resourceVersion": version}, "spec": {"predictor": {"minReplicas": 3}}}
+        # A write made from a stale read is refused, not applied over the newer state.
+        with pytest.raises(Exception, match="409"):
+            send(
+                api,
+                {"metadata": {"resourceVersion": version}, "spec": {"predictor": {"minReplicas": 3}}},
+                MERGE,
+            )
+        with pytest.raises(isvc.Conflict, match="the object has been modified"):
+            services.apply(
+                {**config, "metadata": {**config["metadata"], "uid": uid, "resourceVersion": version}}
             )
         assert fake.get(*KEY)["spec"]["predictor"]["minReplicas"] == 2
-
-        def send(body: Any) -> Any:
-            return api.call_api(
-                f"/apis/serving.kserve.io/v1beta1/namespaces/{NAMESPACE}/inferenceservices/{MODEL}",
-                "PATCH",
-                header_params={"Content-Type": "application/json-patch+json", "Accept": "application/json"},
-                body=body,
-                response_type="object",
-                _return_http_data_only=True,
-            )
-
-        patched = send([{"op": "replace", "path": "/spec/predictor/maxReplicas", "value": 5}])  # RFC 6902
+        patched = send(
+            api, [{"op": "replace", "path": "/spec/predictor/maxReplicas", "value": 5}], JSON_PATCH
+        )
         assert patched["spec"]["predictor"]["maxReplicas"] == 5 and patched["metadata"]["generation"] == 3
         with pytest.raises(Exception, match="415"):  # a dict body makes the client send a strategic
-            send({"spec": {"predictor": {"maxReplicas": 6}}})  # merge patch: refused for custom resources
+            send(api, {"spec": {"predictor": {"maxReplicas": 6}}}, JSON_PATCH)  # merge patch: refused for CRs
+        with pytest.raises(Exception, match="415"):
+            send(api, yaml.safe_dump(config), "application/yaml", fieldManager="handoff")
+        # PatchOptions, checked before anything else: an apply names its manager, only an apply forces.
+        with pytest.raises(Exception, match=r"(?s)422.*fieldManager: Required value: is required for apply"):
+            send(api, config, APPLY)
+        with pytest.raises(Exception, match=r"(?s)422.*force: Forbidden: may not be specified for non-apply"):
+            send(api, {"metadata": {"annotations": {"note": "y"}}}, MERGE, force="true")
+        # An apply made from a read of a service deleted since does not create it again.
+        api.call_api(PATH, "DELETE", response_type="object")
+        with pytest.raises(isvc.Conflict, match="UID in precondition"):
+            services.apply({**config, "metadata": {**config["metadata"], "uid": uid}})
+        assert fake.objects == {}
+
+
+@pytest.mark.unit
+def test_the_fakes_server_side_apply_removes_what_its_manager_left_out(default_project: Path) -> None:
+    """What makes server-side apply right for canary → full rollouts and rollbacks: a field the same
+    manager applied before and leaves out now is removed (a key, an item of a list-map such as
+    ``env``, a whole struct); one another manager set stays; changing another manager's field is a
+    conflict unless forced; an apply that changes nothing writes nothing."""
+    settings = _with_runtime(Project.load(default_project).settings, "kserve")
+    release = isvc.Release(MODEL, "1", "ab" * 32, "s3://models/triton")
+    first = isvc.manifest(settings, release, canary=10, rollback_to="{}", raw=True)
+    first["spec"]["predictor"]["model"]["env"].append({"name": "EXTRA", "value": "1"})
+    second = isvc.manifest(settings, release)
+    with fake_kube() as fake:
+        api = fake.api_client()
+        services = isvc.ServiceClient(NAMESPACE, MODEL, api, retry_s=POLL_S)
+        assert services.create(first) is not None
+        send(
+            api, {"metadata": {"annotations": {"example.com/team": "ml"}}}, MERGE, fieldManager="kubectl-edit"
+        )
+        after = services.apply(second)
+        predictor = after["spec"]["predictor"]
+        assert "canaryTrafficPercent" not in predictor and "terminationGracePeriodSeconds" not in predictor
+        assert "lifecycle" not in predictor["model"]
+        assert [e["name"] for e in predictor["model"]["env"]] == [SETTINGS_ENV]
+        assert predictor == second["spec"]["predictor"] and after["metadata"]["generation"] == 2
+        assert after["metadata"]["annotations"] == {
+            **second["metadata"]["annotations"],
+            "example.com/team": "ml",  # another manager's
+        }
+        owners = {(m["manager"], m["operation"]) for m in after["metadata"]["managedFields"]}
+        assert owners == {("handoff", "Apply"), ("kubectl-edit", "Update")}
+        # Someone edits a field handoff owns: an apply that does not force meets a conflict, a
+        # forced one (every apply but a create) takes the field back.
+        send(api, {"spec": {"predictor": {"minReplicas": 3}}}, MERGE, fieldManager="kubectl-edit")
+        with pytest.raises(
+            isvc.Conflict, match=r'conflict with "kubectl-edit": \.spec\.predictor\.minReplicas'
+        ):
+            services.apply(second, force=False)
+        taken = services.apply(second)
+        assert taken["spec"]["predictor"] == second["spec"]["predictor"]
+        writes = len(fake.history[KEY])
+        again = services.apply(second)
+        assert again["metadata"]["resourceVersion"] == taken["metadata"]["resourceVersion"]
+        assert len(fake.history[KEY]) == writes
+
+
+@pytest.mark.unit
+def test_creating_by_apply_needs_the_create_permission(default_project: Path) -> None:
+    """An apply that creates is authorized as a create too, as the API server does: the step's
+    Role keeps `create` on InferenceServices for the first deploy."""
+    settings = Project.load(default_project).settings
+    config = isvc.manifest(settings, isvc.Release(MODEL, "1", "ab" * 32, "s3://models/triton"))
+    role, binding = yaml.safe_load_all((TEMPLATE / "manifests/base/rbac-pipeline.yaml").read_text())
+    for obj in (role, binding):
+        obj["metadata"]["namespace"] = NAMESPACE
+    rules = [{**r, "verbs": [v for v in r["verbs"] if v != "create"]} for r in role["rules"]]
+    with fake_kube() as fake:
+        fake.caller = fake_rbac.service_account(NAMESPACE, "handoff-pipeline")
+        fake.apply({**role, "rules": rules}, binding)
+        services = isvc.ServiceClient(NAMESPACE, MODEL, fake.api_client(), retry_s=POLL_S)
+        with pytest.raises(HandoffError, match=r"could not create .*HTTP 403: .* cannot create resource"):
+            services.create(config)
+        fake.apply(role)
+        assert services.create(config) is not None
+
+
+@pytest.mark.local
+def test_every_write_is_a_server_side_apply_by_handoff(
+    registered: Registered, servers: dict[str, str]
+) -> None:
+    """The deploy creates, rolls out and promotes by server-side apply under the field manager
+    `handoff` (the create without force, so someone else's service is not taken over); what other
+    managers put on the service stays, and what handoff applied and then dropped (the canary share)
+    goes."""
+    with fake_kube(KServe(serving(servers))) as fake:
+        deploy(registered, fake, "1")
+        edit = {"metadata": {"labels": {"example.com/team": "ml"}, "annotations": {"example.com/owner": "x"}}}
+        send(fake.api_client(), edit, MERGE, fieldManager="kubectl-edit")
+        deploy(registered, fake, "2")
+        obj, history = stored(fake), fake.history[KEY]
+    applies = [(p, t, q) for p, t, q in fake.patches if q.get("fieldManager") != "kubectl-edit"]
+    forced = (PATH, APPLY, {"fieldManager": "handoff", "force": "true"})
+    assert applies == [(PATH, APPLY, {"fieldManager": "handoff"}), forced, forced]  # create, canary, promote
+    assert not [method for method, _ in fake.requests if method in ("POST", "PUT")]
+    assert obj["metadata"]["labels"]["example.com/team"] == "ml"
+    assert obj["metadata"]["annotations"]["example.com/owner"] == "x"
+    assert history[-2]["spec"]["predictor"]["canaryTrafficPercent"] == 10
+    assert "canaryTrafficPercent" not in obj["spec"]["predictor"]
+    owners = {(m["manager"], m["operation"]) for m in obj["metadata"]["managedFields"]}
+    assert owners == {("handoff", "Apply"), ("kubectl-edit", "Update")}
+
+
+# --- the rollout's state machine, without an API server ----------------------------------------
+
+
+class MemoryServices:
+    """One InferenceService held in memory, for the state machine alone: an apply replaces what
+    handoff manages (all of the object, here) and moves the generation when the spec changes."""
+
+    namespace, name = NAMESPACE, MODEL
+    what = f"InferenceService {NAMESPACE}/{MODEL}"
+    deployment_name = f"{MODEL}-predictor"
+
+    def __init__(self) -> None:
+        self.obj: dict[str, Any] | None = None
+        self.applied: list[dict[str, Any]] = []
+
+    def say(self, message: str) -> None:
+        pass
+
+    def get(self) -> dict[str, Any] | None:
+        return copy.deepcopy(self.obj)
+
+    def create(self, config: dict[str, Any]) -> dict[str, Any] | None:
+        return self._apply(config)
+
+    def update(self, decide: Callable[[dict[str, Any]], Any]) -> tuple[Any, dict[str, Any]]:
+        decision = decide(copy.deepcopy(self.obj))
+        return decision, self._apply(decision.config)
+
+    def pods(self, selector: str) -> list[Any]:
+        return []
+
+    def deployment(self) -> Any:
+        return None
+
+    def _apply(self, config: dict[str, Any]) -> dict[str, Any]:
+        self.applied.append(copy.deepcopy(config))
+        generation = self.obj["metadata"]["generation"] if self.obj else 0
+        generation += int(self.obj is None or self.obj["spec"] != config["spec"])
+        self.obj = copy.deepcopy({**config, "metadata": {**config["metadata"], "generation": generation}})
+        return copy.deepcopy(self.obj)
+
+
+@dataclass
+class ScriptedWatch:
+    """KServe as the state machine sees it: each version's spec Ready at a URL naming the version,
+    unless ``fails`` says why it will not be."""
+
+    services: MemoryServices
+    fails: dict[str, str] = field(default_factory=dict)
+
+    def pods(self) -> list[Any]:
+        return []
+
+    def ready(self, generation: int, timeout_s: float, before: isvc.Before) -> dict[str, Any]:
+        obj = self.services.get()
+        assert obj is not None and obj["metadata"]["generation"] == generation
+        if version_of(obj) in self.fails:
+            raise isvc.RolloutFailed(self.fails[version_of(obj)])
+        return {**obj, "status": {"url": f"http://version-{version_of(obj)}"}}
+
+    def observed(self, generation: int, timeout_s: float, before: isvc.Before) -> bool:
+        return True
+
+
+def smoke_of(passes: bool) -> Callable[[str], SmokeResult]:
+    return lambda url: SmokeResult(passes and url == "http://version-2", "the smoke test", 1.0, 0.0)
+
+
+def release(version: str) -> isvc.Release:
+    return isvc.Release(MODEL, version, version * 64, "s3://models/triton")
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("canary_percent", "fails", "passes", "phase", "applied"),
+    [
+        (10, {}, True, isvc.Phase.SERVING, [("2", 10), ("2", None)]),  # canary, promoted
+        (10, {}, False, isvc.Phase.ROLLED_BACK, [("2", 10), ("1", 0)]),  # restored, traffic pinned to 1
+        (10, {"2": "crash loop"}, True, isvc.Phase.ROLLED_BACK, [("2", 10), ("1", 0)]),
+        (0, {}, False, isvc.Phase.ROLLED_BACK, [("2", None), ("1", None)]),  # all at once: no pin
+    ],
+)
+def test_the_rollout_state_machine_runs_without_an_api_server(
+    default_project: Path,
+    canary_percent: int,
+    fails: dict[str, str],
+    passes: bool,
+    phase: isvc.Phase,
+    applied: list[tuple[str, int | None]],
+) -> None:
+    """The rollout's decisions (canary, promotion, what a rollback restores and whether it pins the
+    traffic) on an in-memory service and a scripted KServe: no HTTP, no controller threads."""
+    base = Project.load(default_project).settings
+    kserve = base.serving.kserve.model_copy(update={"canary_percent": canary_percent})
+    settings = base.model_copy(update={"serving": base.serving.model_copy(update={"kserve": kserve})})
+    services = MemoryServices()
+    services.create(isvc.manifest(settings, release("1")))
+    first, services.applied = services.get(), []
+    run = isvc.RolloutRun(services, ScriptedWatch(services, fails), settings, release("2"))
+    if phase is isvc.Phase.SERVING:
+        result = run.run(smoke_of(passes))
+        assert (result.url, result.canary_percent, result.generation) == ("http://version-2", 10, 3)
+    else:
+        with pytest.raises(HandoffError, match="rolled back: version 1's spec is restored"):
+            run.run(smoke_of(passes))
+    assert run.phase is phase
+    assert [
+        (version_of(c), c["spec"]["predictor"].get("canaryTrafficPercent")) for c in services.applied
+    ] == applied
+    if phase is isvc.Phase.ROLLED_BACK:  # version 1's spec and annotations again, nothing of the rollout
+        after = services.get()
+        assert after is not None and after["metadata"]["annotations"] == first["metadata"]["annotations"]
+        pinned = {
+            **first["spec"]["predictor"],
+            **({"canaryTrafficPercent": 0} if applied[-1][1] == 0 else {}),
+        }
+        assert after["spec"]["predictor"] == pinned
+
+
+@pytest.mark.unit
+def test_the_state_machine_leaves_a_failed_first_deploy_and_undoes_nothing_it_did_not_change(
+    default_project: Path,
+) -> None:
+    settings = Project.load(default_project).settings
+    services = MemoryServices()
+    run = isvc.RolloutRun(services, ScriptedWatch(services, {"1": "crash loop"}), settings, release("1"))
+    with pytest.raises(HandoffError, match="crash loop; nothing served before this deploy"):
+        run.run(smoke_of(True))
+    assert run.phase is isvc.Phase.LEFT
+    assert services.get()["metadata"]["annotations"][isvc.NEVER_SERVED_KEY] == "true"
+    # A redeploy of the spec that is there changes nothing, so a failure undoes nothing.
+    services = MemoryServices()
+    services.create(isvc.manifest(settings, release("1")))
+    run = isvc.RolloutRun(services, ScriptedWatch(services, {"1": "crash loop"}), settings, release("1"))
+    with pytest.raises(HandoffError, match="this deploy changed nothing, so nothing was rolled back"):
+        run.run(smoke_of(True))
+    assert run.phase is isvc.Phase.UNCHANGED and len(services.applied) == 2  # the create, the same again

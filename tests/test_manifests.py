@@ -1160,8 +1160,9 @@ def test_the_runtimes_command_serves_an_exported_model(
     InferenceService's storageUri); the paths, host and port are moved under tmp_path so the
     command runs here unchanged otherwise.
     """
+    from handoff.contract_examples import example_arrays
+    from handoff.onnx_export import export_onnx
     from handoff.project import Project
-    from handoff.steps.export import example_arrays, export_onnx
     from handoff.triton import write_layout
 
     container = one(built["prod"], "ServingRuntime")["spec"]["containers"][0]

@@ -27,8 +27,9 @@ from handoff.cli import app
 from handoff.errors import HandoffError
 from handoff.files import sha256_of
 from handoff.project import Project
+from handoff.registry import PROMOTION_TAG, SERVED_TAG
 from handoff.serving import local_server
-from handoff.steps.register import PROMOTION_TAG, SERVED_TAG, register
+from handoff.steps.register import register
 from handoff.tracking import CHAMPION, alias_version, use_tracking
 
 from .conftest import edit_yaml, mlflow_state_restored, replace_in
@@ -58,7 +59,8 @@ EXPORT_SCRIPT = """
 import sys, torch
 from pathlib import Path
 from handoff.project import Project
-from handoff.steps.export import example_arrays, export_onnx
+from handoff.contract_examples import example_arrays
+from handoff.onnx_export import export_onnx
 project = Project.load(Path(sys.argv[1]))
 cfg = project.config()
 torch.manual_seed(0)

@@ -273,7 +273,8 @@ def test_registered_raw_model_serves_locally_and_its_code_is_part_of_the_version
     from typer.testing import CliRunner
 
     from handoff.cli import app
-    from handoff.steps.register import CODE_TAG, register
+    from handoff.registry import CODE_TAG
+    from handoff.steps.register import register
 
     project = Path(shutil.copytree(project_dir, tmp_path / NAME))
     edit_yaml(project / "handoff.yaml", lambda s: s["serving"].update(port=0))

@@ -28,7 +28,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from handoff import __version__
+from handoff import __version__, registry
 from handoff.cli import app
 from handoff.data_hash import data_sha256
 from handoff.doctor import check_mlflow_artifacts
@@ -38,11 +38,11 @@ from handoff.gates import absolute_checks, decide
 from handoff.lineage import DATA_TAG, GIT_SHA_ENV, IMAGE_TAG
 from handoff.project import Project
 from handoff.promotion_lock import ACQUIRED_TAG, HOLDER_TAG, TOKEN_TAG, lock_name, promotion_lock
+from handoff.registry import PREVIOUS_CHAMPION_TAG, PROMOTION_TAG, SHA_TAG, TRITON_TAG
 from handoff.serving import local_server
 from handoff.settings import IMAGE_ENV, TRACKING_URI_ENV
-from handoff.steps import register as register_step
 from handoff.steps.deploy import deploy
-from handoff.steps.register import PREVIOUS_CHAMPION_TAG, PROMOTION_TAG, SHA_TAG, TRITON_TAG, register
+from handoff.steps.register import register
 from handoff.steps.rollback import rollback
 from handoff.steps.train import train
 from handoff.tracking import CHALLENGER, CHAMPION, alias_version, use_tracking
@@ -171,7 +171,7 @@ def test_every_register_says_and_tags_whether_it_promoted_and_if_not_why(
     # v2 again, now passing against v1, while another process holds the promotion lock for longer
     # than register waits: the error says who, and the version says why it was not promoted.
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(register_step, "promotion_lock", functools.partial(promotion_lock, wait_s=0.5))
+        patch.setattr(registry, "promotion_lock", functools.partial(promotion_lock, wait_s=0.5))
         with promotion_lock(client, MODEL, "rollback of v1"), pytest.raises(HandoffError) as error:
             register(project, root / "export-1", evaluation(champion="1"))
     held = f"not promoted: {error.value.detail}"

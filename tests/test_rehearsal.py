@@ -319,7 +319,7 @@ def test_argo_runs_every_pod_as_compiled_resumes_a_killed_training_and_serves_fr
     for name in ("train", "export", "evaluate", "register"):
         spec = run[name].attempts[-1].spec
         assert spec is not None and (spec.user, spec.read_only, spec.cap_drop) == (10001, True, ("ALL",))
-    registered = json.loads(run["register"].outputs.result or "{}")
+    registered = json.loads(run["register"].outputs.parameters.get("record", "{}"))  # what deploy read
     assert registered["promoted"] and registered["promotion"] == "promoted: the first champion"
     deployed = json.loads(run["deploy[0].deploy"].outputs.result or "{}")
     assert (deployed["target"], deployed["version"], deployed["smoke_passed"]) == ("cluster", "1", True)
@@ -388,7 +388,7 @@ def test_a_failed_gate_deploys_nothing_on_either_engine(cluster: Cluster, docker
     argo = run_argo(cluster)
     assert argo.phase == "Succeeded", explain(argo)  # a failed gate is an outcome, not an error
     assert argo["deploy[0].deploy"].phase == "Skipped"
-    promotion = json.loads(argo["register"].outputs.result or "{}")["promotion"]
+    promotion = json.loads(argo["register"].outputs.parameters.get("record", "{}"))["promotion"]
     assert promotion.startswith("not promoted: the gate failed: accuracy "), promotion
     kfp = run_kfp(cluster, docker_host)
     assert kfp.status == "SUCCESS", explain_kfp(kfp)

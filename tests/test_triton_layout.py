@@ -26,8 +26,9 @@ from handoff.contract import Contract
 from handoff.errors import HandoffError
 from handoff.files import sha256_of
 from handoff.project import Project
+from handoff.registry import TRITON_TAG
 from handoff.steps.export import export
-from handoff.steps.register import TRITON_TAG, register
+from handoff.steps.register import register
 from handoff.tracking import use_tracking
 from handoff.triton import config_pbtxt, layout_digest
 

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import torch
 from handoff.check import check
+from handoff.contract_examples import example_arrays
+from handoff.onnx_export import export_onnx
 from handoff.onnx_io import open_session
 from handoff.project import Project
 from handoff.steps.evaluate import HeldOut, score
-from handoff.steps.export import example_arrays, export_onnx
 
 PROJECT = Path(__file__).resolve().parents[1]
 

@@ -26,9 +26,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from handoff.config_fields import int_setting
 from handoff.contract import CONTRACT_FILE
+from handoff.contract_examples import example_arrays
 from handoff.errors import HandoffError
 from handoff.eval_suite import SUITE_METRICS, evaluate_outputs
 from handoff.hooks import (
@@ -48,18 +50,11 @@ from handoff.hooks import (
     user_code,
 )
 from handoff.model_source import RAW_HOOKS
+from handoff.onnx_export import check_parity, dynamic_axes, export_onnx, torch_outputs
 from handoff.onnx_io import check_arrays
 from handoff.project import Project
 from handoff.raw_io import check_raw_hooks, has_raw_hooks, postprocess, preprocess, raw_request
 from handoff.runtime import seed_everything
-from handoff.steps.export import (
-    check_parity,
-    dynamic_axes,
-    example_arrays,
-    export_onnx,
-    torch_outputs,
-)
-from handoff.steps.train import int_setting
 
 # What MLflow accepts as a metric name (letters, digits, and _ - . space /).
 METRIC_NAME = re.compile(r"^[A-Za-z0-9_\-. /]+$")
@@ -98,18 +93,28 @@ def _datasets(project: Project, cfg: Any) -> tuple[Dataset, str]:
             file=MODEL_FILE,
             field="build_datasets",
         )
-    sizes = []
+    sizes: list[str] = []
     for label, dataset in zip(("train", "val"), datasets, strict=True):
         try:
-            sizes.append(len(dataset))
+            sizes.append(str(len(dataset)))
         except TypeError:
-            raise HandoffError(
-                f"the {label} dataset must define __len__", file=MODEL_FILE, field="build_datasets"
-            ) from None
-        if not sizes[-1]:
+            # Evaluation streams the val split, so a stream (an IterableDataset over shards) is
+            # fine there; training shuffles and resumes by index, which needs a length.
+            if label == "train" or not isinstance(dataset, IterableDataset):
+                raise HandoffError(
+                    f"the {label} dataset must define __len__"
+                    + ("" if label == "train" else " or be a torch IterableDataset"),
+                    file=MODEL_FILE,
+                    field="build_datasets",
+                ) from None
+            sizes.append("a stream of")
+        if sizes[-1] == "0":
             raise HandoffError(f"the {label} dataset is empty", file=MODEL_FILE, field="build_datasets")
         with user_code(project.hooks, f"loading a batch of the {label} dataset"):
-            inputs, _ = split_batch(next(iter(DataLoader(dataset, batch_size=2))))
+            first = next(iter(DataLoader(dataset, batch_size=2)), None)
+        if first is None:
+            raise HandoffError(f"the {label} dataset is empty", file=MODEL_FILE, field="build_datasets")
+        inputs, _ = split_batch(first)
         check_arrays(
             project.contract.inputs,
             [t.detach().numpy() for t in inputs],

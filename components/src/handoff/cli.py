@@ -11,8 +11,9 @@ import json
 import os
 import sys
 from collections.abc import Iterator
+from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import typer
 
@@ -37,8 +38,9 @@ def _print_record(result: Any) -> None:
 
 @contextlib.contextmanager
 def _record_only_on_stdout() -> Iterator[None]:
-    """A step's stdout is its record, which Argo reads as the step's result (JSON): what the step
-    and its libraries print meanwhile (training progress, MLflow's run links) goes to stderr."""
+    """A step's stdout is its record (JSON), for scripts that read it; what the step and its
+    libraries print meanwhile (training progress, MLflow's run links) goes to stderr. Orchestrators
+    read the record from the ``--record`` file instead, so stray output never reaches them."""
     with contextlib.redirect_stdout(sys.stderr):
         yield
 
@@ -71,82 +73,54 @@ def check(project: ProjectOpt = Path(".")) -> None:
     typer.echo(f"model.py satisfies the contract ({len(report.passed)} checks, {report.seconds:.1f} s)")
 
 
-@app.command()
-def run(
-    project: ProjectOpt = Path("."),
-    local: Annotated[bool, typer.Option("--local", help="Run with kfp.local on this machine.")] = False,
-    fork_server: Annotated[
-        bool, typer.Option(help="Start local steps as forks of a warm process (imports paid once).")
-    ] = True,
-) -> None:
-    """Run the whole pipeline: train, export, evaluate, register, deploy and smoke-test."""
-    if not local:
-        raise HandoffError("only local runs are available in this version: use `handoff run --local`")
-    from handoff_pipelines.local import run_local
-    from handoff_pipelines.summary import format_summary
-
-    summary = run_local(project, fork_server=fork_server)
-    typer.echo(format_summary(summary))
-    if summary["status"] != "succeeded":
-        raise typer.Exit(1)
+# Commands another distribution adds to this CLI: a Typer app it declares under this entry-point
+# group, found at start-up (``add_commands``), so the step library never imports the package that
+# has them. Until one is found, each name below stands in for its command: listed in --help, and
+# saying which package brings it.
+COMMANDS_GROUP = "handoff.commands"
+PIPELINES_PACKAGE = "ml-handoff-pipelines"
+ADDED_COMMANDS = {
+    "run": "Run the whole pipeline: train, export, evaluate, register, deploy and smoke-test",
+    "compile": "Compile the pipeline for a cluster: Kubeflow Pipelines and/or Argo Workflows",
+    "submit": "Compile, then start a run on the cluster",
+}
 
 
-ImageOpt = Annotated[
-    str | None,
-    typer.Option(help="Image the steps run in, instead of handoff.yaml's (e.g. REPOSITORY@sha256:…)."),
-]
-TargetOpt = Annotated[
-    Literal["kfp", "argo", "all"] | None,
-    typer.Option(help="Kubeflow Pipelines, Argo Workflows or both (default: handoff.yaml's orchestrator)."),
-]
-OutOpt = Annotated[Path, typer.Option(help="Folder for the compiled files.", file_okay=False)]
+def _stand_in(name: str, summary: str, package: str = PIPELINES_PACKAGE) -> None:
+    """``handoff NAME`` (whatever its arguments) fails with one line saying what to install."""
 
-
-def _checked_image(image: str | None) -> str | None:
-    from handoff.kube.images import is_image_reference
-
-    if image is not None and not is_image_reference(image):
+    def missing() -> None:
         raise HandoffError(
-            "--image expects an image reference, [REGISTRY/]NAME[:TAG][@sha256:DIGEST] with a lowercase "
-            f"NAME, e.g. registry.example.com/ml/my-model@sha256:<64 hex digits>; got {image!r}"
+            f"`handoff {name}` comes with the {package} package, which is not installed: "
+            f"pip install {package}"
         )
-    return image
+
+    settings = {"allow_extra_args": True, "ignore_unknown_options": True}
+    app.command(name, help=f"{summary} (needs {package}).", context_settings=settings)(missing)
 
 
-def _targets(target: str | None) -> tuple[str, ...] | None:
-    from handoff_pipelines.compiled import TARGETS
-
-    return None if target is None else TARGETS if target == "all" else (target,)
+for _name, _summary in ADDED_COMMANDS.items():
+    _stand_in(_name, _summary)
 
 
-@app.command(name="compile")
-def compile_(
-    project: ProjectOpt = Path("."),
-    out: OutOpt = Path("compiled"),
-    image: ImageOpt = None,
-    target: TargetOpt = None,
-) -> None:
-    """Compile for a cluster: the KFP pipeline (and its training job when training.nodes > 1) and/or
-    the Argo WorkflowTemplate."""
-    from handoff_pipelines.compiled import compile_project
+def add_commands(target: typer.Typer) -> None:
+    """Add the commands the installed distributions declare under ``COMMANDS_GROUP`` (each entry
+    point a ``typer.Typer``); they take the places of the stand-ins of the same names.
 
-    for path in compile_project(project, out, image=_checked_image(image), targets=_targets(target)):
-        typer.echo(f"wrote {path}")
-
-
-@app.command()
-def submit(
-    project: ProjectOpt = Path("."),
-    out: OutOpt = Path("compiled"),
-    image: ImageOpt = None,
-    target: TargetOpt = None,
-) -> None:
-    """Compile, then start a run on the cluster: Kubeflow Pipelines (cluster.kfp_endpoint, token in
-    $KF_PIPELINES_TOKEN) and/or Argo Workflows (cluster.argo_server, token in $ARGO_TOKEN)."""
-    from handoff_pipelines.submit import submit_project
-
-    for run in submit_project(project, out, image=_checked_image(image), targets=_targets(target)):
-        typer.echo(f"submitted {run.target} run {run.name} ({run.id}): {run.url}")
+    One that fails to load is said on stderr and skipped: the step commands work whatever else is
+    installed beside them."""
+    for entry in entry_points(group=COMMANDS_GROUP):
+        package = entry.dist.name if entry.dist else "a package"
+        where = f"{package}'s {COMMANDS_GROUP} entry point {entry.value}"
+        try:
+            commands = entry.load()
+        except Exception as exc:  # noqa: BLE001 - another package's import error, of any type
+            typer.echo(f"warning: handoff: {where} did not load: {type(exc).__name__}: {exc}", err=True)
+            continue
+        if not isinstance(commands, typer.Typer):
+            typer.echo(f"warning: handoff: {where} is not a typer.Typer; skipped", err=True)
+        elif all(group.typer_instance is not commands for group in target.registered_groups):
+            target.add_typer(commands)  # no name: its commands join this app's
 
 
 @app.command()
@@ -223,12 +197,17 @@ def register(
     report: Annotated[
         Path | None, typer.Option(help="Readiness report folder from `handoff evaluate`.", file_okay=False)
     ] = None,
+    record: Annotated[
+        Path | None, typer.Option(help="Also write the result here (JSON; what Argo hands to deploy).")
+    ] = None,
 ) -> None:
     """Register the ONNX model in MLflow; alias champion only if the gate passed."""
     from handoff.steps.register import register as step
 
     with _record_only_on_stdout():
         result = step(project, model_dir, json.loads(evaluation.read_text()), run_id, report)
+    if record:
+        atomic_write_bytes(record, (record_json(result) + "\n").encode())
     _print_record(result)
 
 
@@ -343,6 +322,7 @@ def stop(project: ProjectOpt = Path(".")) -> None:
 
 def main() -> None:
     try:
+        add_commands(app)
         app()
     except HandoffError as exc:
         typer.echo(f"error: {exc}", err=True)

@@ -16,7 +16,10 @@ place that knows the hook names. Conventions the steps rely on:
 * ``loss``, ``metrics`` and ``slices`` get the batch as the dataset yields it (one tensor when
   there is one input) and the outputs as the contract lists them: the tensor when there is one,
   else a tuple in contract order that also answers to the output names (``outputs["logits"]``,
-  ``outputs.logits``), the same in training (torch) and evaluation (ONNX Runtime).
+  ``outputs.logits``), the same in training (torch) and evaluation (ONNX Runtime);
+* on a validation split they see its batches joined into chunks of ``CHUNK_BYTES`` (the whole
+  split when it is smaller), one chunk in memory at a time, so a split need not fit in memory
+  (``SplitMeans``).
 
 Any exception raised while the researcher's code runs becomes a ``HandoffError`` that names what
 was running and the line of model.py, so nobody has to read a platform traceback.
@@ -27,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol
@@ -50,7 +53,8 @@ MODULE_NAME = "model"
 
 
 class ModelModule(Protocol):
-    """What ``model.py`` provides. ``metrics``, ``build_optimizer`` and ``Config.tiny`` are optional."""
+    """What ``model.py`` provides. ``metrics``, ``slices``, ``build_optimizer``, ``data_version``
+    and ``Config.tiny`` are optional."""
 
     __file__: str
     Config: type
@@ -126,7 +130,7 @@ def _check_hooks(module: ModuleType, path: Path) -> None:
             file=path,
             field="Config",
         )
-    for optional in ("metrics", "build_optimizer", *RAW_HOOKS):
+    for optional in ("metrics", "build_optimizer", "data_version", *RAW_HOOKS):
         if hasattr(module, optional) and not callable(getattr(module, optional)):
             raise HandoffError(f"{optional} must be a function", file=path, field=optional)
 
@@ -389,23 +393,110 @@ def metric_values(values: Any) -> dict[str, float]:
         ) from None
 
 
-def join_split(
-    module: ModelModule,
-    outputs: list[tuple[torch.Tensor, ...]],
-    inputs: list[tuple[torch.Tensor, ...]],
-    targets: list[Any],
-) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], Any]:
-    """A split's batches joined into one (outputs, inputs, target), each leaf concatenated."""
+# A split is scored in chunks of about this many bytes (inputs, outputs and targets together):
+# loss() and metrics() see a whole chunk. A split that fits in one chunk (every starter's does)
+# is scored as a whole, as it always was; a bigger one as means over its chunks weighted by their
+# items, in memory that does not grow with the split.
+CHUNK_BYTES = 64 * 2**20
+
+# One batch, or a chunk of them joined: (outputs in contract order, inputs, target).
+Scored = tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], Any]
+
+
+def tensor_bytes(value: Any) -> int:
+    """Bytes held by the tensors in ``value`` (a tensor, or tuples/lists/dicts of them)."""
+    if isinstance(value, torch.Tensor):
+        return value.element_size() * value.nelement()
+    if isinstance(value, Mapping):
+        return sum(tensor_bytes(v) for v in value.values())
+    if isinstance(value, (tuple, list)):
+        return sum(tensor_bytes(v) for v in value)
+    return 0
+
+
+def join_split(module: ModelModule, parts: Sequence[Scored]) -> Scored:
+    """Batches of a split joined into one (outputs, inputs, target), each leaf concatenated."""
+    if len(parts) == 1:
+        return parts[0]
     with user_code(
         module,
         "joining the batches of the validation split",
         hint="targets must be tensors, or tuples or dicts of tensors, that torch.cat can join",
     ):
         return (
-            tuple(torch.cat(parts) for parts in zip(*outputs, strict=True)),
-            tuple(torch.cat(parts) for parts in zip(*inputs, strict=True)),
-            join_batches(targets),
+            tuple(torch.cat(column) for column in zip(*(p[0] for p in parts), strict=True)),
+            tuple(torch.cat(column) for column in zip(*(p[1] for p in parts), strict=True)),
+            join_batches([p[2] for p in parts]),
         )
+
+
+def joined_chunks(
+    module: ModelModule, batches: Iterable[Scored], chunk_bytes: int | None = None
+) -> Iterator[Scored]:
+    """The batches of a split, joined into chunks of at least ``chunk_bytes`` (``CHUNK_BYTES``;
+    the last chunk, and a split smaller than that, may be smaller; a batch is never cut). Only one
+    chunk is held at a time, so a split is scored in memory that does not grow with it."""
+    limit = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    pending: list[Scored] = []
+    held = 0
+    for batch in batches:
+        pending.append(batch)
+        held += tensor_bytes(batch)
+        if held >= limit:
+            yield _join_and_let_go(module, pending)
+            held = 0
+    if pending:
+        yield _join_and_let_go(module, pending)
+
+
+def _join_and_let_go(module: ModelModule, pending: list[Scored]) -> Scored:
+    """The chunk, with ``pending`` emptied: while a chunk is scored, neither its batches nor the
+    previous chunk are held here."""
+    chunk = join_split(module, pending)
+    pending.clear()
+    return chunk
+
+
+class SplitMeans:
+    """``val_loss`` and the researcher's metrics over a split, added chunk by chunk.
+
+    A split of one chunk gets the hooks' values as they are (applied once to the whole split, not
+    batch means); over several chunks each value is the mean of the chunks' values weighted by
+    their items (a name that some chunks do not return is averaged over those that do). Shared by
+    training (torch outputs) and evaluation (ONNX Runtime outputs), so the numbers a researcher
+    watches while training are the ones the gate judges.
+    """
+
+    def __init__(self, module: ModelModule, output_names: Sequence[str] = ()):
+        self.module, self.output_names = module, tuple(output_names)
+        self.chunks = 0
+        self.items = 0
+        self._first: dict[str, float] = {}
+        self._sums: dict[str, float] = {}
+        self._items: dict[str, int] = {}
+
+    def add(self, chunk: Scored) -> None:
+        outputs, inputs, target = chunk
+        given = hook_outputs(outputs, self.output_names)
+        batch = hook_batch((inputs, target))
+        values = {"val_loss": float(call_hook(self.module, "loss", given, batch))}
+        if hasattr(self.module, "metrics"):
+            values.update(metric_values(call_hook(self.module, "metrics", given, batch)))
+        n = items_in_batch(inputs)
+        if not self.chunks:
+            self._first = values
+        for name, value in values.items():
+            self._sums[name] = self._sums.get(name, 0.0) + n * value
+            self._items[name] = self._items.get(name, 0) + n
+        self.chunks += 1
+        self.items += n
+
+    def result(self) -> dict[str, float]:
+        if not self.chunks:
+            raise HandoffError("the validation dataset is empty", file=MODEL_FILE, field="build_datasets")
+        if self.chunks == 1:
+            return dict(self._first)
+        return {name: self._sums[name] / self._items[name] for name in self._sums}
 
 
 def score_split(
@@ -415,15 +506,23 @@ def score_split(
     targets: list[Any],
     output_names: Sequence[str] = (),
 ) -> dict[str, float]:
-    """``val_loss`` and the researcher's metrics, applied once to a whole split (not batch means).
+    """``SplitMeans`` over a split given as lists of batches (outputs, inputs, targets)."""
+    means = SplitMeans(module, output_names)
+    for chunk in joined_chunks(module, zip(outputs, inputs, targets, strict=True)):
+        means.add(chunk)
+    return means.result()
 
-    Shared by training (torch outputs) and evaluation (ONNX Runtime outputs), so the numbers a
-    researcher watches while training are the ones the gate judges.
-    """
-    merged, joined, target = join_split(module, outputs, inputs, targets)
-    given = hook_outputs(merged, output_names)
-    batch = hook_batch((joined, target))
-    values = {"val_loss": float(call_hook(module, "loss", given, batch))}
-    if hasattr(module, "metrics"):
-        values.update(metric_values(call_hook(module, "metrics", given, batch)))
-    return values
+
+def data_version(module: ModelModule, cfg: Any) -> str | None:
+    """model.py's optional ``data_version(cfg)``: a name for the data's version (a snapshot id, a
+    dataset commit). Declared, it is the data's fingerprint and no item is read to hash them."""
+    if not hasattr(module, "data_version"):
+        return None
+    value = call_hook(module, "data_version", cfg)
+    if not isinstance(value, str) or not value.strip():
+        raise HandoffError(
+            f"data_version() must return a non-empty string naming the data's version, got {value!r}",
+            file=MODEL_FILE,
+            field="data_version",
+        )
+    return value

@@ -110,11 +110,12 @@ def curves_figure(history: dict[str, list[tuple[int, float]]], x_label: str = "e
     return fig
 
 
-def residuals_png(predictions: np.ndarray, targets: np.ndarray) -> bytes:
+def residuals_png(predictions: np.ndarray, targets: np.ndarray, items: int | None = None) -> bytes:
     """Residuals against predictions, one colour per output column, with the zero line.
 
     ``predictions`` and ``targets`` as the evaluation suite scores them: (N,) or (N, k), the same
     shape. More than ``MAX_RESIDUAL_POINTS`` items are thinned evenly, so the same input gives the same bytes.
+    ``items`` is how many held-out items they were drawn from (default: all of them).
     """
     preds = np.asarray(predictions, dtype=np.float64).reshape(len(predictions), -1)
     truth = np.asarray(targets, dtype=np.float64).reshape(len(targets), -1)
@@ -135,7 +136,7 @@ def residuals_png(predictions: np.ndarray, targets: np.ndarray) -> bytes:
         ax.legend(fontsize=8)
     ax.set_xlabel("predicted")
     ax.set_ylabel("residual (target - predicted)")
-    ax.set_title(f"residuals ({len(predictions)} held-out items)")
+    ax.set_title(f"residuals ({len(predictions) if items is None else items} held-out items)")
     ax.grid(alpha=0.3)
     return _png(fig)
 

@@ -2,7 +2,10 @@
 
 Evaluation assesses it and writes the report (Markdown, self-contained HTML with the plots
 embedded, and the PNGs); registration attaches it to the version. The gate items are read from
-the gate itself, so the report can never say something the pipeline did not act on.
+the gate itself, and "Contract satisfied" from the contract checks that ran on this model.onnx
+(``CONTRACT_CHECKS``), so the report can never say something the pipeline did not check or act on.
+The serving checks (the model server's request guards, deploy's smoke test) run after this
+report, at deploy, and gate the rollout there.
 """
 
 from __future__ import annotations
@@ -10,16 +13,18 @@ from __future__ import annotations
 import base64
 import html
 import shutil
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from handoff import __version__
+from handoff.contract import Contract, TensorSpec
+from handoff.errors import HandoffError
 from handoff.gates import LATENCY_CHECK, Gate, GateCheck
 from handoff.hooks import (
     build_optimizer,
@@ -31,6 +36,7 @@ from handoff.hooks import (
 )
 from handoff.lineage import git_sha
 from handoff.model_card import project_card_problems
+from handoff.onnx_io import check_arrays
 from handoff.project import Project
 from handoff.runtime import seed_everything
 
@@ -48,6 +54,110 @@ class ReadinessItem:
     evidence: str
 
 
+# The contract checks "Contract satisfied" stands on, each over what will be served (model.onnx
+# in ONNX Runtime). Export checks the example at two batch sizes and at a second size of every
+# dynamic axis (outputs' count, dtypes and shapes, the batch as every output's first axis, parity)
+# and writes its record only when they pass; evaluate checks every held-out batch going in and
+# coming out (``ContractWatch``).
+EXPORT_CHECKS = "export"
+HELDOUT_INPUTS = "held-out inputs"
+HELDOUT_OUTPUTS = "held-out outputs"
+CONTRACT_CHECKS = (EXPORT_CHECKS, HELDOUT_INPUTS, HELDOUT_OUTPUTS)
+
+Outcome = Literal["passed", "failed", "not run"]
+
+
+@dataclass(frozen=True)
+class ContractCheck:
+    """One contract check as this evaluation knows it: its outcome and what it saw (or why not)."""
+
+    name: str
+    outcome: Outcome
+    detail: str
+
+
+@dataclass
+class _Seen:
+    """One side (inputs or outputs) of the held-out batches as ``ContractWatch`` checked them."""
+
+    batches: int = 0
+    rows: int = 0
+    failing: int = 0
+    first_failure: str = ""
+
+    def add(self, rows: int, problem: str | None) -> None:
+        self.batches += 1
+        self.rows += rows
+        if problem is not None:
+            self.failing += 1
+            self.first_failure = self.first_failure or problem
+
+    def check(self, name: str, declared: str) -> ContractCheck:
+        if not self.batches:
+            return ContractCheck(name, "not run", "ONNX Runtime never ran on the held-out split")
+        if self.failing:
+            return ContractCheck(
+                name, "failed", f"{self.first_failure} ({self.failing} of {self.batches} batches fail)"
+            )
+        return ContractCheck(name, "passed", f"{self.rows} items in {self.batches} batches: {declared}")
+
+
+@dataclass
+class ContractWatch:
+    """An ONNX Runtime session that checks every run against contract.yaml and records, rather than
+    raises, what does not conform: evaluate scores the held-out split through it, and the
+    checklist's "Contract satisfied" reports what it saw (``checks``).
+
+    It keeps counts and the first failure only (never the arrays), so it costs nothing per item
+    held; the latency measurement uses the bare session, unwatched.
+    """
+
+    session: Any  # onnxruntime.InferenceSession, or anything with its ``run``
+    contract: Contract
+    inputs: _Seen = field(default_factory=_Seen)
+    outputs: _Seen = field(default_factory=_Seen)
+
+    def run(self, output_names: Sequence[str], input_feed: dict[str, Any], run_options: Any = None) -> Any:
+        """``InferenceSession.run``, with what went in and what came out checked."""
+        fed = [input_feed[name] for name in self.contract.input_names if name in input_feed]
+        rows = int(fed[0].shape[0]) if fed and np.ndim(fed[0]) else 0
+        self.inputs.add(rows, _conforms(self.contract.inputs, fed, "inputs", rows=None))
+        got = self.session.run(output_names, input_feed, run_options)
+        by_name = {spec.name: spec for spec in self.contract.outputs}
+        unknown = [name for name in output_names if name not in by_name]
+        if unknown:
+            self.outputs.add(rows, f"outputs {unknown} are not in contract.yaml")
+        else:
+            specs = [by_name[name] for name in output_names]
+            self.outputs.add(rows, _conforms(specs, got, "outputs", rows=rows))
+        return got
+
+    def checks(self) -> tuple[ContractCheck, ContractCheck]:
+        """The held-out inputs' and outputs' checks, as the runs so far went."""
+        return (
+            self.inputs.check(HELDOUT_INPUTS, "count, dtypes, shapes and ranges as declared"),
+            self.outputs.check(HELDOUT_OUTPUTS, "count, dtypes and shapes as declared, the batch first"),
+        )
+
+
+def _conforms(specs: Sequence[TensorSpec], arrays: Sequence[Any], what: str, rows: int | None) -> str | None:
+    """What in ``arrays`` breaks the contract (None: nothing): ``check_arrays``'s rules and, for
+    outputs, the batch as the first axis (the model server splits a batched answer by row)."""
+    source = f"ONNX Runtime on the held-out split ({what})"
+    try:
+        check_arrays(specs, [np.asarray(a) for a in arrays], what=what, source=source)
+    except HandoffError as exc:
+        return exc.detail
+    for index, (spec, array) in enumerate(zip(specs, arrays, strict=True)):
+        found = np.shape(array)[0] if np.ndim(array) else 0
+        if rows is not None and found != rows:
+            return (
+                f"{what}[{index}] '{spec.name}' has {found} rows for a batch of {rows}; "
+                "the first axis of every output must be the batch"
+            )
+    return None
+
+
 @dataclass(frozen=True)
 class Evidence:
     """What evaluation knows when it assesses the checklist."""
@@ -55,10 +165,57 @@ class Evidence:
     project: Project
     metrics: dict[str, float]
     gate: Gate
-    champion_version: str | None
     export: dict[str, Any] | None  # export's record (sha256, parity), when it travelled with the model
+    onnx_sha256: str  # of the model.onnx evaluated: export's record counts only when it names this file
+    # What evaluate's own checks saw (``ContractWatch.checks``); a check in CONTRACT_CHECKS that is
+    # neither here nor export's did not run, and "Contract satisfied" fails naming it.
+    contract_checks: tuple[ContractCheck, ...]
     training_run_id: str
     cfg: Any
+
+
+def export_check(record: dict[str, Any] | None, onnx_sha256: str) -> ContractCheck:
+    """Export's checks, as its record shows them: it is written only when they all pass, and it
+    holds the sha256 of the model.onnx they ran on."""
+    if record is None:
+        return ContractCheck(EXPORT_CHECKS, "not run", "no export record travelled with the model")
+    checked = str(record.get("onnx_sha256", ""))
+    if checked != onnx_sha256:
+        return ContractCheck(
+            EXPORT_CHECKS,
+            "not run",
+            f"the export record is for model.onnx sha256 {checked[:12] or '-'}, "
+            f"not the one evaluated ({onnx_sha256[:12]})",
+        )
+    return ContractCheck(
+        EXPORT_CHECKS,
+        "passed",
+        "the example at two batch sizes and every dynamic axis at a second size: outputs as declared, "
+        "batch first, parity within tolerance",
+    )
+
+
+def contract_item(evidence: Evidence) -> ReadinessItem:
+    """Passes only when every check in CONTRACT_CHECKS ran on this model and passed; otherwise the
+    evidence names each check that failed (and why) or did not run."""
+    contract = evidence.project.contract
+    found = {
+        c.name: c for c in (export_check(evidence.export, evidence.onnx_sha256), *evidence.contract_checks)
+    }
+    checks = [
+        found.get(name, ContractCheck(name, "not run", "no evidence of it reached evaluation"))
+        for name in CONTRACT_CHECKS
+    ]
+    passed = all(c.outcome == "passed" for c in checks)
+    shown = [c for c in checks if c.outcome != "passed"] or checks
+    said = "; ".join(
+        f"{c.name}: {c.detail}" if c.outcome == "passed" else f"{c.name} {c.outcome.upper()}: {c.detail}"
+        for c in shown
+    )
+    names = " → ".join((", ".join(contract.input_names), ", ".join(contract.output_names)))
+    return ReadinessItem(
+        "Contract satisfied", passed, f"{said} ({names}, contract sha256 {contract.sha256[:12]})"
+    )
 
 
 def _gate_item(name: str, gate: Gate, checks_of: Callable[[GateCheck], bool], empty: str) -> ReadinessItem:
@@ -67,6 +224,12 @@ def _gate_item(name: str, gate: Gate, checks_of: Callable[[GateCheck], bool], em
     if not checks:
         return ReadinessItem(name, True, empty)
     return ReadinessItem(name, all(c.passed for c in checks), "; ".join(c.detail for c in checks))
+
+
+def _latency_item(gate: Gate) -> ReadinessItem:
+    """The gate's latency check: every contract has one (``slo.latency_p99_ms`` is required)."""
+    (check,) = [c for c in gate.checks if c.name == LATENCY_CHECK]
+    return ReadinessItem("Latency SLO", check.passed, check.detail)
 
 
 def reproducibility(project: Project, cfg: Any, steps: int = 2) -> ReadinessItem:
@@ -119,15 +282,7 @@ def lineage(evidence: Evidence) -> ReadinessItem:
 def assess(evidence: Evidence) -> list[ReadinessItem]:
     """Every checklist item, in the order a reviewer reads them."""
     project, gate = evidence.project, evidence.gate
-    contract = project.contract
-    items = [
-        ReadinessItem(
-            "Contract satisfied",
-            True,
-            f"ONNX Runtime ran {', '.join(contract.input_names)} → {', '.join(contract.output_names)} "
-            f"over the held-out split as contract.yaml declares (sha256 {contract.sha256[:12]})",
-        )
-    ]
+    items = [contract_item(evidence)]
     if evidence.export is None:
         items.append(ReadinessItem("ONNX parity", False, "no export record travelled with the model"))
     else:
@@ -140,7 +295,7 @@ def assess(evidence: Evidence) -> list[ReadinessItem]:
             )
         )
     items += [
-        _gate_item("Latency SLO", gate, lambda c: c.name == LATENCY_CHECK, "no latency objective"),
+        _latency_item(gate),
         _gate_item(
             "Metric gates",
             gate,
@@ -172,10 +327,11 @@ def pictures(
     slo_ms: float,
     training_run_id: str,
     scored: tuple[np.ndarray, np.ndarray] | None = None,
+    scored_items: int | None = None,
 ) -> dict[str, bytes]:
     """PNG name -> bytes: confusion matrix (classification) or residuals against predictions
-    (regression, from ``scored``: predictions and targets), latency histogram, and training
-    curves from MLflow."""
+    (regression, from ``scored``: predictions and targets, all of them or an even sample of the
+    ``scored_items`` held-out items), latency histogram, and training curves from MLflow."""
     from handoff import plots
     from handoff.residuals import RESIDUALS_PNG
 
@@ -183,7 +339,7 @@ def pictures(
     if confusion:
         found[CONFUSION_PNG] = plots.confusion_png(confusion, [str(i) for i in range(len(confusion))])
     if scored is not None and project.contract.task_type == "regression":
-        found[RESIDUALS_PNG] = plots.residuals_png(*scored)
+        found[RESIDUALS_PNG] = plots.residuals_png(*scored, items=scored_items)
     history = training_history(project, training_run_id)
     if history:
         found[CURVES_PNG] = plots.curves_png(history, x_label="epoch")  # train logs step=epoch

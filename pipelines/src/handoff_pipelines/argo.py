@@ -97,7 +97,11 @@ CHECKPOINT = Handed("checkpoint", "checkpoint.pt")
 ONNX_MODEL = Handed("onnx-model", "onnx")
 EVALUATION = Handed("evaluation", "evaluation.json")
 REPORT = Handed("report", "report")
-TRAIN_RECORD = f"{OUT}/train.json"
+# The records whose fields later steps take as parameters: each step writes its own file (``--record``),
+# which the wait container reads after the step exits (``valueFrom.path``), as it does artifacts.
+# Never the step's stdout (``outputs.result``): a line printed there by anything the step runs
+# would break the JSON that deploy's parameters are read from.
+RECORDS = {"train": f"{OUT}/train.json", "register": f"{OUT}/register.json"}
 
 # What each step reads from earlier steps: artifacts (from which step) and parameters (an
 # expression over earlier steps' outputs). Together with the arguments below, this is the CLI
@@ -122,11 +126,10 @@ PARAMETERS: dict[str, dict[str, str]] = {
     "export": {},
     "evaluate": {"run-id": RUN_ID},
     "register": {"run-id": RUN_ID},
-    # A step's stdout is its record (JSON): register's names the version it registered and
-    # whether it promoted it.
+    # Register's record names the version it registered and whether it promoted it.
     "deploy": {
-        "promoted": "{{=jsonpath(tasks.register.outputs.result, '$.promoted')}}",
-        "version": "{{=jsonpath(tasks.register.outputs.result, '$.version')}}",
+        "promoted": "{{=jsonpath(tasks.register.outputs.parameters.record, '$.promoted')}}",
+        "version": "{{=jsonpath(tasks.register.outputs.parameters.record, '$.version')}}",
     },
 }
 
@@ -141,7 +144,7 @@ def step_arguments(step: str) -> list[str]:
     return {
         # The workflow's uid is the same for every attempt (and `argo retry`) of a run and new
         # for every run: a retried train pod finds its run's state by it.
-        "train": [*project, "--checkpoint", CHECKPOINT.produced, "--record", TRAIN_RECORD, *RUN_KEY],
+        "train": [*project, "--checkpoint", CHECKPOINT.produced, "--record", RECORDS["train"], *RUN_KEY],
         "export": [*project, "--checkpoint", CHECKPOINT.consumed, "--out", ONNX_MODEL.produced],
         "evaluate": [
             *project,
@@ -162,6 +165,8 @@ def step_arguments(step: str) -> list[str]:
             "--report",
             REPORT.consumed,
             *run_id,
+            "--record",
+            RECORDS["register"],
         ],
         "deploy": [*project, "--version", "{{inputs.parameters.version}}", "--champion-only"],
     }[step]
@@ -255,8 +260,8 @@ def _step_template(project: Project, step: StepPlan) -> Container:
     outputs: list[Artifact | Parameter] = [
         Artifact(name=handed.name, path=handed.produced) for handed in PRODUCES[step.name]
     ]
-    if step.name == "train":
-        outputs.append(Parameter(name="record", value_from=m.ValueFrom(path=TRAIN_RECORD)))
+    if step.name in RECORDS:
+        outputs.append(Parameter(name="record", value_from=m.ValueFrom(path=RECORDS[step.name])))
     return Container(
         name=step.name,
         image=project.settings.image,

@@ -22,6 +22,9 @@ in seconds; model.py imports nothing from the platform):
 * ``loss(outputs, batch)`` and, optional, ``metrics(outputs, batch) -> dict``: ``outputs`` as the
   model returned them (with one contract output: that tensor), ``batch`` is ``(inputs, target)``.
 * ``example_inputs(cfg)``: a few real held-out items; export and the serving smoke test replay them.
+* ``data_version(cfg) -> str``, optional: names the data's version (a snapshot id, a dataset
+  commit); the platform then fingerprints the data by it instead of hashing every item, as data
+  bigger than memory needs (or give the datasets a ``data_manifest()`` listing their files).
 
 In contract.yaml every ``-1`` is a dynamic axis (the first one is the batch); an integer input may
 declare ``range: [low, high]``, which check, evaluation and the model server enforce; ``task`` may

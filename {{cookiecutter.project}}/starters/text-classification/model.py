@@ -22,6 +22,9 @@ in seconds; model.py imports nothing from the platform):
 * ``loss(outputs, batch)`` and, optional, ``metrics(outputs, batch) -> dict``: ``outputs`` as the
   model returned them (with one contract output: that tensor), ``batch`` is ``(inputs, target)``.
 * ``example_inputs(cfg)``: a few real held-out items; export and the serving smoke test replay them.
+* ``data_version(cfg) -> str``, optional: names the data's version (a snapshot id, a dataset
+  commit); the platform then fingerprints the data by it instead of hashing every item, as data
+  bigger than memory needs (or give the datasets a ``data_manifest()`` listing their files).
 
 In contract.yaml every ``-1`` is a dynamic axis (the first one is the batch); an integer input may
 declare ``range: [low, high]``, which check, evaluation and the model server enforce; ``task`` may
@@ -184,7 +187,8 @@ def loss(outputs: torch.Tensor, batch: tuple[torch.Tensor, torch.Tensor]) -> tor
 
 
 def metrics(outputs: torch.Tensor, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
-    """Computed once over the whole held-out split (not averaged over batches).
+    """Computed once over the whole held-out split, not averaged over batches (a split bigger
+    than 64 MiB is scored in chunks of that size, averaged by items).
 
     The platform's evaluation suite adds macro-F1, calibration (ECE), per-class precision and
     recall and a confusion matrix. To see metrics per slice of your own (e.g. short and long

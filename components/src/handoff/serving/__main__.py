@@ -41,7 +41,7 @@ from typing import Any
 
 from handoff.contract import load_contract
 from handoff.files import read_json
-from handoff.serving import graceful, guards
+from handoff.serving import graceful, guards, kserve_internals
 from handoff.serving.front import FrontDoor
 from handoff.serving.local_server import serving_marker
 from handoff.serving.onnx_model import OnnxModel
@@ -53,6 +53,7 @@ def serve(spec_path: Path, fd: int | None = None, takeover_fd: int | None = None
     """Serve at once, load the model once (ready from then on), serve until SIGTERM (graceful.py:
     every request received is answered, exit 0). A model that cannot be loaded stops the server
     with exit code 1."""
+    kserve_internals.check()  # an upgraded KServe or uvicorn stops here, naming what moved
     # handoff.yaml's defaults for whatever the spec leaves out (serving/spec.py writes the keys).
     spec = {**server_settings(ServingSettings(), "1"), **read_json(spec_path)}
     contract = load_contract(Path(spec["contract_dir"]))
@@ -72,8 +73,6 @@ def serve(spec_path: Path, fd: int | None = None, takeover_fd: int | None = None
     max_request_bytes = int(spec["max_request_bytes"])
 
     from kserve import ModelServer
-    from kserve.constants.constants import FASTAPI_APP_IMPORT_STRING
-    from kserve.protocol.rest.server import RESTServer
 
     server = ModelServer(http_port=spec["port"], enable_grpc=False, workers=1, enable_docs_url=False)
     # No log line for every request (uvicorn's access log): /metrics counts and times them, and a
@@ -95,28 +94,23 @@ def serve(spec_path: Path, fd: int | None = None, takeover_fd: int | None = None
     header_timeout_s = float(spec["header_timeout_s"])
     max_concurrency = int(spec["max_concurrency"])
 
-    class GuardedRESTServer(RESTServer):
-        def _add_middlewares(self, app: Any) -> None:
-            """Leave out KServe's timing middleware, which times every request (CPU time too) to log
-            it: the front door (``front.py``) measures the same for Prometheus at a fraction of the cost."""
+    def front(app: Any) -> FrontDoor:
+        """KServe's app, guarded, behind the front door that answers the model's V2 routes (front.py
+        says why)."""
+        guards.install(app, expected, max_request_bytes)
+        return FrontDoor(
+            app,
+            model,
+            version=str(spec["model_version"]),
+            expected=expected,
+            max_request_bytes=max_request_bytes,
+            max_inflight_bytes=int(spec["max_inflight_bytes"]),
+            idle_timeout_s=header_timeout_s,  # a body that stops arriving is timed like a head
+            closing=lambda: retiring.is_set() or shutting_down.is_set(),
+        )
 
-        def create_application(self) -> None:
-            super().create_application()
-            from kserve.model_server import app
-
-            guards.install(app, expected, max_request_bytes)
-            # The model's V2 routes are answered in front of KServe's app (front.py says why).
-            self.config.app = FrontDoor(
-                app,
-                model,
-                version=str(spec["model_version"]),
-                expected=expected,
-                max_request_bytes=max_request_bytes,
-                max_inflight_bytes=int(spec["max_inflight_bytes"]),
-                idle_timeout_s=header_timeout_s,  # a body that stops arriving is timed like a head
-                closing=lambda: retiring.is_set() or shutting_down.is_set(),
-            )
-            self.config.proxy_headers = False  # nothing here reads X-Forwarded-*: one layer less
+    class GuardedRESTServer(kserve_internals.FrontedRESTServer):
+        graceful: graceful.GracefulServer
 
         def load_or_stop(self) -> None:
             """Load the model while the server answers 503 on readiness; stop it if loading fails."""
@@ -128,7 +122,7 @@ def serve(spec_path: Path, fd: int | None = None, takeover_fd: int | None = None
                     f"model {model.name} cannot be loaded from {model.onnx_path}: {reason}", file=sys.stderr
                 )
                 failed.set()
-                self._server.should_exit = True  # uvicorn checks it every 0.1 s, also before startup ends
+                self.graceful.should_exit = True  # uvicorn checks it every 0.1 s, also before startup ends
                 return
             # What start-up made (KServe, FastAPI, ONNX Runtime, model.py) lives as long as the
             # process: out of the garbage collector's sight, its full collections stop walking it.
@@ -138,18 +132,19 @@ def serve(spec_path: Path, fd: int | None = None, takeover_fd: int | None = None
         def use_graceful_server(self) -> None:
             """uvicorn's server and protocol with the graceful shutdown, the head timeout and the
             concurrency limit (graceful.py)."""
-            config = self.config
-            config.http = graceful.protocol(header_timeout_s, shutting_down)
-            # uvicorn answers 503 once the connections (this one counted) reach the limit.
-            config.limit_concurrency = max_concurrency + 1
-            self._server = graceful.GracefulServer(
-                config, shutdown_grace_s=shutdown_grace_s, shutting_down=shutting_down
+            self.graceful = self.use_server(
+                graceful.protocol(header_timeout_s, shutting_down),
+                # uvicorn answers 503 once the connections (this one counted) reach the limit.
+                max_concurrency + 1,
+                lambda config: graceful.GracefulServer(
+                    config, shutdown_grace_s=shutdown_grace_s, shutting_down=shutting_down
+                ),
             )
 
         async def take_over(self, sock: socket.socket) -> None:
             """Listen on ``sock`` too, with the same app and connection bookkeeping as uvicorn's own
             sockets (what ``uvicorn.Server.startup`` does for each), so shutdown drains both."""
-            server: graceful.GracefulServer = self._server
+            server = self.graceful
             listening = await asyncio.get_running_loop().create_server(
                 server.protocol_factory, sock=sock, backlog=server.config.backlog
             )
@@ -163,16 +158,10 @@ def serve(spec_path: Path, fd: int | None = None, takeover_fd: int | None = None
             """Stop accepting (the next version accepts from the same socket); close connections
             after their current response. SIGTERM follows."""
             retiring.set()
-            self._server.stop_accepting()
+            self.graceful.stop_accepting()
             print(f"model {model.name} stopped accepting (retired)", file=sys.stderr, flush=True)
 
-    rest = GuardedRESTServer(
-        FASTAPI_APP_IMPORT_STRING,
-        server.dataplane,
-        server.model_repository_extension,
-        spec["port"],
-        grace_period=math.ceil(shutdown_grace_s),
-    )
+    rest = GuardedRESTServer(server, spec["port"], math.ceil(shutdown_grace_s), front)
     rest.use_graceful_server()
     handover = Path(spec["handover"]) if spec.get("handover") else None
     # uvicorn handles SIGTERM while it serves; before and after, it ends the process through

@@ -46,10 +46,10 @@ from typing import Any, TypeVar
 import numpy as np
 import orjson
 from kserve.errors import InferenceError, InvalidInput
-from kserve.metrics import PREDICT_HIST_TIME
 
 from handoff import __version__
 from handoff.serving import metrics
+from handoff.serving.kserve_internals import PREDICT_HIST_TIME
 from handoff.serving.onnx_model import OnnxModel
 from handoff.serving.v2_wire import (
     Request,

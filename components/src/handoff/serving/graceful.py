@@ -18,6 +18,9 @@ SIGTERM instead:
 A connection that has not sent a whole request head within ``header_timeout_s`` of connecting
 (or of the first byte of its next request) is closed: uvicorn has no such timeout, so a client
 sending a head a byte at a time would hold a connection, and a ``max_concurrency`` slot, forever.
+
+This extends uvicorn's server and HTTP protocol beyond their public API: what it relies on is
+listed, and checked as the server starts, in ``kserve_internals``.
 """
 
 from __future__ import annotations
@@ -32,9 +35,9 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from kserve.protocol.rest.server import _RefreshingServer
-from uvicorn.config import Config
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn import Config
+
+from handoff.serving.kserve_internals import HttpProtocol, UvicornServer, forget_signal, new_connection
 
 logger = logging.getLogger("uvicorn.error")
 
@@ -46,7 +49,7 @@ EXIT_MARGIN_S = 1.0
 TICK_S = 0.05  # how often the shutdown checks its connections
 
 
-class GracefulProtocol(HttpToolsProtocol):
+class GracefulProtocol(HttpProtocol):
     """uvicorn's HTTP/1.1 protocol, plus the head timeout and the shutdown's ``Connection: close``.
 
     ``header_timeout_s`` and ``shutting_down`` are set on the subclass :func:`protocol` makes for
@@ -98,7 +101,7 @@ def protocol(header_timeout_s: float, shutting_down: threading.Event) -> type[Gr
     )
 
 
-class GracefulServer(_RefreshingServer):
+class GracefulServer(UvicornServer):
     """KServe's uvicorn server with the shutdown described in the module docstring."""
 
     def __init__(self, config: Config, *, shutdown_grace_s: float, shutting_down: threading.Event) -> None:
@@ -110,13 +113,9 @@ class GracefulServer(_RefreshingServer):
         # run() and the one taken over, until retire() gives the queue to the next version.
         self.listening: list[socket.socket] = []
 
-    def protocol_factory(self, _loop: asyncio.AbstractEventLoop | None = None) -> asyncio.Protocol:
+    def protocol_factory(self, loop: asyncio.AbstractEventLoop | None = None) -> asyncio.Protocol:
         """A protocol for one connection, as ``uvicorn.Server.startup`` makes them."""
-        config = self.config
-        made: asyncio.Protocol = config.http_protocol_class(
-            config=config, server_state=self.server_state, app_state=self.lifespan.state, _loop=_loop
-        )
-        return made
+        return new_connection(self, loop)
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         self.listening = list(sockets or [])
@@ -137,7 +136,7 @@ class GracefulServer(_RefreshingServer):
             try:
                 yield
             finally:
-                self._captured_signals[:] = [s for s in self._captured_signals if s != signal.SIGTERM]
+                forget_signal(self, signal.SIGTERM)
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         if self.terminated_at is None:

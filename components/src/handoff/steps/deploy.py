@@ -1,203 +1,18 @@
 """deploy: serve a registered version and smoke-test it, on this machine or on a cluster.
 
-Locally, the model is fetched from the registry (what was registered is what is served), its
-sha256 is checked against the version's tag, and it is served with the KServe model server and
-the contract it was registered with, blue/green: the new server starts beside the running one and
-must pass the smoke test and the contract's latency SLO before it takes over the port; if it does
-not, the version that was serving keeps serving and the step fails saying why.
-
-On a cluster (``--cluster``, or a step running in a pod outside a local run), the project's KServe
-InferenceService is pointed at the version's Triton model repository in the MLflow artifact store
-(its ``handoff.triton_uri`` tag), rolled out with a canary, smoke-tested with the contract example
-it was registered with, then promoted or rolled back (``handoff.kube.inference_service``).
+Locally, the version is fetched from the registry, sha256-checked and served blue/green with the
+KServe model server: it takes over the project's port only once it passed the smoke test and the
+contract's latency SLO. On a cluster (``--cluster``, or a step running in a pod outside a local
+run), the project's KServe InferenceService is rolled out to it with a canary, smoke-tested, then
+promoted or rolled back. How each is done is ``handoff.deployment``'s; this step decides where.
 """
 
 from __future__ import annotations
 
-import contextlib
-import shutil
-import socket
-import sys
-import tempfile
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
-import mlflow
-from mlflow.exceptions import MlflowException
-
-from handoff.artifacts import EXAMPLE_FILE, EXTRA_DIR, ONNX_FILE
-from handoff.contract import CONTRACT_FILE, Contract, load_contract
-from handoff.contract_changes import contract_changes
-from handoff.errors import HandoffError
-from handoff.files import read_json, sha256_of, write_json
-from handoff.project import Project
-from handoff.raw_io import check_cluster_runtime
-from handoff.serving import local_server
-from handoff.serving.local_server import ServerHandle
-from handoff.serving.smoke import LatencyResult, SmokeResult, latency_check, smoke_test
-from handoff.serving.spec import server_settings
+from handoff.deployment import DeployResult, deploy_locally, deploy_to_cluster
 from handoff.step_entry import in_cluster
-from handoff.steps.register import SERVED_TAG, SHA_TAG, TRITON_TAG, describe_registered_model, undo_promotion
-from handoff.tracking import CHAMPION, alias_version, use_tracking
-
-if TYPE_CHECKING:
-    from kubernetes.client import ApiClient
-
-    from handoff.kube.inference_service import Release, Rollout
-
-
-@dataclass(frozen=True)
-class DeployResult:
-    """Where the version is served and what the smoke test saw."""
-
-    url: str
-    model_name: str
-    version: str
-    pid: int
-    smoke_passed: bool
-    smoke_detail: str
-    smoke_latency_ms: float
-    seconds: float
-    target: str = "local"  # local: this machine's model server (pid); cluster: an InferenceService
-    served_p99_ms: float = 0.0  # local: p99 of the latency check before the version took over
-
-
-def fetch_model(project: Project, name: str, version: str) -> Path:
-    """Download a registered version into the project's state folder and verify its sha256."""
-    client = use_tracking(project)
-    try:
-        expected = client.get_model_version(name, version).tags.get(SHA_TAG)
-    except MlflowException:
-        raise HandoffError(
-            f"model {name!r} has no version {version!r} in the registry ({project.tracking_uri})"
-        ) from None
-    models = project.state_dir / "models"
-    models.mkdir(exist_ok=True)
-    # Downloaded beside, then moved into place: a failed download never leaves half a model.
-    download = Path(tempfile.mkdtemp(dir=models, prefix=".download-"))
-    try:
-        mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(download))
-        local = models / f"{name}-v{version}"
-        shutil.rmtree(local, ignore_errors=True)  # a running server has already loaded its copy
-        download.rename(local)
-    finally:
-        shutil.rmtree(download, ignore_errors=True)
-    for needed in (ONNX_FILE, f"{EXTRA_DIR}/{EXAMPLE_FILE}", f"{EXTRA_DIR}/{CONTRACT_FILE}"):
-        if not (local / needed).is_file():
-            raise HandoffError(
-                f"registered version {name}/{version} has no {needed} artifact; "
-                "register it again with `handoff register`"
-            )
-    actual = sha256_of(local / ONNX_FILE)
-    if expected != actual:
-        raise HandoffError(
-            f"registered version {name}/{version}: artifact sha256 {actual[:12]}… does not "
-            f"match its {SHA_TAG} tag {str(expected)[:12]}…; refusing to serve it"
-        )
-    return local
-
-
-def _port_of(handle: ServerHandle) -> int:
-    return int(urlsplit(handle.url).port or 80)
-
-
-def _write_spec(
-    project: Project, model_dir: Path, model_name: str, version: str, port: int, handover: Path
-) -> Path:
-    """The server's spec: the version's files, where to listen, and handoff.yaml's serving settings."""
-    serving = project.settings.serving
-    spec_file = model_dir / "server.json"
-    local_server.serving_marker(spec_file).unlink(missing_ok=True)
-    write_json(
-        spec_file,
-        {
-            "model_name": model_name,
-            "onnx_path": str(model_dir / ONNX_FILE),
-            "contract_dir": str(model_dir / EXTRA_DIR),
-            "host": serving.host,
-            "port": port,
-            **server_settings(serving, version),
-            "handover": str(handover),
-        },
-    )
-    return spec_file
-
-
-def _project_socket(project: Project, previous: ServerHandle | None) -> socket.socket:
-    """The socket the new version will accept on: the running version's own listening socket when
-    serving.port is its port or 0 (the two then accept from one queue while versions change), else
-    serving.port bound here, which must be free, and not yet listening."""
-    serving = project.settings.serving
-    same_host = previous is not None and urlsplit(previous.url).hostname == serving.host.strip("[]")
-    if previous is not None and same_host and serving.port in (0, _port_of(previous)):
-        return local_server.listener_of(previous)
-    return local_server.bind(serving.host, serving.port, listen=False)
-
-
-def enforced_contract(
-    project: Project, registered: Contract, name: str, version: str, *, registered_contract: bool = False
-) -> Contract:
-    """The contract deploy enforces: the working tree's, which may have moved on since the version
-    was registered (a new latency SLO applies to what is deployed now), said on stderr when it
-    differs; an interface the version's ONNX graph was not exported for is refused. With
-    ``registered_contract`` (rollback), the one the version was registered with."""
-    if registered_contract:
-        return registered
-    interface, other = contract_changes(registered, project.contract)
-    if interface:
-        raise HandoffError(
-            f"contract.yaml declares another interface than {name} v{version} was exported for "
-            f"({'; '.join(interface)}); export and register the model again",
-            file=project.root / CONTRACT_FILE,
-        )
-    if other:
-        print(
-            f"handoff: deploy: enforcing the working tree's contract.yaml, which differs from the one "
-            f"v{version} was registered with: {'; '.join(other)}",
-            file=sys.stderr,
-            flush=True,
-        )
-    return project.contract
-
-
-def _served(project: Project, name: str, version: str, where: str) -> None:
-    """Record on the version that it served (what ``undo_promotion`` asks before demoting it)."""
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    use_tracking(project).set_model_version_tag(name, version, SERVED_TAG, f"{where} {stamp}")
-
-
-@contextlib.contextmanager
-def _promotion_follows(project: Project, name: str, version: str, champion_only: bool) -> Iterator[None]:
-    """A pipeline's deploy (``champion_only``) completes its register's promotion: if it fails,
-    the promotion is undone with it (``undo_promotion``) and the error says what champion is now."""
-    try:
-        yield
-    except HandoffError as exc:
-        if not champion_only:
-            raise
-        why = str(exc).split(";")[0]
-        client = use_tracking(project)
-        done = undo_promotion(client, name, version, why)
-        if not done:
-            raise
-        describe_registered_model(client, name, project)
-        raise HandoffError(f"{exc}; {done}") from None
-
-
-def require_champion(project: Project, name: str, version: str) -> None:
-    """Refuse to serve a version that is not the champion: a pipeline deploys what its register
-    promoted, and a later run may have promoted another since (that run deploys its own)."""
-    champion = alias_version(use_tracking(project), name, CHAMPION)
-    if champion != version:
-        now = f"v{champion} is" if champion else "no version is"
-        raise HandoffError(
-            f"not deploying {name} v{version}: it is not the champion ({now}, promoted after this run's "
-            "register); the run that promoted the champion deploys it, and what is serving was left as it was"
-        )
 
 
 def deploy(
@@ -211,22 +26,18 @@ def deploy(
 ) -> DeployResult:
     """Serve ``model_name`` version ``version`` and smoke-test it.
 
-    The checks enforce the working tree's contract.yaml (``enforced_contract``: its SLOs may have
-    moved on since registration; its interface may not), or with ``registered_contract`` (what
-    rollback passes: it restores what served before) the one the version was registered with.
-    Once the version serves, its ``handoff.served`` tag says where and when.
+    The checks enforce the working tree's contract.yaml (its SLOs may have moved on since
+    registration; its interface may not), or with ``registered_contract`` the one the version was
+    registered with. Once the version serves, its ``handoff.served`` tag says where and when.
 
     ``champion_only`` (what the pipelines pass) refuses a version the ``champion`` alias no longer
-    points at (``require_champion``), before anything changes; and if the deploy fails, the
-    promotion it was to complete is undone (``undo_promotion``), so champion never stays on a
-    version that never served.
+    points at, before anything changes; and if the deploy fails, the promotion it was to complete
+    is undone, so champion never stays on a version that never served.
 
-    ``cluster`` None decides by where the step runs (``in_cluster``). Locally this is blue/green:
-    the new version's server starts beside the running one on a private port, where it must pass
-    the smoke test and the contract's latency SLO; only then does it accept on the project's port
-    (the old server's own listening socket, handed over), and the old server stops accepting,
-    finishes its requests and exits. If the new server fails to start or fails a check, it is
-    stopped, the old version never stopped serving, and the step fails saying why.
+    ``cluster`` None decides by where the step runs (``in_cluster``): the project's
+    InferenceService (``deploy_to_cluster``), else this machine's model server, blue/green
+    (``deploy_locally``: if the new version fails to start or fails a check, the old one never
+    stopped serving, and the step fails saying why).
     """
     if cluster is None:
         cluster = in_cluster()
@@ -238,195 +49,6 @@ def deploy(
             champion_only=champion_only,
             registered_contract=registered_contract,
         )
-    started = time.perf_counter()
-    project = Project.load(project_dir)
-    with local_server.deploy_lock(project.state_dir):
-        if champion_only:
-            require_champion(project, model_name, version)
-        with _promotion_follows(project, model_name, version, champion_only):
-            handle, smoke, latency = _blue_green(project, model_name, version, registered_contract)
-        _served(project, model_name, version, f"local {handle.url}")
-    return DeployResult(
-        url=handle.url,
-        model_name=model_name,
-        version=version,
-        pid=handle.pid,
-        smoke_passed=True,
-        smoke_detail=smoke.detail,
-        smoke_latency_ms=smoke.latency_ms,
-        seconds=round(time.perf_counter() - started, 3),
-        served_p99_ms=round(latency.p99_ms, 3),
-    )
-
-
-def _blue_green(
-    project: Project, model_name: str, version: str, registered_contract: bool
-) -> tuple[ServerHandle, SmokeResult, LatencyResult]:
-    """Start the version beside the serving one; it takes over only once its checks passed."""
-    model_dir = fetch_model(project, model_name, version)
-    registered = load_contract(model_dir / EXTRA_DIR)  # the contract this version was registered with
-    contract = enforced_contract(
-        project, registered, model_name, version, registered_contract=registered_contract
-    )
-    example = read_json(model_dir / EXTRA_DIR / EXAMPLE_FILE)
-    previous = local_server.current(project.state_dir, project.root)
-    with contextlib.ExitStack() as sockets:  # closed here unless the new server took them
-        port = sockets.enter_context(_project_socket(project, previous))  # busy: fails before any change
-        private = sockets.enter_context(local_server.bind(project.settings.serving.host, 0))
-        check_url = local_server.url_of(private)
-        handover = local_server.handover_path()
-        spec_file = _write_spec(project, model_dir, model_name, version, port.getsockname()[1], handover)
-        try:
-            handle = local_server.start(
-                spec_file,
-                private,
-                model_name=model_name,
-                version=version,
-                state_dir=project.state_dir,
-                ready_timeout_s=project.settings.serving.ready_timeout_s,
-                takeover=port,
-                handover=handover,
-                project=project.root,
-            )
-        except HandoffError as exc:
-            raise HandoffError(f"{exc}; {_still_serving(previous)}") from None
-    try:
-        smoke = smoke_test(check_url, model_name, contract, example)
-        if not smoke.passed:
-            raise _NotTakingOver(smoke.detail)
-        latency = latency_check(check_url, model_name, contract, example)
-        if not latency.passed:
-            raise _NotTakingOver(latency.detail)
-        local_server.take_over(handle)
-    except BaseException as exc:  # Ctrl-C included: never leave an unrecorded server behind
-        local_server.terminate(handle)
-        if isinstance(exc, _NotTakingOver):
-            raise HandoffError(
-                f"{model_name}/{version} did not pass its checks before taking over: {exc}; "
-                f"the new server was stopped and {_still_serving(previous)}"
-            ) from None
-        if isinstance(exc, HandoffError):
-            raise HandoffError(f"{exc}; {_still_serving(previous)}") from None
-        raise
-    local_server.record(project.state_dir, handle)
-    if previous is not None:
-        local_server.retire(previous)  # stops accepting, finishes its requests, exits
-    return handle, smoke, latency
-
-
-class _NotTakingOver(Exception):
-    """The new server failed a check it must pass before it serves the project's port."""
-
-
-def _still_serving(previous: ServerHandle | None) -> str:
-    if previous is None:
-        return "nothing was serving before"
-    return f"version {previous.version} keeps serving at {previous.url}"
-
-
-def registered_release(project: Project, name: str, version: str) -> tuple[Release, Contract, dict[str, Any]]:
-    """The version's Triton repository, and the contract and example it was registered with."""
-    from handoff.kube.inference_service import Release
-
-    client = use_tracking(project)
-    try:
-        tags = client.get_model_version(name, version).tags
-    except MlflowException:
-        raise HandoffError(
-            f"model {name!r} has no version {version!r} in the registry ({project.tracking_uri})"
-        ) from None
-    missing = [tag for tag in (SHA_TAG, TRITON_TAG) if not tags.get(tag)]
-    if missing:
-        raise HandoffError(
-            f"registered version {name}/{version} has no {' or '.join(missing)} tag (registered before "
-            "cluster serving existed); export and register it again"
-        )
-    with tempfile.TemporaryDirectory(dir=project.state_dir, prefix=".registered-") as tmp:
-        # Only the small files: the cluster downloads the model itself, from the Triton repository.
-        try:
-            files = Path(
-                mlflow.artifacts.download_artifacts(
-                    artifact_uri=f"models:/{name}/{version}/{EXTRA_DIR}", dst_path=tmp
-                )
-            )
-        except (MlflowException, OSError):
-            files = Path(tmp) / EXTRA_DIR  # reported below, with what to do
-        if not (files / CONTRACT_FILE).is_file() or not (files / EXAMPLE_FILE).is_file():
-            raise HandoffError(
-                f"registered version {name}/{version} has no {CONTRACT_FILE} or {EXAMPLE_FILE} "
-                "attached; register it again with `handoff register`"
-            )
-        contract = load_contract(files)
-        example = read_json(files / EXAMPLE_FILE)
-    release = Release(model_name=name, version=version, sha256=tags[SHA_TAG], triton_uri=tags[TRITON_TAG])
-    return release, contract, example
-
-
-def deploy_to_cluster(
-    project_dir: Path | str,
-    model_name: str,
-    version: str,
-    *,
-    api: ApiClient | None = None,
-    champion_only: bool = False,
-    registered_contract: bool = False,
-    poll_s: float = 5.0,
-    clock: Callable[[], float] = time.monotonic,
-    sleep: Callable[[float], None] = time.sleep,
-) -> DeployResult:
-    """Roll ``model_name`` version ``version`` out to the project's InferenceService (``deploy``
-    says what ``champion_only`` and ``registered_contract`` do)."""
-    started = time.perf_counter()
-    project = Project.load(project_dir)
-    if champion_only:
-        require_champion(project, model_name, version)
-    with _promotion_follows(project, model_name, version, champion_only):
-        done = _roll_out(project, model_name, version, api, poll_s, clock, sleep, registered_contract)
-    _served(project, model_name, version, f"cluster {done.url}")
-    return DeployResult(
-        url=done.url,
-        model_name=model_name,
-        version=version,
-        pid=0,
-        smoke_passed=done.smoke.passed,
-        smoke_detail=done.smoke.detail,
-        smoke_latency_ms=done.smoke.latency_ms,
-        seconds=round(time.perf_counter() - started, 3),
-        target="cluster",
-    )
-
-
-def _roll_out(
-    project: Project,
-    model_name: str,
-    version: str,
-    api: ApiClient | None,
-    poll_s: float,
-    clock: Callable[[], float],
-    sleep: Callable[[float], None],
-    registered_contract: bool,
-) -> Rollout:
-    """Point the InferenceService at the version, canary, smoke-test, promote or roll back."""
-    from handoff.kube import inference_service as isvc
-    from handoff.kube.client import api_client
-
-    release, registered, example = registered_release(project, model_name, version)
-    contract = enforced_contract(
-        project, registered, model_name, version, registered_contract=registered_contract
-    )
-    check_cluster_runtime(registered, project.settings, project.root)  # Triton runs no preprocess
-    if release.triton_uri.startswith("file://"):
-        isvc.log(
-            f"warning: the model's files are on a local path ({release.triton_uri}); the predictor "
-            "can only download them if that path is mounted into it (use object storage for MLflow)"
-        )
-    services = isvc.ServiceClient(
-        project.settings.namespace, project.settings.project, api or api_client(), retry_s=poll_s, sleep=sleep
-    )
-    return isvc.rollout(
-        services,
-        project.settings,
-        release,
-        lambda url: smoke_test(url, model_name, contract, example),
-        isvc.Watch(services, poll_s=poll_s, clock=clock, sleep=sleep),
+    return deploy_locally(
+        project_dir, model_name, version, champion_only=champion_only, registered_contract=registered_contract
     )

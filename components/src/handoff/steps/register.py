@@ -2,7 +2,7 @@
 
 Every version gets alias ``challenger``; ``champion`` moves to it only when the gate passed and
 the champion it was compared against still is the champion, checked and moved under the
-registry's promotion lock (``handoff.promotion_lock``), so of two registers that beat the same
+registry's promotion lock (``handoff.registry.move_champion``), so of two registers that beat the same
 champion exactly one promotes. The artifact is one self-contained ``model.onnx`` (plus the
 contract example the smoke test replays), and the version's tags say where it came from: ONNX
 sha256, contract hash, template version, training run, the training data's sha256, git commit,
@@ -20,7 +20,6 @@ import hashlib
 import sys
 import tempfile
 import time
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,6 @@ from typing import Any
 import mlflow
 import mlflow.onnx
 import onnx
-from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import Schema
@@ -42,30 +40,20 @@ from handoff.files import sha256_of
 from handoff.lineage import DATA_TAG, HELDOUT_TAG, IMAGE_TAG, git_sha, image_reference
 from handoff.model_card import CARD_FILE, check_model_card, filled_in_card
 from handoff.project import Project
-from handoff.promotion_lock import promotion_lock
 from handoff.readiness import REPORT_HTML, REPORT_MD
+from handoff.registry import (
+    CODE_TAG,
+    CONTRACT_TAG,
+    PROMOTION_TAG,
+    SHA_TAG,
+    TRITON_TAG,
+    describe_registered_model,
+    existing_version,
+    move_champion,
+    verify_artifact,
+)
 from handoff.tracking import CHALLENGER, CHAMPION, alias_version, use_tracking
 from handoff.triton import TRITON_DIR, check_layout, layout_digest
-
-SHA_TAG = "handoff.onnx_sha256"
-# The artifact URI of the version's Triton model repository (its root; the model folder inside
-# is named after the contract).
-TRITON_TAG = "handoff.triton_uri"
-# Set on a version when it becomes champion: the version it replaced (what rollback returns to).
-PREVIOUS_CHAMPION_TAG = "handoff.previous_champion"
-# Set by every register on its version: whether it was promoted, and if not, why ("promoted: ...",
-# "not promoted: ..."); deploy's rollback of a failed promotion sets "promotion undone: ...". A
-# champion registered again keeps the tag that says how it became champion.
-PROMOTION_TAG = "handoff.promotion"
-# The content hash of the contract the version was registered with (``Contract.sha256``): with the
-# ONNX sha256, what identifies a version.
-CONTRACT_TAG = "handoff.contract_sha256"
-# With preprocess/postprocess (contract ``raw:``): the sha256 of the Python files the model server
-# runs beside the model (export's copy, ``served_code_sha256``), part of the version's identity.
-CODE_TAG = "handoff.served_code_sha256"
-# Set by deploy once the version has served (passed its smoke test and latency check): where and
-# when. A champion without it never served, and a failed deploy undoes its promotion.
-SERVED_TAG = "handoff.served"
 
 
 @dataclass(frozen=True)
@@ -246,21 +234,15 @@ def _promote(client: MlflowClient, name: str, version: str, checked: dict[str, A
             client, name, version, f"{why}; it remains the champion (register never demotes one)", tag=False
         )
     # Compare-and-set: nothing moves champion between this read and this write.
-    with promotion_lock(client, name, f"register of {name} v{version}"):
-        current = alias_version(client, name, CHAMPION)
-        if current == version:
-            return True, _say(client, name, version, "already the champion", tag=False)
-        moved = _champion_moved(current, checked["champion"])
-        if not moved:
-            if current is not None:
-                # What `handoff rollback` returns to.
-                client.set_model_version_tag(name, version, PREVIOUS_CHAMPION_TAG, current)
-            client.set_registered_model_alias(name, CHAMPION, version)
-    if moved:
-        return False, _say(client, name, version, f"not promoted: {moved}")
-    return True, _say(
-        client, name, version, f"promoted: {f'replaced v{current}' if current else 'the first champion'}"
-    )
+    compared = checked["champion"]
+    holder = f"register of {name} v{version}"
+    move = move_champion(client, name, version, expected=compared, holder=holder, record_previous=True)
+    if move.before == version:
+        return True, _say(client, name, version, "already the champion", tag=False)
+    if not move.moved:
+        return False, _say(client, name, version, f"not promoted: {_champion_moved(move.before, compared)}")
+    replaced = f"replaced v{move.before}" if move.before else "the first champion"
+    return True, _say(client, name, version, f"promoted: {replaced}")
 
 
 def _gate_failure(checked: dict[str, Any]) -> str:
@@ -280,70 +262,12 @@ def _say(client: MlflowClient, name: str, version: str, promotion: str, *, tag: 
 
 
 def _champion_moved(current: str | None, compared: str | None) -> str:
-    """Why promoting would be unsafe now ('' when it is safe): the champion this model beat is no
-    longer the champion (another run promoted meanwhile), so the comparison is stale."""
-    if current == compared:
-        return ""
+    """Why promoting is unsafe: the champion this model beat is no longer the champion (another
+    run promoted meanwhile), so the comparison is stale."""
     return (
         f"the champion became v{current} while this model was compared against "
         f"{'v' + compared if compared else 'no champion'}; evaluate it again against the new champion"
     )
-
-
-def undo_promotion(client: MlflowClient, name: str, version: str, why: str) -> str:
-    """Undo the promotion of ``version`` when the deploy that followed it failed; returns what was
-    done, as a sentence for the error ('' when nothing was to undo).
-
-    Promotion and the deploy after it are one transaction: a champion that never served goes back
-    to the version it replaced (its ``handoff.previous_champion`` tag) or, the first champion, is
-    removed. A version that has served (``handoff.served``) stays champion: a failed redeploy of
-    what is serving is not a reason to change what serves. Under the promotion lock, and only if
-    ``version`` still is champion (another run may have promoted meanwhile).
-    """
-    with promotion_lock(client, name, f"undoing the promotion of {name} v{version}"):
-        if alias_version(client, name, CHAMPION) != version:
-            return ""
-        tags = client.get_model_version(name, version).tags
-        if tags.get(SERVED_TAG):
-            return ""
-        previous = tags.get(PREVIOUS_CHAMPION_TAG)
-        if previous:
-            client.set_registered_model_alias(name, CHAMPION, previous)
-            done = f"champion moved back to v{previous}, which it replaced"
-        else:
-            client.delete_registered_model_alias(name, CHAMPION)
-            done = f"champion removed: v{version} was the first champion and never served"
-        client.set_model_version_tag(
-            name, version, PROMOTION_TAG, f"promotion undone: its deploy failed ({why})"
-        )
-    print(f"handoff: {done}", file=sys.stderr, flush=True)
-    return done
-
-
-def describe_registered_model(client: MlflowClient, name: str, project: Project) -> str:
-    """Set the registered model's description (the registry page's first lines): the project's
-    own description and what its champion is, from the champion's tags (no links, which the
-    registry would not resolve). Called whenever the champion may have moved."""
-    pyproject = project.root / "pyproject.toml"
-    about = (
-        tomllib.loads(pyproject.read_text())["project"].get("description", "") if pyproject.is_file() else ""
-    )
-    champion = alias_version(client, name, CHAMPION)
-    if champion is None:
-        now = "No champion: no version has passed its gate and been promoted yet."
-    else:
-        tags = client.get_model_version(name, champion).tags
-        sha = tags.get(SHA_TAG, "")
-        now = (
-            f"Champion: version {champion} ({tags.get(PROMOTION_TAG, 'promoted')}); gate "
-            f"{tags.get('handoff.gate', 'unknown')}; model.onnx sha256 {sha[:12]}…; git "
-            f"{tags.get('handoff.git_sha', 'unknown')[:12]}; "
-            f"template {tags.get('handoff.template_version', '?')}. "
-            f"Its model card is version {champion}'s description."
-        )
-    description = f"{about}\n\n{now}" if about else now
-    client.update_registered_model(name, description)
-    return description
 
 
 def exported_code(triton: Path, name: str) -> list[Path]:
@@ -357,51 +281,6 @@ def served_code_sha256(files: list[Path]) -> str:
     for path in files:
         digest.update(f"{path.name}\0{sha256_of(path)}\n".encode())
     return digest.hexdigest()
-
-
-def existing_version(client: MlflowClient, name: str, identity: dict[str, str]) -> str | None:
-    """The version already registered with exactly these identity tags, or None.
-
-    The identity is the ONNX file's sha256 and the contract's, plus the served code's when the
-    model has preprocess/postprocess. A retried register (a step restarted after a crash, a
-    pipeline run again) then reuses it instead of adding a duplicate; the oldest wins if an
-    earlier release left several. The same bytes under an edited contract (a new SLO) or with
-    edited serving code are a new version: deploy and the gates enforce what it was registered with.
-    """
-    query = " and ".join([f"name='{name}'", *(f"tags.`{tag}`='{value}'" for tag, value in identity.items())])
-    try:
-        found = client.search_model_versions(query)
-    except MlflowException as exc:
-        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-            return None
-        raise
-    return str(min(int(v.version) for v in found)) if found else None
-
-
-def verify_artifact(name: str, version: str, sha: str) -> None:
-    """Download the version's stored model.onnx and check it is the file with sha256 ``sha``."""
-    with tempfile.TemporaryDirectory(prefix="handoff-verify-") as tmp:
-        try:
-            local = Path(
-                mlflow.artifacts.download_artifacts(
-                    artifact_uri=f"models:/{name}/{version}/{ONNX_FILE}", dst_path=tmp
-                )
-            )
-            actual = sha256_of(local) if local.is_file() else None
-        except (MlflowException, OSError):
-            actual = None
-    if actual is None:
-        raise HandoffError(
-            f"registered version {name}/{version} has no {ONNX_FILE} in the artifact store; "
-            "aliases left unchanged (register the model again)",
-            field=SHA_TAG,
-        )
-    if actual != sha:
-        raise HandoffError(
-            f"registered version {name}/{version}: the stored {ONNX_FILE} has sha256 {actual[:12]}…, "
-            f"expected {sha[:12]}… (the artifact store was changed); aliases left unchanged",
-            field=SHA_TAG,
-        )
 
 
 def _log_triton_layout(root: Path) -> str:

@@ -12,13 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlflow.exceptions import MlflowException
-
+from handoff.deployment import DeployResult, deploy_locally
 from handoff.errors import HandoffError
 from handoff.project import Project
-from handoff.promotion_lock import promotion_lock
-from handoff.steps.deploy import DeployResult, deploy
-from handoff.steps.register import PREVIOUS_CHAMPION_TAG, describe_registered_model
+from handoff.registry import PREVIOUS_CHAMPION_TAG, describe_registered_model, move_champion, version_tags
 from handoff.tracking import CHAMPION, alias_version, use_tracking
 
 
@@ -52,22 +49,15 @@ def rollback(project_dir: Path | str, to: str | None = None) -> RollbackResult:
             )
     if to == current:
         raise HandoffError(f"{name} v{to} is already champion: nothing to roll back", field="--to")
-    try:
-        client.get_model_version(name, to)
-    except MlflowException:
-        raise HandoffError(
-            f"model {name!r} has no version {to!r} in the registry ({project.tracking_uri})", field="--to"
-        ) from None
+    version_tags(project, name, to, field="--to")  # one the registry has
     # Serves, or raises with nothing changed; under the contract it was registered (and served)
     # with: a rollback restores what served before, whatever the working tree says since.
-    deployed = deploy(project.root, name, to, cluster=False, registered_contract=True)
-    with promotion_lock(client, name, f"rollback of {name} to v{to}"):
-        now = alias_version(client, name, CHAMPION)
-        if now != current:
-            raise HandoffError(
-                f"champion moved from v{current} to v{now} while rolling back to v{to}; champion left "
-                f"at v{now} (the local server serves v{to}): run `handoff rollback` again if still wanted"
-            )
-        client.set_registered_model_alias(name, CHAMPION, to)
+    deployed = deploy_locally(project.root, name, to, registered_contract=True)
+    move = move_champion(client, name, to, expected=current, holder=f"rollback of {name} to v{to}")
+    if not move.moved:
+        raise HandoffError(
+            f"champion moved from v{current} to v{move.before} while rolling back to v{to}; champion left "
+            f"at v{move.before} (the local server serves v{to}): run `handoff rollback` again if still wanted"
+        )
     describe_registered_model(client, name, project)
     return RollbackResult(model_name=name, from_version=current, to_version=to, deployed=deployed)

@@ -34,6 +34,7 @@ from tqdm import tqdm
 from handoff import __version__, distributed
 from handoff.artifact_store import check_before_training
 from handoff.checkpoints import latest_state, newest_state_step, save_checkpoint, save_state, state_step
+from handoff.config_fields import int_setting
 from handoff.contract import Contract
 from handoff.data_hash import data_sha256
 from handoff.data_order import EpochBatches
@@ -41,14 +42,17 @@ from handoff.errors import HandoffError
 from handoff.hooks import (
     MODEL_FILE,
     ModelModule,
+    Scored,
+    SplitMeans,
     build_optimizer,
     call_hook,
     contract_outputs,
+    data_version,
     hook_batch,
     items_in_batch,
+    joined_chunks,
     map_leaves,
     model_outputs,
-    score_split,
     split_batch,
     user_code,
 )
@@ -80,32 +84,27 @@ class TrainResult:
     seconds: float
 
 
-def int_setting(cfg: Any, name: str, default: int) -> int:
-    """A Config field the trainer reads (epochs, batch_size, seed), checked to be a whole number."""
-    value = getattr(cfg, name, default)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise HandoffError(
-            f"Config.{name} must be an integer, got {value!r}", file=MODEL_FILE, field="Config"
-        )
-    return value
-
-
 def evaluate_torch(
     hooks: ModelModule, model: torch.nn.Module, loader: DataLoader, contract: Contract
 ) -> dict[str, float]:
-    """Loss and researcher metrics over a whole split with the torch model."""
-    outputs, inputs, targets = [], [], []
+    """Loss and researcher metrics over a whole split with the torch model, as evaluation computes
+    them: each epoch reads the split once, batch by batch, and holds one chunk of it at a time
+    (``handoff.hooks.SplitMeans``), so a split bigger than memory validates too."""
     device = next(model.parameters()).device
-    model.eval()
-    with torch.no_grad(), user_code(hooks, "the forward pass on the validation split"):
+    means = SplitMeans(hooks, contract.output_names)
+
+    def batches() -> Iterator[Scored]:
         for batch in loader:
             x, y = split_batch(batch)
             value = model(*(t.to(device) for t in x))
-            outputs.append(tuple(t.cpu() for t in contract_outputs(value, contract)))
-            inputs.append(x)
-            targets.append(y)
+            yield tuple(t.cpu() for t in contract_outputs(value, contract)), x, y
+
+    model.eval()
+    with torch.no_grad(), user_code(hooks, "the forward pass on the validation split"):
+        for chunk in joined_chunks(hooks, batches()):
+            means.add(chunk)
     model.train()
-    return score_split(hooks, outputs, inputs, targets, contract.output_names)
+    return means.result()
 
 
 class Preempted(SystemExit):
@@ -329,7 +328,8 @@ def _train(
     try:
         if ctx.is_main and state is None:
             with user_code(hooks, "reading the datasets' items to hash them"):
-                data = data_sha256(train_set, val_set)  # register copies it onto the version
+                # register copies it onto the version; model.py's data_version() spares the read
+                data = data_sha256(train_set, val_set, version=data_version(hooks, cfg))
             mlflow.set_tags(
                 {
                     "handoff.template_version": __version__,

@@ -1,0 +1,321 @@
+"""The project's InferenceService as handoff writes it: plain data, no API calls.
+
+Everything a deploy applies is built here from handoff.yaml and the registered release, so the
+same dicts are what tests validate against the KServe CRD, what the compiled output shows, and
+what the server-side apply sends (:mod:`handoff.kube.isvc_client`). Each builder returns the whole
+of what handoff manages on the service (its labels, its ``handoff.dev/`` annotations and tag
+routing, ``spec.predictor``): with server-side apply, a field handoff applied before and leaves out
+now is removed, so a partial configuration would drop the rest.
+
+On the ``handoff-onnx`` runtime the predictor gets handoff.yaml's serving settings (batching,
+body and in-flight limits, concurrency, header timeout, shutdown grace) and the version number,
+as one JSON environment variable its prologue writes into the server's spec; Triton ignores them.
+Stopping a pod lets the server finish what it received (it exits 0 within
+``serving.shutdown_grace_s``). In raw deployment mode the pod also waits ``PRE_STOP_S`` before
+SIGTERM (a ``preStop`` sleep, so the Service's endpoints drop it before it stops accepting) and
+gets a termination grace period that covers both. Knative (Serverless mode) refuses both fields
+and does the same itself: its queue-proxy drains the pod before the server's SIGTERM, and the
+grace period is the revision's timeout (300 s by default). A first deploy cannot know the mode
+(the cluster's default decides it), so it leaves them out; later deploys read it from the service.
+
+The predictor's ``handoff.dev/predictor-spec`` label is a digest of the spec (``spec_digest``):
+KServe copies it onto the pods and onto the Deployment or Knative revision it makes from the
+spec, which ties what KServe reports to the spec it is about (:mod:`handoff.kube.isvc_status`).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from handoff.errors import HandoffError
+from handoff.labels import labels
+from handoff.serving.spec import SETTINGS_ENV, server_settings
+from handoff.settings import Settings
+
+GROUP, VERSION, PLURAL, KIND = "serving.kserve.io", "v1beta1", "inferenceservices", "InferenceService"
+API_VERSION = f"{GROUP}/{VERSION}"
+# KServe's ClusterServingRuntime for NVIDIA Triton (ships with KServe; serves ONNX over V2).
+TRITON_RUNTIME = "kserve-tritonserver"
+# The project's own ServingRuntime (manifests/): the KServe Python server over ONNX Runtime.
+KSERVE_RUNTIME = "handoff-onnx"
+MODEL_FORMAT = {"name": "onnx", "version": "1"}
+PROTOCOL = "v2"
+# Makes KServe publish per-revision URLs (tags `latest` and `prev`), which the smoke test needs to
+# reach the new revision while a canary shares traffic with the old one.
+TAG_ROUTING = "serving.kserve.io/enable-tag-routing"
+# The annotation that asks KServe for a deployment mode, and the names of the raw one (no Knative
+# revisions: no traffic split, no canary). KServe 0.16 renamed RawDeployment to Standard (and
+# Serverless to Knative); it reads either name and reports the new one (pkg/constants).
+DEPLOYMENT_MODE = "serving.kserve.io/deploymentMode"
+RAW_MODES = ("RawDeployment", "Standard")
+PREFIX = "handoff.dev/"
+MODEL_NAME_KEY = PREFIX + "model-name"
+VERSION_KEY = PREFIX + "model-version"  # an annotation on the service and a label on its pods
+SHA_KEY = PREFIX + "onnx-sha256"
+ROLLBACK_KEY = PREFIX + "rollback-to"
+NEVER_SERVED_KEY = PREFIX + "never-served"
+# On the predictor (so on its pods, its Deployment's pod template and its Knative revision): a
+# digest of the predictor spec, which tells what KServe reports about this spec from what it
+# still reports about the previous one.
+SPEC_KEY = PREFIX + "predictor-spec"
+# The users the runtimes' images run as (Pod Security "restricted" needs a non-root user):
+# Triton's images have `triton-server` (1000), the platform image 10001.
+RUN_AS_USER = {"triton": 1000, "kserve": 10001}
+# Raw deployment mode: how long a stopping pod waits before SIGTERM, so that the Service's
+# endpoints (kube-proxy, ingress) stop sending it connections first; and the time kept beyond
+# shutdown_grace_s for the server's exit.
+PRE_STOP_S = 5
+EXIT_MARGIN_S = 5
+
+
+@dataclass(frozen=True)
+class Release:
+    """One registered model version and where the cluster can download its Triton repository."""
+
+    model_name: str  # the contract's name: the Triton model folder and the V2 model name
+    version: str
+    sha256: str
+    triton_uri: str  # the artifact URI of the repository root, as the registry recorded it
+
+
+# What KServe's storage initializer downloads a folder from.
+FETCHABLE = ("s3://", "gs://", "hdfs://", "webhdfs://", "pvc://", "file://")
+# MLflow names Azure Blob locations wasbs://container@account.blob.core.windows.net/path; KServe
+# reads the same place as https://account.blob.core.windows.net/container/path.
+AZURE_BLOB = re.compile(
+    r"^wasbs?://(?P<container>[^@/]+)@(?P<host>[^/]+\.blob\.core\.windows\.net)/?(?P<path>.*)$"
+)
+
+
+def storage_uri(artifact_uri: str) -> str:
+    """The registry's artifact URI as a storageUri KServe can download from."""
+    azure = AZURE_BLOB.match(artifact_uri)
+    if azure:
+        return f"https://{azure['host']}/{azure['container']}/{azure['path']}".rstrip("/")
+    if artifact_uri.startswith(FETCHABLE):
+        return artifact_uri.rstrip("/")
+    raise HandoffError(
+        f"the registered model's Triton repository is at {artifact_uri}, which KServe's storage "
+        "initializer cannot download (it reads s3://, gs://, Azure Blob, hdfs:// and pvc://); store "
+        "MLflow artifacts in object storage (`mlflow server --artifacts-destination s3://… "
+        "--no-serve-artifacts`, or `--default-artifact-root s3://…`) and register the model again",
+        file="handoff.yaml",
+        field="mlflow.tracking_uri",
+    )
+
+
+def predictor_spec(
+    settings: Settings, release: Release, canary: int | None, *, raw: bool = False
+) -> dict[str, Any]:
+    """``spec.predictor`` for ``release`` with handoff.yaml's serving settings; ``raw``: the service
+    runs in raw deployment mode (see the module docstring)."""
+    kserve = settings.serving.kserve
+    root = storage_uri(release.triton_uri)
+    amounts: dict[str, Any] = {"cpu": kserve.cpu, "memory": kserve.memory}
+    if kserve.gpus:
+        amounts["nvidia.com/gpu"] = kserve.gpus
+    model: dict[str, Any] = {
+        "modelFormat": dict(MODEL_FORMAT),
+        "protocolVersion": PROTOCOL,
+        "resources": {"requests": dict(amounts), "limits": dict(amounts)},
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
+    if kserve.runtime == "triton":
+        # tritonserver --model-store=/mnt/models finds /mnt/models/<model-name>/1/model.onnx.
+        model.update(runtime=TRITON_RUNTIME, runtimeVersion=kserve.runtime_version, storageUri=root)
+    else:
+        # The project's runtime pins its own image (the platform version); it reads one model folder.
+        model.update(runtime=KSERVE_RUNTIME, storageUri=f"{root}/{release.model_name}")
+        # The same settings as a local server's; the runtime's prologue merges them into its spec.
+        tuned = json.dumps(
+            server_settings(settings.serving, release.version), sort_keys=True, separators=(",", ":")
+        )
+        model["env"] = [{"name": SETTINGS_ENV, "value": tuned}]
+    if raw:
+        model["lifecycle"] = {"preStop": {"sleep": {"seconds": PRE_STOP_S}}}
+    spec: dict[str, Any] = {
+        "minReplicas": kserve.min_replicas,
+        "maxReplicas": kserve.max_replicas,
+        # On the pods, so a crash loop is told apart from the previous version's healthy pods.
+        "labels": {VERSION_KEY: release.version},
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS_USER[kserve.runtime],
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "model": model,
+        # A predictor never calls the API server; KServe hands the storage credentials to its
+        # storage initializer itself.
+        "automountServiceAccountToken": False,
+    }
+    if kserve.service_account:
+        spec["serviceAccountName"] = kserve.service_account
+    if raw:
+        grace = PRE_STOP_S + math.ceil(settings.serving.shutdown_grace_s) + EXIT_MARGIN_S
+        spec["terminationGracePeriodSeconds"] = grace
+    if canary is not None:
+        spec["canaryTrafficPercent"] = canary
+    spec["labels"][SPEC_KEY] = spec_digest(spec)
+    return spec
+
+
+def spec_digest(predictor: dict[str, Any]) -> str:
+    """What ``SPEC_KEY`` says: a digest of what KServe makes the predictor's pods from, so neither
+    the canary share (traffic, not pods) nor the label itself is in it."""
+    marks = {k: v for k, v in (predictor.get("labels") or {}).items() if k != SPEC_KEY}
+    rest = {k: v for k, v in predictor.items() if k not in ("canaryTrafficPercent", "labels")}
+    text = json.dumps({**rest, "labels": marks}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def manifest(
+    settings: Settings,
+    release: Release,
+    *,
+    canary: int | None = None,
+    rollback_to: str | None = None,
+    raw: bool = False,
+) -> dict[str, Any]:
+    """The whole InferenceService for ``release`` (``raw``: for a service in raw deployment mode)."""
+    annotations = {
+        TAG_ROUTING: "true",
+        MODEL_NAME_KEY: release.model_name,
+        VERSION_KEY: release.version,
+        SHA_KEY: release.sha256,
+    }
+    if rollback_to is not None:
+        annotations[ROLLBACK_KEY] = rollback_to
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "metadata": {
+            "name": settings.project,
+            "namespace": settings.namespace,
+            "labels": labels(settings.project, "serving"),
+            "annotations": annotations,
+        },
+        "spec": {"predictor": predictor_spec(settings, release, canary, raw=raw)},
+    }
+
+
+# --- reading a service as the API server returns it ----------------------------------------------
+
+
+def predictor_of(obj: dict[str, Any]) -> dict[str, Any]:
+    return dict((obj.get("spec") or {}).get("predictor") or {})
+
+
+def annotations_of(obj: dict[str, Any]) -> dict[str, str]:
+    return dict((obj.get("metadata") or {}).get("annotations") or {})
+
+
+def canary_of(obj: dict[str, Any]) -> int | None:
+    value = predictor_of(obj).get("canaryTrafficPercent")
+    return value if isinstance(value, int) else None
+
+
+def mode_of(obj: dict[str, Any]) -> str | None:
+    """KServe's deployment mode for the service: its status says; the annotation asks for one."""
+    mode = (obj.get("status") or {}).get("deploymentMode") or annotations_of(obj).get(DEPLOYMENT_MODE)
+    return str(mode) if mode else None
+
+
+def is_raw(obj: dict[str, Any]) -> bool:
+    return mode_of(obj) in RAW_MODES
+
+
+@dataclass(frozen=True)
+class Served:
+    """What a service ran: its predictor and handoff's annotations, exactly restorable."""
+
+    predictor: dict[str, Any]
+    annotations: dict[str, str]
+
+    @property
+    def version(self) -> str:
+        return self.annotations.get(VERSION_KEY, "?")
+
+    @property
+    def sha256(self) -> str:
+        return self.annotations.get(SHA_KEY, "")
+
+    def encode(self) -> str:
+        # Deterministic, so a retried deploy writes the same annotation (no needless change).
+        return json.dumps(
+            {"predictor": self.predictor, "annotations": self.annotations},
+            sort_keys=True,
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def decode(cls, text: str) -> Served | None:
+        try:
+            data = json.loads(text)
+            return cls(predictor=dict(data["predictor"]), annotations=dict(data["annotations"]))
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    @classmethod
+    def of(cls, obj: dict[str, Any]) -> Served:
+        predictor = {k: v for k, v in predictor_of(obj).items() if k != "canaryTrafficPercent"}
+        annotations = {
+            k: v for k, v in annotations_of(obj).items() if k.startswith(PREFIX) and k != ROLLBACK_KEY
+        }
+        return cls(predictor=predictor, annotations=annotations)
+
+
+def served_before(obj: dict[str, Any]) -> Served:
+    """What takes the traffic a rollout would take over: during a rollout, the spec it replaced."""
+    recorded = annotations_of(obj).get(ROLLBACK_KEY)
+    if canary_of(obj) is not None and recorded:
+        found = Served.decode(recorded)
+        if found is not None:
+            return found
+    return Served.of(obj)
+
+
+# --- what the later steps of a rollout apply, from what its first step applied -------------------
+
+
+def promoted(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` without its canary share: all traffic to the revision it made."""
+    result = copy.deepcopy(config)
+    result["spec"]["predictor"].pop("canaryTrafficPercent", None)
+    return result
+
+
+def never_served(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` marked as a failed first deploy, left for inspection (the next deploy replaces it)."""
+    result = copy.deepcopy(config)
+    result["metadata"]["annotations"][NEVER_SERVED_KEY] = "true"
+    return result
+
+
+def restoring(config: dict[str, Any], target: Served, *, pin: bool) -> dict[str, Any]:
+    """``config`` (what the failed rollout applied) turned back into what ``target`` ran: its
+    predictor and annotations (so the rollback record goes), with ``canaryTrafficPercent: 0`` when
+    ``pin``: the revision that served keeps every request while the restored spec's starts."""
+    predictor = copy.deepcopy(target.predictor)
+    if pin:
+        predictor["canaryTrafficPercent"] = 0
+    meta = config["metadata"]
+    return {
+        "apiVersion": config["apiVersion"],
+        "kind": config["kind"],
+        "metadata": {
+            "name": meta["name"],
+            "namespace": meta["namespace"],
+            "labels": dict(meta.get("labels") or {}),
+            "annotations": {**target.annotations, TAG_ROUTING: "true"},
+        },
+        "spec": {"predictor": predictor},
+    }
