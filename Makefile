@@ -25,6 +25,9 @@ venv: $(VENV)/.installed ## Create .venv with every pinned dependency (once)
 # under the lock's own header and sorted as it is. Local version labels go (torch==X, not X+cpu), so
 # pip takes a CPU build only where one is offered. The packages are built from copies: no egg-info
 # lands beside the editable install. LOCK=<file> writes elsewhere, to compare before replacing.
+# TORCH_CPU_INDEX=<PyTorch's CPU wheel index> resolves torch from there, as a machine whose pip
+# finds no CPU build must: the default Linux build would bring its CUDA packages into the lock,
+# which the recipe refuses.
 LOCK ?= requirements/lock.txt
 LOCK_PIP := pip==26.3
 
@@ -35,8 +38,13 @@ lock: ## Re-resolve requirements/lock.txt from the pyproject ranges (LOCK=<file>
 	pip="$$tmp/venv/bin/python -m pip --disable-pip-version-check"; \
 	$$pip install --quiet $(LOCK_PIP); \
 	$$pip install --quiet -c requirements/constraints.txt --upgrade setuptools \
+		$(if $(TORCH_CPU_INDEX),--extra-index-url $(TORCH_CPU_INDEX)) \
 		"$$tmp/components" "$$tmp/pipelines" -r requirements/dev.txt; \
 	$$pip check; \
+	if $$pip freeze --all | grep -qiE '^(nvidia-|triton==)'; then \
+		echo "make lock: torch came with its CUDA packages (nvidia-*, triton), which the lock must not pin;" \
+			"run it where pip finds torch's CPU build: make lock TORCH_CPU_INDEX=<PyTorch's CPU wheel index>" >&2; \
+		exit 1; fi; \
 	{ sed '/^[^#]/,$$d' requirements/lock.txt; \
 	  $$pip freeze --all --exclude pip --exclude ml-handoff --exclude ml-handoff-pipelines \
 		| sed -E 's/^([A-Za-z0-9._-]+==[^+ ]+)\+[A-Za-z0-9.]+$$/\1/' \

@@ -188,7 +188,7 @@ def test_a_streamed_val_split_passes_and_a_streamed_train_split_is_named(project
     original = model.read_text()
     model.write_text(original + STREAMED_VAL.replace("TRAIN", "train"))
     report = check(project)
-    assert dict(report.passed)["datasets"].endswith("val a stream of items")
+    assert dict(report.passed)["datasets"].endswith("val streamed (no length)")
 
     model.write_text(original + STREAMED_VAL.replace("TRAIN", "_Stream(train)"))
     result = handoff("check", cwd=project)

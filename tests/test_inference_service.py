@@ -31,7 +31,7 @@ from handoff.deployment import DeployResult, deploy_to_cluster, registered_relea
 from handoff.errors import HandoffError
 from handoff.files import write_json
 from handoff.kube import inference_service as isvc
-from handoff.kube import isvc_plan
+from handoff.kube import isvc_manifest, isvc_plan
 from handoff.project import Project
 from handoff.registry import TRITON_TAG
 from handoff.serving import local_server
@@ -678,16 +678,16 @@ def test_a_revision_or_rollout_that_cannot_finish_ends_the_wait_with_the_control
     }
     assert schema_problems(INFERENCESERVICE, serverless) == []
     before = isvc.Before("x-predictor-00001")  # the latest created revision when the patch was made
-    progress = isvc.serverless_progress(serverless, 2, {"x-predictor-00002": True}, before)
+    progress = isvc.serverless_progress(serverless, 2, {"x-predictor-00002": True}, before, canary=None)
     assert progress.failure == f"revision x-predictor-00002 failed: {failed}"
     # No pods at all: the revision KServe made since the patch is this spec's.
-    assert isvc.serverless_progress(serverless, 2, {}, before).failure == progress.failure
+    assert isvc.serverless_progress(serverless, 2, {}, before, canary=None).failure == progress.failure
     for revisions, since in (
         ({"x-predictor-00003": True}, before),  # this spec's pods are another revision's
         ({"x-predictor-00002": False}, before),  # the failed revision's pods are another spec's
         ({}, isvc.Before("x-predictor-00002")),  # the failed revision was there before the patch
     ):
-        assert isvc.serverless_progress(serverless, 2, revisions, since).failure is None
+        assert isvc.serverless_progress(serverless, 2, revisions, since, canary=None).failure is None
 
     raw = {**obj, "status": {"deploymentMode": "RawDeployment"}}
     stuck = 'ReplicaSet "x-predictor-6b9f8" has timed out progressing.'
@@ -1068,6 +1068,27 @@ def test_the_fakes_server_side_apply_removes_what_its_manager_left_out(default_p
         again = services.apply(second)
         assert again["metadata"]["resourceVersion"] == taken["metadata"]["resourceVersion"]
         assert len(fake.history[KEY]) == writes
+        # Shared ownership: an Update manager set the canary share, handoff applies the same value
+        # (no conflict, both own it); handoff leaving it out drops its claim only, and the field
+        # stays, the other manager's. (ServiceClient.apply then removes it: see the deploy tests.)
+        freeze = {"spec": {"predictor": {"canaryTrafficPercent": 0}}}
+        send(api, freeze, MERGE, fieldManager="kubectl-patch")
+        dark = isvc.manifest(settings, release, canary=0)
+        shared = send(api, dark, APPLY, fieldManager="handoff", force="true")
+        assert owners_of(shared, "spec", "predictor", "canaryTrafficPercent") == {"handoff", "kubectl-patch"}
+        left = send(api, second, APPLY, fieldManager="handoff", force="true")
+        assert left["spec"]["predictor"]["canaryTrafficPercent"] == 0
+        assert left["metadata"]["generation"] == shared["metadata"]["generation"]
+        assert owners_of(left, "spec", "predictor", "canaryTrafficPercent") == {"kubectl-patch"}
+        # ServiceClient.apply removes it by a JSON patch that tests the value first: a value set
+        # since the apply (here 5) is not removed, the patch fails whole.
+        share = isvc_manifest.DROPPABLE[0]
+        stale = isvc_manifest.removing({"spec": {"predictor": {"canaryTrafficPercent": 5}}}, [share])
+        with pytest.raises(Exception, match="422"):
+            send(api, stale, JSON_PATCH, fieldManager="handoff")
+        cleared = services.apply(second)
+        assert "canaryTrafficPercent" not in cleared["spec"]["predictor"]
+        assert cleared["metadata"]["generation"] == left["metadata"]["generation"] + 1
 
 
 @pytest.mark.unit
@@ -1097,7 +1118,7 @@ def test_every_write_is_a_server_side_apply_by_handoff(
     """The deploy creates, rolls out and promotes by server-side apply under the field manager
     `handoff` (the create without force, so someone else's service is not taken over); what other
     managers put on the service stays, and what handoff applied and then dropped (the canary share)
-    goes."""
+    goes. (A JSON patch follows an apply only where another manager kept what handoff dropped.)"""
     with fake_kube(KServe(serving(servers))) as fake:
         deploy(registered, fake, "1")
         edit = {"metadata": {"labels": {"example.com/team": "ml"}, "annotations": {"example.com/owner": "x"}}}
@@ -1114,6 +1135,145 @@ def test_every_write_is_a_server_side_apply_by_handoff(
     assert "canaryTrafficPercent" not in obj["spec"]["predictor"]
     owners = {(m["manager"], m["operation"]) for m in obj["metadata"]["managedFields"]}
     assert owners == {("handoff", "Apply"), ("kubectl-edit", "Update")}
+
+
+def owners_of(obj: dict[str, Any], *path: str) -> set[str]:
+    """The managers whose managedFields include the field at ``path``."""
+    found = set()
+    for entry in obj["metadata"]["managedFields"]:
+        node = entry["fieldsV1"]
+        for key in path:
+            node = node.get(f"f:{key}")
+            if node is None:
+                break
+        else:
+            found.add(entry["manager"])
+    return found
+
+
+@pytest.mark.local
+def test_a_promotion_gives_all_traffic_even_when_another_manager_set_the_canary_share(
+    registered: Registered, servers: dict[str, str]
+) -> None:
+    """Someone froze the traffic with `kubectl patch` (canaryTrafficPercent 0, an Update manager's
+    field). The next deploy starts dark, applying the same 0: shared ownership, so the promotion's
+    apply alone only drops handoff's claim and the field stays. The deploy removes it (a merge
+    patch) and waits for the traffic it asked for, not the share the live spec still shows."""
+    with fake_kube(KServe(serving(servers))) as fake:
+        deploy(registered, fake, "1")
+        freeze = {"spec": {"predictor": {"canaryTrafficPercent": 0}}}
+        send(fake.api_client(), freeze, MERGE, fieldManager="kubectl-patch")
+        assert owners_of(stored(fake), "spec", "predictor", "canaryTrafficPercent") == {"kubectl-patch"}
+        result = deploy(registered, fake, "2")
+        obj, history = stored(fake), fake.history[KEY]
+    assert "canaryTrafficPercent" not in obj["spec"]["predictor"]
+    traffic = obj["status"]["components"]["predictor"]["traffic"]
+    assert [(t["revisionName"], t["percent"]) for t in traffic] == [(f"{MODEL}-predictor-00002", 100)]
+    assert result.url == servers["2"]
+    states = [(version_of(h), h["spec"]["predictor"].get("canaryTrafficPercent")) for h in history]
+    assert states[-2:] == [("2", 0), ("2", None)]
+    assert fake.patches[-1] == (PATH, JSON_PATCH, {"fieldManager": "handoff"})  # what removed it
+
+
+@pytest.mark.local
+def test_marks_another_manager_also_set_are_cleared_by_the_next_deploy(
+    registered: Registered, servers: dict[str, str]
+) -> None:
+    """``never-served`` and ``rollback-to`` written by another manager (an older handoff's merge
+    patch, `kubectl annotate`): handoff's apply leaves them out, which alone does not remove them.
+    A never-served mark left behind would make every later deploy a first deploy (no canary, a
+    failure left for inspection instead of rolled back), so the deploy removes them."""
+    with fake_kube(KServe(serving(servers))) as fake:
+        deploy(registered, fake, "1")
+        marks = {isvc.NEVER_SERVED_KEY: "true", isvc.ROLLBACK_KEY: "{}"}
+        send(fake.api_client(), {"metadata": {"annotations": marks}}, MERGE, fieldManager="kubectl-annotate")
+        deploy(registered, fake, "2")
+        obj = stored(fake)
+    assert version_of(obj) == "2"
+    assert not set(marks) & set(obj["metadata"]["annotations"])
+    assert "kubectl-annotate" not in {m["manager"] for m in obj["metadata"]["managedFields"]}
+
+
+@pytest.mark.local
+def test_a_rollback_restores_handoffs_fields_and_leaves_other_managers_alone(
+    registered: Registered, servers: dict[str, str]
+) -> None:
+    """A platform team's tolerations on the predictor are theirs: the rollback record holds what
+    handoff applied, so restoring version 1 does not take them over (with a value from before the
+    rollout), and the next deploy, which leaves them out, keeps them."""
+    first_tolerations = [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    later_tolerations = [*first_tolerations, {"key": "spot", "operator": "Exists", "effect": "NoSchedule"}]
+
+    def url_for(obj: dict[str, Any]) -> str:
+        if version_of(obj) == "2" and "canaryTrafficPercent" in obj["spec"]["predictor"]:
+            # The platform team changes its tolerations while version 2 is a canary.
+            tolerations = {"spec": {"predictor": {"tolerations": later_tolerations}}}
+            send(fake.api_client(), tolerations, MERGE, fieldManager="platform")
+            return servers["1"]  # version 2's revision is up with the wrong weights: rolled back
+        return servers[version_of(obj)]
+
+    kserve = KServe(url_for)
+    with fake_kube(kserve) as fake:
+        deploy(registered, fake, "1")
+        send(
+            fake.api_client(),
+            {"spec": {"predictor": {"tolerations": first_tolerations}}},
+            MERGE,
+            fieldManager="platform",
+        )
+        with pytest.raises(HandoffError, match="rolled back: version 1's spec is restored"):
+            deploy(registered, fake, "2")
+        rolled_back = stored(fake)
+        canary_record = next(
+            h["metadata"]["annotations"][isvc.ROLLBACK_KEY]
+            for h in fake.history[KEY]
+            if isvc.ROLLBACK_KEY in h["metadata"]["annotations"]
+        )
+        kserve.url_for = serving(servers)
+        deploy(registered, fake, "2")
+        obj = stored(fake)
+    assert "tolerations" not in canary_record  # what version 2's canary recorded: handoff's fields
+    assert rolled_back["spec"]["predictor"]["tolerations"] == later_tolerations
+    assert owners_of(rolled_back, "spec", "predictor", "tolerations") == {"platform"}
+    assert obj["spec"]["predictor"]["tolerations"] == later_tolerations
+    assert owners_of(obj, "spec", "predictor", "tolerations") == {"platform"}
+
+
+@pytest.mark.unit
+def test_a_rollback_record_holds_the_fields_handoff_applied(default_project: Path) -> None:
+    """``Served.of`` reads handoff's fields from ``managedFields`` as the API server writes them
+    (``.`` markers, list-map items by key): KServe's defaults and other managers' fields are left
+    out, the fields the next apply takes over are kept, and a service handoff never applied to
+    (an older handoff's merge patches) is recorded whole, as before."""
+    settings = _with_runtime(Project.load(default_project).settings, "kserve")
+    body = isvc.manifest(settings, isvc.Release(MODEL, "1", "ab" * 32, "s3://models/triton"))
+    predictor = body["spec"]["predictor"]
+    live = copy.deepcopy(body)
+    live_predictor = live["spec"]["predictor"]
+    live_predictor["tolerations"] = [{"key": "gpu", "operator": "Exists"}]  # the platform team's
+    live_predictor["model"]["env"].append({"name": "PLATFORM", "value": "1"})  # theirs too
+    live_predictor["model"]["name"] = "kserve-container"  # KServe's default
+    live_predictor["minReplicas"] = 3  # someone's `kubectl edit`: theirs now
+
+    def tree(value: Any) -> dict[str, Any]:  # FieldsV1 as the API server writes it
+        if isinstance(value, dict):
+            return {f"f:{k}": tree(v) for k, v in value.items()}
+        if isinstance(value, list) and value and all(isinstance(i, dict) and "name" in i for i in value):
+            items = {f"k:{json.dumps({'name': i['name']}, separators=(',', ':'))}": tree(i) for i in value}
+            return {k: {".": {}, **v} for k, v in items.items()}
+        return {}
+
+    handoffs = copy.deepcopy(predictor)
+    del handoffs["minReplicas"]
+    fields = {"f:metadata": tree(body["metadata"]), "f:spec": {"f:predictor": {".": {}, **tree(handoffs)}}}
+    live["metadata"]["managedFields"] = [
+        {"manager": "handoff", "operation": "Apply", "fieldsType": "FieldsV1", "fieldsV1": fields},
+        {"manager": "kubectl-edit", "operation": "Update", "fieldsType": "FieldsV1", "fieldsV1": {}},
+    ]
+    assert isvc.Served.of(live).predictor == handoffs
+    assert isvc.Served.of(live, predictor).predictor == {**predictor, "minReplicas": 3}
+    del live["metadata"]["managedFields"][0]
+    assert isvc.Served.of(live).predictor == live_predictor
 
 
 # --- the rollout's state machine, without an API server ----------------------------------------
@@ -1169,14 +1329,16 @@ class ScriptedWatch:
     def pods(self) -> list[Any]:
         return []
 
-    def ready(self, generation: int, timeout_s: float, before: isvc.Before) -> dict[str, Any]:
+    def ready(
+        self, generation: int, timeout_s: float, before: isvc.Before, canary: int | None
+    ) -> dict[str, Any]:
         obj = self.services.get()
         assert obj is not None and obj["metadata"]["generation"] == generation
         if version_of(obj) in self.fails:
             raise isvc.RolloutFailed(self.fails[version_of(obj)])
         return {**obj, "status": {"url": f"http://version-{version_of(obj)}"}}
 
-    def observed(self, generation: int, timeout_s: float, before: isvc.Before) -> bool:
+    def observed(self, generation: int, timeout_s: float, before: isvc.Before, canary: int | None) -> bool:
         return True
 
 

@@ -51,13 +51,13 @@ def lint_imports(cwd: Path, *sources: Path) -> subprocess.CompletedProcess[str]:
 def test_the_import_rules_hold() -> None:
     result = lint_imports(TEMPLATE, *SOURCES)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "Contracts: 3 kept, 0 broken." in result.stdout
+    assert "Contracts: 4 kept, 0 broken." in result.stdout
     # The one import between steps the contracts allow, and why, is declared, not silently skipped.
     assert "A step imports no other step KEPT (1 ignored import)" in result.stdout
 
 
 @pytest.mark.parametrize(
-    ("module", "added", "contract", "found"),
+    ("module", "added", "contract", "found", "summary"),
     [
         (
             "handoff/steps/evaluate.py",  # even inside a function, as evaluate once fetched the champion
@@ -65,6 +65,7 @@ def test_the_import_rules_hold() -> None:
             "A step imports no other step BROKEN",
             "handoff.steps.evaluate is not allowed to import handoff.steps.deploy:\n\n"
             "- handoff.steps.evaluate -> handoff.steps.deploy (l.",
+            "Contracts: 3 kept, 1 broken.",
         ),
         (
             "handoff/cli.py",
@@ -72,6 +73,7 @@ def test_the_import_rules_hold() -> None:
             "ml-handoff never imports ml-handoff-pipelines (which adds its commands by entry point) BROKEN",
             "handoff is not allowed to import handoff_pipelines:\n\n"
             "-   handoff.cli -> handoff_pipelines.local (l.",
+            "Contracts: 3 kept, 1 broken.",
         ),
         (
             "handoff/registry.py",
@@ -79,12 +81,20 @@ def test_the_import_rules_hold() -> None:
             "over small helpers BROKEN",
             "handoff.registry is not allowed to import handoff.deployment:\n\n"
             "- handoff.registry -> handoff.deployment (l.",
+            "Contracts: 2 kept, 2 broken.",  # deployment imports registry: a cycle too
+        ),
+        (
+            "handoff/model_card.py",  # one layer (the parts), so only the cycle is wrong
+            "from handoff.readiness import ReadinessItem  # noqa: F401\n",
+            "No import cycles among sibling modules",
+            "It could be made acyclic by removing 1 dependency:\n\n- .readiness -> .model_card (1 import)",
+            "Contracts: 3 kept, 1 broken.",
         ),
     ],
-    ids=["step-imports-step", "handoff-imports-pipelines", "part-imports-upward"],
+    ids=["step-imports-step", "handoff-imports-pipelines", "part-imports-upward", "siblings-cycle"],
 )
 def test_a_broken_rule_is_caught_and_named(
-    tmp_path: Path, module: str, added: str, contract: str, found: str
+    tmp_path: Path, module: str, added: str, contract: str, found: str, summary: str
 ) -> None:
     """A copy of both packages with one import that breaks a rule: lint-imports fails, names the
     contract, and shows the import with its line."""
@@ -99,7 +109,7 @@ def test_a_broken_rule_is_caught_and_named(
     assert result.returncode == 1, result.stdout + result.stderr
     assert contract in result.stdout
     assert found in result.stdout
-    assert "Contracts: 2 kept, 1 broken." in result.stdout
+    assert summary in result.stdout
 
 
 def venv_without(tmp_path: Path, distribution: str) -> Path:
@@ -180,3 +190,49 @@ def test_the_pipelines_package_adds_its_commands_by_entry_point(tmp_path: Path) 
         1,
         "error: only local runs are available in this version: use `handoff run --local`\n",
     )
+
+
+def fake_distribution(root: Path, name: str, module: str, source: str) -> None:
+    """An installed distribution as importlib.metadata finds one: its ``.dist-info`` (metadata and a
+    ``handoff.commands`` entry point) and its module, in ``root``."""
+    info = root / f"{name.replace('-', '_')}-0.1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1.0\n")
+    (info / "entry_points.txt").write_text(f"[handoff.commands]\ncommands = {module}:app\n")
+    (root / f"{module}.py").write_text(source)
+
+
+def test_a_broken_or_clashing_plugin_is_named_and_the_steps_stay(tmp_path: Path) -> None:
+    """A pipelines package that is installed but fails to import is not called "not installed",
+    and a package naming one of handoff's own commands does not replace it."""
+    python = venv_without(tmp_path, PIPELINES)
+    plugins = tmp_path / "plugins"
+    fake_distribution(plugins, PIPELINES, "broken_commands", "raise ImportError('kfp is missing')\n")
+    fake_distribution(
+        plugins,
+        "extra-commands",
+        "extra_commands",
+        "import typer\n\napp = typer.Typer()\n\n\n"
+        "@app.command()\ndef train() -> None:\n    print('not the step')\n\n\n"
+        "@app.command()\ndef hello() -> None:\n    print('hello from a plugin')\n",
+    )
+    env = {**os.environ, **WIDE, "PYTHONPATH": f"{Path(handoff.__file__).parents[1]}:{plugins}"}
+
+    def handoff_cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(python), "-m", "handoff", *args], cwd=tmp_path, env=env, capture_output=True, text=True
+        )
+
+    refused = handoff_cli("run", "--local")
+    assert refused.returncode == 1
+    assert refused.stderr.splitlines()[-1] == (
+        f"error: `handoff run` comes with the {PIPELINES} package, which is installed but did not load "
+        f"(ImportError: kfp is missing): pip install --force-reinstall {PIPELINES}"
+    )
+    assert (
+        "warning: handoff: extra-commands's handoff.commands entry point extra_commands:app names "
+        "handoff's own command(s) train; those are kept and its own skipped"
+    ) in refused.stderr
+    assert handoff_cli("hello").stdout == "hello from a plugin\n"
+    step = handoff_cli("train", "--help")
+    assert step.returncode == 0 and "--checkpoint" in step.stdout

@@ -125,7 +125,7 @@ def test_make_lock_re_resolves_within_the_constraints_and_keeps_setuptools(tmp_p
     assert re.search(r"^  make lock ", listed.stdout, flags=re.MULTILINE), listed.stdout
     out = tmp_path / "lock.txt"
     dry = subprocess.run(
-        ["make", "--no-print-directory", "-n", "lock", f"LOCK={out}"],
+        ["make", "--no-print-directory", "-n", "lock", f"LOCK={out}", "TORCH_CPU_INDEX=file:///cpu-wheels"],
         cwd=TEMPLATE,
         capture_output=True,
         text=True,
@@ -138,6 +138,10 @@ def test_make_lock_re_resolves_within_the_constraints_and_keeps_setuptools(tmp_p
         "pip check",
         "freeze --all --exclude pip --exclude ml-handoff --exclude ml-handoff-pipelines",
         f'mv "$tmp/lock.txt" {out}',
+        # torch from the CPU index where one is given; a resolution that brought CUDA is refused.
+        "--extra-index-url file:///cpu-wheels",
+        "grep -qiE '^(nvidia-|triton==)'",
+        "make lock: torch came with its CUDA packages",
     ):
         assert part in recipe, part
     assert not out.exists()

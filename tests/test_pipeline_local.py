@@ -60,7 +60,7 @@ def test_run_local_trains_registers_and_serves(served_project: Path) -> None:
     assert summary["metrics"]["accuracy"] >= 0.95  # the contract's minimum, on the ONNX model
     assert summary["gate"]["passed"] is True and summary["gate"]["reasons"] == []
     checks = {c["name"] for c in summary["gate"]["checks"]}
-    assert checks == {"accuracy", "latency_p99_ms", "model_size_mb", "champion"}
+    assert checks == {"contract", "accuracy", "latency_p99_ms", "model_size_mb", "champion"}
     readiness = summary["readiness"]
     assert readiness["items"] == 8 and Path(readiness["report"], "readiness.html").is_file()
     assert summary["latency_ms"]["p99"] <= summary["contract"]["latency_p99_ms"]

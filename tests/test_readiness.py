@@ -1,8 +1,10 @@
-"""The readiness checklist's "Contract satisfied": the result of the contract checks that ran.
+"""The readiness checklist's "Contract satisfied" and the gate's contract check: the result of the
+contract checks that ran, and a model that breaks the contract is not promoted.
 
-Unit tests drive ``ContractWatch`` with a stand-in session and ``contract_item`` with hand-made
-evidence; one local test trains and exports the default project once and evaluates it with its
-export record gone and with a contract its outputs no longer meet (real torch, ONNX Runtime, MLflow).
+Unit tests drive ``ContractWatch`` with a stand-in session and ``contract_item``/``contract_gate``
+with hand-made evidence; one local test trains and exports the default project once and evaluates
+it with its export record gone and with a contract its outputs no longer meet, and registers the
+latter (real torch, ONNX Runtime, MLflow).
 """
 
 from __future__ import annotations
@@ -16,9 +18,16 @@ from typing import Any
 import numpy as np
 import pytest
 
-from handoff.gates import decide
+from handoff.gates import CONTRACT_CHECK, decide
 from handoff.project import Project
-from handoff.readiness import ContractCheck, ContractWatch, Evidence, contract_item
+from handoff.readiness import (
+    ContractCheck,
+    ContractWatch,
+    Evidence,
+    contract_gate,
+    contract_item,
+    heldout_inputs_check,
+)
 
 from .conftest import edit_yaml, handoff, mlflow_state_restored
 
@@ -68,8 +77,7 @@ def test_a_watched_session_passes_what_conforms_and_counts_it(contract: Any) -> 
     watched = ContractWatch(Session(lambda rows: [np.zeros((rows, 10), np.float32)]), contract)
     for rows in (256, 100):
         assert watched.run(["logits"], images(rows))[0].shape == (rows, 10)
-    inputs, outputs = watched.checks()
-    assert (inputs.name, inputs.outcome) == ("held-out inputs", "passed")
+    (outputs,) = watched.checks()  # the inputs are checked as evaluate reads them, not here
     assert (outputs.name, outputs.outcome) == ("held-out outputs", "passed")
     assert outputs.detail.startswith("356 items in 2 batches:")
 
@@ -107,17 +115,19 @@ def test_a_watched_session_records_what_breaks_the_contract_without_raising(
     watched = ContractWatch(Session(answer), contract)
     for _ in range(2):
         watched.run(["logits"], images(4))
-    inputs, outputs = watched.checks()
-    assert inputs.outcome == "passed"
+    (outputs,) = watched.checks()
     assert (outputs.outcome, outputs.detail) == ("failed", expected)
 
 
 @pytest.mark.unit
-def test_a_watched_session_that_never_ran_says_so(contract: Any) -> None:
+def test_a_watched_session_that_never_ran_has_no_evidence_and_the_check_reads_not_run(
+    default_project: Path, contract: Any
+) -> None:
     checks = ContractWatch(Session([]), contract).checks()
-    assert [(c.outcome, c.detail) for c in checks] == [
-        ("not run", "ONNX Runtime never ran on the held-out split")
-    ] * 2
+    assert checks == ()
+    item = contract_item(evidence(default_project, {"onnx_sha256": SHA}, [heldout_inputs_check(0), *checks]))
+    assert not item.passed
+    assert item.evidence.startswith("held-out outputs NOT RUN: no evidence of it reached evaluation ("), item
 
 
 # --- contract_item ------------------------------------------------------------------------------
@@ -125,7 +135,7 @@ def test_a_watched_session_that_never_ran_says_so(contract: Any) -> None:
 
 def held_out(outputs: str = "passed", detail: str = "10 items") -> list[ContractCheck]:
     return [
-        ContractCheck("held-out inputs", "passed", "10 items"),
+        heldout_inputs_check(10),
         ContractCheck("held-out outputs", outputs, detail),  # type: ignore[arg-type]
     ]
 
@@ -146,7 +156,7 @@ def test_the_contract_item_passes_only_when_every_check_ran_on_this_model_and_pa
 @pytest.mark.parametrize(
     ("export", "checks", "expected"),
     [
-        (None, held_out(), "export NOT RUN: no export record travelled with the model ("),
+        (None, held_out(), "export NOT RUN: export record missing (no export.json came with model.onnx) ("),
         (
             {"onnx_sha256": "cd" * 32},
             held_out(),
@@ -173,6 +183,26 @@ def test_the_contract_item_fails_naming_what_failed_or_did_not_run(
     item = contract_item(evidence(default_project, export, checks))
     assert not item.passed
     assert item.evidence.startswith(expected), item.evidence
+    # The gate reads the same checks: it fails, its reason naming what failed or did not run.
+    gate = decide([contract_gate(export, SHA, checks)])
+    assert not gate.passed and gate.checks[0].name == CONTRACT_CHECK == "contract"
+    said = item.evidence[: item.evidence.rindex(" (image → logits")]
+    assert gate.reasons == [f"contract: {said}"], gate.reasons
+
+
+@pytest.mark.unit
+def test_the_gate_passes_the_contract_only_when_every_check_ran_and_passed() -> None:
+    check = contract_gate({"onnx_sha256": SHA}, SHA, held_out())
+    assert check.passed and check.kind == "contract"
+    assert (
+        check.detail
+        == "contract: export, held-out inputs, held-out outputs checks ran on this model.onnx and passed"
+    )
+    failed = decide([contract_gate(None, SHA, held_out("failed", "outputs[0] 'logits': float64"))])
+    assert failed.reasons == [
+        "contract: export NOT RUN: export record missing (no export.json came with model.onnx); "
+        "held-out outputs FAILED: outputs[0] 'logits': float64"
+    ]
 
 
 # --- Through the evaluate step ------------------------------------------------------------------
@@ -189,33 +219,60 @@ def exported(default_project: Path, tmp_path_factory: pytest.TempPathFactory) ->
     return project
 
 
-def contract_verdict(project: Path) -> dict[str, Any]:
+def evaluated(project: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``handoff evaluate``'s "Contract satisfied" item and its gate."""
     with mlflow_state_restored():
         done = handoff("evaluate", "--out", "evaluation.json", cwd=project)
     assert done.returncode == 0, done.stderr[-2000:]
-    items = json.loads((project / "evaluation.json").read_text())["readiness"]
-    (item,) = [i for i in items if i["name"] == "Contract satisfied"]
-    return item
+    evaluation = json.loads((project / "evaluation.json").read_text())
+    (item,) = [i for i in evaluation["readiness"] if i["name"] == "Contract satisfied"]
+    return item, evaluation["gate"]
+
+
+@pytest.mark.local
+def test_a_model_that_breaks_the_contract_fails_its_gate_and_is_not_promoted(
+    exported: Path, tmp_path: Path
+) -> None:
+    # The contract changed after export: the outputs ONNX Runtime gives no longer meet it. Every
+    # other gate is opened wide, so the contract alone decides.
+    changed = Path(shutil.copytree(exported, tmp_path / "changed"))
+
+    def change(contract: dict[str, Any]) -> None:
+        contract["outputs"][0]["dtype"] = "float64"
+        contract["slo"].update(latency_p99_ms=10_000, min_metrics={}, max_metrics={})
+
+    edit_yaml(changed / "contract.yaml", change)
+    item, gate = evaluated(changed)
+    failure = (
+        "held-out outputs FAILED: outputs[0] 'logits': expected dtype float64, ONNX Runtime on the "
+        "held-out split (outputs) produced float32"
+    )
+    assert item["passed"] is False and item["evidence"].startswith(failure), item["evidence"]
+    # The report still shows the item, and the gate fails on it alone, saying which check failed.
+    assert gate["passed"] is False
+    assert [c["name"] for c in gate["checks"] if not c["passed"]] == ["contract"], gate
+    assert len(gate["reasons"]) == 1 and gate["reasons"][0].startswith(f"contract: {failure}"), gate
+    # register promotes on the gate: the version is registered, never champion.
+    with mlflow_state_restored():
+        registered = handoff("register", "--record", "register.json", cwd=changed)
+    assert registered.returncode == 0, registered.stderr[-2000:]
+    assert f"not promoted: the gate failed: contract: {failure}" in registered.stderr, registered.stderr
+    assert json.loads((changed / "register.json").read_text())["promoted"] is False
 
 
 @pytest.mark.local
 def test_evaluate_reports_the_contract_unsatisfied_when_a_check_fails_or_did_not_run(
     exported: Path, tmp_path: Path
 ) -> None:
-    # The contract changed after export: the outputs ONNX Runtime gives no longer meet it.
-    changed = Path(shutil.copytree(exported, tmp_path / "changed"))
-    edit_yaml(changed / "contract.yaml", lambda c: c["outputs"][0].update(dtype="float64"))
-    item = contract_verdict(changed)
-    assert item["passed"] is False
-    assert item["evidence"].startswith(
-        "held-out outputs FAILED: outputs[0] 'logits': expected dtype float64, ONNX Runtime on the "
-        "held-out split (outputs) produced float32"
-    ), item["evidence"]
-    # No export record came with the model: export's checks are not evidenced for it.
+    # No export record came with the model: export's checks are not evidenced for it, and a model
+    # whose conformance nobody checked is not promoted either.
     bare = Path(shutil.copytree(exported, tmp_path / "bare"))
     (bare / "onnx" / "export.json").unlink()
-    item = contract_verdict(bare)
-    assert item["passed"] is False
-    assert item["evidence"].startswith("export NOT RUN: no export record travelled with the model"), item
-    # Untouched, every check ran and passed.
-    assert contract_verdict(Path(shutil.copytree(exported, tmp_path / "whole")))["passed"] is True
+    item, gate = evaluated(bare)
+    missing = "export NOT RUN: export record missing (no export.json came with model.onnx)"
+    assert item["passed"] is False and item["evidence"].startswith(missing), item
+    assert gate["passed"] is False and f"contract: {missing}" in gate["reasons"], gate
+    # Untouched, every check ran and passed, and so did the gate's contract check.
+    item, gate = evaluated(Path(shutil.copytree(exported, tmp_path / "whole")))
+    assert item["passed"] is True
+    assert [c["passed"] for c in gate["checks"] if c["name"] == "contract"] == [True], gate

@@ -232,9 +232,25 @@ def test_joined_chunks_hold_one_chunk_at_a_time() -> None:
     module = SimpleNamespace(__file__="model.py", loss=loss)
     means = hooks.SplitMeans(module)
     batches = (((o.clone(),), (i.clone(),), t) for i, o, t in batched(10, x, logits, y))
-    for chunk in hooks.joined_chunks(module, batches, chunk_bytes=1000):
+    for chunk in hooks.joined_chunks(module, batches, chunk_bytes=800):  # 33 items of 24 bytes
         means.add(chunk)
     assert len(leaks) > 5 and set(leaks) == {0}
+
+
+@pytest.mark.parametrize("size", BATCH_SIZES)
+def test_chunks_are_cut_at_the_same_items_whatever_the_batch_size_and_outputs(size: int) -> None:
+    """A chunk holds as many items as fit in the bytes of inputs and targets (24 per item here),
+    cut inside a batch where it ends: the same chunks at any batch size, and with a champion's
+    outputs riding along (twice the outputs, the same chunks)."""
+    x, logits, y = split()
+    module = fake_hooks()
+    for outputs in ((logits,), (logits, logits.clone())):
+        batches = (((*o,), (i,), t) for i, t, *o in batched(size, x, y, *outputs))
+        chunks = list(hooks.joined_chunks(module, batches, chunk_bytes=500))
+        assert [hooks.items_in_batch(c[1]) for c in chunks] == [20] * 10 + [3]
+        for k, (out, (i,), t) in enumerate(chunks):
+            assert torch.equal(i, x[20 * k : 20 * k + 20]) and torch.equal(t, y[20 * k : 20 * k + 20])
+            assert all(torch.equal(o, logits[20 * k : 20 * k + 20]) for o in out)
 
 
 def test_an_empty_split_is_named() -> None:
@@ -405,6 +421,37 @@ def test_the_champion_is_scored_in_the_challengers_pass(project: Project) -> Non
     assert theirs == score(project, TorchSession(1), data)
 
 
+def test_gated_numbers_are_the_same_with_a_champion_and_in_training(
+    project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A split of several chunks: the challenger's val_loss and metrics() do not change when a
+    champion is scored in the same pass, and training's validation (other batch sizes, torch
+    outputs) cuts the chunks evaluation cuts. ``chunk`` reports a chunk's items, so its mean over
+    chunks (weighted by items) tells the cuts apart."""
+    monkeypatch.setattr(hooks, "CHUNK_BYTES", 15_000)  # 375 items of 40 bytes: chunks of 375, 325
+
+    own = project.hooks.metrics  # type: ignore[attr-defined]
+
+    def chunk_metrics(outputs: torch.Tensor, batch: Any) -> dict[str, float]:
+        return {"chunk": float(len(batch[1])), **own(outputs, batch)}
+
+    monkeypatch.setattr(project.hooks, "metrics", chunk_metrics)
+    cfg = project.config({"iterable": True})
+    data = HeldOut.load(project, cfg)
+    alone = score(project, TorchSession(0), data).metrics
+    assert alone["chunk"] == pytest.approx((375**2 + 325**2) / 700)
+    mine, _ = score_with_rival(project, TorchSession(0), TorchSession(1), data)
+    assert mine.metrics == alone
+    names = ("val_loss", "chunk", "hits")
+    for size in (64, 300, 700):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(8, 3)
+        loader = DataLoader(project.hooks.build_datasets(cfg)[1], batch_size=size)  # type: ignore[attr-defined]
+        trained = evaluate_torch(project.hooks, model, loader, project.contract)
+        assert trained["chunk"] == alone["chunk"]
+        assert {n: trained[n] for n in names} == pytest.approx({n: alone[n] for n in names}, abs=1e-6)
+
+
 def test_a_champion_that_fails_midway_is_told_apart_from_the_challenger(project: Project) -> None:
     data = HeldOut.load(project, project.config())
     with pytest.raises(RivalFailed, match="wrong shape"):
@@ -452,11 +499,11 @@ class Items(Dataset):
 class Unread(Dataset):
     """Fails when an item is read: a declared identity must spare the read."""
 
-    def __init__(self, files: list[Any] | None = None):
-        self.files = files
+    def __init__(self, files: list[Any] | None = None, length: int = 10**9):
+        self.files, self.length = files, length
 
     def __len__(self) -> int:
-        return 10**9
+        return self.length
 
     def __getitem__(self, i: int) -> Any:
         raise AssertionError("an item was read")
@@ -492,6 +539,22 @@ def test_a_declared_data_version_is_the_fingerprint_and_reads_nothing() -> None:
     assert v1 != data_sha256(Unread(), version="imagenet@2024-05")  # the held-out split's own
 
 
+def test_a_data_version_fingerprint_names_which_split_and_its_length() -> None:
+    """The same version string over another split (a changed fraction: another length; the held-out
+    split in another place) is other data; an iterable split adds nothing, and is not read."""
+    version = "imagenet@2024-05"
+    held_out = data_sha256(Unread(length=200), version=version)
+    assert held_out == data_sha256(Unread(length=200), version=version)
+    assert held_out != data_sha256(Unread(length=300), version=version)
+    both = data_sha256(Unread(length=800), Unread(length=200), version=version)
+    assert both != data_sha256(Unread(length=200), Unread(length=800), version=version)
+    assert both != data_sha256(Unread(length=700), Unread(length=300), version=version)
+    stream = Stream(X, Y)
+    assert data_sha256(stream, version=version) == data_sha256(Stream(X[:5], Y[:5]), version=version)
+    assert data_sha256(stream, version=version) not in (held_out, data_sha256(Unread(), version=version))
+    assert stream.passes == 0
+
+
 def test_data_version_must_name_a_version() -> None:
     for bad in ("", None, 3):
         module = SimpleNamespace(__file__="model.py", data_version=lambda cfg, bad=bad: bad)
@@ -501,7 +564,9 @@ def test_data_version_must_name_a_version() -> None:
     assert hooks.data_version(SimpleNamespace(__file__="model.py"), None) is None  # type: ignore[arg-type]
 
 
-def test_a_manifest_names_sizes_and_times_its_files_and_reads_no_item(tmp_path: Path) -> None:
+def test_a_manifest_names_and_sizes_its_files_and_reads_no_item(tmp_path: Path) -> None:
+    """Names relative to the files' folder and sizes, not times: the same shards downloaded again
+    (or copied elsewhere) are the same data; a file of another size, or one file fewer, is not."""
     shards = tmp_path / "data"
     shards.mkdir()
     files = []
@@ -517,13 +582,16 @@ def test_a_manifest_names_sizes_and_times_its_files_and_reads_no_item(tmp_path: 
     files = [moved / f.name for f in files]
     assert data_sha256(Unread(files)) == first
 
-    os.utime(files[1], ns=(1_800_000_000_000_000_000, 1_800_000_000_000_000_000))
-    touched = data_sha256(Unread(files))
-    assert touched != first
+    for f in files:  # downloaded again: the same bytes, new modification times
+        f.write_bytes(f.read_bytes())
+        os.utime(f, ns=(1_800_000_000_000_000_000, 1_800_000_000_000_000_000))
+    assert data_sha256(Unread(files)) == first
     files[2].write_bytes(bytes(7))
-    os.utime(files[2], ns=(1_700_000_000_000_000_000, 1_700_000_000_000_000_000))
-    assert data_sha256(Unread(files)) not in (first, touched)
-    assert data_sha256(Unread(files[:2])) not in (first, touched)
+    resized = data_sha256(Unread(files))
+    assert resized != first
+    assert data_sha256(Unread(files[:2])) not in (first, resized)
+    renamed = files[1].rename(moved / "shard-renamed.npy")
+    assert data_sha256(Unread([files[0], renamed, files[2]])) not in (first, resized)
 
 
 def test_a_manifest_of_remote_entries_and_its_mistakes(tmp_path: Path) -> None:

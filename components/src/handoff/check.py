@@ -107,7 +107,7 @@ def _datasets(project: Project, cfg: Any) -> tuple[Dataset, str]:
                     file=MODEL_FILE,
                     field="build_datasets",
                 ) from None
-            sizes.append("a stream of")
+            sizes.append("?")
         if sizes[-1] == "0":
             raise HandoffError(f"the {label} dataset is empty", file=MODEL_FILE, field="build_datasets")
         with user_code(project.hooks, f"loading a batch of the {label} dataset"):
@@ -121,7 +121,8 @@ def _datasets(project: Project, cfg: Any) -> tuple[Dataset, str]:
             what="inputs",
             source=f"the {label} dataset",
         )
-    return datasets[0], f"train {sizes[0]} items, val {sizes[1]} items"
+    val = "val streamed (no length)" if sizes[1] == "?" else f"val {sizes[1]} items"
+    return datasets[0], f"train {sizes[0]} items, {val}"
 
 
 def _metrics(project: Project, model: torch.nn.Module, batch: Any) -> str:

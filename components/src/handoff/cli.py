@@ -86,10 +86,20 @@ ADDED_COMMANDS = {
 }
 
 
+# Distributions whose commands entry point failed to load -> why, so a stand-in does not call an
+# installed but broken package "not installed".
+_UNLOADED: dict[str, str] = {}
+
+
 def _stand_in(name: str, summary: str, package: str = PIPELINES_PACKAGE) -> None:
     """``handoff NAME`` (whatever its arguments) fails with one line saying what to install."""
 
     def missing() -> None:
+        if package in _UNLOADED:
+            raise HandoffError(
+                f"`handoff {name}` comes with the {package} package, which is installed but did not "
+                f"load ({_UNLOADED[package]}): pip install --force-reinstall {package}"
+            )
         raise HandoffError(
             f"`handoff {name}` comes with the {package} package, which is not installed: "
             f"pip install {package}"
@@ -108,19 +118,44 @@ def add_commands(target: typer.Typer) -> None:
     point a ``typer.Typer``); they take the places of the stand-ins of the same names.
 
     One that fails to load is said on stderr and skipped: the step commands work whatever else is
-    installed beside them."""
+    installed beside them. A command named like one of handoff's own is skipped with a warning,
+    so no package can silently replace a step."""
+    own = {_command_name(info) for info in target.registered_commands} - set(ADDED_COMMANDS)
     for entry in entry_points(group=COMMANDS_GROUP):
         package = entry.dist.name if entry.dist else "a package"
         where = f"{package}'s {COMMANDS_GROUP} entry point {entry.value}"
         try:
             commands = entry.load()
         except Exception as exc:  # noqa: BLE001 - another package's import error, of any type
-            typer.echo(f"warning: handoff: {where} did not load: {type(exc).__name__}: {exc}", err=True)
+            _UNLOADED[package] = f"{type(exc).__name__}: {exc}"
+            typer.echo(f"warning: handoff: {where} did not load: {_UNLOADED[package]}", err=True)
             continue
         if not isinstance(commands, typer.Typer):
             typer.echo(f"warning: handoff: {where} is not a typer.Typer; skipped", err=True)
-        elif all(group.typer_instance is not commands for group in target.registered_groups):
-            target.add_typer(commands)  # no name: its commands join this app's
+            continue
+        if any(group.typer_instance is commands for group in target.registered_groups):
+            continue
+        clashes = sorted(own & {_command_name(info) for info in commands.registered_commands})
+        if clashes:
+            typer.echo(
+                f"warning: handoff: {where} names handoff's own command(s) {', '.join(clashes)}; "
+                "those are kept and its own skipped",
+                err=True,
+            )
+            kept = typer.Typer()
+            kept.registered_commands = [
+                c for c in commands.registered_commands if _command_name(c) not in own
+            ]
+            kept.registered_groups = commands.registered_groups
+            commands = kept
+        target.add_typer(commands)  # no name: its commands join this app's
+
+
+def _command_name(info: typer.models.CommandInfo) -> str:
+    """The name a command is called by: its own, or its function's as Typer names it."""
+    if info.name:
+        return info.name
+    return typer.main.get_command_name(info.callback.__name__) if info.callback else ""
 
 
 @app.command()

@@ -9,13 +9,20 @@ changes it.
 How a fingerprint is taken depends on what the data declares, cheapest first:
 
 1. ``data_version(cfg)`` in model.py (a snapshot id, a dataset commit, a table version): the
-   fingerprint is the hash of that string, and no item is read. It is the researcher's promise
-   that the same string means the same items, splits and preprocessing.
+   fingerprint is the hash of that string, of which split each dataset is (its place: train then
+   validation, or the held-out split alone) and of its length (a map-style dataset's ``len``; an
+   iterable one adds nothing, since its length is only known by reading it). No item is read. It
+   is the researcher's promise that the same string means the same items, split and
+   preprocessing, so the string must change when the data or the split does: put the split's
+   parameters in it (e.g. ``f"reviews@v3 split_seed={cfg.split_seed} val={cfg.val_fraction}"``);
+   the length alone catches a changed fraction, not a changed seed.
 2. A dataset with a ``data_manifest()`` method (shards in a folder or in object storage): the hash
    of its entries, and no item is read. An entry is a local file path (its name relative to the
-   files' common folder, its size and modification time are hashed: copying the data without
-   keeping times counts as new data) or a tuple of plain values, e.g. ``(url, size, etag)`` from
-   an object store's listing; add the split's seed to the entries when the split is cut in code.
+   files' common folder and its size are hashed, not its modification time: a pod that downloads
+   the same shards again gets the same fingerprint) or a tuple of plain values hashed as given,
+   e.g. ``(url, size, etag)`` from an object store's listing, which is how a manifest says
+   content identity (an etag or a checksum changes when a file is rewritten at the same size);
+   add the split's seed to the entries when the split is cut in code.
 3. Anything else (small data, the starters): the sha256 of every item, as the DataLoader hands
    training: each item's tensors (dtype, shape, bytes) and any other values. A ``TensorDataset``
    is hashed tensor by tensor (milliseconds); any other dataset, map-style or iterable, is read
@@ -24,8 +31,10 @@ How a fingerprint is taken depends on what the data declares, cheapest first:
    was, so hashing changes neither the hash from run to run nor what training does. When that
    read takes long, a hint names the two declarations above.
 
-The fingerprint of 1 and 2 is a function of the identity alone, so there is nothing to cache:
-it costs the same on a fresh cluster pod as on a laptop that ran before.
+Nothing is cached, anywhere: each run computes its fingerprint afresh, on a fresh cluster pod as
+on a laptop that ran before. No cache is needed because 1 and 2 read no item (a string, a listing
+of names and sizes), so their cost does not grow with the data; 3 reads every item and is meant
+for data small enough to read each run.
 """
 
 from __future__ import annotations
@@ -60,6 +69,9 @@ def data_sha256(*splits: Dataset[Any], version: str | None = None) -> str:
     digest = hashlib.sha256()
     if version is not None:
         digest.update(f"data_version of {len(splits)} split(s)\n{version}\n".encode())
+        for place, split in enumerate(splits):  # which split, and how long when that costs no read
+            length = _length(split)
+            digest.update(f"split {place}: {'iterable' if length is None else length}\n".encode())
         return digest.hexdigest()
     started, items = time.perf_counter(), 0
     with _random_state_kept():
@@ -83,6 +95,16 @@ def data_sha256(*splits: Dataset[Any], version: str | None = None) -> str:
             flush=True,
         )
     return digest.hexdigest()
+
+
+def _length(split: Dataset[Any]) -> int | None:
+    """A map-style dataset's length; None for an iterable one (its ``len``, if any, is a hint)."""
+    if isinstance(split, IterableDataset):
+        return None
+    try:
+        return len(split)  # type: ignore[arg-type]
+    except TypeError:
+        return None
 
 
 def _update_items(digest: Any, split: Dataset[Any]) -> int:
@@ -111,7 +133,8 @@ def _batch_items(batch: Any) -> int:
 
 
 def _update_manifest(digest: Any, entries: Any) -> None:
-    """Names, sizes and modification times of local files; tuples of plain values as given."""
+    """Names (relative to the files' common folder) and sizes of local files, not their times: the
+    same shards downloaded again are the same data. Tuples of plain values are hashed as given."""
     entries = list(entries)
     files = [Path(e).resolve() for e in entries if isinstance(e, (str, os.PathLike))]
     root = os.path.commonpath([str(f.parent) for f in files]) if files else ""
@@ -128,7 +151,7 @@ def _update_manifest(digest: Any, entries: Any) -> None:
                     field="build_datasets",
                 ) from None
             name = path.relative_to(root).as_posix()
-            digest.update(f"file {name!r} {stat.st_size} {stat.st_mtime_ns}\n".encode())
+            digest.update(f"file {name!r} {stat.st_size}\n".encode())
         elif isinstance(entry, tuple) and all(isinstance(v, PLAIN) for v in entry):
             digest.update(f"entry {entry!r}\n".encode())
         else:

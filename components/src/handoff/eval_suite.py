@@ -131,7 +131,11 @@ def _accuracy_f1(confusion: np.ndarray) -> dict[str, float]:
 
 @dataclass
 class _Calibration:
-    """Per confidence bin: items, items predicted right, and the sum of their confidences."""
+    """Per confidence bin: items, items predicted right, and the sum of their confidences.
+
+    Bin ``b`` holds top-label confidences in ``(b/15, (b+1)/15]``. sklearn has no multiclass ECE,
+    hence this one hand-written metric.
+    """
 
     items: np.ndarray = field(default_factory=lambda: np.zeros(ECE_BINS, np.int64))
     correct: np.ndarray = field(default_factory=lambda: np.zeros(ECE_BINS, np.int64))
@@ -154,17 +158,6 @@ class _Calibration:
             n = self.items[b]
             ece += (n / total) * abs(self.correct[b] / n - self.confidence[b] / n)
         return float(ece)
-
-
-def expected_calibration_error(probabilities: np.ndarray, targets: np.ndarray) -> float:
-    """Top-label ECE over equal-width confidence bins: how far confidence is from accuracy.
-
-    Bin ``b`` holds confidences in ``(b/15, (b+1)/15]``; the gap of each bin is weighted by its
-    share of items. sklearn has no multiclass ECE, hence this one hand-written metric.
-    """
-    calibration = _Calibration()
-    calibration.add(probabilities.max(axis=1), probabilities.argmax(axis=1) == targets)
-    return calibration.error()
 
 
 class _ClassCounts:

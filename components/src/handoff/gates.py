@@ -1,4 +1,5 @@
-"""The promotion gates: every SLO in the contract (absolute) and the registry's champion (relative).
+"""The promotion gates: every SLO in the contract (absolute), the registry's champion (relative),
+and the contract itself (the contract checks that ran on the model evaluated).
 
 Each gate is one named check with the measured value, the bound and the margin, so a failure
 says which gate failed and by how much, and the readiness report and the registry tags show the
@@ -18,6 +19,7 @@ from handoff.contract import Slo, Tolerance
 from handoff.lineage import HELDOUT_TAG
 
 LATENCY_CHECK = "latency_p99_ms"
+CONTRACT_CHECK = "contract"
 
 
 @dataclass(frozen=True)
@@ -25,7 +27,7 @@ class GateCheck:
     """One gate: ``value`` against ``bound``; ``detail`` is the sentence a person reads."""
 
     name: str
-    kind: str  # "absolute" (contract SLO) or "relative" (vs the champion)
+    kind: str  # "absolute" (contract SLO), "relative" (vs the champion) or "contract" (conformance)
     passed: bool
     detail: str
 
@@ -172,6 +174,16 @@ def _other_split(champion: Champion, heldout_sha256: str) -> str:
         "model's split the new baseline, remove the champion alias first: "
         f"MlflowClient().delete_registered_model_alias({champion.name!r}, {CHAMPION!r})"
     )
+
+
+def contract_check(failures: list[str], passed: str) -> GateCheck:
+    """Whether the model evaluated conforms to contract.yaml: ``failures`` says, one sentence per
+    check, what failed or did not run (``handoff.readiness.contract_gate`` gathers them); ``passed``
+    is the sentence when nothing did. The model server and deploy's smoke test refuse what breaks
+    the contract, so promoting such a model would only move the failure to the rollout."""
+    if failures:
+        return GateCheck(CONTRACT_CHECK, "contract", False, f"{CONTRACT_CHECK}: {'; '.join(failures)}")
+    return GateCheck(CONTRACT_CHECK, "contract", True, f"{CONTRACT_CHECK}: {passed}")
 
 
 def decide(checks: list[GateCheck]) -> Gate:

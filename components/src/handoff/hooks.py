@@ -17,9 +17,11 @@ place that knows the hook names. Conventions the steps rely on:
   there is one input) and the outputs as the contract lists them: the tensor when there is one,
   else a tuple in contract order that also answers to the output names (``outputs["logits"]``,
   ``outputs.logits``), the same in training (torch) and evaluation (ONNX Runtime);
-* on a validation split they see its batches joined into chunks of ``CHUNK_BYTES`` (the whole
-  split when it is smaller), one chunk in memory at a time, so a split need not fit in memory
-  (``SplitMeans``).
+* on a validation split they see chunks of a fixed number of items, as many as hold
+  ``CHUNK_BYTES`` of inputs and targets (the whole split when it is smaller), one chunk in memory
+  at a time, so a split need not fit in memory (``SplitMeans``). The chunks are cut at the same
+  items whatever the batch size and whether a champion is scored too, so training's validation
+  and evaluation's gate see the same numbers.
 
 Any exception raised while the researcher's code runs becomes a ``HandoffError`` that names what
 was running and the line of model.py, so nobody has to read a platform traceback.
@@ -393,10 +395,10 @@ def metric_values(values: Any) -> dict[str, float]:
         ) from None
 
 
-# A split is scored in chunks of about this many bytes (inputs, outputs and targets together):
-# loss() and metrics() see a whole chunk. A split that fits in one chunk (every starter's does)
-# is scored as a whole, as it always was; a bigger one as means over its chunks weighted by their
-# items, in memory that does not grow with the split.
+# A split is scored in chunks of a fixed number of items: as many as hold about this many bytes of
+# inputs and targets. loss() and metrics() see a whole chunk. A split that fits in one chunk (every
+# starter's does) is scored as a whole, as it always was; a bigger one as means over its chunks
+# weighted by their items, in memory that does not grow with the split.
 CHUNK_BYTES = 64 * 2**20
 
 # One batch, or a chunk of them joined: (outputs in contract order, inputs, target).
@@ -412,6 +414,20 @@ def tensor_bytes(value: Any) -> int:
     if isinstance(value, (tuple, list)):
         return sum(tensor_bytes(v) for v in value)
     return 0
+
+
+def chunk_items(inputs: tuple[torch.Tensor, ...], target: Any, chunk_bytes: int | None = None) -> int:
+    """Items per chunk of a split whose first batch is ``(inputs, target)``: as many as hold
+    ``chunk_bytes`` (``CHUNK_BYTES``) of inputs and targets, at least one.
+
+    A function of the split alone: a collated batch holds items of one shape, so its bytes per
+    item are the first item's whatever the batch size; outputs are not counted, so scoring a
+    champion in the same pass (twice the outputs) cuts the same chunks.
+    """
+    limit = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    items = max(1, items_in_batch(inputs))
+    per_item = max(1, -(-(tensor_bytes(inputs) + tensor_bytes(target)) // items))
+    return max(1, limit // per_item)
 
 
 def join_split(module: ModelModule, parts: Sequence[Scored]) -> Scored:
@@ -430,21 +446,58 @@ def join_split(module: ModelModule, parts: Sequence[Scored]) -> Scored:
         )
 
 
+def _cut_leaves(value: Any, start: int, stop: int) -> Any:
+    """Items ``start:stop`` of a target, leaf by leaf (tensors, tuples/lists, dicts of them)."""
+    if isinstance(value, torch.Tensor):
+        return value[start:stop]
+    if isinstance(value, Mapping):
+        return {k: _cut_leaves(v, start, stop) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_cut_leaves(v, start, stop) for v in value)
+    raise TypeError(
+        f"cannot cut a {type(value).__name__} at an item: use tensors (or tuples or dicts of them)"
+    )
+
+
+def _cut(module: ModelModule, batch: Scored, start: int, stop: int) -> Scored:
+    """Items ``start:stop`` of a batch (views, no copy): a chunk's boundary may fall inside it."""
+    outputs, inputs, target = batch
+    with user_code(
+        module,
+        "cutting a batch of the validation split at a chunk's boundary",
+        hint="targets must be tensors, or tuples or dicts of tensors, whose first axis is the batch",
+    ):
+        return (
+            tuple(t[start:stop] for t in outputs),
+            tuple(t[start:stop] for t in inputs),
+            _cut_leaves(target, start, stop),
+        )
+
+
 def joined_chunks(
     module: ModelModule, batches: Iterable[Scored], chunk_bytes: int | None = None
 ) -> Iterator[Scored]:
-    """The batches of a split, joined into chunks of at least ``chunk_bytes`` (``CHUNK_BYTES``;
-    the last chunk, and a split smaller than that, may be smaller; a batch is never cut). Only one
-    chunk is held at a time, so a split is scored in memory that does not grow with it."""
-    limit = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    """The batches of a split, joined and cut into chunks of ``chunk_items`` items (the last
+    chunk, and a split smaller than one chunk, may hold fewer). The size is fixed by the first
+    batch's inputs and targets, and a batch is cut where a chunk ends, so a split is chunked the
+    same whatever its batch size and whatever outputs ride along. Only one chunk is held at a time
+    (and the batch being read), so a split is scored in memory that does not grow with it."""
+    size = 0
     pending: list[Scored] = []
     held = 0
     for batch in batches:
-        pending.append(batch)
-        held += tensor_bytes(batch)
-        if held >= limit:
-            yield _join_and_let_go(module, pending)
-            held = 0
+        items = items_in_batch(batch[1])
+        if not size:
+            size = chunk_items(batch[1], batch[2], chunk_bytes)
+        start = 0
+        while start < items:
+            take = min(items - start, size - held)
+            pending.append(batch if take == items else _cut(module, batch, start, start + take))
+            start += take
+            held += take
+            if held == size:
+                yield _join_and_let_go(module, pending)
+                held = 0
     if pending:
         yield _join_and_let_go(module, pending)
 

@@ -3,7 +3,8 @@
 Evaluation assesses it and writes the report (Markdown, self-contained HTML with the plots
 embedded, and the PNGs); registration attaches it to the version. The gate items are read from
 the gate itself, and "Contract satisfied" from the contract checks that ran on this model.onnx
-(``CONTRACT_CHECKS``), so the report can never say something the pipeline did not check or act on.
+(``CONTRACT_CHECKS``), which the gate's contract check reads too (``contract_gate``): the report can
+never say something the pipeline did not check or act on.
 The serving checks (the model server's request guards, deploy's smoke test) run after this
 report, at deploy, and gate the rollout there.
 """
@@ -14,7 +15,7 @@ import base64
 import html
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,9 +24,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from handoff import __version__
+from handoff.artifacts import EXPORT_RECORD_FILE
 from handoff.contract import Contract, TensorSpec
 from handoff.errors import HandoffError
-from handoff.gates import LATENCY_CHECK, Gate, GateCheck
+from handoff.gates import LATENCY_CHECK, Gate, GateCheck, contract_check
 from handoff.hooks import (
     build_optimizer,
     call_hook,
@@ -54,11 +56,13 @@ class ReadinessItem:
     evidence: str
 
 
-# The contract checks "Contract satisfied" stands on, each over what will be served (model.onnx
-# in ONNX Runtime). Export checks the example at two batch sizes and at a second size of every
-# dynamic axis (outputs' count, dtypes and shapes, the batch as every output's first axis, parity)
-# and writes its record only when they pass; evaluate checks every held-out batch going in and
-# coming out (``ContractWatch``).
+# The contract checks "Contract satisfied" and the gate's contract check stand on, each over what
+# will be served (model.onnx in ONNX Runtime). Export checks the example at two batch sizes and at a
+# second size of every dynamic axis (outputs' count, dtypes and shapes, the batch as every output's
+# first axis, parity) and writes its record only when they pass. Evaluate checks every held-out
+# batch's inputs as it reads them and stops on the first that breaks the contract (bad data is an
+# error, not a verdict: ``check_arrays`` raises), and every batch's outputs through ``ContractWatch``,
+# which records rather than raises, so a model whose outputs break the contract fails its gate.
 EXPORT_CHECKS = "export"
 HELDOUT_INPUTS = "held-out inputs"
 HELDOUT_OUTPUTS = "held-out outputs"
@@ -75,84 +79,91 @@ class ContractCheck:
     outcome: Outcome
     detail: str
 
+    def sentence(self) -> str:
+        """How the report and the gate say it: what it saw, or its outcome in capitals and why."""
+        if self.outcome == "passed":
+            return f"{self.name}: {self.detail}"
+        return f"{self.name} {self.outcome.upper()}: {self.detail}"
+
+
+def heldout_inputs_check(items: int) -> ContractCheck:
+    """The held-out inputs' check, for an evaluation that scored ``items`` items: evaluate checks
+    each batch's inputs (count, dtypes, shapes, ranges) as it reads it and raises on the first that
+    breaks the contract, so having scored them means they all passed. There is no failed outcome."""
+    return ContractCheck(
+        HELDOUT_INPUTS, "passed", f"{items} items: count, dtypes, shapes and ranges as declared"
+    )
+
 
 @dataclass
-class _Seen:
-    """One side (inputs or outputs) of the held-out batches as ``ContractWatch`` checked them."""
+class ContractWatch:
+    """An ONNX Runtime session that checks what every run gives back against contract.yaml and
+    records, rather than raises, what does not conform: evaluate scores the held-out split through
+    it, and "Contract satisfied" and the gate's contract check report what it saw (``checks``).
 
+    It keeps counts and the first failure only (never the arrays), so it costs nothing per item
+    held; the latency measurement uses the bare session, unwatched. The inputs are not checked
+    here: evaluate checks them once, as it reads them (``heldout_inputs_check``).
+    """
+
+    session: Any  # onnxruntime.InferenceSession, or anything with its ``run``
+    contract: Contract
     batches: int = 0
     rows: int = 0
-    failing: int = 0
+    failing: int = 0  # batches whose outputs break the contract
     first_failure: str = ""
 
-    def add(self, rows: int, problem: str | None) -> None:
+    def run(self, output_names: Sequence[str], input_feed: dict[str, Any], run_options: Any = None) -> Any:
+        """``InferenceSession.run``, with what came out checked."""
+        first = np.asarray(input_feed[self.contract.input_names[0]])
+        rows = int(first.shape[0]) if first.ndim else 0
+        got = self.session.run(output_names, input_feed, run_options)
+        by_name = {spec.name: spec for spec in self.contract.outputs}
+        unknown = [name for name in output_names if name not in by_name]
+        if unknown:
+            problem: str | None = f"outputs {unknown} are not in contract.yaml"
+        else:
+            problem = _conforms([by_name[name] for name in output_names], got, rows)
         self.batches += 1
         self.rows += rows
         if problem is not None:
             self.failing += 1
             self.first_failure = self.first_failure or problem
-
-    def check(self, name: str, declared: str) -> ContractCheck:
-        if not self.batches:
-            return ContractCheck(name, "not run", "ONNX Runtime never ran on the held-out split")
-        if self.failing:
-            return ContractCheck(
-                name, "failed", f"{self.first_failure} ({self.failing} of {self.batches} batches fail)"
-            )
-        return ContractCheck(name, "passed", f"{self.rows} items in {self.batches} batches: {declared}")
-
-
-@dataclass
-class ContractWatch:
-    """An ONNX Runtime session that checks every run against contract.yaml and records, rather than
-    raises, what does not conform: evaluate scores the held-out split through it, and the
-    checklist's "Contract satisfied" reports what it saw (``checks``).
-
-    It keeps counts and the first failure only (never the arrays), so it costs nothing per item
-    held; the latency measurement uses the bare session, unwatched.
-    """
-
-    session: Any  # onnxruntime.InferenceSession, or anything with its ``run``
-    contract: Contract
-    inputs: _Seen = field(default_factory=_Seen)
-    outputs: _Seen = field(default_factory=_Seen)
-
-    def run(self, output_names: Sequence[str], input_feed: dict[str, Any], run_options: Any = None) -> Any:
-        """``InferenceSession.run``, with what went in and what came out checked."""
-        fed = [input_feed[name] for name in self.contract.input_names if name in input_feed]
-        rows = int(fed[0].shape[0]) if fed and np.ndim(fed[0]) else 0
-        self.inputs.add(rows, _conforms(self.contract.inputs, fed, "inputs", rows=None))
-        got = self.session.run(output_names, input_feed, run_options)
-        by_name = {spec.name: spec for spec in self.contract.outputs}
-        unknown = [name for name in output_names if name not in by_name]
-        if unknown:
-            self.outputs.add(rows, f"outputs {unknown} are not in contract.yaml")
-        else:
-            specs = [by_name[name] for name in output_names]
-            self.outputs.add(rows, _conforms(specs, got, "outputs", rows=rows))
         return got
 
-    def checks(self) -> tuple[ContractCheck, ContractCheck]:
-        """The held-out inputs' and outputs' checks, as the runs so far went."""
+    def checks(self) -> tuple[ContractCheck, ...]:
+        """The held-out outputs' check as the runs so far went; none before the first run (and
+        ``contract_checks`` reports a check with no evidence as not run)."""
+        if not self.batches:
+            return ()
+        if self.failing:
+            detail = f"{self.first_failure} ({self.failing} of {self.batches} batches fail)"
+            return (ContractCheck(HELDOUT_OUTPUTS, "failed", detail),)
+        declared = "count, dtypes and shapes as declared, the batch first"
         return (
-            self.inputs.check(HELDOUT_INPUTS, "count, dtypes, shapes and ranges as declared"),
-            self.outputs.check(HELDOUT_OUTPUTS, "count, dtypes and shapes as declared, the batch first"),
+            ContractCheck(
+                HELDOUT_OUTPUTS, "passed", f"{self.rows} items in {self.batches} batches: {declared}"
+            ),
         )
 
 
-def _conforms(specs: Sequence[TensorSpec], arrays: Sequence[Any], what: str, rows: int | None) -> str | None:
-    """What in ``arrays`` breaks the contract (None: nothing): ``check_arrays``'s rules and, for
-    outputs, the batch as the first axis (the model server splits a batched answer by row)."""
-    source = f"ONNX Runtime on the held-out split ({what})"
+def _conforms(specs: Sequence[TensorSpec], arrays: Sequence[Any], rows: int) -> str | None:
+    """What in ``arrays`` (a run's outputs) breaks the contract (None: nothing): ``check_arrays``'s
+    rules and the batch as the first axis (the model server splits a batched answer by row)."""
     try:
-        check_arrays(specs, [np.asarray(a) for a in arrays], what=what, source=source)
+        check_arrays(
+            specs,
+            [np.asarray(a) for a in arrays],
+            what="outputs",
+            source="ONNX Runtime on the held-out split (outputs)",
+        )
     except HandoffError as exc:
         return exc.detail
     for index, (spec, array) in enumerate(zip(specs, arrays, strict=True)):
         found = np.shape(array)[0] if np.ndim(array) else 0
-        if rows is not None and found != rows:
+        if found != rows:
             return (
-                f"{what}[{index}] '{spec.name}' has {found} rows for a batch of {rows}; "
+                f"outputs[{index}] '{spec.name}' has {found} rows for a batch of {rows}; "
                 "the first axis of every output must be the batch"
             )
     return None
@@ -167,8 +178,8 @@ class Evidence:
     gate: Gate
     export: dict[str, Any] | None  # export's record (sha256, parity), when it travelled with the model
     onnx_sha256: str  # of the model.onnx evaluated: export's record counts only when it names this file
-    # What evaluate's own checks saw (``ContractWatch.checks``); a check in CONTRACT_CHECKS that is
-    # neither here nor export's did not run, and "Contract satisfied" fails naming it.
+    # What evaluate's own checks saw (``heldout_inputs_check``, ``ContractWatch.checks``); a check in
+    # CONTRACT_CHECKS that is neither here nor export's did not run (``contract_checks``).
     contract_checks: tuple[ContractCheck, ...]
     training_run_id: str
     cfg: Any
@@ -178,7 +189,9 @@ def export_check(record: dict[str, Any] | None, onnx_sha256: str) -> ContractChe
     """Export's checks, as its record shows them: it is written only when they all pass, and it
     holds the sha256 of the model.onnx they ran on."""
     if record is None:
-        return ContractCheck(EXPORT_CHECKS, "not run", "no export record travelled with the model")
+        return ContractCheck(
+            EXPORT_CHECKS, "not run", f"export record missing (no {EXPORT_RECORD_FILE} came with model.onnx)"
+        )
     checked = str(record.get("onnx_sha256", ""))
     if checked != onnx_sha256:
         return ContractCheck(
@@ -195,23 +208,39 @@ def export_check(record: dict[str, Any] | None, onnx_sha256: str) -> ContractChe
     )
 
 
-def contract_item(evidence: Evidence) -> ReadinessItem:
-    """Passes only when every check in CONTRACT_CHECKS ran on this model and passed; otherwise the
-    evidence names each check that failed (and why) or did not run."""
-    contract = evidence.project.contract
-    found = {
-        c.name: c for c in (export_check(evidence.export, evidence.onnx_sha256), *evidence.contract_checks)
-    }
-    checks = [
+def contract_checks(
+    export: dict[str, Any] | None, onnx_sha256: str, checks: Sequence[ContractCheck]
+) -> list[ContractCheck]:
+    """Every check in CONTRACT_CHECKS, in order, as evaluation knows it: export's from its record,
+    the held-out ones from ``checks``; one with no evidence did not run."""
+    found = {c.name: c for c in (export_check(export, onnx_sha256), *checks)}
+    return [
         found.get(name, ContractCheck(name, "not run", "no evidence of it reached evaluation"))
         for name in CONTRACT_CHECKS
     ]
+
+
+def contract_gate(
+    export: dict[str, Any] | None, onnx_sha256: str, checks: Sequence[ContractCheck]
+) -> GateCheck:
+    """The gate's contract check: every check in CONTRACT_CHECKS ran on this model and passed. The
+    model server and deploy's smoke test refuse what breaks contract.yaml, so such a model (or one
+    whose conformance nobody checked) must not become champion; the reason names each check that
+    failed or did not run, and what it saw."""
+    every = contract_checks(export, onnx_sha256, checks)
+    failing = [c.sentence() for c in every if c.outcome != "passed"]
+    return contract_check(failing, f"{', '.join(CONTRACT_CHECKS)} checks ran on this model.onnx and passed")
+
+
+def contract_item(evidence: Evidence) -> ReadinessItem:
+    """Passes only when every check in CONTRACT_CHECKS ran on this model and passed (as the gate's
+    contract check, from the same checks); otherwise the evidence names each check that failed
+    (and why) or did not run."""
+    contract = evidence.project.contract
+    checks = contract_checks(evidence.export, evidence.onnx_sha256, evidence.contract_checks)
     passed = all(c.outcome == "passed" for c in checks)
     shown = [c for c in checks if c.outcome != "passed"] or checks
-    said = "; ".join(
-        f"{c.name}: {c.detail}" if c.outcome == "passed" else f"{c.name} {c.outcome.upper()}: {c.detail}"
-        for c in shown
-    )
+    said = "; ".join(c.sentence() for c in shown)
     names = " → ".join((", ".join(contract.input_names), ", ".join(contract.output_names)))
     return ReadinessItem(
         "Contract satisfied", passed, f"{said} ({names}, contract sha256 {contract.sha256[:12]})"

@@ -22,7 +22,10 @@ in seconds; model.py imports nothing from the platform):
 * ``example_inputs(cfg)``: a few real held-out items; export and the serving smoke test replay them.
 * ``data_version(cfg) -> str``, optional: names the data's version (a snapshot id, a dataset
   commit); the platform then fingerprints the data by it instead of hashing every item, as data
-  bigger than memory needs (or give the datasets a ``data_manifest()`` listing their files).
+  bigger than memory needs (or give the datasets a ``data_manifest()`` listing their files). It
+  must change whenever the data or the split does, so put the split's parameters in it (here
+  ``split_seed`` and ``val_fraction``): the same string must mean the same held-out items, or the
+  champion could be scored on items it was trained on.
 
 In contract.yaml every ``-1`` is a dynamic axis (the first one is the batch); an integer input may
 declare ``range: [low, high]``, which check, evaluation and the model server enforce; ``task`` may
@@ -96,8 +99,10 @@ def loss(outputs: torch.Tensor, batch: tuple[torch.Tensor, torch.Tensor]) -> tor
 
 
 def metrics(outputs: torch.Tensor, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
-    """Computed once over the whole held-out split, not averaged over batches (a split bigger
-    than 64 MiB is scored in chunks of that size, averaged by items).
+    """Computed once over the whole held-out split, not averaged over batches. A split whose
+    inputs and targets exceed 64 MiB is scored in chunks of about that size, and ``val_loss`` and
+    these metrics are the chunks' values averaged weighted by items: exact for means like this
+    accuracy, approximate for metrics that do not decompose (F1 or AUC computed here).
 
     The platform's evaluation suite adds macro-F1, calibration (ECE), per-class precision and
     recall and a confusion matrix for the contract's task. To see metrics per slice of your own

@@ -21,10 +21,17 @@ in seconds; model.py imports nothing from the platform):
   ``outputs``, or a dict (a HuggingFace ``ModelOutput`` too) holding every output's name as a key.
 * ``loss(outputs, batch)`` and, optional, ``metrics(outputs, batch) -> dict``: ``outputs`` as the
   model returned them (with one contract output: that tensor), ``batch`` is ``(inputs, target)``.
+  On the held-out split they run once over the whole split; one whose inputs and targets exceed
+  64 MiB is scored in chunks, and ``val_loss`` and metrics are the chunks' values averaged
+  weighted by items: exact for means (this MSE), approximate for metrics that do not decompose
+  (F1 or AUC computed in ``metrics``).
 * ``example_inputs(cfg)``: a few real held-out items; export and the serving smoke test replay them.
 * ``data_version(cfg) -> str``, optional: names the data's version (a snapshot id, a dataset
   commit); the platform then fingerprints the data by it instead of hashing every item, as data
-  bigger than memory needs (or give the datasets a ``data_manifest()`` listing their files).
+  bigger than memory needs (or give the datasets a ``data_manifest()`` listing their files). It
+  must change whenever the data or the split does, so put the split's parameters in it (here
+  ``split_seed`` and ``val_fraction``): the same string must mean the same held-out items, or the
+  champion could be scored on items it was trained on.
 
 In contract.yaml every ``-1`` is a dynamic axis (the first one is the batch); an integer input may
 declare ``range: [low, high]``, which check, evaluation and the model server enforce; ``task`` may

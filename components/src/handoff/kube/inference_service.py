@@ -73,6 +73,7 @@ from handoff.kube.isvc_manifest import (
     VERSION_KEY,
     Release,
     Served,
+    canary_of,
     manifest,
     never_served,
     predictor_spec,
@@ -215,9 +216,11 @@ class RolloutRun:
 
     def wait(self) -> dict[str, Any]:
         """The service once Ready at the generation applied last; RolloutFailed if it will not be."""
-        # A promotion changes the traffic only: no new revision to tell from the status.
-        before = Before(same_spec=True) if self.phase is Phase.PROMOTED else self._started().before
-        obj = self.watch.ready(self.generation, self.timeout_s, before)
+        # A promotion changes the traffic only (to all of it): no new revision to tell from the status.
+        promoted = self.phase is Phase.PROMOTED
+        before = Before(same_spec=True) if promoted else self._started().before
+        canary = None if promoted else self._started().canary
+        obj = self.watch.ready(self.generation, self.timeout_s, before, canary)
         if self.phase is Phase.APPLIED:
             self.had_all_traffic = self._started().canary is None
         return obj
@@ -274,7 +277,8 @@ class RolloutRun:
                 else " and its revision takes all traffic back once Ready"
             )
             generation = obj["metadata"].get("generation", 0)
-            seen = self.watch.observed(generation, min(ROLLBACK_OBSERVE_S, self.timeout_s), restored.before)
+            wait_s, canary = min(ROLLBACK_OBSERVE_S, self.timeout_s), canary_of(restored.config)
+            seen = self.watch.observed(generation, wait_s, restored.before, canary)
             services.say(
                 f"{services.what}: {outcome} (generation {generation}{'' if seen else ', not yet observed'})"
             )

@@ -5,18 +5,30 @@ manager ``handoff``: each one sends everything handoff manages on the service
 (:mod:`handoff.kube.isvc_manifest`), and the API server merges it into the live object, removes
 what handoff applied before and leaves out now (the canary share on promotion, the rollback record
 on a restore), and leaves every other manager's fields alone (KServe's finalizer, another tool's
-labels and annotations). There is nothing left to diff on the client, and no hand-made merge
-patch to get wrong. The one ``kubernetes`` client of the pinned range (30.x) sends only merge
-patches from ``CustomObjectsApi``, so the apply goes through ``ApiClient.call_api`` with its own
-content type, as the client's dynamic module does.
+labels and annotations). There is nothing left to diff on the client. The one ``kubernetes``
+client of the pinned range (30.x) sends only merge patches from ``CustomObjectsApi``, so the apply
+goes through ``ApiClient.call_api`` with its own content type, as the client's dynamic module does.
+
+Leaving a field out removes it only if no other manager owns it too, and one that set the same
+value does: ``kubectl patch`` setting ``canaryTrafficPercent: 0`` before a deploy that starts dark
+at 0, or an older handoff's merge patches of the share or of its marks. The promotion's apply
+would then leave the share in place and change nothing. So after each apply the client looks in
+the object it got back for what handoff meant to remove (``isvc_manifest.DROPPABLE``) and removes
+what is left of it with a JSON patch (the ``patch`` verb the apply needs anyway) that tests each
+field still has the value the apply left: a value someone set since is not removed (the patch
+fails, 422, and the deploy reads the service again, as on a conflict). A merge patch could only
+guard with the ``resourceVersion``, which KServe's status writes move within moments of an apply.
 
 A create is an apply too (one manager owns every field from the start; a POST would record them
 under an ``Update`` manager whose fields a later apply cannot remove), sent without ``force``: if
 another manager created the service since it was read, the values that differ conflict (409)
-instead of being taken over. Every later apply is forced (handoff owns the service: ``kubectl edit`` of its
-fields is undone by the next deploy) and carries the ``uid`` and ``resourceVersion`` it was decided
-from: a concurrent change is read again, never overwritten, and a deleted service is not
-recreated. Every call is retried on transient failures (5xx, 429, no connection).
+instead of being taken over. Every later apply is forced: a field handoff sets that someone changed
+since (``kubectl edit`` of ``minReplicas``) gets handoff's value again and becomes handoff's. What
+others added that handoff does not set (labels, annotations, ``tolerations``) stays theirs, and
+stays; of what handoff leaves out, only the canary share and its own marks are removed. Each apply
+carries the ``uid`` and ``resourceVersion`` it was decided from: a concurrent change is read
+again, never overwritten, and a deleted service is not recreated. Every call is retried on
+transient failures (5xx, 429, no connection).
 """
 
 from __future__ import annotations
@@ -33,10 +45,10 @@ from kubernetes.client.exceptions import ApiException
 
 from handoff.errors import HandoffError
 from handoff.kube.client import api_error, describe, reason
-from handoff.kube.isvc_manifest import GROUP, KIND, PLURAL, VERSION
+from handoff.kube.isvc_manifest import FIELD_MANAGER, GROUP, KIND, PLURAL, VERSION, leftovers, removing
 
-FIELD_MANAGER = "handoff"
 APPLY_PATCH = "application/apply-patch+yaml"  # JSON is YAML: the body is sent as JSON
+JSON_PATCH = "application/json-patch+json"
 MAX_API_FAILURES = 30  # transient API failures in a row before a deploy gives up
 MAX_CONFLICTS = 10  # concurrent writers in a row before an update gives up
 
@@ -149,19 +161,20 @@ class ServiceClient:
                 return None
             raise api_error(exc, "read", self.what) from None
 
-    def apply(self, config: dict[str, Any], *, force: bool = True, action: str = "apply") -> dict[str, Any]:
-        """Server-side apply ``config`` (its ``metadata.uid`` and ``resourceVersion``, when set, are
-        preconditions); the object as stored. Conflict on 409."""
+    def _patch(
+        self, body: Any, content_type: str, query: list[tuple[str, str]], action: str
+    ) -> dict[str, Any]:
+        """PATCH the service with ``body``; the object as stored. Conflict on 409, and on 422 for a
+        JSON patch (a ``test`` that failed: the object changed since it was read)."""
         path = f"/apis/{GROUP}/{VERSION}/namespaces/{self.namespace}/{PLURAL}/{self.name}"
-        query = [("fieldManager", FIELD_MANAGER)] + ([("force", "true")] if force else [])
 
         def send() -> dict[str, Any]:
             found: dict[str, Any] = self.api.call_api(
                 path,
                 "PATCH",
                 query_params=query,
-                header_params={"Content-Type": APPLY_PATCH, "Accept": "application/json"},
-                body=config,
+                header_params={"Content-Type": content_type, "Accept": "application/json"},
+                body=body,
                 response_type="object",
                 auth_settings=["BearerToken"],
                 _return_http_data_only=True,
@@ -171,9 +184,25 @@ class ServiceClient:
         try:
             return self._retry(action, send)
         except ApiException as exc:
-            if exc.status == 409:
+            if exc.status == 409 or (exc.status == 422 and content_type == JSON_PATCH):
                 raise Conflict(reason(exc)) from None
             raise api_error(exc, action, self.what) from None
+
+    def apply(self, config: dict[str, Any], *, force: bool = True, action: str = "apply") -> dict[str, Any]:
+        """Server-side apply ``config`` (its ``metadata.uid`` and ``resourceVersion``, when set, are
+        preconditions), then remove what it left out of ``DROPPABLE`` that another manager kept
+        (the module docstring); the object as stored. Conflict on 409."""
+        query = [("fieldManager", FIELD_MANAGER)] + ([("force", "true")] if force else [])
+        stored = self._patch(config, APPLY_PATCH, query, action)
+        paths = leftovers(config, stored)
+        if not paths:
+            return stored
+        self.say(
+            f"{self.what}: {', '.join(path[-1] for path in paths)} stayed after the apply (another "
+            "field manager set it too); removing it"
+        )
+        manager = [("fieldManager", FIELD_MANAGER)]
+        return self._patch(removing(stored, paths), JSON_PATCH, manager, "remove what the apply left")
 
     def create(self, config: dict[str, Any]) -> dict[str, Any] | None:
         """The created object, or None when someone else's service is there since it was read."""

@@ -21,6 +21,12 @@ grace period is the revision's timeout (300 s by default). A first deploy cannot
 The predictor's ``handoff.dev/predictor-spec`` label is a digest of the spec (``spec_digest``):
 KServe copies it onto the pods and onto the Deployment or Knative revision it makes from the
 spec, which ties what KServe reports to the spec it is about (:mod:`handoff.kube.isvc_status`).
+
+A rollout records what it replaces (``handoff.dev/rollback-to``, :class:`Served`) as handoff set
+it: the fields of the predictor handoff applied (its ``managedFields`` entry), not the whole live
+predictor. A rollback restores the record by a forced apply, so a record of the live predictor
+would take over KServe's defaults and other managers' fields (a platform team's tolerations, at
+their value from before the rollout), which the next deploy, leaving them out, would then remove.
 """
 
 from __future__ import annotations
@@ -40,6 +46,9 @@ from handoff.settings import Settings
 
 GROUP, VERSION, PLURAL, KIND = "serving.kserve.io", "v1beta1", "inferenceservices", "InferenceService"
 API_VERSION = f"{GROUP}/{VERSION}"
+# The field manager of handoff's server-side applies (isvc_client), whose fields a rollback record
+# keeps (Served.of).
+FIELD_MANAGER = "handoff"
 # KServe's ClusterServingRuntime for NVIDIA Triton (ships with KServe; serves ONNX over V2).
 TRITON_RUNTIME = "kserve-tritonserver"
 # The project's own ServingRuntime (manifests/): the KServe Python server over ONNX Runtime.
@@ -60,6 +69,16 @@ VERSION_KEY = PREFIX + "model-version"  # an annotation on the service and a lab
 SHA_KEY = PREFIX + "onnx-sha256"
 ROLLBACK_KEY = PREFIX + "rollback-to"
 NEVER_SERVED_KEY = PREFIX + "never-served"
+CANARY_KEY = "canaryTrafficPercent"  # in spec.predictor
+# What handoff removes by leaving it out of an apply: the canary share and its marks. The apply
+# only drops handoff's claim on a field, which stays while another manager owns it too (one that
+# set the same value: a `kubectl patch` of the share, a merge patch of an older handoff), so the
+# client removes what is left of these after each apply (``leftovers``, ``removing``).
+DROPPABLE = (
+    ("spec", "predictor", CANARY_KEY),
+    ("metadata", "annotations", ROLLBACK_KEY),
+    ("metadata", "annotations", NEVER_SERVED_KEY),
+)
 # On the predictor (so on its pods, its Deployment's pod template and its Knative revision): a
 # digest of the predictor spec, which tells what KServe reports about this spec from what it
 # still reports about the previous one.
@@ -163,7 +182,7 @@ def predictor_spec(
         grace = PRE_STOP_S + math.ceil(settings.serving.shutdown_grace_s) + EXIT_MARGIN_S
         spec["terminationGracePeriodSeconds"] = grace
     if canary is not None:
-        spec["canaryTrafficPercent"] = canary
+        spec[CANARY_KEY] = canary
     spec["labels"][SPEC_KEY] = spec_digest(spec)
     return spec
 
@@ -172,7 +191,7 @@ def spec_digest(predictor: dict[str, Any]) -> str:
     """What ``SPEC_KEY`` says: a digest of what KServe makes the predictor's pods from, so neither
     the canary share (traffic, not pods) nor the label itself is in it."""
     marks = {k: v for k, v in (predictor.get("labels") or {}).items() if k != SPEC_KEY}
-    rest = {k: v for k, v in predictor.items() if k not in ("canaryTrafficPercent", "labels")}
+    rest = {k: v for k, v in predictor.items() if k not in (CANARY_KEY, "labels")}
     text = json.dumps({**rest, "labels": marks}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
@@ -219,7 +238,7 @@ def annotations_of(obj: dict[str, Any]) -> dict[str, str]:
 
 
 def canary_of(obj: dict[str, Any]) -> int | None:
-    value = predictor_of(obj).get("canaryTrafficPercent")
+    value = predictor_of(obj).get(CANARY_KEY)
     return value if isinstance(value, int) else None
 
 
@@ -233,9 +252,99 @@ def is_raw(obj: dict[str, Any]) -> bool:
     return mode_of(obj) in RAW_MODES
 
 
+def applied_fields(obj: dict[str, Any]) -> dict[str, Any] | None:
+    """The fields handoff applied last to ``obj`` (its ``managedFields`` entry, a FieldsV1 tree),
+    or None when handoff never applied to it (a service written by merge patches)."""
+    for entry in (obj.get("metadata") or {}).get("managedFields") or []:
+        if (
+            (entry.get("manager"), entry.get("operation")) == (FIELD_MANAGER, "Apply")
+            and not entry.get("subresource")
+            and entry.get("fieldsType", "FieldsV1") == "FieldsV1"
+        ):
+            return dict(entry.get("fieldsV1") or {})
+    return None
+
+
+def _children(tree: dict[str, Any]) -> list[str]:
+    return [key for key in tree if key != "."]  # ".": the node itself is a member
+
+
+def owned_part(value: Any, tree: dict[str, Any]) -> Any:
+    """The part of ``value`` a FieldsV1 ``tree`` names: ``f:<key>`` an object key, ``k:<json>`` the
+    item of a list-map with those keys, ``v:<json>`` an item of a set; a tree with none of them (an
+    atomic list or map, a scalar) is the whole value."""
+    if not _children(tree):
+        return copy.deepcopy(value)
+    if isinstance(value, dict):
+        return {
+            key[2:]: owned_part(value[key[2:]], tree[key])
+            for key in _children(tree)
+            if key.startswith("f:") and key[2:] in value
+        }
+    if isinstance(value, list):
+        items = []
+        for item in value:
+            for key in _children(tree):
+                if key.startswith("k:") and isinstance(item, dict):
+                    if all(item.get(k) == v for k, v in json.loads(key[2:]).items()):
+                        items.append(owned_part(item, tree[key]))
+                        break
+                elif key.startswith("v:") and json.loads(key[2:]) == item:
+                    items.append(copy.deepcopy(item))
+                    break
+        return items
+    return copy.deepcopy(value)
+
+
+def fields_of(value: Any) -> dict[str, Any]:
+    """A FieldsV1 tree of what ``value`` (handoff's own predictor) sets: its lists of named
+    objects (``env``) are list-maps keyed by name, as the CRD declares them; other lists atomic."""
+    if isinstance(value, dict):
+        return {f"f:{key}": fields_of(child) for key, child in value.items()}
+    if isinstance(value, list) and value and all(isinstance(i, dict) and "name" in i for i in value):
+        return {_item_key("k:", {"name": i["name"]}): fields_of(i) for i in value}
+    return {}
+
+
+def _item_key(kind: str, value: Any) -> str:
+    return kind + json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def _canonical(tree: dict[str, Any]) -> dict[str, Any]:
+    """``tree`` with its item keys spelt one way, so trees from different writers merge."""
+    return {
+        (_item_key(key[:2], json.loads(key[2:])) if key[:2] in ("k:", "v:") else key): _canonical(child)
+        for key, child in tree.items()
+    }
+
+
+def _union(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    if not _children(a) or not _children(b):
+        return {}  # one of them has all of it
+    return {key: _union(a[key], b[key]) if key in a and key in b else {**b, **a}[key] for key in {**a, **b}}
+
+
+def handoffs_predictor(obj: dict[str, Any], taking: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What of ``obj``'s predictor is handoff's: the fields it applied, and those of ``taking`` (the
+    predictor a deploy is about to apply, which takes over what someone edited since). KServe's
+    defaults and other managers' fields (a platform team's tolerations) are not, so a rollback
+    that restores this leaves them to their owners. A service handoff never applied to (written
+    by the merge patches of an older handoff) has no record of its fields: all of it, as then."""
+    applied = applied_fields(obj)
+    live = predictor_of(obj)
+    if applied is None:
+        return live
+    tree = (applied.get("f:spec") or {}).get("f:predictor")
+    tree = None if tree is None else _canonical(tree)
+    if taking:
+        tree = fields_of(taking) if tree is None else _union(tree, fields_of(taking))
+    return owned_part(live, tree) if tree is not None else {}
+
+
 @dataclass(frozen=True)
 class Served:
-    """What a service ran: its predictor and handoff's annotations, exactly restorable."""
+    """What a service ran, as handoff set it: handoff's part of its predictor (without the canary
+    share) and handoff's annotations, exactly restorable."""
 
     predictor: dict[str, Any]
     annotations: dict[str, str]
@@ -265,22 +374,53 @@ class Served:
             return None
 
     @classmethod
-    def of(cls, obj: dict[str, Any]) -> Served:
-        predictor = {k: v for k, v in predictor_of(obj).items() if k != "canaryTrafficPercent"}
+    def of(cls, obj: dict[str, Any], taking: dict[str, Any] | None = None) -> Served:
+        """What ``obj`` runs (``taking``: see ``handoffs_predictor``)."""
+        predictor = {k: v for k, v in handoffs_predictor(obj, taking).items() if k != CANARY_KEY}
         annotations = {
             k: v for k, v in annotations_of(obj).items() if k.startswith(PREFIX) and k != ROLLBACK_KEY
         }
         return cls(predictor=predictor, annotations=annotations)
 
 
-def served_before(obj: dict[str, Any]) -> Served:
-    """What takes the traffic a rollout would take over: during a rollout, the spec it replaced."""
+def served_before(obj: dict[str, Any], taking: dict[str, Any] | None = None) -> Served:
+    """What takes the traffic a rollout would take over: during a rollout, the spec it replaced
+    (``taking``: the predictor the rollout applies, see ``handoffs_predictor``)."""
     recorded = annotations_of(obj).get(ROLLBACK_KEY)
     if canary_of(obj) is not None and recorded:
         found = Served.decode(recorded)
         if found is not None:
             return found
-    return Served.of(obj)
+    return Served.of(obj, taking)
+
+
+def _has(obj: dict[str, Any], path: tuple[str, ...]) -> bool:
+    node: Any = obj
+    for key in path:
+        if not isinstance(node, dict) or key not in node:
+            return False
+        node = node[key]
+    return True
+
+
+def leftovers(config: dict[str, Any], stored: dict[str, Any]) -> list[tuple[str, ...]]:
+    """What ``config`` leaves out of ``DROPPABLE`` and the object as stored after applying it
+    still has (another manager owns it too)."""
+    return [path for path in DROPPABLE if _has(stored, path) and not _has(config, path)]
+
+
+def removing(stored: dict[str, Any], paths: list[tuple[str, ...]]) -> list[dict[str, Any]]:
+    """A JSON patch (RFC 6902) that removes ``paths`` from ``stored`` if each still has the value
+    it has there: a ``test`` before each ``remove``, so a value someone set since stays (the patch
+    fails whole instead), while other writes (a controller's status) do not get in the way."""
+    operations: list[dict[str, Any]] = []
+    for path in paths:
+        pointer = "".join("/" + key.replace("~", "~0").replace("/", "~1") for key in path)
+        node: Any = stored
+        for key in path:
+            node = node[key]
+        operations += [{"op": "test", "path": pointer, "value": node}, {"op": "remove", "path": pointer}]
+    return operations
 
 
 # --- what the later steps of a rollout apply, from what its first step applied -------------------
@@ -289,7 +429,7 @@ def served_before(obj: dict[str, Any]) -> Served:
 def promoted(config: dict[str, Any]) -> dict[str, Any]:
     """``config`` without its canary share: all traffic to the revision it made."""
     result = copy.deepcopy(config)
-    result["spec"]["predictor"].pop("canaryTrafficPercent", None)
+    result["spec"]["predictor"].pop(CANARY_KEY, None)
     return result
 
 
@@ -301,12 +441,13 @@ def never_served(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def restoring(config: dict[str, Any], target: Served, *, pin: bool) -> dict[str, Any]:
-    """``config`` (what the failed rollout applied) turned back into what ``target`` ran: its
-    predictor and annotations (so the rollback record goes), with ``canaryTrafficPercent: 0`` when
-    ``pin``: the revision that served keeps every request while the restored spec's starts."""
+    """``config`` (what the failed rollout applied) turned back into what ``target`` ran: handoff's
+    part of its predictor and its annotations (so the rollback record goes), with
+    ``canaryTrafficPercent: 0`` when ``pin``: the revision that served keeps every request while
+    the restored spec's starts."""
     predictor = copy.deepcopy(target.predictor)
     if pin:
-        predictor["canaryTrafficPercent"] = 0
+        predictor[CANARY_KEY] = 0
     meta = config["metadata"]
     return {
         "apiVersion": config["apiVersion"],

@@ -7,12 +7,13 @@ step that finds its own half-finished rollout still knows what to go back to), a
 restores. Each returns its decision as a frozen record, read by the state machine in
 :mod:`handoff.kube.inference_service`; nothing here calls the API server.
 
-Rolling back restores the previous predictor spec and handoff's annotations, so the spec says
-again what serves. KServe splits canary traffic between the newest *ready* revision and the last
-revision that had all traffic (``latestRolledoutRevision``). While the new revision never had all
-traffic, the restore also sets ``canaryTrafficPercent: 0``: the previous revision keeps every
-request at once, even if the failed revision is Ready and would otherwise count as the newest
-ready one until the restored spec's revision is up. Once the new revision had all traffic
+Rolling back restores handoff's part of the previous predictor spec (the fields it applied, see
+:mod:`handoff.kube.isvc_manifest`) and handoff's annotations, so the spec says again what serves.
+KServe splits canary traffic between the newest *ready* revision and the last revision that had
+all traffic (``latestRolledoutRevision``). While the new revision never had all traffic, the
+restore also sets ``canaryTrafficPercent: 0``: the previous revision keeps every request at once,
+even if the failed revision is Ready and would otherwise count as the newest ready one until the
+restored spec's revision is up. Once the new revision had all traffic
 (canary_percent 0, or after promotion), and in raw deployment mode (no traffic split), the
 restore goes without it and the restored revision takes over when Ready. A service left with
 ``canaryTrafficPercent: 0`` by a rollback keeps it until the next deploy, which starts its new
@@ -34,6 +35,7 @@ from handoff.kube.isvc_manifest import (
     canary_of,
     is_raw,
     manifest,
+    predictor_spec,
     promoted,
     restoring,
     served_before,
@@ -90,7 +92,8 @@ def start(obj: dict[str, Any], settings: Settings, release: Release, what: str) 
     if annotations_of(obj).get(NEVER_SERVED_KEY):  # a failed first deploy: still a first deploy
         config = manifest(settings, release, raw=raw)
         return Start(config, None, None, Before.applying(obj, config), False, generation)
-    target = served_before(obj)
+    # What serves, as handoff set it, and the fields this deploy takes over from whoever edited them.
+    target = served_before(obj, predictor_spec(settings, release, None, raw=raw))
     same_model = (target.version, target.sha256) == (release.version, release.sha256)
     canary: int | None = settings.serving.kserve.canary_percent
     if raw:

@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from handoff.kube.isvc_manifest import SPEC_KEY, VERSION_KEY, canary_of, predictor_of
+from handoff.kube.isvc_manifest import SPEC_KEY, VERSION_KEY, predictor_of
 
 # The label KServe puts on every pod of an InferenceService.
 ISVC_LABEL = "serving.kserve.io/inferenceservice"
@@ -115,10 +115,14 @@ def _ready(status: dict[str, Any]) -> tuple[dict[str, Any], str]:
 
 
 def serverless_progress(
-    obj: dict[str, Any], generation: int, revisions: dict[str, bool], before: Before
+    obj: dict[str, Any], generation: int, revisions: dict[str, bool], before: Before, *, canary: int | None
 ) -> Progress:
     """Serverless mode: the latest created revision is this spec's, it is the latest ready one,
     Ready is True and the traffic is what the spec asks.
+
+    ``canary``: the share the deploy's last apply asked for (None: all traffic). Not the live
+    spec's: a share another manager also set stays after an apply that leaves it out, and the
+    traffic would then match the spec while the new revision has none of it.
 
     ``revisions``: the revisions the service's pods are of, each with whether its pods carry this
     spec. The latest created revision is this spec's when its pods say so; when it has none and
@@ -148,7 +152,6 @@ def serverless_progress(
         return Progress(f"{at}: revision {created} is not ready yet ({state})", acted=True)
     # KServe splits traffic only while a revision had all of it (createKnativeService in
     # reconcilers/knative/ksvc_reconciler.go); the latest revision's share is the spec's canary.
-    canary = canary_of(obj)
     wanted = canary if canary is not None and predictor.get("latestRolledoutRevision") else 100
     share = sum(
         int(t.get("percent") or 0)

@@ -46,8 +46,11 @@ class Watch:
         crash loop nor (in Serverless mode) a status left from before the apply can be told."""
         return self.services.pods(pod_selector(self.services.name))
 
-    def progress(self, obj: dict[str, Any], generation: int, pods: list[Any], before: Before) -> Progress:
-        """How far ``obj`` (at ``generation``) has got, read in its deployment mode's own terms."""
+    def progress(
+        self, obj: dict[str, Any], generation: int, pods: list[Any], before: Before, canary: int | None
+    ) -> Progress:
+        """How far ``obj`` (at ``generation``, applied asking for ``canary``) has got, read in its
+        deployment mode's own terms."""
         mode = mode_of(obj)
         if mode is None:
             return Progress(f"generation {generation}: waiting for KServe to act on it (no status yet)")
@@ -59,11 +62,11 @@ class Watch:
             found = pod.metadata.labels or {}
             if found.get(REVISION_LABEL):
                 revisions[found[REVISION_LABEL]] = of_spec(obj, found)
-        return serverless_progress(obj, generation, revisions, before)
+        return serverless_progress(obj, generation, revisions, before, canary=canary)
 
-    def ready(self, generation: int, timeout_s: float, before: Before) -> dict[str, Any]:
-        """Poll until Ready at ``generation`` (applied over what ``before`` says); RolloutFailed on
-        a pod failure or the timeout."""
+    def ready(self, generation: int, timeout_s: float, before: Before, canary: int | None) -> dict[str, Any]:
+        """Poll until Ready at ``generation`` (applied over what ``before`` says, asking for the
+        ``canary`` share; None: all traffic); RolloutFailed on a pod failure or the timeout."""
         services = self.services
         deadline = self.clock() + timeout_s
         restarts: dict[tuple[str, str], int] = {}
@@ -78,7 +81,7 @@ class Watch:
                     f"someone else changed {services.what} (generation {now_at}, expected {generation})"
                 )
             pods = self.pods()
-            progress = self.progress(obj, generation, pods, before)
+            progress = self.progress(obj, generation, pods, before, canary)
             if progress.summary != last:
                 services.say(f"{services.what}: {progress.summary}")
                 last = progress.summary
@@ -97,7 +100,7 @@ class Watch:
                 )
             self.sleep(self.poll_s)
 
-    def observed(self, generation: int, timeout_s: float, before: Before) -> bool:
+    def observed(self, generation: int, timeout_s: float, before: Before, canary: int | None) -> bool:
         """Whether KServe acted on ``generation`` (of a rollback) within ``timeout_s``: made the
         restored spec's revision, or updated the predictor's Deployment to it."""
         deadline = self.clock() + timeout_s
@@ -107,7 +110,7 @@ class Watch:
                 return True  # gone, or changed again: nothing left to observe
             try:
                 pods = [] if is_raw(obj) else self.pods()
-                if self.progress(obj, generation, pods, before).acted:
+                if self.progress(obj, generation, pods, before, canary).acted:
                     return True
             except HandoffError:  # e.g. the Deployment may not be read: the rollback itself is done
                 return False

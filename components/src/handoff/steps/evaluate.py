@@ -205,7 +205,9 @@ def score_with_rival(
 ) -> tuple[Scores, Scores | None]:
     """``score`` for ``session`` and, when given, ``rival`` (the champion), in one pass over the
     split: each batch is read once, run through both, and dropped once its chunk is scored
-    (``handoff.hooks.joined_chunks``). What fails on the rival's outputs raises ``RivalFailed``."""
+    (``handoff.hooks.joined_chunks``; its chunks are cut by inputs and targets only, so the
+    challenger's numbers are the same with a rival as without). What fails on the rival's outputs
+    raises ``RivalFailed``."""
     contract = project.contract
     width, scored = len(contract.output_names), contract.scored_output
     sessions = [session] if rival is None else [session, rival]
@@ -320,18 +322,25 @@ def evaluate(
     p50, p99 = float(np.percentile(timings, 50)), float(np.percentile(timings, 99))
     size_mb = (model_dir / ONNX_FILE).stat().st_size / 1e6
     slo = project.contract.slo
-    gate = decide(
-        absolute_checks(slo, scores.metrics, p99, size_mb)
-        + relative_checks(slo, scores.metrics, champion, data.sha256)
-    )
     export_record = model_dir / EXPORT_RECORD_FILE
+    export = read_json(export_record) if export_record.is_file() else None
+    onnx_sha256 = sha256_of(model_dir / ONNX_FILE)
+    # Every scored batch passed the input check (score_with_rival raises on the first that fails).
+    contract_checks = (readiness.heldout_inputs_check(scores.samples), *watched.checks())
+    gate = decide(
+        [
+            readiness.contract_gate(export, onnx_sha256, contract_checks),
+            *absolute_checks(slo, scores.metrics, p99, size_mb),
+            *relative_checks(slo, scores.metrics, champion, data.sha256),
+        ]
+    )
     evidence = readiness.Evidence(
         project=project,
         metrics=scores.metrics,
         gate=gate,
-        export=read_json(export_record) if export_record.is_file() else None,
-        onnx_sha256=sha256_of(model_dir / ONNX_FILE),
-        contract_checks=watched.checks(),
+        export=export,
+        onnx_sha256=onnx_sha256,
+        contract_checks=contract_checks,
         training_run_id=training_run_id,
         cfg=cfg,
     )

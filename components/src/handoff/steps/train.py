@@ -89,7 +89,9 @@ def evaluate_torch(
 ) -> dict[str, float]:
     """Loss and researcher metrics over a whole split with the torch model, as evaluation computes
     them: each epoch reads the split once, batch by batch, and holds one chunk of it at a time
-    (``handoff.hooks.SplitMeans``), so a split bigger than memory validates too."""
+    (``handoff.hooks.SplitMeans``), so a split bigger than memory validates too. The chunks are
+    evaluation's, item for item, whatever ``loader``'s batch size (``handoff.hooks.joined_chunks``):
+    the numbers watched in training are the ones the gate judges."""
     device = next(model.parameters()).device
     means = SplitMeans(hooks, contract.output_names)
 
