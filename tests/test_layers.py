@@ -195,9 +195,9 @@ def test_the_pipelines_package_adds_its_commands_by_entry_point(tmp_path: Path) 
 def fake_distribution(root: Path, name: str, module: str, source: str) -> None:
     """An installed distribution as importlib.metadata finds one: its ``.dist-info`` (metadata and a
     ``handoff.commands`` entry point) and its module, in ``root``."""
-    info = root / f"{name.replace('-', '_')}-0.1.0.dist-info"
+    info = root / f"{name.replace('-', '_')}-1.0.dist-info"
     info.mkdir(parents=True)
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1.0\n")
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
     (info / "entry_points.txt").write_text(f"[handoff.commands]\ncommands = {module}:app\n")
     (root / f"{module}.py").write_text(source)
 
