@@ -5,7 +5,7 @@ BIN := $(abspath $(VENV))/bin
 DEMO := demo/digits-classifier
 
 .DEFAULT_GOAL := help
-.PHONY: help venv lock tools checkov demo rehearse test test-fast test-zoo lint format bench release image clean
+.PHONY: help venv lock tools checkov test-deps demo rehearse test test-fast test-zoo lint format bench release image clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -67,6 +67,11 @@ $(CHECKOV_VENV)/.installed: requirements/checkov.txt
 
 checkov: $(CHECKOV_VENV)/.installed ## checkov in its own venv (.venv-checkov) for the manifest tests
 
+# The system packages `make test` needs and cannot install itself (Chromium, Node.js, podman, runc,
+# debootstrap), with apt where missing: CI (.ci/run) and `make release` run the same script.
+test-deps: ## Install the system packages the tests need, with apt (what CI and `make release` run)
+	scripts/install-test-deps.sh
+
 # The demo project runs in this checkout's .venv (VENV=...), which holds this tree's packages: a
 # project's own `make setup` installs released ones (tests/test_first_minutes_*.py walk that path).
 demo: venv ## Generate the default project into demo/ and run its whole pipeline locally
@@ -93,20 +98,22 @@ test-zoo: venv ## The model zoo: each architecture in tests/zoo/ from check to a
 	$(BIN)/python -m pytest -m zoo tests/test_zoo.py
 
 lint: venv ## ruff (lint + format check) everywhere, mypy on the two packages
-	$(BIN)/ruff check components pipelines tests bench scripts
-	$(BIN)/ruff format --check components pipelines tests bench scripts
+	$(BIN)/ruff check components pipelines tests bench scripts migrations ml_template_answers.py
+	$(BIN)/ruff format --check components pipelines tests bench scripts migrations ml_template_answers.py
 	cd components/src && $(BIN)/mypy -p handoff
 	cd pipelines/src && $(BIN)/mypy -p handoff_pipelines
 
 format: venv ## Apply ruff's fixes and formatting
-	$(BIN)/ruff check --fix components pipelines tests bench scripts
-	$(BIN)/ruff format components pipelines tests bench scripts
+	$(BIN)/ruff check --fix components pipelines tests bench scripts migrations ml_template_answers.py
+	$(BIN)/ruff format components pipelines tests bench scripts migrations ml_template_answers.py
 
 bench: venv ## Benchmarks (ratios side by side; see bench/README.md)
 	$(BIN)/python bench/pipeline_overhead.py
 	$(BIN)/python bench/serving.py
 
-release: venv ## Cut a release: make release VERSION=x.y.z (clean tree, tests, version everywhere, CHANGELOG, tag, wheels in dist/)
+# A release runs what CI runs (.ci/run: scripts/install-test-deps.sh, then `make test`) before it writes
+# anything; a tree's first release may be the version it is at (scripts/release.py says more).
+release: venv ## Cut a release: make release VERSION=x.y.z (clean tree, CI's tests, version everywhere, CHANGELOG, tag, wheels)
 	@test -n "$(VERSION)" || { echo "usage: make release VERSION=x.y.z"; exit 2; }
 	$(BIN)/python scripts/release.py $(VERSION)
 

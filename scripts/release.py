@@ -1,16 +1,24 @@
 """Cut a template release: one version, written everywhere it appears, a CHANGELOG section, a tag.
 
-``make release VERSION=x.y.z`` runs this. It refuses a dirty tree or a version that does not move
-forward, runs the test suite (unless ``--skip-tests``), rewrites every place in ``PLACES``,
-prepends the CHANGELOG section built from the commit subjects since the last tag, commits and
-tags ``vX.Y.Z``, then builds the two wheels that projects install (``dist/``) from the tagged
-tree. Generated projects pick the version up from ``cookiecutter.json`` (their pins, image tags,
-Dockerfile base and ``template_version``), so those need no edit of their own.
+``make release VERSION=x.y.z`` runs this. It refuses a dirty tree, a version that does not move
+forward and a CHANGELOG that cannot take the release, then runs what CI runs (``.ci/run``: the
+system packages the tests need, from ``scripts/install-test-deps.sh``, then ``make test``; not with
+``--skip-tests``), rewrites every place in ``PLACES``, writes the CHANGELOG section (the notes
+under ``## x.y.z (unreleased)``, dated, or the commit subjects since the last tag; see
+``release_notes.py``), commits and tags ``vX.Y.Z``, then builds the two wheels that projects
+install (``dist/``) from the tagged tree. Generated projects pick the version up from
+``cookiecutter.json`` (their pins, image tags, Dockerfile base and ``template_version``), so those
+need no edit of their own.
+
+The version a tree is at may be released while it has no tag (a tree's first release, or a
+version set by hand): ``make release VERSION=x.y.z`` on a tree at x.y.z tags it as it is, with its
+CHANGELOG section and wheels.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import subprocess
 import sys
@@ -18,12 +26,19 @@ from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
+import release_notes
+
 ROOT = Path(__file__).resolve().parents[1]
 SEMVER = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)$")
-CHANGELOG = "CHANGELOG.md"
+CHANGELOG = release_notes.FILE
 # The packages a generated project installs, built into DIST for the platform's package index.
 PACKAGES = ("components", "pipelines")
 DIST = "dist"
+# What CI runs before a release is cut, as .ci/run runs it (tests/test_release.py holds the two
+# to the same steps): the system packages the suite needs (apt), then the suite itself.
+TEST_STEPS = (("scripts/install-test-deps.sh",), ("make", "test"))
+# runc and debootstrap live in /usr/sbin, which a non-login PATH may lack (.ci/run adds it too).
+SYSTEM_PATH = "/usr/sbin:/sbin"
 
 
 @dataclass(frozen=True)
@@ -75,24 +90,50 @@ def git(root: Path, *args: str) -> str:
     return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
 
 
-def changelog_section(root: Path, version: str, today: date) -> str:
-    """``## x.y.z (date)`` and one bullet per commit subject since the last tag (or the start)."""
-    tags = git(root, "tag", "--list", "v*", "--sort=-v:refname").splitlines()
-    span = f"{tags[0]}..HEAD" if tags else "HEAD"
-    subjects = [s for s in git(root, "log", "--format=%s", "--no-merges", span).splitlines() if s]
-    lines = [f"## {version} ({today.isoformat()})", ""] + [f"- {s}" for s in subjects]
-    return "\n".join(lines) + "\n"
+def release_tags(root: Path) -> dict[str, str]:
+    """Each released version (a ``vMAJOR.MINOR.PATCH`` tag) and its tag's date, oldest first."""
+    listed = git(root, "for-each-ref", "--format=%(refname:strip=2) %(creatordate:short)", "refs/tags/v*")
+    found = {}
+    for line in listed.splitlines():
+        tag, _, when = line.partition(" ")
+        if SEMVER.match(tag[1:]):
+            found[tag[1:]] = when
+    return dict(sorted(found.items(), key=lambda item: as_tuple(item[0])))
 
 
-def prepend_changelog(root: Path, section: str) -> None:
-    path = root / CHANGELOG
-    header = "# Changelog\n\nEach release of the template, newest first (written by `make release`).\n\n"
-    body = path.read_text()[len(header) :] if path.is_file() and path.read_text().startswith(header) else ""
-    path.write_text(header + section + ("\n" + body if body else ""))
+def check_moves_forward(version: str, current: str, tagged: dict[str, str]) -> None:
+    """After the current version, or the current version itself while it is not tagged (the tree's
+    first release, or one whose version was set by hand); after every release tag either way."""
+    if as_tuple(version) < as_tuple(current) or (version == current and version in tagged):
+        which = f", which is tagged v{current}" if version == current else ""
+        raise SystemExit(f"release: {version} does not come after the current version {current}{which}")
+    newest = next(reversed(tagged), None)
+    if newest is not None and as_tuple(version) <= as_tuple(newest):
+        raise SystemExit(f"release: {version} does not come after the newest release tag v{newest}")
+
+
+def commit_subjects(root: Path, tagged: dict[str, str]) -> list[str]:
+    """The commit subjects since the newest release tag (or since the start), newest first."""
+    newest = next(reversed(tagged), None)
+    span = f"v{newest}..HEAD" if newest else "HEAD"
+    return [s for s in git(root, "log", "--format=%s", "--no-merges", span).splitlines() if s]
 
 
 def as_tuple(version: str) -> tuple[int, ...]:
     return tuple(int(p) for p in version.split("."))
+
+
+def run_tests_as_ci(root: Path) -> None:
+    """``TEST_STEPS``, as CI runs them; the first that fails stops the release before any write."""
+    env = {**os.environ, "PATH": f"{os.environ.get('PATH', os.defpath)}:{SYSTEM_PATH}"}
+    for step in TEST_STEPS:
+        shown = " ".join(step)
+        print(f"release: {shown}", flush=True)
+        done = subprocess.run(step, cwd=root, env=env)
+        if done.returncode != 0:
+            raise SystemExit(
+                f"release: `{shown}` failed (exit {done.returncode}); nothing was changed or tagged"
+            )
 
 
 def build_wheels(root: Path, version: str) -> list[Path]:
@@ -119,13 +160,25 @@ def release(root: Path, version: str, *, run_tests: bool, today: date) -> None:
     if git(root, "status", "--porcelain"):
         raise SystemExit("release: the working tree has uncommitted changes; commit or stash them first")
     old = current_version(root)
-    if as_tuple(version) <= as_tuple(old):
-        raise SystemExit(f"release: {version} does not come after the current version {old}")
+    tagged = release_tags(root)
+    check_moves_forward(version, old, tagged)
+    # The CHANGELOG is checked before the tests run: a heading to fix should not cost a test run.
+    changelog = root / CHANGELOG
+    try:
+        notes = release_notes.released(
+            changelog.read_text() if changelog.is_file() else "",
+            version,
+            today,
+            commit_subjects(root, tagged),
+            tagged,
+        )
+    except release_notes.NotesError as exc:
+        raise SystemExit(f"release: {exc}") from None
     if run_tests:
-        subprocess.run(["make", "test"], cwd=root, check=True)
-    section = changelog_section(root, version, today)
+        run_tests_as_ci(root)
+    # Every place is written even when the version stays (a first release): each must still match.
     changed = set_version(root, version)
-    prepend_changelog(root, section)
+    changelog.write_text(notes)
     git(root, "add", CHANGELOG, *changed)
     git(root, "commit", "-q", "-m", f"Release {version}")
     git(root, "tag", "-a", f"v{version}", "-m", f"ml-template {version}")
@@ -138,7 +191,13 @@ def release(root: Path, version: str, *, run_tests: bool, today: date) -> None:
             "fix the build, then run `python scripts/release.py --wheels` on the tag"
         ) from exc
     built = ", ".join(wheel.name for wheel in wheels)
-    print(f"released {old} -> {version}: tagged v{version}; built {built} in {DIST}/")
+    if old != version:
+        moved = f"{old} -> {version}"
+    elif tagged:
+        moved = f"{version} (the version the tree was at)"
+    else:
+        moved = f"{version} (the first release)"
+    print(f"released {moved}: tagged v{version}; built {built} in {DIST}/")
     print(
         "publish: `git push --follow-tags` (the release workflow attaches the wheels to the GitHub "
         "release and uploads them to the index named by the PACKAGE_INDEX_UPLOAD_URL setting), or "
@@ -149,7 +208,11 @@ def release(root: Path, version: str, *, run_tests: bool, today: date) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("version", nargs="?", help="the new version, MAJOR.MINOR.PATCH")
-    parser.add_argument("--skip-tests", action="store_true", help="do not run `make test` first")
+    parser.add_argument(
+        "--skip-tests",
+        action="store_true",
+        help="do not run the test dependencies' install and `make test` first",
+    )
     parser.add_argument(
         "--wheels", action="store_true", help="only build the current version's wheels into dist/ (on a tag)"
     )

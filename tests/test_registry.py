@@ -47,7 +47,7 @@ from handoff.steps.rollback import rollback
 from handoff.steps.train import train
 from handoff.tracking import CHALLENGER, CHAMPION, alias_version, use_tracking
 
-from .conftest import edit_yaml, handoff
+from .conftest import edit_yaml, handoff, replace_in
 from .test_triton_layout import EVALUATION, MODEL, _export
 
 pytestmark = pytest.mark.local
@@ -411,6 +411,10 @@ def test_a_version_whose_stored_model_changed_is_never_promoted(root: Path, dama
 
 def test_rollback_returns_champion_to_the_previous_version_and_serves_it(root: Path) -> None:
     project = root / MODEL
+    # What is tested is the rollback; deploy's served-p99 check moves with the suite's load on two
+    # cores (29 ms against a 25 ms SLO seen), so both versions are registered under a budget a
+    # loaded machine meets. The gate firing is tested in test_deploy_local.py.
+    replace_in(project / "contract.yaml", "latency_p99_ms: 25 ", "latency_p99_ms: 250 ")
     assert register(project, root / "export-0", evaluation()).aliases == [CHALLENGER, CHAMPION]
     second = register(project, root / "export-1", evaluation(champion="1"))
     assert (second.version, second.aliases) == ("2", [CHALLENGER, CHAMPION])

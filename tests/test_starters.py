@@ -183,6 +183,10 @@ def test_starter_runs_the_whole_local_pipeline_to_a_served_model(
 ) -> None:
     project = copy_of(starters[starter], tmp_path)
     edit_yaml(project / "handoff.yaml", lambda s: s["serving"].update(port=0))
+    # Deploy's served-p99 check moves with the suite's load on two cores: a budget a loaded machine
+    # meets; the starter's own SLO is held on evaluate's ONNX Runtime p99, which load does not move.
+    shipped = yaml.safe_load((project / "contract.yaml").read_text())["slo"]["latency_p99_ms"]
+    replace_in(project / "contract.yaml", f"latency_p99_ms: {shipped} ", "latency_p99_ms: 250 ")
     git(project, "commit", "-qam", "Serve on a free port")  # a test's edit, committed as a user would
     slug = SLUGS[starter]
     try:
@@ -191,6 +195,7 @@ def test_starter_runs_the_whole_local_pipeline_to_a_served_model(
         assert f"== {slug}: SUCCEEDED ==" in ran.stdout
         summary = json.loads((project / "runs" / "latest" / "summary.json").read_text())
         assert summary["gate"]["passed"] is True, summary["gate"]
+        assert summary["latency_ms"]["p99"] <= shipped  # the starter meets its shipped SLO on ONNX Runtime
         readiness = summary["readiness"]
         assert readiness["passed"] == readiness["items"] == 8, readiness  # the git commit included
         assert summary["smoke_test"]["passed"] is True

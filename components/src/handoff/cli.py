@@ -340,6 +340,59 @@ def doctor(
 
 
 @app.command()
+def upgrade(
+    project: ProjectOpt = Path("."),
+    to: Annotated[
+        str | None, typer.Option("--to", help="The release to move to, vX.Y.Z (default: the newest).")
+    ] = None,
+    check_only: Annotated[
+        bool,
+        typer.Option(
+            "--check", help="Only say whether a newer release exists (exit 1 if so) and what it changes."
+        ),
+    ] = False,
+    abort: Annotated[bool, typer.Option("--abort", help="Undo the upgrade in progress.")] = False,
+) -> None:
+    """Move the project to a newer release of its template: cruft's merge, the release's migrations,
+    then `handoff check`. Exits 1 listing each conflict; run it again once they are resolved."""
+    from handoff import upgrade as upgrading
+    from handoff.template_releases import parse_version
+
+    if check_only + abort + (to is not None) > 1:
+        raise HandoffError("give at most one of --check, --abort and --to")
+    if check_only:
+        if upgrading.check_for_release(project, typer.echo):
+            raise typer.Exit(1)
+        return
+    if abort:
+        upgrading.abort(project, typer.echo)
+        return
+    outcome = upgrading.upgrade(project, to, typer.echo)
+    if not outcome.finished:
+        raise typer.Exit(1)
+    if not outcome.changed:
+        return
+    installed, pinned = parse_version(__version__), parse_version(outcome.target)
+    try:
+        check(project)
+    except HandoffError as exc:
+        if installed and pinned and installed < pinned:
+            # The check ran with the previous release's step library: what it refuses may be what
+            # the release changed. The upgrade is done; the check belongs to the new pins.
+            upgrading.finish(project, outcome, typer.echo, checked=False)
+            raise HandoffError(
+                f"the upgrade to {outcome.target} is applied, but handoff check fails with the ml-handoff "
+                f"installed here ({__version__}; the project now pins {outcome.target}): run `make setup`, "
+                f"then `make check`. It said: {exc}"
+            ) from exc
+        raise HandoffError(
+            f"after the upgrade to {outcome.target}, handoff check fails: {exc}. Fix it, then run "
+            "`handoff upgrade` again to finish (or `handoff upgrade --abort`)"
+        ) from exc
+    upgrading.finish(project, outcome, typer.echo)
+
+
+@app.command()
 def stop(project: ProjectOpt = Path(".")) -> None:
     """Stop the project's local model server."""
     from handoff.project import Project
