@@ -332,7 +332,7 @@ def compiled(default_project: Path) -> dict[str, Any]:
 
 
 def play_handoff(promoted: bool = True, noise: str = "") -> dict[str, Play]:
-    """The five steps and the exit handler as the compiled template wires them; register's record
+    """The six steps and the exit handler as the compiled template wires them; register's record
     says whether it promoted the version (what the deploy gate reads). Register writes its record
     where ``--record`` says, as the CLI does, and prints it on stdout after ``noise`` (what a library
     could print there)."""
@@ -348,8 +348,15 @@ def play_handoff(promoted: bool = True, noise: str = "") -> dict[str, Play]:
         (pod.out("onnx") / "model.onnx").write_bytes(b"onnx")
         return Finished(0, "", "")
 
-    def evaluate(spec: ContainerSpec, pod: Pod) -> Finished:
+    def optimize(spec: ContainerSpec, pod: Pod) -> Finished:
         assert (pod.read("/tmp/inputs/onnx") / "model.onnx").read_bytes() == b"onnx"
+        (pod.out("optimized")).mkdir()
+        (pod.out("optimized") / "model.onnx").write_bytes(b"int8")
+        return Finished(0, "", "")
+
+    def evaluate(spec: ContainerSpec, pod: Pod) -> Finished:
+        # What optimize chose, not export's fp32 model.
+        assert (pod.read("/tmp/inputs/optimized") / "model.onnx").read_bytes() == b"int8"
         assert spec.args[spec.args.index("--run-id") + 1] == "run-1"
         pod.out("evaluation.json").write_text(json.dumps({"gate": {"passed": promoted}}))
         pod.out("report").mkdir()
@@ -358,6 +365,7 @@ def play_handoff(promoted: bool = True, noise: str = "") -> dict[str, Play]:
 
     def register(spec: ContainerSpec, pod: Pod) -> Finished:
         assert (pod.read("/tmp/inputs/report") / "index.md").read_text() == "report"
+        assert (pod.read("/tmp/inputs/optimized") / "model.onnx").read_bytes() == b"int8"  # the one evaluated
         assert json.loads(pod.read("/tmp/inputs/evaluation.json").read_text())["gate"]["passed"] is promoted
         record = json.dumps({"version": 3, "promoted": promoted, "run_id": "run-1"})
         if "--record" in spec.args:
@@ -377,6 +385,7 @@ def play_handoff(promoted: bool = True, noise: str = "") -> dict[str, Play]:
     return {
         "train": train,
         "export": export,
+        "optimize": optimize,
         "evaluate": evaluate,
         "register": register,
         "deploy": deploy,
@@ -393,7 +402,16 @@ def test_the_compiled_template_runs_and_hands_on_artifacts_and_parameters(
     phases = {name: node.phase for name, node in result.nodes.items()}
     assert phases == {
         **dict.fromkeys(
-            ["train", "export", "evaluate", "register", "deploy", "deploy[0]", "deploy[0].deploy"],
+            [
+                "train",
+                "export",
+                "optimize",
+                "evaluate",
+                "register",
+                "deploy",
+                "deploy[0]",
+                "deploy[0].deploy",
+            ],
             "Succeeded",
         ),
         "wf": "Succeeded",
@@ -417,7 +435,7 @@ def test_the_compiled_template_runs_and_hands_on_artifacts_and_parameters(
 def test_every_compiled_pod_runs_as_its_pod_spec_says(compiled: dict[str, Any], tmp_path: Path) -> None:
     _, specs = run(compiled, play_handoff(), tmp_path)
     templates = {t["name"]: t for t in compiled["spec"]["templates"]}
-    assert sorted(specs) == ["deploy", "evaluate", "export", "outcome", "register", "train"]
+    assert sorted(specs) == ["deploy", "evaluate", "export", "optimize", "outcome", "register", "train"]
     for step, (spec,) in specs.items():
         container = templates[step]["container"]
         assert spec.image == container["image"]

@@ -508,7 +508,7 @@ def test_no_run_reuses_another_runs_results_and_side_effects_are_never_cached(
     }
     for name in ("register", "deploy"):  # the registry and the server change every time
         assert tasks[name]["cachingOptions"] == {}, name
-    for name in ("train", "export", "evaluate"):
+    for name in ("train", "export", "optimize", "evaluate"):
         assert tasks[name]["cachingOptions"] == {"enableCache": True}, name
     assert all("memoize" not in t for t in default_compiled.argo["spec"]["templates"])
 

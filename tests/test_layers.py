@@ -180,7 +180,8 @@ def test_the_pipelines_package_adds_its_commands_by_entry_point(tmp_path: Path) 
     # In the place and with the help they always had, before the step commands.
     assert list(commands)[:6] == ["version", "check", *ADDED, "train"]
     assert (
-        commands["run"] == "Run the whole pipeline: train, export, evaluate, register, deploy and smoke-test."
+        commands["run"]
+        == "Run the whole pipeline: train, export, optimize, evaluate, register, deploy and smoke-test."
     )
     assert PIPELINES not in listed.stdout
     # The real command answers: its own options, its own refusal.

@@ -264,7 +264,7 @@ def test_wheels_alone_install_and_run_outside_the_repository(
     helped = run_in(venv, "handoff", "--help", cwd=tmp_path)
     assert helped.returncode == 0, helped.stderr
     commands = set(re.findall(r"^│ (\w+) ", helped.stdout, flags=re.MULTILINE))
-    steps = {"check", "train", "export", "evaluate", "register", "deploy"}
+    steps = {"check", "train", "export", "optimize", "evaluate", "register", "deploy"}
     assert steps | {"run", "compile", "submit"} <= commands, helped.stdout
     # The pipelines wheel's handoff.commands entry point replaced the stand-ins of its commands.
     assert "needs ml-handoff-pipelines" not in helped.stdout, helped.stdout

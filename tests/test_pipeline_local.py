@@ -57,6 +57,9 @@ def test_run_local_trains_registers_and_serves(served_project: Path) -> None:
     # process, under a millisecond even when loaded); the gate firing is tested in test_deploy_local.py.
     shipped = Project.load(project).contract.slo.latency_p99_ms
     replace_in(project / "contract.yaml", f"latency_p99_ms: {shipped:g} ", "latency_p99_ms: 250 ")
+    # Only an int8 form fits this size (the fp32 CNN is 0.16 MB), so the run serves what optimize
+    # made, whichever form this machine's timings favour.
+    replace_in(project / "contract.yaml", "max_model_size_mb: 50 ", "max_model_size_mb: 0.06 ")
     result = handoff("run", "--local", cwd=project)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "== digits-classifier: SUCCEEDED ==" in result.stdout
@@ -70,7 +73,7 @@ def test_run_local_trains_registers_and_serves(served_project: Path) -> None:
     readiness = summary["readiness"]
     assert readiness["items"] == 8 and Path(readiness["report"], "readiness.html").is_file()
     assert summary["latency_ms"]["p99"] <= shipped  # the starter meets its shipped SLO on ONNX Runtime
-    assert list(summary["step_seconds"]) == ["train", "export", "evaluate", "register", "deploy"]
+    assert list(summary["step_seconds"]) == ["train", "export", "optimize", "evaluate", "register", "deploy"]
     assert summary["smoke_test"]["passed"] is True
 
     # The registry: version 1 carries both aliases and its lineage tags.
@@ -79,6 +82,15 @@ def test_run_local_trains_registers_and_serves(served_project: Path) -> None:
     assert str(champion.version) == "1" == summary["registered"]["version"]  # int on sqlite, str over REST
     assert str(client.get_model_version_by_alias("digits-classifier", "challenger").version) == "1"
     assert champion.tags["handoff.onnx_sha256"] == summary["onnx_sha256"]
+    # What is registered and served is optimize's choice, with the fp32 model it was made from.
+    optimized = summary["optimized"]
+    assert optimized["form"] in ("int8_static", "int8_dynamic"), optimized["reason"]
+    assert optimized["reason"].startswith(f"{optimized['form']}: fp32 breaks model.onnx 0.1")
+    assert "MB > slo.max_model_size_mb 0.06 MB" in optimized["reason"]
+    assert summary["onnx_sha256"] != optimized["fp32_sha256"]
+    assert champion.tags["handoff.optimize.form"] == optimized["form"]
+    assert champion.tags["handoff.optimize.fp32_sha256"] == optimized["fp32_sha256"]
+    assert f"{optimized['form']}: " in champion.tags["handoff.optimize.candidates"]
     assert champion.tags["handoff.gate"] == "passed"
     assert champion.tags["handoff.template_version"] == __version__
     # The data train saw, hashed by train and carried to the version; no pipeline pod, no image.
@@ -96,6 +108,8 @@ def test_run_local_trains_registers_and_serves(served_project: Path) -> None:
     assert not list(downloaded.rglob("*.data"))
     attached = {p.name for p in (downloaded / "extra_files").iterdir()}
     assert {"model_card.md", "readiness.html", "readiness.md", "confusion_matrix.png"} <= attached
+    assert {"optimize.json", "optimized_forms.png"} <= attached
+    assert sha256_of(downloaded / "extra_files" / "model.fp32.onnx") == optimized["fp32_sha256"]
     # What the KFP UI shows: the report as HTML and Markdown output artifacts.
     evaluate_dir = next((project / "runs" / "latest" / "artifacts").glob("*/evaluate"))
     assert (evaluate_dir / "report_html").read_text().startswith("<!doctype html>")

@@ -316,7 +316,7 @@ def test_argo_runs_every_pod_as_compiled_resumes_a_killed_training_and_serves_fr
         f"max {max(uploads):.2f} s; the retry trained {resumed['seconds']:.0f} s, uninterrupted "
         f"{reference['seconds']:.0f} s (its container {reference_s:.0f} s)"
     )
-    for name in ("train", "export", "evaluate", "register"):
+    for name in ("train", "export", "optimize", "evaluate", "register"):
         spec = run[name].attempts[-1].spec
         assert spec is not None and (spec.user, spec.read_only, spec.cap_drop) == (10001, True, ("ALL",))
     registered = json.loads(run["register"].outputs.parameters.get("record", "{}"))  # what deploy read

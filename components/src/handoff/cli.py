@@ -80,7 +80,7 @@ def check(project: ProjectOpt = Path(".")) -> None:
 COMMANDS_GROUP = "handoff.commands"
 PIPELINES_PACKAGE = "ml-handoff-pipelines"
 ADDED_COMMANDS = {
-    "run": "Run the whole pipeline: train, export, evaluate, register, deploy and smoke-test",
+    "run": "Run the whole pipeline: train, export, optimize, evaluate, register, deploy and smoke-test",
     "compile": "Compile the pipeline for a cluster: Kubeflow Pipelines and/or Argo Workflows",
     "submit": "Compile, then start a run on the cluster",
 }
@@ -198,6 +198,24 @@ def export(
 
     with _record_only_on_stdout():
         result = step(project, checkpoint, out)
+    _print_record(result)
+
+
+@app.command()
+def optimize(
+    project: ProjectOpt = Path("."),
+    model_dir: Annotated[Path, typer.Option(exists=True, file_okay=False, help="What export wrote.")] = Path(
+        "onnx"
+    ),
+    out: Annotated[Path, typer.Option(help="Folder for the chosen form, laid out as export's.")] = Path(
+        "optimized"
+    ),
+) -> None:
+    """Serve the fastest form (graph-optimized, int8, fp16) that keeps the contract's slo.optimize."""
+    from handoff.steps.optimize import optimize as step
+
+    with _record_only_on_stdout():
+        result = step(project, model_dir, out)
     _print_record(result)
 
 

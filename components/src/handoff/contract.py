@@ -188,6 +188,63 @@ def _tolerance_value(value: Any) -> float | str | None:
     return None
 
 
+# What `handoff optimize` can make from the exported fp32 model (handoff.onnx_forms), in the order
+# it makes them. "fp32" is the exported model itself: always a candidate, and the fallback.
+OptimizeForm = Literal["fp32", "fp32_optimized", "int8_static", "int8_dynamic", "fp16"]
+OPTIMIZE_FORMS: tuple[OptimizeForm, ...] = ("fp32", "fp32_optimized", "int8_static", "int8_dynamic", "fp16")
+DEFAULT_FORMS: tuple[OptimizeForm, ...] = ("fp32", "fp32_optimized")  # without slo.optimize
+# max |fp32 - form| on the contract example each form may show by default: an int8 model's logits
+# move by a quantization step or so (the held-out metric drop is the real guard), fp16 by its
+# 3-digit precision, a graph rewrite only by float reassociation.
+DEFAULT_FORM_PARITY: dict[str, float] = {
+    "fp32": 0.0,
+    "fp32_optimized": 1e-4,
+    "int8_static": 0.5,
+    "int8_dynamic": 0.5,
+    "fp16": 1e-2,
+}
+
+
+class Optimize(StrictModel):
+    """``slo.optimize``: which forms `handoff optimize` may serve instead of the exported fp32
+    model, and what each may cost. Without the section only the graph-optimized fp32 form is
+    tried: a contract written before optimize existed never gets a quantized model unasked."""
+
+    forms: list[OptimizeForm] = Field(default_factory=lambda: list(DEFAULT_FORMS))
+    # How far a metric may fall short of fp32's value on the held-out split. A gated metric
+    # (slo.min_metrics / max_metrics) not named here may not get worse at all; one named here that
+    # is not gated is held too (lower is better for the suite's error metrics).
+    max_metric_drop: dict[str, float] = Field(default_factory=dict)
+    # max |fp32 ONNX - candidate| on the contract example, per form (DEFAULT_FORM_PARITY otherwise).
+    parity_tolerance: dict[OptimizeForm, float] = Field(default_factory=dict)
+    # A form other than fp32 is served only when its p50 beats fp32's by this factor: a smaller
+    # gain is within noise, and not worth what a changed model costs to audit.
+    min_speedup: float = Field(default=1.1, ge=1)
+
+    @field_validator("max_metric_drop")
+    @classmethod
+    def _drops_are_not_negative(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, drop in value.items():
+            if not drop >= 0:  # NaN too: it would allow any drop
+                raise FieldError((name,), f"must be >= 0, the most {name} may fall (found {drop:g})")
+        return value
+
+    @field_validator("parity_tolerance")
+    @classmethod
+    def _tolerances_are_positive(cls, value: dict[str, float]) -> dict[str, float]:
+        for form, tolerance in value.items():
+            if not tolerance > 0:
+                raise FieldError((form,), f"must be > 0 (found {tolerance:g})")
+        return value
+
+    def allows(self, form: str) -> bool:
+        """fp32 is always allowed: it is what every other form is measured against."""
+        return form == "fp32" or form in self.forms
+
+    def parity(self, form: str) -> float:
+        return self.parity_tolerance.get(form, DEFAULT_FORM_PARITY[form])  # type: ignore[call-overload]
+
+
 class Slo(StrictModel):
     """Service-level objectives the gate checks before a model may be promoted."""
 
@@ -204,6 +261,21 @@ class Slo(StrictModel):
     # every metric), "N%" (of the champion's value), or per metric with an optional default:
     # {r2: "2%", rmse: 0.5, default: 0.01}.
     champion_tolerance: float | str | dict[str, float | str] = DEFAULT_CHAMPION_TOLERANCE
+    # What `handoff optimize` may serve instead of the exported fp32 model (None: the defaults).
+    optimize: Optimize | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_absent_optimize(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """A contract without ``slo.optimize`` dumps (and hashes) as it did before it existed."""
+        data: dict[str, Any] = handler(self)
+        if self.optimize is None:
+            data.pop("optimize", None)
+        return data
+
+    @property
+    def optimizing(self) -> Optimize:
+        """``slo.optimize`` as written, or its defaults."""
+        return self.optimize or Optimize()
 
     @field_validator("champion_tolerance", mode="plain")
     @classmethod

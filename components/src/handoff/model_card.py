@@ -131,8 +131,14 @@ def check_model_card(project_root: Path) -> str:
 
 def _table(rows: Mapping[str, Any]) -> str:
     lines = ["| | |", "|---|---|"]
-    lines += [f"| {key} | {value} |" for key, value in rows.items()]
+    lines += [f"| {_cell(key)} | {_cell(value)} |" for key, value in rows.items()]
     return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    """One Markdown table cell: a value's own pipes and line breaks (optimize's candidates, one per
+    line) must not end the row."""
+    return str(value).replace("|", "\\|").replace("\n", "<br>")
 
 
 def filled_in_card(card: str, facts: Mapping[str, Mapping[str, Any]], images: Mapping[str, str]) -> str:

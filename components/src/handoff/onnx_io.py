@@ -12,12 +12,14 @@ from handoff.contract import Contract, TensorSpec
 from handoff.errors import HandoffError
 
 
-def open_session(path: Path) -> ort.InferenceSession:
-    """A CPU ONNX Runtime session (the engine the model will be served with)."""
+def open_session(path: Path, provider: str = "CPUExecutionProvider") -> ort.InferenceSession:
+    """An ONNX Runtime session (the engine the model will be served with), on the CPU unless
+    ``provider`` names another execution provider (the CPU stays the fallback for its ops)."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
     try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), options, providers=providers)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own untyped errors
         raise HandoffError(f"ONNX Runtime cannot load the model: {exc}", file=path) from None
 

@@ -163,3 +163,32 @@ def latency_histogram_png(timings_ms: Sequence[float], slo_ms: float) -> bytes:
     ax.set_title("latency", loc="left")
     ax.legend(fontsize=8)
     return _png(fig)
+
+
+def forms_latency_png(forms: Sequence[tuple[str, float, float, bool]], served: str) -> bytes:
+    """p50 and p99 of each form optimize measured (name, p50, p99, kept), the served one marked:
+    how much faster it is than fp32, at what tail."""
+    fig = _new_figure()
+    if not forms:
+        return _nothing_to_show(fig, "no form was measured")
+    ax = fig.add_subplot()
+    names = [f"{name} (served)" if name == served else name for name, *_ in forms]
+    y = np.arange(len(forms))
+    ax.barh(y - 0.2, [f[1] for f in forms], height=0.4, color="tab:green", label="p50")
+    ax.barh(y + 0.2, [f[2] for f in forms], height=0.4, color="tab:orange", label="p99")
+    for row, (_, _, p99, kept) in enumerate(forms):
+        if not kept:
+            ax.annotate(
+                "not kept",
+                (p99, row + 0.2),
+                fontsize=7,
+                va="center",
+                xytext=(3, 0),
+                textcoords="offset points",
+            )
+    ax.set_yticks(y, names)
+    ax.invert_yaxis()
+    ax.set_xlabel("latency (ms) at the contract's batch size")
+    ax.set_title("optimized forms", loc="left")
+    ax.legend(fontsize=8)
+    return _png(fig)

@@ -47,6 +47,7 @@ REPORT_HTML = "readiness.html"
 CONFUSION_PNG = "confusion_matrix.png"
 LATENCY_PNG = "latency_histogram.png"
 CURVES_PNG = "training_curves.png"
+FORMS_PNG = "optimized_forms.png"
 
 
 @dataclass(frozen=True)
@@ -183,6 +184,8 @@ class Evidence:
     contract_checks: tuple[ContractCheck, ...]
     training_run_id: str
     cfg: Any
+    # optimize's record (its candidates and choice), when the model came through `handoff optimize`.
+    optimized: dict[str, Any] | None = None
 
 
 def export_check(record: dict[str, Any] | None, onnx_sha256: str) -> ContractCheck:
@@ -315,14 +318,7 @@ def assess(evidence: Evidence) -> list[ReadinessItem]:
     if evidence.export is None:
         items.append(ReadinessItem("ONNX parity", False, "no export record travelled with the model"))
     else:
-        worst, tolerance = evidence.export["parity_max_abs_diff"], evidence.export["parity_tolerance"]
-        items.append(
-            ReadinessItem(
-                "ONNX parity",
-                worst <= tolerance,
-                f"max |torch − ONNX Runtime| {worst:.2e} vs slo.parity_tolerance {tolerance:g}",
-            )
-        )
+        items.append(_parity_item(evidence.export))
     items += [
         _latency_item(gate),
         _gate_item(
@@ -349,6 +345,46 @@ def assess(evidence: Evidence) -> list[ReadinessItem]:
     return items
 
 
+def _parity_item(export: dict[str, Any]) -> ReadinessItem:
+    """Export's parity with torch and, for a form optimize made from that fp32 model, the form's
+    parity with fp32 (``export.json`` as optimize rewrote it)."""
+    worst, tolerance = export["parity_max_abs_diff"], export["parity_tolerance"]
+    passed = worst <= tolerance
+    said = f"max |torch − ONNX Runtime| {worst:.2e} vs slo.parity_tolerance {tolerance:g}"
+    form = export.get("form")
+    if form and form != "fp32":
+        diff, allowed = export["form_parity_max_abs_diff"], export["form_parity_tolerance"]
+        passed = passed and diff <= allowed
+        said += (
+            f"; served form {form}: max |fp32 − {form}| {diff:.2e} vs "
+            f"slo.optimize.parity_tolerance.{form} {allowed:g}"
+        )
+    return ReadinessItem("ONNX parity", passed, said)
+
+
+def forms_table(optimized: dict[str, Any] | None) -> Breakdown:
+    """optimize's candidates as one table: size, latency, parity with fp32 and metrics per form made."""
+    if not optimized:
+        return []
+    made = [c for c in optimized["candidates"] if c["made"]]
+    metrics = sorted({m for c in made for m in c["metrics"]})
+    columns = ["size_mb", "p50_ms", "p99_ms", "parity_vs_fp32", *metrics]
+    rows = [
+        (
+            c["form"] + (" (served)" if c["form"] == optimized["form"] else "") + ("" if c["kept"] else " ✗"),
+            [
+                c["size_bytes"] / 1e6,
+                c["latency_p50_ms"],
+                c["latency_p99_ms"],
+                c["parity_max_abs_diff"],
+                *(c["metrics"].get(m, float("nan")) for m in metrics),
+            ],
+        )
+        for c in made
+    ]
+    return [(f"Optimized forms: {optimized['reason']}", columns, rows)]
+
+
 def pictures(
     project: Project,
     confusion: list[list[int]],
@@ -357,10 +393,12 @@ def pictures(
     training_run_id: str,
     scored: tuple[np.ndarray, np.ndarray] | None = None,
     scored_items: int | None = None,
+    optimized: dict[str, Any] | None = None,
 ) -> dict[str, bytes]:
     """PNG name -> bytes: confusion matrix (classification) or residuals against predictions
     (regression, from ``scored``: predictions and targets, all of them or an even sample of the
-    ``scored_items`` held-out items), latency histogram, and training curves from MLflow."""
+    ``scored_items`` held-out items), latency histogram, optimize's forms (``optimized``, its
+    record) and training curves from MLflow."""
     from handoff import plots
     from handoff.residuals import RESIDUALS_PNG
 
@@ -369,6 +407,13 @@ def pictures(
         found[CONFUSION_PNG] = plots.confusion_png(confusion, [str(i) for i in range(len(confusion))])
     if scored is not None and project.contract.task_type == "regression":
         found[RESIDUALS_PNG] = plots.residuals_png(*scored, items=scored_items)
+    if optimized:
+        forms = [
+            (c["form"], c["latency_p50_ms"], c["latency_p99_ms"], c["kept"])
+            for c in optimized["candidates"]
+            if c["made"]
+        ]
+        found[FORMS_PNG] = plots.forms_latency_png(forms, optimized["form"])
     history = training_history(project, training_run_id)
     if history:
         found[CURVES_PNG] = plots.curves_png(history, x_label="epoch")  # train logs step=epoch
@@ -508,7 +553,7 @@ gate {"passed" if evidence.gate.passed else "failed"}.</p>
 <table><tr><th>item</th><th>verdict</th><th>evidence</th></tr>{rows}</table>
 <h2>Metrics (held-out split, ONNX Runtime)</h2><table>{metrics}</table>
 {figures}
-<h2>Per class and slices</h2>
+<h2>Optimized forms, per class and slices</h2>
 {_breakdown_html(tables)}
 <script>{_SORT_SCRIPT}</script>
 </body></html>
@@ -529,7 +574,7 @@ def write_report(
     out.mkdir(parents=True)
     for name, data in images.items():
         (out / name).write_bytes(data)
-    tables = _breakdown(per_class, slices)
+    tables = forms_table(evidence.optimized) + _breakdown(per_class, slices)
     markdown = _markdown(evidence, items, list(images), _breakdown_markdown(tables))
     (out / REPORT_MD).write_text(markdown, encoding="utf-8")
     (out / REPORT_HTML).write_text(_html(evidence, items, images, tables), encoding="utf-8")

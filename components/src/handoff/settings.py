@@ -201,6 +201,17 @@ class TrainingSettings(StrictModel):
         return self.nodes > 1
 
 
+class OptimizeSettings(StrictModel):
+    """How `handoff optimize` calibrates static int8 (what it may serve is the contract's
+    ``slo.optimize``)."""
+
+    # ONNX Runtime's calibration methods: min/max of the activations, or a histogram's entropy or
+    # percentile (slower, and better when a few outliers stretch the range).
+    calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    # Training-split items the activations' ranges are measured on, spread evenly over the split.
+    calibration_samples: int = Field(default=256, ge=1, le=100_000)
+
+
 class Settings(StrictModel):
     project: InferenceServiceName
     template_version: str
@@ -210,6 +221,7 @@ class Settings(StrictModel):
     mlflow: MlflowSettings
     serving: ServingSettings = ServingSettings()
     training: TrainingSettings = TrainingSettings()
+    optimize: OptimizeSettings = OptimizeSettings()
     cluster: ClusterSettings = ClusterSettings()
 
     @model_validator(mode="after")

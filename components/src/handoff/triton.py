@@ -75,8 +75,12 @@ def _tensor(spec: TensorSpec) -> str:
     )
 
 
-def config_pbtxt(contract: Contract) -> str:
-    """config.pbtxt (protobuf text format of Triton's ModelConfig) for the contract's tensors."""
+def config_pbtxt(contract: Contract, precision: str | None = None) -> str:
+    """config.pbtxt (protobuf text format of Triton's ModelConfig) for the contract's tensors.
+
+    ``precision`` (``FP32``, ``FP16``, ``INT8``; for a GPU predictor) turns on ONNX Runtime's
+    TensorRT execution provider at the precision of the form optimize chose: fp16 weights run as
+    FP16 engines, a QDQ int8 model as INT8 (explicit quantization, no calibration table)."""
     preferred = ", ".join(str(size) for size in PREFERRED_BATCH_SIZES)
     return (
         "# Written by `handoff export` from contract.yaml: edit the contract and export again.\n"
@@ -88,6 +92,21 @@ def config_pbtxt(contract: Contract) -> str:
         "dynamic_batching {\n"
         f"  preferred_batch_size: [ {preferred} ]\n"
         f"  max_queue_delay_microseconds: {queue_delay_us(contract)}\n"
+        "}\n" + (_tensorrt(precision) if precision else "")
+    )
+
+
+def _tensorrt(precision: str) -> str:
+    return (
+        "optimization {\n"
+        "  execution_accelerators {\n"
+        "    gpu_execution_accelerator: [\n"
+        "      {\n"
+        '        name: "tensorrt"\n'
+        f'        parameters {{ key: "precision_mode" value: "{precision}" }}\n'
+        "      }\n"
+        "    ]\n"
+        "  }\n"
         "}\n"
     )
 
@@ -119,12 +138,17 @@ def _rank(value: onnx.ValueInfoProto) -> int:
 
 
 def write_layout(
-    contract: Contract, contract_file: Path, onnx_path: Path, out: Path, code: Sequence[Path] = ()
+    contract: Contract,
+    contract_file: Path,
+    onnx_path: Path,
+    out: Path,
+    code: Sequence[Path] = (),
+    precision: str | None = None,
 ) -> Path:
     """Write ``out/triton/<name>/...`` for ``onnx_path``; returns the repository root.
 
     ``code``: Python files copied beside the contract (model.py and its helpers, for a model
-    whose preprocess/postprocess the handoff-onnx runtime runs).
+    whose preprocess/postprocess the handoff-onnx runtime runs). ``precision``: see ``config_pbtxt``.
 
     Built beside and moved into place, so a failed export never leaves half a repository that a
     later register could upload.
@@ -139,7 +163,7 @@ def write_layout(
         shutil.copyfile(contract_file, model_dir / CONTRACT_FILE)
         for source in code:
             shutil.copyfile(source, model_dir / source.name)
-        atomic_write_bytes(model_dir / CONFIG_FILE, config_pbtxt(contract).encode())
+        atomic_write_bytes(model_dir / CONFIG_FILE, config_pbtxt(contract, precision).encode())
         shutil.rmtree(root, ignore_errors=True)
         os.replace(scratch, root)
     finally:

@@ -95,6 +95,7 @@ class Handed:
 
 CHECKPOINT = Handed("checkpoint", "checkpoint.pt")
 ONNX_MODEL = Handed("onnx-model", "onnx")
+SERVED_MODEL = Handed("served-model", "optimized")  # optimize's chosen form, laid out as export's folder
 EVALUATION = Handed("evaluation", "evaluation.json")
 REPORT = Handed("report", "report")
 # The records whose fields later steps take as parameters: each step writes its own file (``--record``),
@@ -109,13 +110,15 @@ RECORDS = {"train": f"{OUT}/train.json", "register": f"{OUT}/register.json"}
 CONSUMES: dict[str, list[tuple[Handed, str]]] = {
     "train": [],
     "export": [(CHECKPOINT, "train")],
-    "evaluate": [(ONNX_MODEL, "export")],
-    "register": [(ONNX_MODEL, "export"), (EVALUATION, "evaluate"), (REPORT, "evaluate")],
+    "optimize": [(ONNX_MODEL, "export")],
+    "evaluate": [(SERVED_MODEL, "optimize")],
+    "register": [(SERVED_MODEL, "optimize"), (EVALUATION, "evaluate"), (REPORT, "evaluate")],
     "deploy": [],
 }
 PRODUCES: dict[str, list[Handed]] = {
     "train": [CHECKPOINT],
     "export": [ONNX_MODEL],
+    "optimize": [SERVED_MODEL],
     "evaluate": [EVALUATION, REPORT],
     "register": [],
     "deploy": [],
@@ -124,6 +127,7 @@ RUN_ID = "{{=jsonpath(tasks.train.outputs.parameters.record, '$.mlflow_run_id')}
 PARAMETERS: dict[str, dict[str, str]] = {
     "train": {},
     "export": {},
+    "optimize": {},
     "evaluate": {"run-id": RUN_ID},
     "register": {"run-id": RUN_ID},
     # Register's record names the version it registered and whether it promoted it.
@@ -146,10 +150,11 @@ def step_arguments(step: str) -> list[str]:
         # for every run: a retried train pod finds its run's state by it.
         "train": [*project, "--checkpoint", CHECKPOINT.produced, "--record", RECORDS["train"], *RUN_KEY],
         "export": [*project, "--checkpoint", CHECKPOINT.consumed, "--out", ONNX_MODEL.produced],
+        "optimize": [*project, "--model-dir", ONNX_MODEL.consumed, "--out", SERVED_MODEL.produced],
         "evaluate": [
             *project,
             "--model-dir",
-            ONNX_MODEL.consumed,
+            SERVED_MODEL.consumed,
             "--out",
             EVALUATION.produced,
             "--report",
@@ -159,7 +164,7 @@ def step_arguments(step: str) -> list[str]:
         "register": [
             *project,
             "--model-dir",
-            ONNX_MODEL.consumed,
+            SERVED_MODEL.consumed,
             "--evaluation",
             EVALUATION.consumed,
             "--report",

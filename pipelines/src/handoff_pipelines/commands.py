@@ -38,7 +38,7 @@ def run(
         bool, typer.Option(help="Start local steps as forks of a warm process (imports paid once).")
     ] = True,
 ) -> None:
-    """Run the whole pipeline: train, export, evaluate, register, deploy and smoke-test."""
+    """Run the whole pipeline: train, export, optimize, evaluate, register, deploy and smoke-test."""
     if not local:
         raise HandoffError("only local runs are available in this version: use `handoff run --local`")
     from handoff_pipelines.local import run_local

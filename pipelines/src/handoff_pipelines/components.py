@@ -41,6 +41,25 @@ def export(project_dir: str, checkpoint: Input[Model], onnx_model: Output[Model]
     onnx_model.metadata.update({"onnx_sha256": result.onnx_sha256, "opset": result.opset})
 
 
+def optimize(
+    project_dir: str, onnx_model: Input[Model], served_model: Output[Model], record: Output[Artifact]
+):
+    """Make the forms slo.optimize allows and keep the fastest that holds the contract
+    (handoff.steps.optimize); served_model is laid out as export's folder, for the chosen form."""
+    from handoff.step_entry import run_step
+    from handoff.steps.optimize import optimize as step
+
+    result = run_step(
+        "optimize",
+        step,
+        record.path,
+        project_dir=project_dir,
+        model_dir=onnx_model.path,
+        out_dir=served_model.path,
+    )
+    served_model.metadata.update({"onnx_sha256": result.onnx_sha256, "form": result.form})
+
+
 def evaluate(
     project_dir: str,
     onnx_model: Input[Model],

@@ -1,4 +1,4 @@
-"""The one pipeline graph: train → export → evaluate → register → deploy (if register promoted).
+"""The one pipeline graph: train → export → optimize → evaluate → register → deploy (if register promoted).
 
 ``cluster_plan`` is the graph as every engine runs it on a cluster: which step waits for which,
 what each one asks for, which are retried and which must never come from a cache. The KFP
@@ -65,8 +65,8 @@ def cluster_plan(training: TrainingSettings) -> tuple[StepPlan, ...]:
 
     The train step gets handoff.yaml's ``training`` resources and placement when it trains in its
     own pod; with ``training.nodes > 1`` it only launches and watches the job (which gets them),
-    so it asks for little. Retry-safe: train (a retried step re-attaches to its job), export and
-    evaluate (pure), register (the same sha256 gives the same version). Deploy is not: it moves
+    so it asks for little. Retry-safe: train (a retried step re-attaches to its job), export,
+    optimize and evaluate (pure), register (the same sha256 gives the same version). Deploy is not: it moves
     traffic and rolls back on its own.
     """
     if training.distributed_job:
@@ -96,15 +96,19 @@ def cluster_plan(training: TrainingSettings) -> tuple[StepPlan, ...]:
     return (
         train,
         StepPlan("export", ("train",), "1", "4Gi", RETRY_WINDOW_S, side_effects=False),
-        StepPlan("evaluate", ("train", "export"), "2", "4Gi", RETRY_WINDOW_S, side_effects=False),
-        StepPlan("register", ("train", "export", "evaluate"), "1", "2Gi", RETRY_WINDOW_S, side_effects=True),
+        # 2 CPUs, as evaluate: it times every candidate form the way evaluate times the chosen one.
+        StepPlan("optimize", ("export",), "2", "4Gi", RETRY_WINDOW_S, side_effects=False),
+        StepPlan("evaluate", ("train", "optimize"), "2", "4Gi", RETRY_WINDOW_S, side_effects=False),
+        StepPlan(
+            "register", ("train", "optimize", "evaluate"), "1", "2Gi", RETRY_WINDOW_S, side_effects=True
+        ),
         StepPlan("deploy", ("register",), "1", "2Gi", 0, side_effects=True, gated=True),
     )
 
 
 def description(contract_sha256: str) -> str:
     """What the compiled pipelines say they are; the contract's hash shows a changed contract in a diff."""
-    text = f"Train, export, evaluate, register and deploy model.py (ml-template {__version__})."
+    text = f"Train, export, optimize, evaluate, register and deploy model.py (ml-template {__version__})."
     return text + (f" Contract sha256 {contract_sha256}." if contract_sha256 else "")
 
 
@@ -208,7 +212,7 @@ def build_pipeline(
     def wrapper(step: str) -> Callable[..., Any]:
         return getattr(wrappers, step, None) or getattr(components, step)
 
-    train, export, evaluate, register, deploy = (component(wrapper(s)) for s in STEPS)
+    train, export, optimize, evaluate, register, deploy = (component(wrapper(s)) for s in STEPS)
 
     @dsl.pipeline(name=PIPELINE_NAME, description=description(contract_sha256))
     def handoff(project_dir: str) -> None:
@@ -219,10 +223,13 @@ def build_pipeline(
         exported = on_pods(
             export(project_dir=project_dir, checkpoint=trained.outputs["checkpoint"]), "export"
         )
+        optimized = on_pods(
+            optimize(project_dir=project_dir, onnx_model=exported.outputs["onnx_model"]), "optimize"
+        )
         evaluated = on_pods(
             evaluate(
                 project_dir=project_dir,
-                onnx_model=exported.outputs["onnx_model"],
+                onnx_model=optimized.outputs["served_model"],
                 training=trained.outputs["record"],
             ),
             "evaluate",
@@ -230,7 +237,7 @@ def build_pipeline(
         registered = on_pods(
             register(
                 project_dir=project_dir,
-                onnx_model=exported.outputs["onnx_model"],
+                onnx_model=optimized.outputs["served_model"],
                 evaluation=evaluated.outputs["record"],
                 report=evaluated.outputs["report"],
                 training=trained.outputs["record"],

@@ -79,7 +79,7 @@ def _step_python(step_python: forkserver.StepPython | None) -> Iterator[None]:
 
 
 def run_local(project_dir: Path | str, *, fork_server: bool = True) -> dict[str, Any]:
-    """Run train → export → evaluate → register → deploy; return (and write) the run summary."""
+    """Run train → export → optimize → evaluate → register → deploy; return (and write) the run summary."""
     started = time.perf_counter()
     project = Project.load(project_dir)
     precheck_source(project.root)  # a broken model.py fails here, before any step starts

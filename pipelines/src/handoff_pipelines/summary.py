@@ -56,7 +56,10 @@ def build_summary(
             if registered
             else None
         ),
-        "onnx_sha256": records.get("export", {}).get("onnx_sha256"),
+        # What is registered and served: optimize's chosen form (export's fp32 file before a run
+        # reached optimize).
+        "onnx_sha256": records.get("optimize", records.get("export", {})).get("onnx_sha256"),
+        "optimized": _optimized(records["optimize"]) if "optimize" in records else None,
         "endpoint": deployed["url"] if deployed else None,
         "smoke_test": (
             {
@@ -70,6 +73,23 @@ def build_summary(
         "readiness": _readiness(evaluation) if evaluation else None,
         "step_seconds": {step: records[step]["seconds"] for step in STEPS if step in records},
         "total_seconds": total_seconds,
+    }
+
+
+def _optimized(record: dict[str, Any]) -> dict[str, Any]:
+    """The form served, why, and each candidate's size, p50 and metrics."""
+    return {
+        "form": record["form"],
+        "reason": record["reason"],
+        "fp32_sha256": record["fp32_sha256"],
+        "candidates": {
+            c["form"]: (
+                {"size_bytes": c["size_bytes"], "p50_ms": c["latency_p50_ms"], "metrics": c["metrics"]}
+                if c["made"]
+                else {"not_made": c["reason"]}
+            )
+            for c in record["candidates"]
+        },
     }
 
 
@@ -122,6 +142,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(
             f"registered {reg['name']} version {reg['version']} (aliases: {', '.join(reg['aliases'])})"
         )
+    if summary["optimized"]:
+        lines.append(f"optimized  {summary['optimized']['reason']}")
     if summary["onnx_sha256"]:
         lines.append(f"onnx       sha256 {summary['onnx_sha256']}")
     if summary["endpoint"]:

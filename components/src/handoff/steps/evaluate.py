@@ -14,46 +14,33 @@ evidence.
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader, Dataset
 
 from handoff import readiness
-from handoff.artifacts import CONFIG_FILE, EXPORT_RECORD_FILE, ONNX_FILE
+from handoff.artifacts import CONFIG_FILE, EXPORT_RECORD_FILE, ONNX_FILE, OPTIMIZE_RECORD_FILE
 from handoff.contract_examples import example_arrays
-from handoff.data_hash import data_sha256
 from handoff.errors import HandoffError
-from handoff.eval_suite import SuiteAccumulator
 from handoff.files import read_json, sha256_of
 from handoff.gates import Champion, Gate, absolute_checks, decide, relative_checks
-from handoff.hooks import (
-    MODEL_FILE,
-    Scored,
-    SplitMeans,
-    call_hook,
-    data_version,
-    hook_batch,
-    joined_chunks,
-    scored_target,
-    split_batch,
-    user_code,
-)
 from handoff.lineage import HELDOUT_TAG
-from handoff.onnx_io import check_arrays, open_session, run_session
+from handoff.onnx_io import open_session
 from handoff.project import Project
 from handoff.readiness import ReadinessItem
-from handoff.residuals import ResidualSample
 
-LATENCY_WARMUP = 20
-LATENCY_RUNS = 300
-BATCH = 256  # items per batch read from the held-out split
+# Scoring lives in handoff.scoring (optimize scores its candidates the same way); these names stay
+# importable from here, where the tests of projects generated before the move import them.
+from handoff.scoring import BATCH as BATCH
+from handoff.scoring import HeldOut as HeldOut
+from handoff.scoring import RivalFailed as RivalFailed
+from handoff.scoring import Scores as Scores
+from handoff.scoring import measure_latency as measure_latency
+from handoff.scoring import score as score
+from handoff.scoring import score_with_rival as score_with_rival
 
 
 @dataclass(frozen=True)
@@ -77,183 +64,6 @@ class EvalResult:
     # a later challenger is compared with this model only on these same items.
     heldout_sha256: str
     seconds: float
-
-
-@dataclass(frozen=True)
-class HeldOut:
-    """The held-out split, read batch by batch each time it is scored (never held whole), for the
-    challenger and the champion alike; ``sha256`` names its items (``handoff.data_hash``), so two
-    evaluations can tell whether they saw the same. Map-style and iterable datasets alike."""
-
-    dataset: Dataset[Any]
-    sha256: str
-
-    @classmethod
-    def load(cls, project: Project, cfg: Any) -> HeldOut:
-        _, val_set = call_hook(project.hooks, "build_datasets", cfg)
-        with user_code(project.hooks, "loading the validation split"):
-            empty = _length(val_set) == 0
-        if empty:
-            raise HandoffError("the validation dataset is empty", file=MODEL_FILE, field="build_datasets")
-        with user_code(project.hooks, "hashing the validation split"):
-            sha256 = data_sha256(val_set, version=data_version(project.hooks, cfg))
-        return cls(val_set, sha256)
-
-    def batches(self, project: Project) -> Iterator[tuple[tuple[torch.Tensor, ...], Any]]:
-        """The split's batches, ``(inputs, target)``, read as they are asked for."""
-        what = "loading the validation split"
-        with user_code(project.hooks, what):
-            loader = iter(DataLoader(self.dataset, batch_size=BATCH))
-        while True:
-            with user_code(project.hooks, what):
-                batch = next(loader, None)
-            if batch is None:
-                return
-            yield split_batch(batch)
-
-
-def _length(dataset: Dataset[Any]) -> int | None:
-    """Items in a map-style dataset; None for an iterable one (it may define no length)."""
-    try:
-        return len(dataset)  # type: ignore[arg-type]
-    except TypeError:
-        return None
-
-
-@dataclass(frozen=True)
-class Scores:
-    metrics: dict[str, float]
-    per_class: dict[str, dict[str, float]]
-    confusion: list[list[int]]
-    slices: dict[str, dict[str, float]]
-    samples: int  # held-out items scored
-    # What the suite scored (the contract's task.output and its target), evenly sampled, for the
-    # residual plot of a regression model; None for classification.
-    residuals: ResidualSample | None
-
-
-class RivalFailed(Exception):
-    """Scoring the rival session (the champion, scored in the same pass) failed with ``error``."""
-
-    def __init__(self, error: Exception):
-        super().__init__(str(error))
-        self.error = error
-
-
-@contextlib.contextmanager
-def _blamed(rival: bool) -> Iterator[None]:
-    """Errors raised while a rival's outputs are handled become ``RivalFailed``; the challenger's
-    pass through as they are."""
-    if not rival:
-        yield
-        return
-    try:
-        yield
-    except RivalFailed:
-        raise
-    except Exception as exc:  # noqa: BLE001 - HandoffError, or onnxruntime's own untyped errors
-        raise RivalFailed(exc) from None
-
-
-@dataclass
-class _Running:
-    """One model's running scores over the split: its hooks' values, the suite, the residuals."""
-
-    means: SplitMeans
-    suite: SuiteAccumulator
-    residuals: ResidualSample | None
-
-    @classmethod
-    def start(cls, project: Project) -> _Running:
-        contract = project.contract
-        regression = contract.task_type == "regression"
-        return cls(
-            SplitMeans(project.hooks, contract.output_names),
-            SuiteAccumulator(contract.task_type),
-            ResidualSample() if regression else None,
-        )
-
-    def add(self, predicted: np.ndarray, expected: np.ndarray, keys: list[str] | None) -> None:
-        self.suite.update(predicted, expected, keys)
-        if self.residuals is not None:
-            self.residuals.add(predicted, expected)
-
-    def scores(self) -> Scores:
-        own = self.means.result()
-        suite = self.suite.result()
-        return Scores(
-            {**own, **suite.metrics},
-            suite.per_class,
-            suite.confusion,
-            suite.slices,
-            self.means.items,
-            self.residuals,
-        )
-
-
-def score(project: Project, session: Any, data: HeldOut) -> Scores:
-    """The suite's metrics and the researcher's additions (the suite's win a name clash, so every
-    project's gate reads the same definition of accuracy, F1 and RMSE).
-
-    The suite scores the contract's ``task.output`` against the target ``task.target`` picks.
-    """
-    return score_with_rival(project, session, None, data)[0]
-
-
-def score_with_rival(
-    project: Project, session: Any, rival: Any, data: HeldOut
-) -> tuple[Scores, Scores | None]:
-    """``score`` for ``session`` and, when given, ``rival`` (the champion), in one pass over the
-    split: each batch is read once, run through both, and dropped once its chunk is scored
-    (``handoff.hooks.joined_chunks``; its chunks are cut by inputs and targets only, so the
-    challenger's numbers are the same with a rival as without). What fails on the rival's outputs
-    raises ``RivalFailed``."""
-    contract = project.contract
-    width, scored = len(contract.output_names), contract.scored_output
-    sessions = [session] if rival is None else [session, rival]
-    runs = [_Running.start(project) for _ in sessions]
-
-    def batches() -> Iterator[Scored]:
-        for x, y in data.batches(project):
-            arrays = [t.numpy() for t in x]
-            check_arrays(contract.inputs, arrays, what="inputs", source="the validation dataset")
-            outputs: list[torch.Tensor] = []
-            for i, each in enumerate(sessions):
-                with _blamed(i > 0):
-                    outputs.extend(torch.from_numpy(a) for a in run_session(each, contract, arrays))
-            yield tuple(outputs), x, y
-
-    for merged, joined, target in joined_chunks(project.hooks, batches()):
-        for i, run in enumerate(runs):
-            with _blamed(i > 0):
-                run.means.add((merged[i * width : (i + 1) * width], joined, target))
-        truth, _ = scored_target(target, contract.task, contract.output_names[scored])
-        keys = None
-        if hasattr(project.hooks, "slices"):
-            keys = [str(k) for k in call_hook(project.hooks, "slices", hook_batch((joined, target)))]
-        expected = truth.numpy()
-        for i, run in enumerate(runs):
-            with _blamed(i > 0):
-                run.add(merged[i * width + scored].numpy(), expected, keys)
-    mine, theirs = runs[0].scores(), None
-    if rival is not None:
-        with _blamed(True):
-            theirs = runs[1].scores()
-    return mine, theirs
-
-
-def measure_latency(project: Project, session: Any, example: list[np.ndarray]) -> np.ndarray:
-    """Milliseconds per ``session.run`` at the contract's latency batch size, after a warm-up."""
-    size = project.contract.slo.latency_batch_size
-    inputs = [np.resize(a, (size, *a.shape[1:])).astype(a.dtype) for a in example]
-    for _ in range(LATENCY_WARMUP):
-        run_session(session, project.contract, inputs)
-    timings = np.empty(LATENCY_RUNS)
-    for i in range(LATENCY_RUNS):
-        start = time.perf_counter()
-        run_session(session, project.contract, inputs)
-        timings[i] = (time.perf_counter() - start) * 1000
-    return timings
 
 
 def find_champion(project: Project, data: HeldOut) -> tuple[Champion | None, Any]:
@@ -324,6 +134,8 @@ def evaluate(
     slo = project.contract.slo
     export_record = model_dir / EXPORT_RECORD_FILE
     export = read_json(export_record) if export_record.is_file() else None
+    optimize_record = model_dir / OPTIMIZE_RECORD_FILE
+    optimized = read_json(optimize_record) if optimize_record.is_file() else None
     onnx_sha256 = sha256_of(model_dir / ONNX_FILE)
     # Every scored batch passed the input check (score_with_rival raises on the first that fails).
     contract_checks = (readiness.heldout_inputs_check(scores.samples), *watched.checks())
@@ -343,6 +155,7 @@ def evaluate(
         contract_checks=contract_checks,
         training_run_id=training_run_id,
         cfg=cfg,
+        optimized=optimized,
     )
     items = readiness.assess(evidence)
     report = ""
@@ -355,6 +168,7 @@ def evaluate(
             training_run_id,
             scores.residuals.arrays() if scores.residuals else None,
             scores.samples,
+            optimized,
         )
         readiness.write_report(Path(report_dir), evidence, items, pictures, scores.per_class, scores.slices)
         report = str(report_dir)

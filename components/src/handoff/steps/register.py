@@ -33,10 +33,10 @@ from mlflow.types import Schema
 from mlflow.types import TensorSpec as MlflowTensorSpec
 
 from handoff import __version__
-from handoff.artifacts import EXAMPLE_FILE, ONNX_FILE
+from handoff.artifacts import EXAMPLE_FILE, FP32_FILE, ONNX_FILE, OPTIMIZE_RECORD_FILE
 from handoff.contract import CONTRACT_FILE, Contract
 from handoff.errors import HandoffError
-from handoff.files import sha256_of
+from handoff.files import read_json, sha256_of
 from handoff.lineage import DATA_TAG, HELDOUT_TAG, IMAGE_TAG, git_sha, image_reference
 from handoff.model_card import CARD_FILE, check_model_card, filled_in_card
 from handoff.project import Project
@@ -182,7 +182,11 @@ def register(
         run = mlflow.start_run(run_id=mlflow_run_id or None, run_name=f"{project.settings.project}-register")
         try:
             triton_uri = _log_triton_layout(triton)
-            tags = {**_tags(project, checked, sha, run.info.run_id, triton_uri, client), **identity}
+            tags = {
+                **_tags(project, checked, sha, run.info.run_id, triton_uri, client),
+                **optimize_tags(model_dir),
+                **identity,
+            }
             info = _log_model(project, model_dir, checked, card, tags, report_dir, code)
         finally:
             mlflow.end_run()
@@ -321,6 +325,37 @@ def _tags(
     }
 
 
+# The version's optimize tags (absent for a model that did not go through `handoff optimize`).
+FORM_TAG = "handoff.optimize.form"
+TAG_LIMIT = 5000  # MLflow's longest model version tag value
+
+
+def optimize_tags(model_dir: Path) -> dict[str, str]:
+    """The form served, why, the fp32 model it was made from and every candidate in one line each,
+    from optimize's record beside the model."""
+    path = model_dir / OPTIMIZE_RECORD_FILE
+    if not path.is_file():
+        return {}
+    record = read_json(path)
+    lines = []
+    for c in record["candidates"]:
+        if not c["made"]:
+            lines.append(f"{c['form']}: not made: {c['reason']}")
+            continue
+        metrics = ", ".join(f"{k} {v:.4f}" for k, v in sorted(c["metrics"].items()))
+        verdict = "kept" if c["kept"] else f"not kept: {c['why_not'][0]}"
+        lines.append(
+            f"{c['form']}: {c['size_bytes'] / 1e6:.3f} MB, p50 {c['latency_p50_ms']:.4f} ms, "
+            f"p99 {c['latency_p99_ms']:.4f} ms, {metrics}; {verdict}"
+        )
+    return {
+        FORM_TAG: record["form"],
+        "handoff.optimize.reason": record["reason"][:TAG_LIMIT],
+        "handoff.optimize.fp32_sha256": record["fp32_sha256"],
+        "handoff.optimize.candidates": "\n".join(lines)[:TAG_LIMIT],
+    }
+
+
 def _log_model(
     project: Project,
     model_dir: Path,
@@ -348,10 +383,13 @@ def _log_model(
             # With preprocess/postprocess, model.py and the *.py beside it too, as export copied
             # them (what the cluster's Triton layout holds): the model server imports them from
             # the same folder as the contract.
+            # With optimize's record, and the exported fp32 model when a faster form is served,
+            # kept for audit.
             extra_files=[
                 str(model_dir / EXAMPLE_FILE),
                 str(project.root / CONTRACT_FILE),
                 *attached,
                 *(str(p) for p in code),
+                *(str(model_dir / n) for n in (OPTIMIZE_RECORD_FILE, FP32_FILE) if (model_dir / n).is_file()),
             ],
         )
