@@ -6,8 +6,9 @@ its contract dynamic), then every form of ``handoff.onnx_forms`` is made from it
 ``make_form``, static int8 calibrated on 256 training items in batches of 32 (the step's
 defaults). Per form: file size and its ratio to fp32, p50/p99 of one ``session.run`` at batch 1
 in ONNX Runtime on the CPU (the serving session options of ``handoff.onnx_io.open_session``,
-default threads), accuracy on the held-out split and its drop from fp32's in points, and max
-|fp32 - form| over the held-out logits. Forms are timed interleaved (rounds of runs, the order
+with one intra-op thread: the default predictor's one CPU, which the step times forms with),
+accuracy on the held-out split and its drop from fp32's in points, and max |fp32 - form| over
+the held-out logits. Forms are timed interleaved (rounds of runs, the order
 rotated each round) so bursts of other work hit every form alike. ``handoff.form_choice.choose``
 then picks as the step would for a contract allowing every form with ``max_metric_drop:
 {accuracy: 0.005}`` and a generous latency SLO (parity judged, as the step does, on the first four
@@ -38,7 +39,9 @@ Then the step's own cost on the default example: ``handoff.steps.optimize.optimi
 train, export and evaluate steps, each called in this process (as bench/bare_steps.py does), in
 pipeline order: train, export, optimize, evaluate (of the optimized folder). Its first call pays
 its own first-use imports (ORT's quantization tools), as a step in a fresh process does; it is
-then run twice more and the median is printed beside it.
+then run twice more and the median is printed beside it. Last, the same project runs through
+``handoff run --local`` (on a free port, its server stopped after), whose summary gives the
+step's share of the whole local pipeline.
 
 Usage: python bench/optimize.py [--quick] [--rounds 10] [--runs 60] [--workdir DIR]
 (``--quick`` trains for a few steps only and times fewer runs: a smoke run of the script.)
@@ -50,8 +53,10 @@ import argparse
 import contextlib
 import importlib.util
 import io
+import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -65,6 +70,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 STARTERS = ROOT / "{{cookiecutter.project}}" / "starters"
 CALIBRATION_SAMPLES = 256
+THREADS = 1  # serving.kserve.cpu "1", the default predictor: optimize times forms with its CPUs
 CALIBRATION_BATCH = 32
 EVAL_BATCH = 256
 EXAMPLE_ITEMS = 4  # the starters' example_inputs: the parity check the step runs
@@ -281,6 +287,7 @@ class StepCost:
     seconds: dict[str, float]  # train, export, optimize (first call), evaluate
     optimize_again: list[float]  # later calls, same process
     chosen: str  # the form the step served, and why
+    pipeline: dict[str, float]  # `handoff run --local`'s step_seconds and total_seconds
 
 
 def default_example(work: Path, quick: bool) -> tuple[Subject, StepCost]:
@@ -345,7 +352,21 @@ def default_example(work: Path, quick: bool) -> tuple[Subject, StepCost]:
         trained.seconds,
         "the default generated project (image-classification starter: a small CNN on 1x8x8 digits)",
     )
-    return subject, StepCost(seconds, again, result.reason)
+    return subject, StepCost(seconds, again, result.reason, whole_pipeline(project))
+
+
+def whole_pipeline(project: Path) -> dict[str, float]:
+    """The step's share where it runs: the local pipeline (kfp.local, its fork server, MLflow, the
+    model server, the smoke test) on the same project, on a free port; its server is stopped."""
+    settings = project / "handoff.yaml"
+    settings.write_text(settings.read_text().replace("port: 8080", "port: 0"))
+    handoff = str(Path(sys.executable).with_name("handoff"))
+    done = subprocess.run([handoff, "run", "--local"], cwd=project, capture_output=True, text=True)
+    subprocess.run([handoff, "stop"], cwd=project, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"handoff run --local failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    summary = json.loads((project / "runs" / "latest" / "summary.json").read_text())
+    return {**summary["step_seconds"], "total": summary["total_seconds"]}
 
 
 # --- measuring --------------------------------------------------------------------------------
@@ -442,7 +463,8 @@ def measure(subject: Subject, work: Path, rounds: int, runs: int) -> list[Measur
     for m in made:
         assert m.path is not None
         m.integer_ops = integer_share(m.path, m.path.with_suffix(".ort.onnx"))
-    sessions = {m.form: open_session(m.path) for m in made}  # type: ignore[arg-type]
+    # One intra-op thread, as the step times forms for the default predictor (serving.kserve.cpu "1").
+    sessions = {m.form: open_session(m.path, threads=THREADS) for m in made}  # type: ignore[arg-type]
     reference = logits(sessions["fp32"], subject, subject.val_inputs)
     for m in made:
         out = logits(sessions[m.form], subject, subject.val_inputs)
@@ -543,6 +565,11 @@ def goals(resnet_forms: list[Measured], cost: StepCost) -> None:
         "default example, optimize / (train + export + optimize + evaluate): "
         f"{cost.seconds['optimize']:.2f} / {total:.2f} s = {share:.1%} ({verdict(share < 0.2)}, goal < 20%)"
     )
+    step, whole = cost.pipeline["optimize"], cost.pipeline["total"]
+    print(
+        f"default example, optimize / `handoff run --local`: {step:.2f} / {whole:.2f} s = "
+        f"{step / whole:.1%} ({verdict(step / whole < 0.2)}, goal < 20%)"
+    )
 
 
 def verdict(met: bool) -> str:
@@ -603,6 +630,11 @@ def run(work: Path, quick: bool, rounds: int, runs: int) -> None:
     again = statistics.median(cost.optimize_again)
     print(f"| optimize, called again (median of {len(cost.optimize_again)}) | {again:.2f} |")
     print(f"\nthe step served {cost.chosen}")
+    print("\n### the same project through `handoff run --local`\n")
+    print("| step | seconds |")
+    print("|---|---|")
+    for name, seconds in cost.pipeline.items():
+        print(f"| {name} | {seconds:.2f} |")
     goals(results["resnet"], cost)
     print(f"\nwhole bench: {time.perf_counter() - started:.0f} s")
 

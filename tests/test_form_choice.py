@@ -4,6 +4,7 @@ and a contract without the section hashed exactly as before the section existed.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 from typing import Any
@@ -70,8 +71,9 @@ def test_a_contract_without_slo_optimize_hashes_as_before_the_section_existed(tm
     # Without the section: the exported model and its graph-optimized form only, nothing quantized.
     assert contract.slo.optimize is None
     assert contract.slo.optimizing == Optimize()
-    assert contract.slo.optimizing.forms == ["fp32", "fp32_optimized"]
-    assert not any(contract.slo.optimizing.allows(form) for form in ("int8_static", "int8_dynamic", "fp16"))
+    assert contract.slo.optimizing.forms == ["fp32"]
+    others = ("fp32_optimized", "int8_static", "int8_dynamic", "fp16")
+    assert not any(contract.slo.optimizing.allows(form) for form in others)
 
 
 def test_an_empty_slo_optimize_is_the_defaults_and_hashes_as_none(tmp_path: Path) -> None:
@@ -404,3 +406,19 @@ def test_a_drop_named_for_an_ungated_metric_is_held_in_its_direction() -> None:
     ]
     better = made("int8_static", 0.5, metrics={"accuracy": 0.97, "ece": 0.01, "macro_f1": 0.97})
     assert judge(rules, fp32, better).kept
+
+
+def test_a_speedup_must_hold_in_every_round_timed() -> None:
+    """At tens of microseconds a run, one burst of other work in one round looks like a speedup:
+    a form that is min_speedup faster overall but not in every round loses to fp32."""
+    rules = slo(forms=["fp32_optimized"])
+    fp32 = dataclasses.replace(made("fp32", 1.0), round_p50_ms=[1.0, 1.0, 1.0])
+    lucky = dataclasses.replace(made("fp32_optimized", 0.5), round_p50_ms=[0.4, 0.5, 1.0])
+    choice = choose(rules, [fp32, lucky])
+    assert choice.form == "fp32"
+    assert choice.reason == (
+        "fp32: the fastest form that keeps every SLO, fp32_optimized, is 2.00x fp32's p50 but not "
+        "slo.optimize.min_speedup 1.1 faster in every round timed"
+    )
+    steady = dataclasses.replace(lucky, round_p50_ms=[0.5, 0.5, 0.6])
+    assert choose(rules, [fp32, steady]).form == "fp32_optimized"

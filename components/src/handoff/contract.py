@@ -192,7 +192,7 @@ def _tolerance_value(value: Any) -> float | str | None:
 # it makes them. "fp32" is the exported model itself: always a candidate, and the fallback.
 OptimizeForm = Literal["fp32", "fp32_optimized", "int8_static", "int8_dynamic", "fp16"]
 OPTIMIZE_FORMS: tuple[OptimizeForm, ...] = ("fp32", "fp32_optimized", "int8_static", "int8_dynamic", "fp16")
-DEFAULT_FORMS: tuple[OptimizeForm, ...] = ("fp32", "fp32_optimized")  # without slo.optimize
+DEFAULT_FORMS: tuple[OptimizeForm, ...] = ("fp32",)  # without slo.optimize: export's model, as is
 # max |fp32 - form| on the contract example each form may show by default: an int8 model's logits
 # move by a quantization step or so (the held-out metric drop is the real guard), fp16 by its
 # 3-digit precision, a graph rewrite only by float reassociation.
@@ -207,8 +207,8 @@ DEFAULT_FORM_PARITY: dict[str, float] = {
 
 class Optimize(StrictModel):
     """``slo.optimize``: which forms `handoff optimize` may serve instead of the exported fp32
-    model, and what each may cost. Without the section only the graph-optimized fp32 form is
-    tried: a contract written before optimize existed never gets a quantized model unasked."""
+    model, and what each may cost. Without the section the exported model is served as it is: a
+    contract written before optimize existed never gets another model unasked."""
 
     forms: list[OptimizeForm] = Field(default_factory=lambda: list(DEFAULT_FORMS))
     # How far a metric may fall short of fp32's value on the held-out split. A gated metric

@@ -28,6 +28,8 @@ class Candidate:
     parity_tolerance: float | None = None
     latency_p50_ms: float | None = None
     latency_p99_ms: float | None = None
+    # p50 of each interleaved round of timings: a speedup counts only if it holds in every round.
+    round_p50_ms: list[float] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
 
 
@@ -91,7 +93,8 @@ class Choice:
 
 def choose(slo: Slo, candidates: list[Candidate]) -> Choice:
     """The fastest kept form (p50 at the contract's batch size) that beats fp32 by
-    ``slo.optimize.min_speedup``; any kept form when fp32 itself breaks an SLO it keeps; else fp32."""
+    ``slo.optimize.min_speedup`` (in every round timed); any kept form when fp32 itself breaks an
+    SLO it keeps; else fp32."""
     (fp32,) = [c for c in candidates if c.form == "fp32"]
     judged = [judge(slo, fp32, c) for c in candidates]
     base = next(j for j in judged if j.candidate.form == "fp32")
@@ -105,7 +108,7 @@ def choose(slo: Slo, candidates: list[Candidate]) -> Choice:
         best = others[0].candidate
         why = f"fp32 breaks {'; '.join(base.why_not)}, {best.form} keeps every SLO"
         return Choice(best.form, f"{best.form}: {why}", judged)
-    fast = [j for j in others if (j.candidate.latency_p50_ms or 0.0) * speedup <= fp32.latency_p50_ms]
+    fast = [j for j in others if _faster(j.candidate, fp32, speedup)]
     if fast:
         best = fast[0].candidate
         why = f"{_versus(best, fp32)}, keeping every SLO and allowed drop"
@@ -117,6 +120,11 @@ def choose(slo: Slo, candidates: list[Candidate]) -> Choice:
             f"the fastest form that keeps every SLO, {best.form}, is {ratio:.2f}x fp32's p50, "
             f"short of slo.optimize.min_speedup {speedup:g}"
         )
+        if ratio >= speedup:
+            why = (
+                f"the fastest form that keeps every SLO, {best.form}, is {ratio:.2f}x fp32's p50 but "
+                f"not slo.optimize.min_speedup {speedup:g} faster in every round timed"
+            )
     else:
         tried = [j for j in judged if j.candidate.form != "fp32"]
         why = (
@@ -124,6 +132,17 @@ def choose(slo: Slo, candidates: list[Candidate]) -> Choice:
             or "no other form is allowed"
         )
     return Choice("fp32", f"fp32: {why}", judged)
+
+
+def _faster(candidate: Candidate, fp32: Candidate, speedup: float) -> bool:
+    """``speedup`` times faster than fp32 at p50, overall and in every interleaved round timed:
+    at tens of microseconds a run, one burst of other work during one form's runs looks like a
+    speedup that the served model would never show."""
+    assert candidate.latency_p50_ms is not None and fp32.latency_p50_ms is not None
+    rounds = zip(candidate.round_p50_ms, fp32.round_p50_ms, strict=False)
+    return candidate.latency_p50_ms * speedup <= fp32.latency_p50_ms and all(
+        ours * speedup <= theirs for ours, theirs in rounds
+    )
 
 
 def _versus(best: Candidate, fp32: Candidate) -> str:

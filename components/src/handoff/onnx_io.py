@@ -12,11 +12,16 @@ from handoff.contract import Contract, TensorSpec
 from handoff.errors import HandoffError
 
 
-def open_session(path: Path, provider: str = "CPUExecutionProvider") -> ort.InferenceSession:
+def open_session(
+    path: Path, provider: str = "CPUExecutionProvider", threads: int | None = None
+) -> ort.InferenceSession:
     """An ONNX Runtime session (the engine the model will be served with), on the CPU unless
-    ``provider`` names another execution provider (the CPU stays the fallback for its ops)."""
+    ``provider`` names another execution provider (the CPU stays the fallback for its ops), with
+    ``threads`` intra-op threads (None: ONNX Runtime's default, one per core)."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if threads is not None:
+        options.intra_op_num_threads = threads
     providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
     try:
         return ort.InferenceSession(str(path), options, providers=providers)

@@ -519,7 +519,18 @@ document.querySelectorAll("table.sortable th").forEach((th) => th.addEventListen
 """
 
 
-def _html(evidence: Evidence, items: list[ReadinessItem], images: dict[str, bytes], tables: Breakdown) -> str:
+def _forms_html(forms: Breakdown) -> str:
+    """optimize's candidates, under their own heading (nothing for a model optimize did not make)."""
+    return f"<h2>Optimized forms</h2>\n{_breakdown_html(forms)}\n" if forms else ""
+
+
+def _html(
+    evidence: Evidence,
+    items: list[ReadinessItem],
+    images: dict[str, bytes],
+    tables: Breakdown,
+    forms: Breakdown,
+) -> str:
     ready = all(i.passed for i in items)
     rows = "".join(
         f"<tr class={'pass' if i.passed else 'fail'}><td>{html.escape(i.name)}</td>"
@@ -553,7 +564,7 @@ gate {"passed" if evidence.gate.passed else "failed"}.</p>
 <table><tr><th>item</th><th>verdict</th><th>evidence</th></tr>{rows}</table>
 <h2>Metrics (held-out split, ONNX Runtime)</h2><table>{metrics}</table>
 {figures}
-<h2>Optimized forms, per class and slices</h2>
+{_forms_html(forms)}<h2>Per class and slices</h2>
 {_breakdown_html(tables)}
 <script>{_SORT_SCRIPT}</script>
 </body></html>
@@ -574,7 +585,7 @@ def write_report(
     out.mkdir(parents=True)
     for name, data in images.items():
         (out / name).write_bytes(data)
-    tables = forms_table(evidence.optimized) + _breakdown(per_class, slices)
-    markdown = _markdown(evidence, items, list(images), _breakdown_markdown(tables))
+    forms, tables = forms_table(evidence.optimized), _breakdown(per_class, slices)
+    markdown = _markdown(evidence, items, list(images), _breakdown_markdown(forms + tables))
     (out / REPORT_MD).write_text(markdown, encoding="utf-8")
-    (out / REPORT_HTML).write_text(_html(evidence, items, images, tables), encoding="utf-8")
+    (out / REPORT_HTML).write_text(_html(evidence, items, images, tables, forms), encoding="utf-8")

@@ -233,13 +233,14 @@ def measure_latency(
 
 def measure_latencies(
     project: Project, sessions: Sequence[Any], example: list[np.ndarray], rounds: int = 3
-) -> list[np.ndarray]:
+) -> list[list[np.ndarray]]:
     """``measure_latency`` for several sessions, in ``rounds`` interleaved rounds of
-    LATENCY_RUNS / rounds runs each: a burst of other work on the machine then lands on every
-    session alike, instead of deciding a comparison of sessions timed one after another."""
+    LATENCY_RUNS / rounds runs each (per session, its timings of each round): a burst of other
+    work on the machine then lands on every session alike, and a comparison can ask that it holds
+    in every round instead of trusting one sequence of runs."""
     per_round = max(1, LATENCY_RUNS // rounds)
     timings: list[list[np.ndarray]] = [[] for _ in sessions]
     for _ in range(rounds):
         for i, session in enumerate(sessions):
             timings[i].append(measure_latency(project, session, example, runs=per_round))
-    return [np.concatenate(each) for each in timings]
+    return timings

@@ -77,14 +77,21 @@ def build_summary(
 
 
 def _optimized(record: dict[str, Any]) -> dict[str, Any]:
-    """The form served, why, and each candidate's size, p50 and metrics."""
+    """The form served, why, and each candidate's size, p50/p99, metrics and whether it kept the
+    contract (or why it was not made)."""
     return {
         "form": record["form"],
         "reason": record["reason"],
         "fp32_sha256": record["fp32_sha256"],
         "candidates": {
             c["form"]: (
-                {"size_bytes": c["size_bytes"], "p50_ms": c["latency_p50_ms"], "metrics": c["metrics"]}
+                {
+                    "size_bytes": c["size_bytes"],
+                    "p50_ms": c["latency_p50_ms"],
+                    "p99_ms": c["latency_p99_ms"],
+                    "metrics": c["metrics"],
+                    "kept": c["kept"],
+                }
                 if c["made"]
                 else {"not_made": c["reason"]}
             )

@@ -20,6 +20,7 @@ candidate's size, latency, metrics and the reason for the choice).
 from __future__ import annotations
 
 import dataclasses
+import math
 import shutil
 import sys
 import tempfile
@@ -71,6 +72,8 @@ class OptimizeResult:
     onnx_sha256: str  # of the chosen model.onnx: what evaluate scores and deploy serves
     fp32_sha256: str  # of the exported fp32 model
     execution_provider: str  # where the candidates were timed
+    # TensorRT's precision in the Triton config (FP16 for fp16 on a GPU predictor), else None.
+    triton_precision: str | None
     candidates: list[dict[str, Any]]
     seconds: float
 
@@ -81,12 +84,12 @@ def optimize(project_dir: Path | str, model_dir: Path | str, out_dir: Path | str
     project = Project.load(project_dir)
     source, out = Path(model_dir), Path(out_dir)
     fp32 = source / ONNX_FILE
-    wanted = "optimize reads the folder `handoff export` wrote"
+    reads = "optimize reads the folder `handoff export` wrote"
     if not fp32.is_file():
-        raise HandoffError(f"no {ONNX_FILE} here: {wanted}", file=source)
+        raise HandoffError(f"no {ONNX_FILE} here: {reads}", file=source)
     if (source / OPTIMIZE_RECORD_FILE).is_file():
         # Its model.onnx may be int8 already: optimizing it again would call that fp32.
-        raise HandoffError(f"this is a folder `handoff optimize` wrote: {wanted}", file=source)
+        raise HandoffError(f"this is a folder `handoff optimize` wrote: {reads}", file=source)
     if out.resolve() == source.resolve():
         raise HandoffError(
             "--out is the folder optimize reads: write the chosen form to another folder, so "
@@ -95,11 +98,18 @@ def optimize(project_dir: Path | str, model_dir: Path | str, out_dir: Path | str
         )
     cfg = project.config_from_dict(read_json(source / CONFIG_FILE))
     out.mkdir(parents=True, exist_ok=True)
-    provider = _provider(project)
+    provider, wanted = _provider(project), _wanted_provider(project)
     with tempfile.TemporaryDirectory(dir=out, prefix=".candidates-") as scratch:
         made = _make_candidates(project, cfg, fp32, Path(scratch))
         candidates = _measure(project, cfg, made, provider)
         choice = choose(project.contract.slo, candidates)
+        if provider != wanted:
+            # CPU timings do not rank forms on a GPU: serve what needs no measurement.
+            why = (
+                f"fp32: a GPU predictor's latency cannot be measured here ({wanted} is not available "
+                f"where optimize ran), so no form replaces fp32; on the CPU, {choice.reason}"
+            )
+            choice = Choice("fp32", why, choice.judged)
         chosen = made[choice.form]
         assert isinstance(chosen, Path)
         _write(project, cfg, source, out, chosen, choice)
@@ -108,8 +118,8 @@ def optimize(project_dir: Path | str, model_dir: Path | str, out_dir: Path | str
             form, why = judged.candidate.form, judged.why_not[0]
             print(f"handoff: optimize: {form} not made: {why}", file=sys.stderr)
     print(f"handoff: optimize: serving {choice.reason}", file=sys.stderr, flush=True)
-    wanted = _wanted_provider(project)
     note = "" if provider == wanted else f" ({wanted} is not available here)"
+    note += f", {predictor_threads(project)} thread(s) as serving.kserve.cpu allows"
     result = OptimizeResult(
         model_dir=str(out),
         triton_repository=str(out / "triton"),
@@ -118,6 +128,7 @@ def optimize(project_dir: Path | str, model_dir: Path | str, out_dir: Path | str
         onnx_sha256=sha256_of(out / ONNX_FILE),
         fp32_sha256=sha256_of(fp32),
         execution_provider=provider + note,
+        triton_precision=_precision(project, choice.form),
         candidates=[
             {**dataclasses.asdict(j.candidate), "kept": j.kept, "why_not": j.why_not} for j in choice.judged
         ],
@@ -127,10 +138,29 @@ def optimize(project_dir: Path | str, model_dir: Path | str, out_dir: Path | str
     return result
 
 
+# What a GPU predictor (Triton with serving.kserve.gpus) runs as intended: the fp32 graph on CUDA
+# and fp16 as TensorRT FP16 engines. The int8 forms here are CPU forms (uint8 activations, integer
+# CPU kernels), and the graph-optimized file holds fusions made for the CPU provider.
+GPU_FORMS = ("fp32", "fp16")
+
+
+def _on_gpu(project: Project) -> bool:
+    """Whether the predictor serves on a GPU: Triton with GPUs (handoff-onnx serves on the CPU)."""
+    kserve = project.settings.serving.kserve
+    return bool(kserve.gpus) and kserve.runtime == "triton"
+
+
+def predictor_threads(project: Project) -> int:
+    """The CPUs a predictor replica may use (``serving.kserve.cpu``, rounded up): the threads the
+    candidates are timed with, so a form wins where it will serve, not on this machine's cores."""
+    from kubernetes.utils.quantity import parse_quantity
+
+    return max(1, math.ceil(parse_quantity(project.settings.serving.kserve.cpu)))
+
+
 def _wanted_provider(project: Project) -> str:
     """The serving runtime's execution provider: CUDA for a GPU predictor, else the CPU."""
-    gpus = project.settings.serving.kserve.gpus
-    return "CUDAExecutionProvider" if gpus else "CPUExecutionProvider"
+    return "CUDAExecutionProvider" if _on_gpu(project) else "CPUExecutionProvider"
 
 
 def _provider(project: Project) -> str:
@@ -145,6 +175,12 @@ def _make_candidates(project: Project, cfg: Any, fp32: Path, scratch: Path) -> d
     made: dict[str, Path | str] = {}
     for form in OPTIMIZE_FORMS:
         if not allowed.allows(form):
+            continue
+        if _on_gpu(project) and form not in GPU_FORMS:
+            made[form] = (
+                "made for CPU predictors; a GPU predictor (serving.kserve.gpus) is offered "
+                f"{' and '.join(GPU_FORMS)} only"
+            )
             continue
         calibration = _calibration_feeds(project, cfg) if form == "int8_static" else iter(())
         try:
@@ -214,7 +250,11 @@ def _measure(project: Project, cfg: Any, made: dict[str, Path | str], provider: 
     """Each made form's parity with fp32, held-out metrics (one pass for all) and latency."""
     slo = project.contract.slo.optimizing
     runs = _example_runs(project, cfg)
-    reference = open_session(made["fp32"])  # type: ignore[arg-type]
+    # The reference runs where the candidates run: fp32 against itself is 0 by definition, and a
+    # form is compared with fp32 on the same execution provider, not across two. Both get the
+    # predictor's CPUs as threads: int8 kernels gain most where fp32 cannot spread over cores.
+    threads = predictor_threads(project)
+    reference = open_session(made["fp32"], provider=provider, threads=threads)  # type: ignore[arg-type]
     sessions: dict[str, Any] = {}
     parity: dict[str, float] = {}
     failed: dict[str, str] = {form: why for form, why in made.items() if isinstance(why, str)}
@@ -222,7 +262,7 @@ def _measure(project: Project, cfg: Any, made: dict[str, Path | str], provider: 
         if isinstance(path, str):
             continue
         try:
-            session = open_session(path, provider=provider)
+            session = reference if form == "fp32" else open_session(path, provider=provider, threads=threads)
             parity[form] = _parity(project, reference, session, runs)
         except HandoffError as exc:
             failed[form] = f"ONNX Runtime could not run it as the contract asks: {exc.detail}"
@@ -239,14 +279,14 @@ def _measure(project: Project, cfg: Any, made: dict[str, Path | str], provider: 
             failed[form] = f"failed on the held-out split: {broke.error}"
             del sessions[form]
     example = [t.numpy() for t in example_arrays(project, cfg)]
-    timed = dict(zip(sessions, measure_latencies(project, list(sessions.values()), example), strict=True))
+    rounds = dict(zip(sessions, measure_latencies(project, list(sessions.values()), example), strict=True))
     candidates = []
     for form, path in made.items():
         if form in failed:
             candidates.append(Candidate(form, made=False, reason=failed[form]))
             continue
         assert isinstance(path, Path)
-        timings = timed[form]
+        timings = np.concatenate(rounds[form])
         candidates.append(
             Candidate(
                 form,
@@ -257,6 +297,7 @@ def _measure(project: Project, cfg: Any, made: dict[str, Path | str], provider: 
                 parity_tolerance=slo.parity(form),
                 latency_p50_ms=round(float(np.percentile(timings, 50)), 4),
                 latency_p99_ms=round(float(np.percentile(timings, 99)), 4),
+                round_p50_ms=[round(float(np.percentile(r, 50)), 4) for r in rounds[form]],
                 metrics=scored[form].metrics,
             )
         )
@@ -273,7 +314,9 @@ def _write(project: Project, cfg: Any, source: Path, out: Path, chosen: Path, ch
     shutil.copyfile(source / CONFIG_FILE, out / CONFIG_FILE)
     contract = project.contract
     example = example_arrays(project, cfg)
-    outputs = run_session(open_session(out / ONNX_FILE), contract, [t.numpy() for t in example])
+    # The smoke test's expected answer, from the chosen form where it is served.
+    served = open_session(out / ONNX_FILE, provider=_provider(project))
+    outputs = run_session(served, contract, [t.numpy() for t in example])
     raw = has_raw_hooks(contract)
     payload = (
         served_example(project, cfg, out / ONNX_FILE, example, outputs)
@@ -302,8 +345,6 @@ def _write(project: Project, cfg: Any, source: Path, out: Path, chosen: Path, ch
 
 
 def _precision(project: Project, form: str) -> str | None:
-    """TensorRT's precision for the chosen form on a GPU predictor (None on CPU: the CPU provider
-    runs the graph as it is)."""
-    if not project.settings.serving.kserve.gpus:
-        return None
-    return {"fp16": "FP16", "int8_static": "INT8"}.get(form, "FP32")
+    """TensorRT's precision for fp16 on a GPU predictor; None otherwise (an fp32 graph runs on
+    Triton's default CUDA provider, as before optimize existed, and the CPU runs any graph as is)."""
+    return "FP16" if form == "fp16" and _on_gpu(project) else None

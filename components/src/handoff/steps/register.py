@@ -175,6 +175,9 @@ def register(
     identity = {SHA_TAG: sha, CONTRACT_TAG: project.contract.sha256}
     if code:
         identity[CODE_TAG] = served_code_sha256(code)
+    precision = _triton_precision(model_dir)
+    if precision:  # the same bytes with another Triton config are another version
+        identity[PRECISION_TAG] = precision
     version = existing_version(client, name, identity)
     if version is None:
         # Log into the training run (one run holds the whole lineage) without letting a failure
@@ -327,7 +330,14 @@ def _tags(
 
 # The version's optimize tags (absent for a model that did not go through `handoff optimize`).
 FORM_TAG = "handoff.optimize.form"
+PRECISION_TAG = "handoff.optimize.triton_precision"
 TAG_LIMIT = 5000  # MLflow's longest model version tag value
+
+
+def _triton_precision(model_dir: Path) -> str | None:
+    """The TensorRT precision optimize put in the Triton config (None without one)."""
+    path = model_dir / OPTIMIZE_RECORD_FILE
+    return read_json(path).get("triton_precision") if path.is_file() else None
 
 
 def optimize_tags(model_dir: Path) -> dict[str, str]:
