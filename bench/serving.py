@@ -14,10 +14,14 @@ against bare ONNX Runtime's outputs for the same input so a broken side cannot l
 5. cold start: spawn to ``/v2/health/ready`` == 200;
 6. the largest JSON request the server takes (just under its 16 MiB limit), alone and four at
    once: the server's peak memory over its body (beside what bare ONNX Runtime needs for the same
-   batch), what it holds afterwards, and how long ``/v2/health/live`` takes meanwhile.
+   batch), what it holds afterwards, and how long ``/v2/health/live`` takes meanwhile;
+7. the payload log's cost: one-request latency of two handoff servers, one without the log and
+   one sampling every request (``monitoring.sample_rate: 1.0``), requests alternating between
+   them; the logging side's rows must all reach its store.
 
 Usage: python bench/serving.py [--requests 500] [--repeats 3] [--seconds 4] [--workdir DIR]
-(``--workdir`` keeps the generated project, checkpoint and ONNX files for the next run).
+[--only-payload-log] (``--workdir`` keeps the generated project, checkpoint and ONNX files for
+the next run; ``--only-payload-log`` measures 7 alone).
 """
 
 from __future__ import annotations
@@ -221,8 +225,9 @@ def handoff_server(
     logs: Path,
     batching: dict | None = None,
     max_request_bytes: int = 64 * 1024 * 1024,
+    payload_log: dict | None = None,
 ) -> Server:
-    spec = {
+    spec: dict[str, Any] = {
         "model_name": model_name,
         "onnx_path": str(onnx),
         "contract_dir": str(contract_dir),
@@ -232,6 +237,8 @@ def handoff_server(
     }
     if batching is not None:
         spec["batching"] = batching
+    if payload_log is not None:
+        spec["payload_log"] = payload_log
     path = logs / f"{name}.json"
     path.write_text(json.dumps(spec))
     return spawn(
@@ -409,12 +416,17 @@ class Client:
         self.conn.close()
 
 
-def requests_per_run(port: int) -> float | None:
-    """Mean requests per model run so far, from the server's Prometheus metrics (None: not exported)."""
+def scrape(port: int) -> str:
     conn = http.client.HTTPConnection(HOST, port, timeout=10)
     conn.request("GET", "/metrics")
     text = conn.getresponse().read().decode()
     conn.close()
+    return text
+
+
+def requests_per_run(port: int) -> float | None:
+    """Mean requests per model run so far, from the server's Prometheus metrics (None: not exported)."""
+    text = scrape(port)
     found = {}
     for line in text.splitlines():
         for part in ("sum", "count"):
@@ -503,6 +515,64 @@ def concurrent(
     return len(flat) / elapsed, flat
 
 
+def alternating(
+    calls: dict[str, Callable[[], np.ndarray]], want: np.ndarray, n: int, warmup: int
+) -> dict[str, list[float]]:
+    """``n`` timed calls of each side, the sides taking turns call by call (the first side changes
+    every call), so both see the same moments of a noisy machine; outputs checked afterwards."""
+    names = list(calls)
+    for name in names:
+        for _ in range(warmup):
+            check(name, calls[name](), want)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    outputs: list[tuple[str, np.ndarray]] = []
+    for i in range(n):
+        for name in rotated(names, i):
+            started = time.perf_counter()
+            outputs.append((name, calls[name]()))
+            times[name].append((time.perf_counter() - started) * 1000)
+    for name, out in outputs:
+        check(name, out, want)
+    return times
+
+
+def payload_log_cost(
+    models: Models, logs: Path, body: bytes, want: np.ndarray, n: int, repeats: int, warmup: int
+) -> tuple[dict[str, Samples], dict[str, float], int]:
+    """7: one request at a time to a server without the payload log and to one sampling every
+    request: latencies per side, the logging server's payload-log counters, and rows in its store."""
+    from handoff.payload_log import read_window
+
+    store = logs / "payloads"
+    shutil.rmtree(store, ignore_errors=True)
+    plain = handoff_server("payload-log-off", DIGITS, models.digits_onnx, models.project, logs)
+    logging_ = handoff_server(
+        "payload-log-on",
+        DIGITS,
+        models.digits_onnx,
+        models.project,
+        logs,
+        payload_log={"sample_rate": 1.0, "max_bytes": 256 * 1024 * 1024, "store": str(store)},
+    )
+    samples = {"off": Samples(), "sample_rate 1.0": Samples()}
+    with running(plain, logging_):
+        clients = {"off": Client(plain.port, DIGITS), "sample_rate 1.0": Client(logging_.port, DIGITS)}
+        calls = {name: (lambda c=c: c.infer(body)[0]) for name, c in clients.items()}
+        for i in range(repeats):
+            for name, ms in alternating(calls, want, n, warmup if i == 0 else 0).items():
+                samples[name].ms += ms
+        for client in clients.values():
+            client.close()
+        counters = {
+            name: float(line.rsplit(" ", 1)[1])
+            for line in scrape(logging_.port).splitlines()
+            for name in ("handoff_payload_log_rows_total", "handoff_payload_log_dropped_total")
+            if line.startswith(name + "{")
+        }
+    # Stopped gracefully: the server wrote its last rows on the way out.
+    return samples, counters, read_window(store).rows
+
+
 def rotated(items: list[Any], i: int) -> list[Any]:
     return items[i % len(items) :] + items[: i % len(items)]
 
@@ -518,6 +588,7 @@ def main() -> None:
     parser.add_argument("--max-wait-ms", type=float, default=0.0, help="batching on (the server's default)")
     parser.add_argument("--wide-hidden", type=int, default=8192, help="the wide MLP's hidden width")
     parser.add_argument("--workdir", type=Path, default=None, help="keep project and models here")
+    parser.add_argument("--only-payload-log", action="store_true", help="measure the payload log alone (7)")
     args = parser.parse_args()
     with ExitStack() as stack:
         if args.workdir is None:
@@ -545,6 +616,18 @@ def run(args: argparse.Namespace, work: Path) -> None:
     one = np.asarray(example["inputs"][0]["data"], dtype=np.float32).reshape(-1, 1, 8, 8)[:1]
     one_want = digits_session.run(["logits"], {"image": one})[0]
     one_body = v2_json("image", one)
+
+    # 7: the payload log's cost on one request -------------------------------------------------------
+    print("payload log off vs on ...", flush=True)
+    payload, payload_counters, payload_rows = payload_log_cost(
+        models, logs, one_body, one_want, args.requests, args.repeats, warmup
+    )
+    sent = args.requests * args.repeats + warmup
+    payload_verdict = payload_log_verdict(payload, payload_counters, payload_rows, sent)
+    if args.only_payload_log:
+        report_payload_log(payload, payload_counters, payload_rows)
+        print(f"\n- {payload_verdict}")
+        return
 
     # 1 + 4 + 5: sequential latency of one request, and each server's first start --------------
     print("starting servers ...", flush=True)
@@ -749,6 +832,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
         f"| largest JSON request, same batch | onnxruntime | | | peak +{bare_growth / mib:.0f} MiB "
         "(the model's own run: activations) |"
     )
+    report_payload_log(payload, payload_counters, payload_rows, header=False)
     for name, seconds in first_start.items():
         extra = (
             f"median of {len(cold)}: {statistics.median(cold):.2f} s" if name == "handoff" else "one start"
@@ -803,9 +887,36 @@ def run(args: argparse.Namespace, work: Path) -> None:
         f"cold start to ready, median of {len(cold)}: {median_cold:.2f} s (target <= 3 s): "
         f"{'met' if median_cold <= 3 else 'NOT met'}"
     )
+    verdicts.append(payload_verdict)
     print()
     for line in verdicts:
         print(f"- {line}")
+
+
+def report_payload_log(
+    samples: dict[str, Samples], counters: dict[str, float], rows: int, header: bool = True
+) -> None:
+    if header:
+        print("| measurement | side | p50 (ms) | p99 (ms) | other |")
+        print("|---|---|---|---|---|")
+    for name, side in samples.items():
+        other = (
+            f"{rows:,} rows in the store, {counters.get('handoff_payload_log_dropped_total', 0):.0f} dropped"
+            if name != "off"
+            else ""
+        )
+        print(f"| one request, payload log | {name} | {side.pct(50):.3f} | {side.pct(99):.3f} | {other} |")
+
+
+def payload_log_verdict(samples: dict[str, Samples], counters: dict[str, float], rows: int, sent: int) -> str:
+    off, on = samples["off"].pct(50), samples["sample_rate 1.0"].pct(50)
+    cost = on / off - 1
+    complete = rows == sent and counters.get("handoff_payload_log_dropped_total", 0) == 0
+    return (
+        f"payload log at sample_rate 1.0: p50 {on:.3f} vs {off:.3f} ms off, {cost:+.1%} "
+        f"(target < +10%): {'met' if cost < 0.10 else 'NOT met'}; "
+        f"{rows} of {sent} requests in the store{'' if complete else ' (INCOMPLETE)'}"
+    )
 
 
 if __name__ == "__main__":

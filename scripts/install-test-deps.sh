@@ -27,3 +27,9 @@ if ! command -v podman >/dev/null 2>&1 || ! command -v runc >/dev/null 2>&1 \
     || ! command -v debootstrap >/dev/null 2>&1; then
   install podman runc debootstrap
 fi
+# The monitoring tests run the real promtool (alert rules' unit tests) and a real Prometheus that
+# scrapes a running model server (every dashboard query must name what it exports). Debian's
+# package, without its recommends (node-exporter and friends); its service is never started.
+if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
+  install --no-install-recommends prometheus
+fi

@@ -28,7 +28,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--regenerate-goldens",
         action="store_true",
         default=False,
-        help="rewrite pipelines/goldens/ from the default project (then review and commit the diff)",
+        help="rewrite the goldens (pipelines/goldens/, manifests/monitoring/) from the default project "
+        "(then review and commit the diff)",
     )
 
 

@@ -198,7 +198,7 @@ def test_the_registered_version_carries_the_filled_in_card_and_the_report(zone: 
     assert f"| accuracy | {evaluation['metrics']['accuracy']:.4f} |" in card
     assert "| latency_p99_ms | pass:" in card and "![confusion_matrix.png](confusion_matrix.png)" in card
     report = (extra / "readiness.md").read_text()
-    assert "**READY**: 8/8 items pass; gate passed." in report and "NOT READY" not in report
+    assert "**READY**: 9/9 items pass; gate passed." in report and "NOT READY" not in report
     for png in ("confusion_matrix.png", "latency_histogram.png"):
         assert (extra / png).read_bytes().startswith(b"\x89PNG")
 

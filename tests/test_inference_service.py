@@ -856,6 +856,40 @@ def test_the_kserve_runtime_gets_the_serving_settings_and_triton_does_not(defaul
 
 
 @pytest.mark.unit
+@pytest.mark.parametrize("runtime", ["kserve", "triton"])
+def test_a_payload_store_sends_the_predictors_traffic_to_the_namespaces_collector(
+    default_project: Path, runtime: str
+) -> None:
+    """monitoring.store set: KServe's logger (request and response) posts to the collector's
+    Service in the service's namespace and forwards the version annotation; the model server
+    keeps no payload log of its own there. No store: no logger."""
+    base = _with_runtime(Project.load(default_project).settings, runtime)
+    release = isvc.Release(MODEL, "7", "ab" * 32, "s3://models/triton")
+    assert "logger" not in isvc.manifest(base, release)["spec"]["predictor"]
+
+    monitoring = base.monitoring.model_copy(update={"store": f"s3://payloads/{MODEL}"})
+    settings = base.model_copy(update={"monitoring": monitoring, "namespace": "ml-models-dev"})
+    body = isvc.manifest(settings, release, canary=10)
+    assert schema_problems(INFERENCESERVICE, body) == []
+    predictor = body["spec"]["predictor"]
+    assert predictor["logger"] == {
+        "mode": "all",
+        "url": "http://handoff-payload-collector.ml-models-dev.svc.cluster.local/",
+        "metadataAnnotations": ["handoff.dev/model-version"],
+    }
+    # The annotation it forwards is one handoff sets on the service (KServe copies it to the pods).
+    assert body["metadata"]["annotations"]["handoff.dev/model-version"] == "7"
+    # The collector's Service in manifests/ is the one the URL names.
+    collector = yaml.safe_load_all((TEMPLATE / "manifests/monitoring/collector.yaml").read_text())
+    services = [o["metadata"]["name"] for o in collector if o and o["kind"] == "Service"]
+    assert services == [isvc_manifest.PAYLOAD_COLLECTOR]
+    # A logger changes the pods (KServe adds its agent): a new spec digest.
+    assert predictor["labels"] != isvc.manifest(base, release)["spec"]["predictor"]["labels"]
+    for entry in predictor["model"].get("env", []):
+        assert "payload_log" not in json.loads(entry["value"])
+
+
+@pytest.mark.unit
 def test_pods_wait_for_their_endpoints_to_go_in_raw_mode_only(default_project: Path) -> None:
     """Raw deployment mode: preStop sleep, then SIGTERM, within a grace period covering both and
     serving.shutdown_grace_s. Serverless: neither (Knative refuses both; its queue-proxy drains)."""

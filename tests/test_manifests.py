@@ -108,10 +108,17 @@ def checkout(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def built(checkout: Path) -> dict[str, list[Obj]]:
-    """Every overlay (and the base), built once from the fresh checkout."""
-    return {"base": build(checkout / "base")} | {
-        name: build(checkout / "overlays" / name) for name in OVERLAYS
-    }
+    """Every overlay (and the base), built once from the fresh checkout; and the dev overlay with
+    the opt-in monitoring component added (``dev+monitoring``), as an environment adds it."""
+    monitored = checkout / "overlays" / "dev-monitoring"
+    monitored.mkdir()
+    dev = yaml.safe_load((checkout / "overlays/dev/kustomization.yaml").read_text())
+    (monitored / "kustomization.yaml").write_text(yaml.safe_dump({**dev, "components": ["../../monitoring"]}))
+    return (
+        {"base": build(checkout / "base")}
+        | {name: build(checkout / "overlays" / name) for name in OVERLAYS}
+        | {"dev+monitoring": build(monitored)}
+    )
 
 
 def of_kind(objects: list[Obj], kind: str) -> list[Obj]:
@@ -716,13 +723,15 @@ def test_no_role_has_wildcards_secrets_or_exec(built: dict[str, list[Obj]]) -> N
 def test_only_the_pipeline_account_is_bound_and_the_others_carry_no_token(
     built: dict[str, list[Obj]],
 ) -> None:
-    for objects in built.values():
+    for name, objects in built.items():
         bound = {s["name"] for b in of_kind(objects, "RoleBinding") for s in b["subjects"]}
         assert bound == {"handoff-pipeline"}
         accounts = {a["metadata"]["name"]: a for a in of_kind(objects, "ServiceAccount")}
-        assert set(accounts) == {"handoff-pipeline", "handoff-serving", "default"}
-        assert accounts["handoff-serving"]["automountServiceAccountToken"] is False
-        assert accounts["default"]["automountServiceAccountToken"] is False
+        # The monitoring component's collector has an account of its own, without a token either.
+        collector = {"handoff-payload-collector"} if name == "dev+monitoring" else set()
+        assert set(accounts) == {"handoff-pipeline", "handoff-serving", "default", *collector}
+        for account in ("handoff-serving", "default", *collector):
+            assert accounts[account]["automountServiceAccountToken"] is False
 
 
 def test_the_kfp_component_reads_two_named_objects_and_nothing_else(checkout: Path) -> None:
@@ -1122,6 +1131,9 @@ def test_checkov_finds_nothing_beyond_the_documented_skips(
     # which mounts none here: lifted above with the overlay's ServiceAccounts.)
     (pytorchjob,) = [job for job in pinned if job["kind"] == "PyTorchJob"]
     assert [p["spec"]["automountServiceAccountToken"] for p in lift_pods.lift([pytorchjob])] == [False, False]
+    # The monitoring component (no overlay adds it: each environment sets its bucket first).
+    added = [o for o in built["dev+monitoring"] if o not in built["dev"]]
+    (scan / "monitoring.yaml").write_text(yaml.safe_dump_all(added))
     failed = checkov_failures(scan) | checkov_failures(scan_tagged, IMAGE_CHECKS)
     skips = yaml.safe_load((MANIFESTS / "checkov-skips.yaml").read_text())
     assert all(s.get("reason", "").strip() for s in skips), "every skip needs its reason"

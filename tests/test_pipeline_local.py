@@ -71,7 +71,7 @@ def test_run_local_trains_registers_and_serves(served_project: Path) -> None:
     checks = {c["name"] for c in summary["gate"]["checks"]}
     assert checks == {"contract", "accuracy", "latency_p99_ms", "model_size_mb", "champion"}
     readiness = summary["readiness"]
-    assert readiness["items"] == 8 and Path(readiness["report"], "readiness.html").is_file()
+    assert readiness["items"] == 9 and Path(readiness["report"], "readiness.html").is_file()
     assert summary["latency_ms"]["p99"] <= shipped  # the starter meets its shipped SLO on ONNX Runtime
     assert list(summary["step_seconds"]) == ["train", "export", "optimize", "evaluate", "register", "deploy"]
     assert summary["smoke_test"]["passed"] is True

@@ -197,7 +197,7 @@ def test_starter_runs_the_whole_local_pipeline_to_a_served_model(
         assert summary["gate"]["passed"] is True, summary["gate"]
         assert summary["latency_ms"]["p99"] <= shipped  # the starter meets its shipped SLO on ONNX Runtime
         readiness = summary["readiness"]
-        assert readiness["passed"] == readiness["items"] == 8, readiness  # the git commit included
+        assert readiness["passed"] == readiness["items"] == 9, readiness  # the git commit included
         assert summary["smoke_test"]["passed"] is True
 
         example = json.loads(next((project / "runs" / "latest").rglob("example.json")).read_text())

@@ -7,3 +7,9 @@ FP32_FILE = "model.fp32.onnx"  # the exported fp32 model, beside the optimized f
 OPTIMIZE_RECORD_FILE = "optimize.json"  # optimize's candidates and choice, read by evaluate and register
 CONFIG_FILE = "config.json"  # the model.py Config the weights were trained with
 EXTRA_DIR = "extra_files"  # where MLflow's log_model(extra_files=...) puts them in a model's folder
+# The version's reference profile (handoff.reference_profile): what `handoff monitor` compares
+# logged traffic with. Written by evaluate beside its report, attached to the version by register.
+REFERENCE_INPUTS_FILE = "reference_inputs.parquet"  # training items' input columns
+REFERENCE_OUTPUTS_FILE = "reference_outputs.parquet"  # the model's held-out output columns
+REFERENCE_FILE = "reference.json"  # what both tables hold and where they come from
+REFERENCE_FILES = (REFERENCE_INPUTS_FILE, REFERENCE_OUTPUTS_FILE, REFERENCE_FILE)

@@ -411,6 +411,106 @@ def upgrade(
 
 
 @app.command()
+def monitor(
+    project: ProjectOpt = Path("."),
+    version: Annotated[
+        str | None,
+        typer.Option(
+            help="Registered version, or an alias (default: the one served here, else the champion)."
+        ),
+    ] = None,
+    store: Annotated[
+        str | None,
+        typer.Option(
+            help="The payload log (a folder or s3://...; default: handoff.yaml's monitoring.store, "
+            "else the local server's)."
+        ),
+    ] = None,
+    since: Annotated[
+        str | None, typer.Option(help="Only rows this recent: a duration (30m, 24h, 7d) or an ISO time.")
+    ] = None,
+    last_rows: Annotated[int | None, typer.Option(min=1, help="Only the newest N logged rows.")] = None,
+    out: Annotated[
+        Path, typer.Option(help="Folder for report.html, verdict.json and metrics.prom.", file_okay=False)
+    ] = Path("monitor"),
+    pushgateway: Annotated[
+        str | None, typer.Option(help="Also push the drift gauges to this Prometheus Pushgateway.")
+    ] = None,
+    fail_on_drift: Annotated[
+        bool,
+        typer.Option(
+            "--fail-on-drift/--no-fail-on-drift",
+            help="Exit 1 on a drift verdict (default), or 0; the report and verdict are written either way.",
+        ),
+    ] = True,
+) -> None:
+    """Compare logged traffic with the served version's reference profile (Evidently); exit 1 on drift."""
+    from handoff.project import Project
+    from handoff.steps.monitor import monitor as step
+    from handoff.tracking import alias_version, use_tracking
+
+    version = version or None  # empty, as a pipeline passes it: the default
+    if version is not None and not version.isdigit():
+        loaded = Project.load(project)
+        found = alias_version(use_tracking(loaded), loaded.contract.name, version)
+        if found is None:
+            raise HandoffError(f"model {loaded.contract.name!r} has no version with alias {version!r}")
+        version = found
+    with _record_only_on_stdout():
+        verdict = step(
+            project,
+            out,
+            version=version,
+            store=store,
+            since=since,
+            last_rows=last_rows,
+            pushgateway=pushgateway,
+        )
+    _print_record(verdict)
+    said = (
+        "; ".join(verdict.reasons)
+        or f"no input column set off slo.drift (drift share {verdict.drift_share:.0%})"
+    )
+    line = f"handoff: monitor {verdict.model} v{verdict.version}: {verdict.status} over {verdict.rows} rows"
+    line += f": {said}"
+    typer.echo(line, err=True)
+    if verdict.report:
+        typer.echo(f"handoff: monitor: report at {verdict.report}", err=True)
+    if verdict.drift_detected and fail_on_drift:
+        write_termination_message(line)  # the failed pod's message (the Argo UI, kubectl describe)
+        raise typer.Exit(1)
+
+
+@app.command("monitoring-config")
+def monitoring_config(
+    project: ProjectOpt = Path("."),
+    out: Annotated[Path, typer.Option(help="Folder to write the files into.", file_okay=False)] = Path(
+        "monitoring"
+    ),
+) -> None:
+    """Write the project's Prometheus alert rules (and PrometheusRule, PodMonitor) and Grafana
+    dashboard, generated from contract.yaml's SLOs and handoff.yaml."""
+    from handoff.monitoring_config import write_monitoring
+    from handoff.project import Project
+
+    for path in write_monitoring(Project.load(project), out):
+        typer.echo(f"wrote {path}")
+
+
+@app.command()
+def collect(
+    project: ProjectOpt = Path("."),
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "0.0.0.0",
+    port: Annotated[int, typer.Option(help="Port KServe's logger posts to.")] = 8080,
+) -> None:
+    """Receive KServe's logger events (request and response pairs) and write them to the payload log
+    (handoff.yaml's monitoring.store), as the local model server writes its own."""
+    from handoff.payload_collector import serve_collector
+
+    serve_collector(project, host, port)
+
+
+@app.command()
 def stop(project: ProjectOpt = Path(".")) -> None:
     """Stop the project's local model server."""
     from handoff.project import Project

@@ -245,6 +245,30 @@ class Optimize(StrictModel):
         return self.parity_tolerance.get(form, DEFAULT_FORM_PARITY[form])  # type: ignore[call-overload]
 
 
+# Evidently's statistical tests a contract may name for `handoff monitor` (its stattest registry
+# has more; these are the ones that read the same on numerical and categorical columns or are the
+# usual choice for one of them). None lets Evidently pick per column by type and row count.
+DriftMethod = Literal["ks", "wasserstein", "psi", "jensenshannon", "kl_div", "chisquare", "z", "hellinger"]
+
+
+class Drift(StrictModel):
+    """``slo.drift``: when `handoff monitor` calls the logged traffic drifted from the registered
+    version's reference profile (training inputs, held-out outputs). Without the section the
+    defaults hold; the section is left out of the contract's dump when absent, so contracts
+    written before it hash as they did."""
+
+    # The verdict is "drift" when at least this share of the input features drifted...
+    max_drift_share: float = Field(default=0.5, gt=0, le=1)
+    # ...or, with prediction: true, when the model's predictions (class, or output values) drifted.
+    prediction: bool = True
+    # The per-feature test and its threshold (a p-value for ks/chisquare/z, a distance for the
+    # others); None: Evidently's choice per column and its default threshold.
+    method: DriftMethod | None = None
+    threshold: float | None = Field(default=None, gt=0)
+    # Fewer logged rows than this give no verdict: a handful of requests says nothing.
+    min_rows: int = Field(default=200, ge=1)
+
+
 class Slo(StrictModel):
     """Service-level objectives the gate checks before a model may be promoted."""
 
@@ -263,14 +287,23 @@ class Slo(StrictModel):
     champion_tolerance: float | str | dict[str, float | str] = DEFAULT_CHAMPION_TOLERANCE
     # What `handoff optimize` may serve instead of the exported fp32 model (None: the defaults).
     optimize: Optimize | None = None
+    # When `handoff monitor` calls live traffic drifted (None: the defaults).
+    drift: Drift | None = None
 
     @model_serializer(mode="wrap")
-    def _without_absent_optimize(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        """A contract without ``slo.optimize`` dumps (and hashes) as it did before it existed."""
+    def _without_absent_sections(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """A contract without ``slo.optimize`` or ``slo.drift`` dumps (and hashes) as it did before
+        they existed."""
         data: dict[str, Any] = handler(self)
-        if self.optimize is None:
-            data.pop("optimize", None)
+        for section in ("optimize", "drift"):
+            if getattr(self, section) is None:
+                data.pop(section, None)
         return data
+
+    @property
+    def drifting(self) -> Drift:
+        """``slo.drift`` as written, or its defaults."""
+        return self.drift or Drift()
 
     @property
     def optimizing(self) -> Optimize:

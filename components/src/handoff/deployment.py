@@ -33,6 +33,7 @@ from handoff.contract import CONTRACT_FILE, Contract, load_contract
 from handoff.contract_changes import contract_changes
 from handoff.errors import HandoffError
 from handoff.files import read_json, write_json
+from handoff.payload_log import payload_store
 from handoff.project import Project
 from handoff.raw_io import check_cluster_runtime
 from handoff.registry import (
@@ -92,7 +93,8 @@ def _write_spec(
             "contract_dir": str(model_dir / EXTRA_DIR),
             "host": serving.host,
             "port": port,
-            **server_settings(serving, version),
+            # The payload log `handoff monitor` reads (payload_store: the state folder by default).
+            **server_settings(serving, version, project.settings.monitoring, payload_store(project)),
             "handover": str(handover),
         },
     )

@@ -91,7 +91,7 @@ def _softmax(scores: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum(axis=1, keepdims=True)
 
 
-def _as_probabilities(scores: np.ndarray) -> np.ndarray:
+def as_probabilities(scores: np.ndarray) -> np.ndarray:
     """Rows that already are probabilities are kept; anything else (logits) goes through softmax.
 
     Calibration is only meaningful on probabilities, and models export either, so we decide per

@@ -67,6 +67,7 @@ class ReadinessItem:
 EXPORT_CHECKS = "export"
 HELDOUT_INPUTS = "held-out inputs"
 HELDOUT_OUTPUTS = "held-out outputs"
+MONITORING_ITEM = "Monitoring configured"
 CONTRACT_CHECKS = (EXPORT_CHECKS, HELDOUT_INPUTS, HELDOUT_OUTPUTS)
 
 Outcome = Literal["passed", "failed", "not run"]
@@ -186,6 +187,10 @@ class Evidence:
     cfg: Any
     # optimize's record (its candidates and choice), when the model came through `handoff optimize`.
     optimized: dict[str, Any] | None = None
+    # The reference profile's record (handoff.reference_profile), when evaluate wrote one, and
+    # the alerts of the monitoring config it generated from the contract (handoff.monitoring_config).
+    reference: dict[str, Any] | None = None
+    alerts: tuple[str, ...] = ()
 
 
 def export_check(record: dict[str, Any] | None, onnx_sha256: str) -> ContractCheck:
@@ -311,6 +316,39 @@ def lineage(evidence: Evidence) -> ReadinessItem:
     return ReadinessItem("Lineage complete", True, shown)
 
 
+def monitoring_item(evidence: Evidence) -> ReadinessItem:
+    """Whether `handoff monitor` and the alerts can watch this model once served: a reference
+    profile to compare traffic with, payloads logged to compare, the alert rules generated."""
+    settings = evidence.project.settings
+    monitoring, reference = settings.monitoring, evidence.reference
+    problems = []
+    if reference is None:
+        problems.append("no reference profile: evaluate ran without a report folder (--report)")
+    elif not (reference["inputs"]["rows"] and reference["outputs"]["rows"]):
+        problems.append("the reference profile is empty (no training items or held-out outputs were read)")
+    if monitoring.sample_rate == 0:
+        problems.append("handoff.yaml monitoring.sample_rate is 0: the server logs no payloads to compare")
+    if not evidence.alerts:
+        problems.append("no alert rules were generated from contract.yaml")
+    if problems:
+        return ReadinessItem(MONITORING_ITEM, False, "; ".join(problems))
+    assert reference is not None
+    inputs, outputs = reference["inputs"], reference["outputs"]
+    where = monitoring.store or "this machine's state folder (monitoring.store is null: a cluster keeps none)"
+    said = (
+        f"reference profile registered with the version ({inputs['rows']} training items as "
+        f"{len(inputs['columns'])} input columns, {outputs['rows']} held-out outputs); "
+        f"{len(evidence.alerts)} alert rules and a Grafana dashboard generated from contract.yaml "
+        f"(monitoring/ in this report); payloads sampled at {monitoring.sample_rate:g} into {where}"
+    )
+    if settings.serving.kserve.runtime == "triton":
+        said += (
+            "; on the cluster Triton serves (serving.kserve.runtime: triton) and exports metrics of its "
+            "own: the latency, error and traffic alerts read the handoff server's (local, kserve runtime)"
+        )
+    return ReadinessItem(MONITORING_ITEM, True, said)
+
+
 def assess(evidence: Evidence) -> list[ReadinessItem]:
     """Every checklist item, in the order a reviewer reads them."""
     project, gate = evidence.project, evidence.gate
@@ -342,6 +380,7 @@ def assess(evidence: Evidence) -> list[ReadinessItem]:
         )
     )
     items.append(lineage(evidence))
+    items.append(monitoring_item(evidence))
     return items
 
 

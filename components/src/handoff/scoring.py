@@ -1,5 +1,7 @@
 """Scoring ONNX Runtime sessions on the held-out split, and timing them: what evaluate decides the
-gate with and optimize compares its candidate forms with, so both read the same numbers.
+gate with and optimize compares its candidate forms with, so both read the same numbers. Also the
+training items spread over the split that optimize calibrates on and the reference profile
+describes (``training_feeds``).
 
 The split is read batch by batch and never held whole (its inputs, its outputs): a split bigger
 than memory is scored in memory that does not grow with it, and any number of sessions are scored
@@ -16,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from handoff.data_hash import data_sha256
 from handoff.errors import HandoffError
@@ -81,6 +83,35 @@ def _length(dataset: Dataset[Any]) -> int | None:
         return len(dataset)  # type: ignore[arg-type]
     except TypeError:
         return None
+
+
+def training_feeds(
+    project: Project, cfg: Any, samples: int, batch_size: int
+) -> Iterator[dict[str, np.ndarray]]:
+    """Up to ``samples`` training items, spread evenly over the split (an iterable split: its first
+    items), as feeds of the contract's inputs, checked against the contract as they are read."""
+    train_set, _ = call_hook(project.hooks, "build_datasets", cfg)
+    picked: Dataset[Any] = train_set
+    with user_code(project.hooks, "loading the training split"):
+        length = _length(train_set)
+        if length == 0:
+            raise HandoffError("the training dataset is empty", file=MODEL_FILE, field="build_datasets")
+        if length is not None:
+            indices = np.linspace(0, length - 1, num=min(samples, length)).round().astype(int)
+            picked = Subset(train_set, sorted(set(indices.tolist())))
+        loader = iter(DataLoader(picked, batch_size=batch_size))
+    names = project.contract.input_names
+    seen = 0
+    while seen < samples:
+        with user_code(project.hooks, "loading the training split"):
+            batch = next(loader, None)
+        if batch is None:
+            return
+        inputs, _ = split_batch(batch)
+        arrays = [t.numpy() for t in inputs]
+        check_arrays(project.contract.inputs, arrays, what="inputs", source="the training dataset")
+        seen += len(arrays[0])
+        yield dict(zip(names, arrays, strict=True))
 
 
 @dataclass(frozen=True)

@@ -212,6 +212,25 @@ class OptimizeSettings(StrictModel):
     calibration_samples: int = Field(default=256, ge=1, le=100_000)
 
 
+class MonitoringSettings(StrictModel):
+    """The model server's payload log (a sample of requests and responses) and where
+    `handoff monitor`, which compares it with the served version's reference profile, reports."""
+
+    # Share of answered requests kept (0 turns the log off). Sampling costs the request a queue
+    # put; the writing happens on a thread of its own.
+    sample_rate: float = Field(default=1.0, ge=0, le=1)
+    # The store's size: past it the oldest files are deleted, so a busy model cannot fill a disk.
+    max_mib: float = Field(default=256, gt=0)
+    # A folder or an object-store URI; null keeps it in this machine's state folder
+    # (payloads/<model>). Set, the cluster's InferenceService sends every request and response
+    # to the namespace's payload collector (KServe's logger, manifests/monitoring/), which writes
+    # each model under its root: so on a cluster it is <the collector's store>/<model name>.
+    store: str | None = Field(default=None, min_length=1)
+    # Where `handoff monitor` pushes its drift gauges when run as a pipeline step on a cluster
+    # (a Prometheus Pushgateway, e.g. http://pushgateway.monitoring:9091); null: none pushed.
+    pushgateway: str | None = Field(default=None, pattern=r"^https?://")
+
+
 class Settings(StrictModel):
     project: InferenceServiceName
     template_version: str
@@ -222,6 +241,7 @@ class Settings(StrictModel):
     serving: ServingSettings = ServingSettings()
     training: TrainingSettings = TrainingSettings()
     optimize: OptimizeSettings = OptimizeSettings()
+    monitoring: MonitoringSettings = MonitoringSettings()
     cluster: ClusterSettings = ClusterSettings()
 
     @model_validator(mode="after")

@@ -28,6 +28,15 @@ TargetOpt = Annotated[
     typer.Option(help="Kubeflow Pipelines, Argo Workflows or both (default: handoff.yaml's orchestrator)."),
 ]
 OutOpt = Annotated[Path, typer.Option(help="Folder for the compiled files.", file_okay=False)]
+MonitorOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--monitor/--no-monitor",
+        help="Also the monitoring pipeline (handoff monitor as a step), or not (default: when "
+        "handoff.yaml's monitoring.store is an object-store URI the pods can read).",
+        show_default=False,
+    ),
+]
 
 
 @app.command()
@@ -73,12 +82,16 @@ def compile_(
     out: OutOpt = Path("compiled"),
     image: ImageOpt = None,
     target: TargetOpt = None,
+    monitor: MonitorOpt = None,
 ) -> None:
     """Compile for a cluster: the KFP pipeline (and its training job when training.nodes > 1) and/or
-    the Argo WorkflowTemplate."""
+    the Argo WorkflowTemplate, each with its monitoring pipeline when monitoring.store is set."""
     from handoff_pipelines.compiled import compile_project
 
-    for path in compile_project(project, out, image=_checked_image(image), targets=_targets(target)):
+    written = compile_project(
+        project, out, image=_checked_image(image), targets=_targets(target), monitor=monitor
+    )
+    for path in written:
         typer.echo(f"wrote {path}")
 
 

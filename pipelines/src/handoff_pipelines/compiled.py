@@ -3,6 +3,8 @@ multi-node training on KFP, the training job its train step launches, so each ca
 diffed and validated before a run.
 
 Which engines: ``targets``, by default what handoff.yaml's ``orchestrator`` says (``both``: both).
+For each, the monitoring pipeline too (``handoff_pipelines.monitor_pipeline``) when handoff.yaml's
+``monitoring.store`` is a store the pods can read; otherwise a note says why it was left out.
 Outputs are deterministic (same project, same bytes), so they can be committed and checked for
 drift in CI.
 """
@@ -17,6 +19,7 @@ import yaml
 from kfp import compiler
 
 from handoff.artifact_store import check_cluster_tracking
+from handoff.errors import HandoffError
 from handoff.kube.images import floating_image_warning
 from handoff.labels import labels
 from handoff.project import Project
@@ -27,6 +30,8 @@ from handoff_pipelines.graph import build_pipeline
 KFP_FILE = "pipeline.kfp.yaml"
 ARGO_FILE = "workflow-template.argo.yaml"
 TRAIN_JOB_FILE = "train-job.yaml"
+MONITOR_KFP_FILE = "monitor.kfp.yaml"
+MONITOR_ARGO_FILE = "monitor-workflow-template.argo.yaml"
 TARGETS = ("kfp", "argo")
 # The train step names its job after the pipeline run; the compiled copy shows this one.
 EXAMPLE_RUN_KEY = "example-run"
@@ -85,6 +90,7 @@ def compile_project(
     out_dir: Path | str,
     image: str | None = None,
     targets: tuple[str, ...] | None = None,
+    monitor: bool | None = None,
 ) -> list[Path]:
     """Write everything a cluster run needs into ``out_dir``; returns the files written.
 
@@ -93,6 +99,8 @@ def compile_project(
     ``handoff.kube.images.is_image_reference``.
     ``targets`` (``TARGETS``) defaults to handoff.yaml's ``orchestrator``. Every target is checked
     before anything is written.
+    ``monitor``: also the monitoring pipeline (refused when ``monitoring.store`` is no store the pods
+    can read), or not; None (the default): when the store is one, else a note on stderr says why not.
     """
     project = Project.load(project_dir)
     if image is not None:
@@ -107,6 +115,16 @@ def compile_project(
         from handoff_pipelines.argo import check_argo_target
 
         check_argo_target(project)
+    from handoff_pipelines.monitor_pipeline import check_monitor_target
+
+    if monitor is not False:
+        try:
+            check_monitor_target(project)
+        except HandoffError as exc:
+            if monitor:
+                raise
+            print(f"handoff: note: no monitoring pipeline: {exc}", file=sys.stderr, flush=True)
+            monitor = False
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -117,6 +135,18 @@ def compile_project(
             written.append(write_train_job(project, stale))
         else:
             stale.unlink(missing_ok=True)  # single-node: the train step trains in its own pod
+        written += _monitor_file(project, out / MONITOR_KFP_FILE, monitor is not False, "kfp")
     if "argo" in chosen:
         written.append(compile_argo(project, out / ARGO_FILE))
+        written += _monitor_file(project, out / MONITOR_ARGO_FILE, monitor is not False, "argo")
     return written
+
+
+def _monitor_file(project: Project, path: Path, wanted: bool, target: str) -> list[Path]:
+    """The monitoring pipeline for ``target``, or none (and none left from an earlier compile)."""
+    from handoff_pipelines.monitor_pipeline import compile_monitor_argo, compile_monitor_kfp
+
+    if not wanted:
+        path.unlink(missing_ok=True)
+        return []
+    return [(compile_monitor_kfp if target == "kfp" else compile_monitor_argo)(project, path)]

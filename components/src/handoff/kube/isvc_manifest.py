@@ -91,6 +91,14 @@ RUN_AS_USER = {"triton": 1000, "kserve": 10001}
 # shutdown_grace_s for the server's exit.
 PRE_STOP_S = 5
 EXIT_MARGIN_S = 5
+# The payload collector's Service (manifests/monitoring/collector.yaml), one per namespace. With a
+# payload store set (handoff.yaml monitoring.store) the predictor asks KServe for its logger: the
+# agent sidecar KServe adds then sends every request and 200 response to the collector, which
+# writes them to that store (handoff.payload_collector). ``metadataAnnotations`` makes the agent
+# forward the service's VERSION_KEY annotation with each event (KServe copies the service's
+# annotations onto the pods it makes, and the agent reads them from its pod), so each row names
+# the version the pod that answered serves, on Triton too.
+PAYLOAD_COLLECTOR = "handoff-payload-collector"
 
 
 @dataclass(frozen=True)
@@ -181,10 +189,26 @@ def predictor_spec(
     if raw:
         grace = PRE_STOP_S + math.ceil(settings.serving.shutdown_grace_s) + EXIT_MARGIN_S
         spec["terminationGracePeriodSeconds"] = grace
+    logger = payload_logger(settings)
+    if logger is not None:
+        spec["logger"] = logger
     if canary is not None:
         spec[CANARY_KEY] = canary
     spec["labels"][SPEC_KEY] = spec_digest(spec)
     return spec
+
+
+def payload_logger(settings: Settings) -> dict[str, Any] | None:
+    """``spec.predictor.logger`` when the project keeps a payload store on the cluster, else None
+    (no store: no payload log there). The model server logs nothing itself on a cluster
+    (server_settings gets no monitoring settings here), so each pair is logged once."""
+    if settings.monitoring.store is None:
+        return None
+    return {
+        "mode": "all",
+        "url": f"http://{PAYLOAD_COLLECTOR}.{settings.namespace}.svc.cluster.local/",
+        "metadataAnnotations": [VERSION_KEY],
+    }
 
 
 def spec_digest(predictor: dict[str, Any]) -> str:

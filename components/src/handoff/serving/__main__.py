@@ -4,9 +4,10 @@ The spec file (written by the deploy step) names the model, its registered contr
 port, and optionally ``max_request_bytes`` (default 16 MiB; larger bodies get 413),
 ``batching`` (``max_batch_size``, ``max_wait_ms``), ``model_version``, ``max_inflight_bytes``,
 ``max_concurrency`` (connections served at once; more get 503), ``header_timeout_s`` and
-``shutdown_grace_s`` (defaults: handoff.yaml's, ``ServingSettings``). It is a file rather than
-flags because importing ``kserve.model_server`` parses ``sys.argv`` itself. The deploy step binds
-the socket and passes it as a file descriptor.
+``shutdown_grace_s`` (defaults: handoff.yaml's, ``ServingSettings``), and ``payload_log``
+(``sample_rate``, ``max_bytes``, ``store``: handoff.yaml's ``monitoring``; none by default). It
+is a file rather than flags because importing ``kserve.model_server`` parses ``sys.argv`` itself.
+The deploy step binds the socket and passes it as a file descriptor.
 
 SIGTERM (graceful.py): stop accepting, but first take every connection waiting in the listen
 queue; answer every request already received with ``Connection: close``; exit 0 within
@@ -40,8 +41,9 @@ from pathlib import Path
 from typing import Any
 
 from handoff.contract import load_contract
-from handoff.files import read_json
-from handoff.serving import graceful, guards, kserve_internals
+from handoff.files import read_json, sha256_of
+from handoff.payload_log import PayloadLog
+from handoff.serving import graceful, guards, kserve_internals, metrics
 from handoff.serving.front import FrontDoor
 from handoff.serving.local_server import serving_marker
 from handoff.serving.onnx_model import OnnxModel
@@ -58,6 +60,7 @@ def serve(spec_path: Path, fd: int | None = None, takeover_fd: int | None = None
     spec = {**server_settings(ServingSettings(), "1"), **read_json(spec_path)}
     contract = load_contract(Path(spec["contract_dir"]))
     batching = BatchingSettings.model_validate(spec["batching"])
+    payload_log = _payload_log(spec)
     model = OnnxModel(
         spec["model_name"],
         Path(spec["onnx_path"]),
@@ -66,6 +69,7 @@ def serve(spec_path: Path, fd: int | None = None, takeover_fd: int | None = None
         max_wait_ms=batching.max_wait_ms,
         # model.py (for preprocess/postprocess) sits beside the contract: register attaches both.
         code_dir=Path(spec["contract_dir"]),
+        payload_log=payload_log,
     )
 
     example = {"inputs": [{**tensor.v2_metadata(), "data": ["..."]} for tensor in contract.request_inputs]}
@@ -203,9 +207,29 @@ def serve(spec_path: Path, fd: int | None = None, takeover_fd: int | None = None
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # on the way out already: let nothing cut it
         if handover is not None:
             handover.unlink(missing_ok=True)
+        if payload_log is not None:
+            payload_log.close()  # every request answered is sampled by now: write the last ones
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if failed.is_set():
         sys.exit(1)  # never ready: the deploy step (or Kubernetes) sees the exit and the one line above
+
+
+def _payload_log(spec: dict[str, Any]) -> PayloadLog | None:
+    """The payload log the spec asks for, if any (a store and a sample rate above 0)."""
+    settings = spec.get("payload_log") or {}
+    if not settings.get("store") or float(settings.get("sample_rate", 0)) <= 0:
+        return None
+    written, dropped = metrics.payload_counters(spec["model_name"])
+    return PayloadLog(
+        settings["store"],
+        model=spec["model_name"],
+        version=str(spec["model_version"]),
+        sample_rate=float(settings["sample_rate"]),
+        max_bytes=int(settings["max_bytes"]),
+        on_written=written,
+        on_dropped=dropped,
+        model_sha256=sha256_of(Path(spec["onnx_path"])),
+    )
 
 
 def _exit_at_once(signum: int, frame: Any) -> None:

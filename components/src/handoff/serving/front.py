@@ -133,7 +133,8 @@ class FrontDoor:
                 "outputs": model.get_output_types(),
             }
         )
-        self.latency = metrics.LATENCY.labels(name)
+        # Buckets with the contract's latency SLO as a bound: alert rules count the slower requests.
+        self.latency = metrics.latency_histogram(model.contract.slo.latency_p99_ms / 1000).labels(name)
         self.count = metrics.RequestCounter(name)
         self.predict_time = PREDICT_HIST_TIME.labels(name)  # KServe's own, which dashboards read
         routes: dict[str, dict[str, Callable[..., Awaitable[int]]]] = {
@@ -319,10 +320,11 @@ class FrontDoor:
             body = await self.decompress(body, encoding, body_state)
             request, feeds = await self.decode(body, headers)
             del body  # held no longer than its arrays need it
-            predicting = time.perf_counter()
-            outputs = await self.model.infer(request, feeds)
-            self.predict_time.observe(time.perf_counter() - predicting)
             response_id = request.id or self.new_id()
+            predicting = time.perf_counter()
+            # The payload log records the id the response carries, so feedback can be joined to it.
+            outputs = await self.model.infer(request, feeds, request_id=response_id)
+            self.predict_time.observe(time.perf_counter() - predicting)
             encoded = (self.model.name, self.version, response_id, outputs)
             if sum(output.array.nbytes for output in outputs) >= OFF_LOOP_BYTES:
                 payload, response_headers = await self.off_loop(encode_response, *encoded)

@@ -2,8 +2,8 @@
 
 KServe's ``request_predict_seconds`` times the model's run; these add what an on-call engineer
 alerts on: inference requests by status code, their latency as clients see it (every request,
-rejected ones included; the front door records both), and the batch sizes the dynamic batcher
-forms.
+rejected ones included; the front door records both), the batch sizes the dynamic batcher
+forms, and the payload log's rows written and dropped.
 """
 
 from __future__ import annotations
@@ -18,12 +18,8 @@ REQUESTS = Counter(
     "Inference requests answered, by model and HTTP status code",
     ["model", "code"],
 )
-LATENCY = Histogram(
-    "handoff_inference_request_duration_seconds",
-    "Inference request latency, from the request's arrival to the end of its response",
-    ["model"],
-    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
-)
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_latency: Histogram | None = None
 BATCH_SIZE = Histogram(
     "handoff_batch_size",
     "Rows in each model run (dynamic batching puts several requests in one run)",
@@ -36,6 +32,39 @@ BATCH_REQUESTS = Histogram(
     ["model"],
     buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64),
 )
+
+PAYLOAD_ROWS = Counter(
+    "handoff_payload_log_rows",  # exposed as handoff_payload_log_rows_total
+    "Rows the payload log wrote to its store",
+    ["model"],
+)
+PAYLOAD_DROPPED = Counter(
+    "handoff_payload_log_dropped",
+    "Sampled rows the payload log dropped (its queue was full, or its store could not be written)",
+    ["model"],
+)
+
+
+def latency_histogram(slo_s: float | None = None) -> Histogram:
+    """The request latency histogram, made on the first call in the process (a server serves one
+    model): its buckets are LATENCY_BUCKETS and the contract's ``slo.latency_p99_ms`` (``slo_s``,
+    in seconds), so an alert rule reads the share of requests slower than the SLO exactly, from
+    the ``le`` bucket of that bound."""
+    global _latency
+    if _latency is None:
+        bounds = sorted({*LATENCY_BUCKETS, *([slo_s] if slo_s else [])})
+        _latency = Histogram(
+            "handoff_inference_request_duration_seconds",
+            "Inference request latency, from the request's arrival to the end of its response",
+            ["model"],
+            buckets=bounds,
+        )
+    return _latency
+
+
+def payload_counters(model: str) -> tuple[Callable[[float], None], Callable[[float], None]]:
+    """``(written, dropped)``: count the payload log's rows of ``model``."""
+    return PAYLOAD_ROWS.labels(model).inc, PAYLOAD_DROPPED.labels(model).inc
 
 
 def batch_recorder(model: str) -> Callable[[int, int], None]:

@@ -13,6 +13,9 @@ With model.py's preprocess/postprocess (the contract's ``raw:``), requests are c
 that raises on a request is a 400 naming it), and postprocess turns the model's outputs into the
 ``raw.outputs`` the response carries. The hooks are model.py's, imported from the model's folder
 in ``load()`` (``raw_io.load_serving_hooks``), and run in this process.
+
+With a ``PayloadLog``, each answered request is offered to it: the inputs as the request gave them
+(before preprocess) and the response's outputs (after postprocess, all of them).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from kserve.errors import InferenceError, InvalidInput
 from handoff.contract import Contract, TensorSpec
 from handoff.errors import HandoffError
 from handoff.onnx_io import first_outside, open_session
+from handoff.payload_log import PayloadLog
 from handoff.raw_io import HookRaised, check_raw_hooks, has_raw_hooks, load_serving_hooks, run_hook
 from handoff.serving import metrics
 from handoff.serving.batcher import Batcher
@@ -182,8 +186,10 @@ class OnnxModel(kserve.Model):
         max_batch_size: int = 1,
         max_wait_ms: float = 0,
         code_dir: Path | None = None,
+        payload_log: PayloadLog | None = None,
     ):
         super().__init__(name)
+        self.payload_log = payload_log
         self.onnx_path = onnx_path
         self.contract = contract
         # Where model.py is (the contract's folder): imported in load() when the contract has raw:.
@@ -303,10 +309,18 @@ class OnnxModel(kserve.Model):
             raise InvalidInput(f"every input needs the same first (batch) dimension, got {rows}")
         return feeds
 
-    async def infer(self, request: Request, feeds: dict[str, np.ndarray] | None = None) -> list[Output]:
-        """The response's outputs for a V2 request (``feeds``: its inputs, already decoded)."""
+    async def infer(
+        self,
+        request: Request,
+        feeds: dict[str, np.ndarray] | None = None,
+        *,
+        request_id: str | None = None,
+    ) -> list[Output]:
+        """The response's outputs for a V2 request (``feeds``: its inputs, already decoded;
+        ``request_id``: the id its response carries, for the payload log, else the request's)."""
         if feeds is None:
             feeds = self.decode(request)
+        received = feeds
         if self.hooks is not None and hasattr(self.hooks, "preprocess"):
             feeds = self._hook("preprocess", feeds, self.contract.inputs, "inputs")
             rows = {name: array.shape[0] for name, array in feeds.items()}
@@ -320,6 +334,9 @@ class OnnxModel(kserve.Model):
         if self.hooks is not None and hasattr(self.hooks, "postprocess"):
             named = dict(zip(self.output_names, results, strict=True))
             results = list(self._hook("postprocess", named, self.response_specs, "raw.outputs").values())
+        if self.payload_log is not None:
+            answered = dict(zip(self.response_names, results, strict=True))
+            self.payload_log.offer(received, answered, request_id or request.id)
         binary = request.binary_outputs
         if request.outputs is None:
             return [
@@ -367,9 +384,10 @@ class OnnxModel(kserve.Model):
             outputs={o.name: None for o in payload.request_outputs} if payload.request_outputs else None,
             binary_outputs=bool(payload.use_binary_outputs),
         )
-        outputs = await self.infer(request)
+        response_id = payload.id or str(uuid.uuid4())
+        outputs = await self.infer(request, request_id=response_id)
         return InferResponse(
-            response_id=payload.id or str(uuid.uuid4()),
+            response_id=response_id,
             model_name=self.name,
             infer_outputs=[
                 # KServe encodes the array as JSON or raw bytes, as the request asked.

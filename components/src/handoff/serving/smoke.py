@@ -12,6 +12,7 @@ import numpy as np
 import requests
 
 from handoff.contract import Contract
+from handoff.payload_log import LATENCY_CHECK_ID, SMOKE_TEST_ID
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,7 @@ def _smoke_test(url: str, model_name: str, contract: Contract, example: dict[str
     try:
         response = requests.post(
             f"{url}/v2/models/{model_name}/infer",
-            json={"id": "smoke-test", "inputs": example["inputs"]},
+            json={"id": SMOKE_TEST_ID, "inputs": example["inputs"]},
             timeout=30,
         )
     except requests.RequestException as exc:
@@ -113,7 +114,9 @@ def latency_check(
         array = np.asarray(tensor["data"]).reshape(tensor["shape"])
         repeated = np.resize(array, (rows, *array.shape[1:]))
         inputs.append({**tensor, "shape": list(repeated.shape), "data": repeated.ravel().tolist()})
-    body = json.dumps({"inputs": inputs})  # encoded once: the client's encoding is not the server's latency
+    # Encoded once: the client's encoding is not the server's latency. The id keeps it out of the
+    # payload log (synthetic traffic).
+    body = json.dumps({"id": LATENCY_CHECK_ID, "inputs": inputs})
     headers = {"content-type": "application/json"}
     timings = []
     with requests.Session() as session:

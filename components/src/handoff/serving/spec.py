@@ -10,15 +10,23 @@ from __future__ import annotations
 
 from typing import Any
 
-from handoff.settings import ServingSettings
+from handoff.settings import MonitoringSettings, ServingSettings
 
 MIB = 1024 * 1024
 SETTINGS_ENV = "HANDOFF_SERVER_SETTINGS"
 
 
-def server_settings(serving: ServingSettings, model_version: str) -> dict[str, Any]:
-    """The spec's keys that come from handoff.yaml, for the registered version ``model_version``."""
-    return {
+def server_settings(
+    serving: ServingSettings,
+    model_version: str,
+    monitoring: MonitoringSettings | None = None,
+    payload_store: str | None = None,
+) -> dict[str, Any]:
+    """The spec's keys that come from handoff.yaml, for the registered version ``model_version``.
+    With ``monitoring``, the server keeps a payload log in ``payload_store`` (else
+    ``monitoring.store``); without, or with no store, it keeps none (on a cluster KServe's logger
+    sends the payloads out instead)."""
+    settings: dict[str, Any] = {
         "model_version": str(model_version),
         "max_request_bytes": int(serving.max_request_mib * MIB),
         "max_inflight_bytes": int(serving.max_inflight_mib * MIB),
@@ -27,3 +35,10 @@ def server_settings(serving: ServingSettings, model_version: str) -> dict[str, A
         "shutdown_grace_s": serving.shutdown_grace_s,
         "batching": serving.batching.model_dump(),
     }
+    if monitoring is not None:
+        settings["payload_log"] = {
+            "sample_rate": monitoring.sample_rate,
+            "max_bytes": int(monitoring.max_mib * MIB),
+            "store": payload_store or monitoring.store,
+        }
+    return settings

@@ -28,9 +28,11 @@ from handoff.errors import HandoffError
 from handoff.files import read_json, sha256_of
 from handoff.gates import Champion, Gate, absolute_checks, decide, relative_checks
 from handoff.lineage import HELDOUT_TAG
+from handoff.monitoring_config import MONITORING_DIR, alert_names, write_monitoring
 from handoff.onnx_io import open_session
 from handoff.project import Project
 from handoff.readiness import ReadinessItem
+from handoff.reference_profile import build_reference
 
 # Scoring lives in handoff.scoring (optimize scores its candidates the same way); these names stay
 # importable from here, where the tests of projects generated before the move import them.
@@ -146,6 +148,8 @@ def evaluate(
             *relative_checks(slo, scores.metrics, champion, data.sha256),
         ]
     )
+    # The reference profile travels with the report: register attaches both to the version.
+    reference = build_reference(project, cfg, session, data) if report_dir is not None else None
     evidence = readiness.Evidence(
         project=project,
         metrics=scores.metrics,
@@ -156,6 +160,8 @@ def evaluate(
         training_run_id=training_run_id,
         cfg=cfg,
         optimized=optimized,
+        reference=None if reference is None else reference.record,
+        alerts=tuple(alert_names(project)),
     )
     items = readiness.assess(evidence)
     report = ""
@@ -171,6 +177,9 @@ def evaluate(
             optimized,
         )
         readiness.write_report(Path(report_dir), evidence, items, pictures, scores.per_class, scores.slices)
+        assert reference is not None
+        reference.write(Path(report_dir))
+        write_monitoring(project, Path(report_dir) / MONITORING_DIR)
         report = str(report_dir)
     return EvalResult(
         metrics=scores.metrics,

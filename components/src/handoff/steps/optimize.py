@@ -33,7 +33,6 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
 
 from handoff.artifacts import (
     CONFIG_FILE,
@@ -48,13 +47,12 @@ from handoff.contract_examples import example_arrays, example_payload, served_ex
 from handoff.errors import HandoffError
 from handoff.files import read_json, sha256_of, write_json
 from handoff.form_choice import Candidate, Choice, choose
-from handoff.hooks import MODEL_FILE, call_hook, split_batch, user_code
 from handoff.onnx_export import at_other_sizes, dynamic_axes
 from handoff.onnx_forms import FormNotMade, make_form
 from handoff.onnx_io import check_arrays, open_session, run_session
 from handoff.project import Project
 from handoff.raw_io import has_raw_hooks, served_code
-from handoff.scoring import HeldOut, RivalFailed, measure_latencies, score_all
+from handoff.scoring import HeldOut, RivalFailed, measure_latencies, score_all, training_feeds
 from handoff.triton import write_layout
 
 CALIBRATION_BATCH = 32
@@ -193,32 +191,7 @@ def _make_candidates(project: Project, cfg: Any, fp32: Path, scratch: Path) -> d
 def _calibration_feeds(project: Project, cfg: Any) -> Iterator[dict[str, np.ndarray]]:
     """``optimize.calibration_samples`` training items, spread evenly over the split, as feeds of
     the contract's inputs (what ORT's calibrator runs the model on to measure activation ranges)."""
-    train_set, _ = call_hook(project.hooks, "build_datasets", cfg)
-    samples = project.settings.optimize.calibration_samples
-    picked: Dataset[Any] = train_set
-    with user_code(project.hooks, "loading the training split"):
-        try:
-            length = len(train_set)
-        except TypeError:
-            length = None  # an iterable dataset: its first items
-        if length is not None:
-            if length == 0:
-                raise HandoffError("the training dataset is empty", file=MODEL_FILE, field="build_datasets")
-            indices = np.linspace(0, length - 1, num=min(samples, length)).round().astype(int)
-            picked = Subset(train_set, sorted(set(indices.tolist())))
-        loader = iter(DataLoader(picked, batch_size=CALIBRATION_BATCH))
-    names = project.contract.input_names
-    seen = 0
-    while seen < samples:
-        with user_code(project.hooks, "loading the training split"):
-            batch = next(loader, None)
-        if batch is None:
-            return
-        inputs, _ = split_batch(batch)
-        arrays = [t.numpy() for t in inputs]
-        check_arrays(project.contract.inputs, arrays, what="inputs", source="the training dataset")
-        seen += len(arrays[0])
-        yield dict(zip(names, arrays, strict=True))
+    return training_feeds(project, cfg, project.settings.optimize.calibration_samples, CALIBRATION_BATCH)
 
 
 def _example_runs(project: Project, cfg: Any) -> list[list[np.ndarray]]:

@@ -33,12 +33,13 @@ from mlflow.types import Schema
 from mlflow.types import TensorSpec as MlflowTensorSpec
 
 from handoff import __version__
-from handoff.artifacts import EXAMPLE_FILE, FP32_FILE, ONNX_FILE, OPTIMIZE_RECORD_FILE
+from handoff.artifacts import EXAMPLE_FILE, FP32_FILE, ONNX_FILE, OPTIMIZE_RECORD_FILE, REFERENCE_FILES
 from handoff.contract import CONTRACT_FILE, Contract
 from handoff.errors import HandoffError
 from handoff.files import read_json, sha256_of
 from handoff.lineage import DATA_TAG, HELDOUT_TAG, IMAGE_TAG, git_sha, image_reference
 from handoff.model_card import CARD_FILE, check_model_card, filled_in_card
+from handoff.monitoring_config import MONITORING_DIR
 from handoff.project import Project
 from handoff.readiness import REPORT_HTML, REPORT_MD
 from handoff.registry import (
@@ -110,13 +111,16 @@ def _attachments(
     report_dir: Path | None,
     tmp: Path,
 ) -> list[str]:
-    """Files attached to the version: the filled-in model card and the readiness report."""
+    """Files attached to the version: the filled-in model card, the readiness report, the
+    reference profile `handoff monitor` compares traffic with and the monitoring config."""
     images = sorted(p.name for p in report_dir.glob("*.png")) if report_dir else []
     filled = filled_in_card(card, _card_facts(project, checked, tags), {name: name for name in images})
     (tmp / CARD_FILE).write_text(filled, encoding="utf-8")
     files = [str(tmp / CARD_FILE)]
     if report_dir is not None:
-        report = [report_dir / n for n in (REPORT_MD, REPORT_HTML, *images)]
+        report = [report_dir / n for n in (REPORT_MD, REPORT_HTML, *images, *REFERENCE_FILES)]
+        # The alert rules and dashboard evaluate generated from this version's contract.
+        report += sorted((report_dir / MONITORING_DIR).glob("*"))
         files += [str(p) for p in report if p.is_file()]
     return files
 

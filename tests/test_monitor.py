@@ -1,0 +1,232 @@
+"""`handoff monitor` on real parts: the default model registered with its reference profile
+(evaluate's real report folder), served by the real local KServe server with its payload log on,
+real V2 traffic, Evidently's real drift tests. In-distribution traffic gets no drift verdict;
+inverted or noised digits get one, exit 1, and a report and verdict that name the drifted input."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import matplotlib.image as mpimg
+import numpy as np
+import pytest
+import requests
+from typer.testing import CliRunner
+
+from handoff.cli import app
+from handoff.payload_log import payload_store, read_window
+from handoff.project import Project
+from handoff.serving import local_server
+from handoff.step_entry import record_json
+from handoff.steps.deploy import deploy
+from handoff.steps.evaluate import evaluate
+from handoff.steps.register import register
+
+from .conftest import edit_yaml, mlflow_state_restored
+from .test_triton_layout import EVALUATION, MODEL, _export
+
+pytestmark = pytest.mark.local
+
+
+@dataclass(frozen=True)
+class Served:
+    project: Path
+    url: str
+    version: str
+    heldout: np.ndarray  # the held-out split's images, [n, 1, 8, 8] in [0, 1]
+    logged_by_deploy: int  # payload log rows right after deploy (its smoke test, latency check)
+
+
+@pytest.fixture(scope="module")
+def served(default_project: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """The default model evaluated (reference profile), registered and served with payload logging."""
+    root = tmp_path_factory.mktemp("monitor")
+    project_dir = Path(shutil.copytree(default_project, root / MODEL))
+    edit_yaml(project_dir / "handoff.yaml", lambda s: s["serving"].update(port=0))
+    with mlflow_state_restored():
+        loaded = Project.load(project_dir)
+        onnx = _export(loaded, 0, root / "export")
+        report = root / "report"
+        evaluation = json.loads(record_json(evaluate(project_dir, onnx, report_dir=report)))
+        version = register(project_dir, onnx, evaluation, report_dir=report).version
+        deployed = deploy(project_dir, MODEL, version, cluster=False)
+        _, heldout = loaded.hooks.build_datasets(loaded.config())
+        images = np.stack([image.numpy() for image, _ in heldout])
+        logged = read_window(payload_store(loaded)).rows
+        yield Served(project_dir, deployed.url, version, images, logged)
+        local_server.stop(loaded.state_dir, project=loaded.root)
+
+
+def send(served: Served, images: np.ndarray, rows_per_request: int = 8) -> datetime:
+    """POST ``images`` as V2 requests; wait until the payload log holds them; when they began."""
+    began = datetime.now(UTC)
+    store = payload_store(Project.load(served.project))
+    before = read_window(store).rows
+    with requests.Session() as session:
+        for start in range(0, len(images), rows_per_request):
+            batch = images[start : start + rows_per_request]
+            body = {
+                "inputs": [
+                    {
+                        "name": "image",
+                        "shape": list(batch.shape),
+                        "datatype": "FP32",
+                        "data": batch.ravel().tolist(),
+                    }
+                ]
+            }
+            answer = session.post(f"{served.url}/v2/models/{MODEL}/infer", json=body, timeout=10)
+            assert answer.status_code == 200, answer.text
+    deadline = time.monotonic() + 20
+    while read_window(store).rows < before + len(images):
+        assert time.monotonic() < deadline, "the payload log never held the requests sent"
+        time.sleep(0.2)
+    return began
+
+
+def monitor(served: Served, out: Path, *args: str) -> tuple[int, str, dict]:
+    result = CliRunner().invoke(app, ["monitor", "--project", str(served.project), "--out", str(out), *args])
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.output
+    return result.exit_code, result.stderr, json.loads((out / "verdict.json").read_text())
+
+
+def test_deploys_own_probes_are_not_logged(served: Served) -> None:
+    """The smoke test and the latency check (the contract example, 211 times) are not traffic:
+    logged, they would read as drift."""
+    assert served.logged_by_deploy == 0
+
+
+def test_in_distribution_traffic_gets_no_drift_verdict(served: Served, tmp_path: Path) -> None:
+    began = send(served, served.heldout)
+    code, said, verdict = monitor(served, tmp_path, "--since", began.isoformat())
+    assert code == 0, said
+    assert verdict["status"] == "no drift" and not verdict["drift_detected"], verdict["reasons"]
+    assert verdict["version"] == served.version and verdict["rows"] == len(served.heldout)
+    # Every column of both sides was tested: the image's summaries, the class and its confidence.
+    summaries = {f"image.{s}" for s in ("mean", "std", "min", "p25", "p50", "p75", "max")}
+    assert set(verdict["columns"]) == {*summaries, "prediction", "confidence"}
+    assert verdict["columns"]["prediction"]["method"].startswith("chi-square")
+    assert f"no drift over {len(served.heldout)} rows" in said
+    gauges = (tmp_path / "metrics.prom").read_text()
+    assert re.search(rf'handoff_drift_detected\{{model="{MODEL}",version="{served.version}"\}} 0\.0', gauges)
+    assert (tmp_path / "report.html").stat().st_size > 100_000  # Evidently's page, scripts inlined
+
+
+@pytest.mark.parametrize(
+    "shift",
+    [
+        pytest.param(lambda x, rng: 1.0 - x, id="inverted"),
+        pytest.param(lambda x, rng: x + rng.normal(0, 0.35, x.shape).astype(np.float32), id="noised"),
+    ],
+)
+def test_shifted_digits_get_a_drift_verdict_naming_the_input(served: Served, tmp_path: Path, shift) -> None:
+    shifted = shift(served.heldout, np.random.default_rng(0)).astype(np.float32)
+    began = send(served, shifted)
+    code, said, verdict = monitor(served, tmp_path, "--since", began.isoformat())
+    assert code == 1, said
+    assert verdict["status"] == "drift" and verdict["drift_detected"]
+    assert verdict["drifted_inputs"] == ["image"]
+    assert verdict["drift_share"] >= 0.5
+    assert "input columns drifted" in verdict["reasons"][0] and "image." in verdict["reasons"][0]
+    assert "drift over" in said and "image." in said
+    drifted = [c for c, d in verdict["columns"].items() if d["drifted"]]
+    assert drifted and all(verdict["columns"][c]["score"] is not None for c in drifted)
+    rendered(tmp_path / "report.html", tmp_path / "report.png")
+    gauges = (tmp_path / "metrics.prom").read_text()
+    assert re.search(r"handoff_drift_detected\{[^}]*\} 1\.0", gauges)
+
+
+def rendered(html: Path, shot: Path) -> None:
+    """Evidently's page, rendered in headless Chromium offline: its charts drawn (plotly's SVG),
+    the drifted columns named, and a screenshot showing the charts' reds and greys."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "chromium is required for this test (apt-get install chromium; .ci/run installs it)"
+    browser = [
+        chromium,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--no-first-run",
+        "--hide-scrollbars",
+        "--window-size=1400,2000",
+        "--virtual-time-budget=15000",  # the page is a React app: let it render before reading it
+    ]
+    dom = subprocess.run(
+        [*browser, "--dump-dom", html.as_uri()], capture_output=True, text=True, timeout=120, check=True
+    ).stdout
+    assert dom.count('class="main-svg"') >= 2, "no plotly chart was drawn"
+    assert "Dataset Drift is detected" in dom and "image.p50" in dom
+    subprocess.run(
+        [*browser, f"--screenshot={shot}", html.as_uri()], capture_output=True, timeout=120, check=True
+    )
+    pixels = (mpimg.imread(shot)[..., :3] * 255).astype(np.int16)
+    red = ((pixels[..., 0] > 200) & (pixels[..., 1] < 60) & (pixels[..., 2] < 60)).sum()
+    assert red > 2000, f"only {red} red pixels: the distribution charts did not render"
+
+
+def test_too_few_rows_give_no_verdict_and_say_why(served: Served, tmp_path: Path) -> None:
+    send(served, served.heldout[:16])
+    code, _, verdict = monitor(served, tmp_path, "--last-rows", "16")
+    assert code == 0
+    assert verdict["status"] == "not enough data" and verdict["rows"] == 16
+    assert "fewer than slo.drift.min_rows 200" in verdict["reasons"][0]
+    assert not (tmp_path / "report.html").exists()
+    assert "handoff_drift_detected" not in (tmp_path / "metrics.prom").read_text()
+
+
+def test_a_version_registered_without_a_profile_is_named(served: Served, tmp_path: Path) -> None:
+    loaded = Project.load(served.project)
+    with mlflow_state_restored():
+        bare = register(served.project, _export(loaded, 1, tmp_path / "export"), EVALUATION).version
+        result = CliRunner().invoke(
+            app,
+            ["monitor", "--project", str(served.project), "--version", bare, "--out", str(tmp_path / "m")],
+        )
+    assert result.exit_code != 0
+    assert f"registered version {MODEL}/{bare} has no reference profile" in str(result.exception)
+
+
+def test_a_bad_since_is_refused_with_the_forms_it_takes(served: Served, tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["monitor", "--project", str(served.project), "--since", "yesterday"])
+    assert "--since 'yesterday' is neither a duration (90s, 30m, 24h, 7d) nor an ISO time" in str(
+        result.exception
+    )
+
+
+@pytest.mark.unit
+def test_the_readiness_item_says_what_monitoring_lacks(default_project: Path) -> None:
+    """ "Monitoring configured" passes with a profile, payloads sampled and alerts generated, and
+    otherwise names each gap."""
+    from handoff.gates import decide
+    from handoff.readiness import Evidence, monitoring_item
+
+    project = Project.load(default_project)
+    profile = {"inputs": {"rows": 2000, "columns": ["image.mean"]}, "outputs": {"rows": 359, "columns": []}}
+    ready = Evidence(project, {}, decide([]), None, "", (), "", None, reference=profile, alerts=("A", "B"))
+    item = monitoring_item(ready)
+    assert item.passed and item.name == "Monitoring configured"
+    assert "2000 training items as 1 input columns, 359 held-out outputs" in item.evidence
+    assert "2 alert rules" in item.evidence and "Triton" in item.evidence  # the default cluster runtime
+    off = project.settings.model_copy(
+        update={"monitoring": project.settings.monitoring.model_copy(update={"sample_rate": 0.0})}
+    )
+    bare = Evidence(
+        dataclasses.replace(project, settings=off), {}, decide([]), None, "", (), "", None, reference=None
+    )
+    item = monitoring_item(bare)
+    assert not item.passed
+    assert item.evidence == (
+        "no reference profile: evaluate ran without a report folder (--report); "
+        "handoff.yaml monitoring.sample_rate is 0: the server logs no payloads to compare; "
+        "no alert rules were generated from contract.yaml"
+    )
