@@ -61,7 +61,9 @@ PLACES = (
     Place("pipelines/pyproject.toml", '    "ml-handoff=={v}",'),
     Place("components/Dockerfile", "ARG VERSION={v}"),
     Place("manifests/base/serving-runtime.yaml", "      image: registry.example.com/platform/ml-handoff:{v}"),
-    Place("manifests/monitoring/collector.yaml", "          image: registry.example.com/platform/ml-handoff:{v}"),
+    Place(
+        "manifests/monitoring/collector.yaml", "          image: registry.example.com/platform/ml-handoff:{v}"
+    ),
 )
 
 

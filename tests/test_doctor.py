@@ -682,9 +682,9 @@ def test_argos_executor_context_is_held_to_the_namespaces_pod_security_level(
 def test_the_pod_context_argos_check_assumes_is_the_one_handoff_compiles() -> None:
     """Argo's init and wait inherit the WorkflowTemplate's pod context: the check holds the executor
     setting to admission inside the pods handoff_pipelines.argo makes."""
-    from handoff_pipelines.argo import _pod_security
+    from handoff_pipelines.argo import pod_security
 
-    compiled = _pod_security().model_dump(by_alias=True, exclude_none=True, mode="json")
+    compiled = pod_security().model_dump(by_alias=True, exclude_none=True, mode="json")
     assert {k: compiled.get(k) for k in ARGO_POD_CONTEXT} == ARGO_POD_CONTEXT
 
 

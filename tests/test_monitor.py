@@ -23,6 +23,8 @@ import requests
 from typer.testing import CliRunner
 
 from handoff.cli import app
+from handoff.contract import Contract
+from handoff.drift_features import categorical, feature_table, input_columns, prediction_columns, tensor_of
 from handoff.payload_log import payload_store, read_window
 from handoff.project import Project
 from handoff.serving import local_server
@@ -31,7 +33,7 @@ from handoff.steps.deploy import deploy
 from handoff.steps.evaluate import evaluate
 from handoff.steps.register import register
 
-from .conftest import edit_yaml, mlflow_state_restored
+from .conftest import edit_yaml, generate, mlflow_state_restored
 from .test_triton_layout import EVALUATION, MODEL, _export
 
 pytestmark = pytest.mark.local
@@ -113,8 +115,9 @@ def test_in_distribution_traffic_gets_no_drift_verdict(served: Served, tmp_path:
     assert verdict["version"] == served.version and verdict["rows"] == len(served.heldout)
     # Every column of both sides was tested: the image's summaries, the class and its confidence.
     summaries = {f"image.{s}" for s in ("mean", "std", "min", "p25", "p50", "p75", "max")}
-    assert set(verdict["columns"]) == {*summaries, "prediction", "confidence"}
-    assert verdict["columns"]["prediction"]["method"].startswith("chi-square")
+    assert set(verdict["columns"]) == {*summaries, "logits.class", "logits.confidence"}
+    assert verdict["columns"]["logits.class"]["method"].startswith("chi-square")
+    assert {c["tensor"] for c in verdict["columns"].values()} == {"image", "logits"}
     assert f"no drift over {len(served.heldout)} rows" in said
     gauges = (tmp_path / "metrics.prom").read_text()
     assert re.search(rf'handoff_drift_detected\{{model="{MODEL}",version="{served.version}"\}} 0\.0', gauges)
@@ -230,3 +233,67 @@ def test_the_readiness_item_says_what_monitoring_lacks(default_project: Path) ->
         "handoff.yaml monitoring.sample_rate is 0: the server logs no payloads to compare; "
         "no alert rules were generated from contract.yaml"
     )
+
+
+def _regression(**slo: object) -> Contract:
+    return Contract.model_validate(
+        {
+            "name": "m",
+            "task": "regression",
+            "owners": {"research": "r", "engineering": "e"},
+            "inputs": [{"name": "input.1", "dtype": "float32", "shape": [-1, 3]}],
+            "outputs": [{"name": "prediction", "dtype": "float32", "shape": [-1, 1]}],
+            "slo": {"latency_p99_ms": 10, **slo},
+        }
+    )
+
+
+@pytest.mark.unit
+def test_only_a_classifiers_class_is_compared_as_categories(default_project: Path) -> None:
+    """The predicted class is a label (chi-square); a regression output named ``prediction`` stays a
+    number (every distinct float its own category would always drift)."""
+    digits = Project.load(default_project).contract
+    table = feature_table(prediction_columns(digits, {"logits": np.eye(10, dtype=np.float32)[[1, 2, 2]]}))
+    assert list(table.columns) == ["logits.class", "logits.confidence"]
+    assert categorical(table) == ["logits.class"] and table["logits.class"].tolist() == ["1", "2", "2"]
+    # A response that left the output out (the request asked for others) is logged empty: no class.
+    rows = [np.eye(10, dtype=np.float32)[1], np.empty(0, np.float32), np.eye(10, dtype=np.float32)[2]]
+    table = feature_table(prediction_columns(digits, {"logits": rows}))
+    assert table["logits.class"].tolist() == ["1", None, "2"] and np.isnan(table["logits.confidence"][1])
+    regression = _regression()
+    table = feature_table(
+        prediction_columns(regression, {"prediction": np.array([[0.5], [1.5]], np.float32)})
+    )
+    assert categorical(table) == [] and table["prediction"].tolist() == [0.5, 1.5]
+    # Columns name their tensor even where its name has dots of its own.
+    inputs = input_columns(regression, {"input.1": np.zeros((2, 3), np.float32)})
+    assert list(inputs) == ["input.1[0]", "input.1[1]", "input.1[2]"]
+    assert {tensor_of(c, ["input.1", "prediction"]) for c in inputs} == {"input.1"}
+
+
+@pytest.mark.unit
+def test_a_pad_value_must_name_an_input() -> None:
+    with pytest.raises(ValueError, match=r"is not an input; the inputs are \['input.1'\]"):
+        _regression(drift={"pad": {"tokens": 0}})
+
+
+@pytest.mark.unit
+def test_padded_training_reviews_and_unpadded_requests_describe_the_same_data(tmp_path: Path) -> None:
+    """The text starter pads every training review with 0 to a fixed length; clients send reviews
+    as long as they are. With the starter's slo.drift.pad the held-out reviews, sent unpadded, show
+    no input drift against the reference profile; without it nearly every column drifted."""
+    from handoff.reference_profile import reference_inputs
+    from handoff.steps.monitor import _evidently
+
+    project = Project.load(generate(tmp_path, starter="text-classification"))
+    assert project.contract.slo.drifting.pad == {"tokens": 0}
+    cfg = project.config()
+    reference = reference_inputs(project, cfg)
+    _, heldout = project.hooks.build_datasets(cfg)
+    sent = [row[row != 0] for row in heldout.tensors[0].numpy()]  # as clients send them
+    assert len({len(row) for row in sent}) > 1  # reviews of many lengths
+    current = feature_table(input_columns(project.contract, {"tokens": sent}))
+    columns = list(reference.columns)
+    assert "tokens.size" in columns and reference["tokens.size"].nunique() > 1
+    _, tested = _evidently(reference, current[columns], columns, [], project.contract.slo.drifting)
+    assert [c for c, (_, _, _, drifted) in tested.items() if drifted] == []

@@ -54,7 +54,6 @@ ALERTS = [
     "HandoffNoTraffic",
     "HandoffMetricsAbsent",
     "HandoffDriftDetected",
-    "HandoffDriftShareHigh",
     "HandoffDriftMonitorStale",
 ]
 RATE_INTERVAL = "1m"  # $__rate_interval at a 1 s scrape interval: many samples per window
@@ -95,7 +94,7 @@ def test_promtool_accepts_the_rule_file_and_the_prometheus_rule_holds_the_same_g
         timeout=60,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "SUCCESS: 13 rules found" in done.stdout
+    assert "SUCCESS: 12 rules found" in done.stdout
     # What the operator loads is the same rule file: its spec, checked by promtool too.
     operator = yaml.safe_load((written / mc.PROMETHEUS_RULE_FILE).read_text())
     assert operator["spec"] == yaml.safe_load((written / mc.RULES_FILE).read_text()) == mc.rules(loaded)
@@ -167,7 +166,6 @@ def alert_tests(project: Project) -> dict[str, AlertTest]:
     other = series_of("another-model", t.bound)
     served = {"namespace": NAMESPACE, "model": t.model}
     latency = {s["count"]: "0+60x420"}  # 60 requests a minute for 7 hours
-    share = t.max_drift_share
     return {
         "HandoffLatencyBudgetBurnFast": AlertTest(
             "1m",
@@ -229,12 +227,6 @@ def alert_tests(project: Project) -> dict[str, AlertTest]:
             ),
             {**served, "version": VERSION},
         ),
-        "HandoffDriftShareHigh": AlertTest(
-            "1m",
-            Case({drift_series(mc.DRIFT_SHARE, t.model): f"{(1 + share) / 2:g}x10"}, "5m"),
-            (Case({drift_series(mc.DRIFT_SHARE, t.model): f"{share:g}x10"}, "5m"),),
-            {**served, "version": VERSION},
-        ),
         "HandoffDriftMonitorStale": AlertTest(
             "1h",
             # The last verdict's time stays at the epoch, where promtool's clock starts.
@@ -282,6 +274,28 @@ def test_the_alert_fires_when_its_rule_is_broken_and_stays_quiet_otherwise(
     assert failed == "", f"{alert}: a case failed (the first fires, the others must not):\n{failed}"
 
 
+def test_a_drift_verdict_raises_one_ticket(loaded: Project, written: Path, tmp_path: Path) -> None:
+    """The gauges of one drift verdict (the share at or over slo.drift.max_drift_share, the
+    detected flag 1) are one event: HandoffDriftDetected fires and no other drift alert does."""
+    t = mc.targets(loaded)
+    rule = alert_rules(loaded)[mc.ALERT_DRIFT]
+    labels = {"namespace": NAMESPACE, "model": t.model, "version": VERSION, **rule["labels"]}
+    drift_alerts = [name for name, r in alert_rules(loaded).items() if "drift" in r["expr"]]
+    cases = []
+    for share in (t.max_drift_share, 1.0):
+        gauges = {
+            drift_series(mc.DRIFT_SHARE, t.model): f"{share:g}x10",
+            drift_series(mc.DRIFT_DETECTED, t.model): "1x10",
+            drift_series(mc.DRIFT_LAST_RUN, t.model): "0+60x10",  # a fresh verdict every minute
+        }
+        for alert in drift_alerts:
+            fired = alert == mc.ALERT_DRIFT
+            expected = [{"exp_labels": labels, "exp_annotations": rule["annotations"]}] if fired else []
+            cases.append(unit_test("1m", Case(gauges, "5m"), alert, expected))
+    failed = promtool_test(written / mc.RULES_FILE, tmp_path / "test.yaml", "1m", cases)
+    assert failed == "", f"one drift verdict must raise one ticket:\n{failed}"
+
+
 # --- made from the contract and handoff.yaml --------------------------------------------------
 
 
@@ -298,17 +312,20 @@ def test_a_stricter_contract_moves_the_slo_bound_and_the_drift_threshold(
     text = "\n".join(r["expr"] for g in mc.rules(changed)["groups"] for r in g["rules"])
     # The bucket bound as the server writes it (prometheus_client's floatToGoString of 0.04 s).
     assert 'le="0.04"' in text and 'le="0.025"' not in text
-    assert "> 0.3" in alert_rules(changed)["HandoffDriftShareHigh"]["expr"]
     assert "40 ms" in alert_rules(changed)["HandoffLatencyBudgetBurnFast"]["annotations"]["description"]
     # Scaled to zero when idle (min_replicas 0), a model without metrics is not an outage.
     assert "HandoffMetricsAbsent" not in mc.alert_names(changed)
     panels = {p["title"]: p for p in mc.dashboard(changed)["panels"]}
     steps = panels["Latency p50 and p99 against the SLO"]["fieldConfig"]["defaults"]["thresholds"]["steps"]
     assert steps[-1]["value"] == 0.04
+    # The drift share's threshold line (the verdict, so HandoffDriftDetected, holds it too).
+    drift = panels["Input drift share"]
+    assert drift["fieldConfig"]["defaults"]["thresholds"]["steps"][-1]["value"] == 0.3
+    assert "(0.3)" in drift["description"]
     # And the moved rules still fire where they should, and only there.
     mc.write_monitoring(changed, tmp_path / "out")
     specs = alert_tests(changed)
-    for alert in ("HandoffLatencyBudgetBurnFast", "HandoffDriftShareHigh"):
+    for alert in ("HandoffLatencyBudgetBurnFast",):
         rule, spec = alert_rules(changed)[alert], specs[alert]
         expected = [{"exp_labels": {**spec.labels, **rule["labels"]}, "exp_annotations": rule["annotations"]}]
         cases = [unit_test(spec.interval, spec.firing, alert, expected)]
@@ -592,7 +609,7 @@ def test_prometheus_loads_the_rules_and_records_the_ratios_from_the_real_series(
 ) -> None:
     health = json.loads(get(f"{stack.prometheus}/api/v1/rules"))["data"]["groups"]
     assert {r["health"] for g in health for r in g["rules"]} == {"ok"}, health
-    assert len([r for g in health for r in g["rules"]]) == 13
+    assert len([r for g in health for r in g["rules"]]) == 12
     for record in (r["record"] for g in mc.rules(loaded)["groups"] for r in g["rules"] if "record" in r):
         wait_for(stack.prometheus, record, f"the recording rule {record}")
         (sample,) = instant(stack.prometheus, record)

@@ -34,7 +34,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from handoff import __version__
 from handoff.errors import HandoffError
 from handoff.kube import isvc_manifest
-from handoff.payload_collector import REQUEST_TYPE, RESPONSE_TYPE, Target
+from handoff.payload_collector import (
+    MAX_OPEN_LOGS,
+    REQUEST_TYPE,
+    RESPONSE_TYPE,
+    Decoded,
+    PayloadCollector,
+    Target,
+)
 from handoff.payload_log import Window, read_window
 
 from .conftest import build, edit_yaml
@@ -350,3 +357,19 @@ def test_the_collector_manifests_build_into_an_overlay_and_pass_restricted(tmp_p
     service = added[("Service", "handoff-payload-collector")]
     assert service["spec"]["selector"].items() <= template["metadata"]["labels"].items()
     assert [(p["port"], p["targetPort"]) for p in service["spec"]["ports"]] == [(80, "http")]
+
+
+def test_stopping_right_after_a_rollout_keeps_the_rows_of_the_evicted_version(tmp_path: Path) -> None:
+    """Each new version opens a log and the oldest is closed; a SIGTERM right after must still find
+    the evicted log's rows written (shutdown waits for that close)."""
+    collector = PayloadCollector(
+        Target(store=str(tmp_path), sample_rate=1.0, max_bytes=1 << 30), flush_s=3600
+    )
+    for version in range(MAX_OPEN_LOGS + 1):  # the last one evicts version 0's log
+        rows = 20_000 if version == 0 else 1  # the evicted log takes a while to write
+        images, logits = np.zeros((rows, 1, 8, 8), np.float32), np.zeros((rows, 10), np.float32)
+        request = Decoded("e", "request", {"image": images}, f"r{version}", MODEL, str(version), 0)
+        collector._log(request, Decoded("e", "response", {"logits": logits}, None, MODEL, None, 0))
+    collector.close()
+    window = read_window(tmp_path / MODEL, model_version="0")
+    assert window.rows == 20_000 and set(window.request_ids) == {"r0"}

@@ -282,3 +282,49 @@ def test_the_log_round_trips_through_s3(s3: S3, tmp_path: Path, monkeypatch: pyt
     window = read_window(store)
     assert window.request_ids == ["s3", "s3"] and window.versions == ["3", "3"]
     assert window.inputs["x"][1].tolist() == [2.0, 3.0] and window.inputs["t"][1].tolist() == [b"b"]
+
+
+@pytest.mark.unit
+def test_a_request_lacking_a_tensor_keeps_its_flush(tmp_path: Path) -> None:
+    """A V2 request may ask for a subset of the outputs: its rows are logged without the ones it did
+    not get, and the other requests of the same flush are written whole."""
+    log = logged(tmp_path)
+    both = {"y": np.array([[10.0]], np.float32), "z": np.array([[7.0, 8.0]], np.float32)}
+    log.offer({"x": np.array([[1.0, 2.0]], np.float32)}, both, "a")
+    log.offer({"x": np.array([[3.0, 4.0]], np.float32)}, {"y": np.array([[20.0]], np.float32)}, "b")
+    log.offer(
+        {"x": np.array([[5.0, 6.0]], np.float32)}, {**both, "z": np.array([[9.0, 1.0]], np.float32)}, "c"
+    )
+    log.close()
+    assert log.written_rows == 3 and log.dropped_rows == 0
+    (file,) = tmp_path.glob("*.parquet")  # one flush
+    assert pq.read_table(file).column("output.z").to_pylist() == [[7.0, 8.0], None, [9.0, 1.0]]
+    window = read_window(tmp_path)
+    assert window.request_ids == ["a", "b", "c"]
+    assert [row.tolist() for row in window.inputs["x"]] == [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]
+    assert [row.tolist() for row in window.outputs["y"]] == [[10.0], [20.0], [10.0]]
+    # The row that lacked it reads back empty.
+    assert [row.tolist() for row in window.outputs["z"]] == [[7.0, 8.0], [], [9.0, 1.0]]
+
+
+@pytest.mark.unit
+def test_bytes_tensors_count_their_text_against_the_queue_bound(tmp_path: Path) -> None:
+    """A BYTES tensor holds references to its texts: the bound counts the texts, so a slow store
+    cannot grow a text model's server without limit."""
+    log = logged(tmp_path, flush_rows=10**9, flush_s=3600, max_pending_bytes=1 << 20)
+    big = texts(b"x" * (256 << 10))  # a 256 KiB text
+    kept = [log.offer({"text": big}, {"y": np.zeros((1, 2), np.float32)}) for _ in range(10)]
+    assert all(kept)  # sampled, then dropped for room
+    assert log.dropped_rows == 7  # 3 texts fit in 1 MiB with their arrays, the 4th does not
+    log.close()
+    assert read_window(tmp_path).rows == 3
+
+
+@pytest.mark.unit
+def test_a_tensor_named_shape_round_trips(tmp_path: Path) -> None:
+    log = logged(tmp_path)
+    log.offer({"shape": np.array([[2, 3]], np.int64), "x": np.ones((1, 2), np.float32)}, {"y": np.ones(1)})
+    log.close()
+    window = read_window(tmp_path)
+    assert sorted(window.inputs) == ["shape", "x"]
+    assert window.inputs["shape"][0].tolist() == [2, 3]

@@ -267,6 +267,10 @@ class Drift(StrictModel):
     threshold: float | None = Field(default=None, gt=0)
     # Fewer logged rows than this give no verdict: a handful of requests says nothing.
     min_rows: int = Field(default=200, ge=1)
+    # Per input, a value that only pads its rows (token id 0 after a short review): left out of
+    # its drift columns on both sides, so training rows padded to a fixed length and requests
+    # sent unpadded describe the same data alike.
+    pad: dict[str, float] = Field(default_factory=dict)
 
 
 class Slo(StrictModel):
@@ -436,6 +440,16 @@ class Contract(StrictModel):
             if spec.name in outputs:
                 raise FieldError(("outputs", i, "name"), f"{spec.name!r} is used twice")
             outputs.add(spec.name)
+        return self
+
+    @model_validator(mode="after")
+    def _drift_pads_name_inputs(self) -> Contract:
+        unknown = sorted(set(self.slo.drifting.pad) - set(self.input_names))
+        if unknown:
+            raise FieldError(
+                ("slo", "drift", "pad", unknown[0]),
+                f"is not an input; the inputs are {self.input_names}",
+            )
         return self
 
     @model_validator(mode="after")

@@ -447,6 +447,8 @@ class PayloadCollector:
         self.pending = Pending(pending_ttl_s, max_pending, max_pending_bytes)
         self.flush_s = flush_s
         self.logs: OrderedDict[tuple[str, str], PayloadLog] = OrderedDict()
+        # Evicted logs still writing what they held: close() waits for them.
+        self._closing: list[threading.Thread] = []
         # A registry of its own: several collectors (tests) in one process do not collide.
         self.registry = CollectorRegistry()
         self.received = Counter(
@@ -572,8 +574,11 @@ class PayloadCollector:
         self.logs[key] = created
         while len(self.logs) > MAX_OPEN_LOGS:
             _, oldest = self.logs.popitem(last=False)
-            # close() writes what it holds: on a thread, so no event waits on the store.
-            threading.Thread(target=oldest.close, name="payload-log-close", daemon=True).start()
+            # close() writes what it holds: on a thread, so no event waits on the store; the
+            # collector's own close() joins it, so a shutdown right after a rollout loses nothing.
+            closing = threading.Thread(target=oldest.close, name="payload-log-close", daemon=True)
+            closing.start()
+            self._closing = [thread for thread in self._closing if thread.is_alive()] + [closing]
         return created
 
     def sweep(self) -> None:
@@ -584,12 +589,16 @@ class PayloadCollector:
         self.waiting.set(len(self.pending.events))
 
     def close(self) -> None:
-        """Write what every payload log holds (the pending half-pairs are lost, and counted)."""
+        """Write what every payload log holds, evicted ones included (the pending half-pairs are
+        lost, and counted)."""
         for _ in self.pending.expire(math.inf):
             self.dropped.labels("expired").inc()
         for payload_log in self.logs.values():
             payload_log.close()
         self.logs.clear()
+        for thread in self._closing:
+            thread.join()
+        self._closing.clear()
 
     async def _sweep_forever(self) -> None:
         while True:

@@ -140,11 +140,7 @@ class PayloadLog:
         handoff's own probes (``PROBE_IDS``) are never sampled."""
         if request_id in PROBE_IDS or (self.sample_rate < 1.0 and self._random() >= self.sample_rate):
             return False
-        size = 0
-        for array in inputs.values():
-            size += array.nbytes
-        for array in outputs.values():
-            size += array.nbytes
+        size = sum(_queued_bytes(array) for array in itertools.chain(inputs.values(), outputs.values()))
         rows = len(next(iter(inputs.values()))) if inputs else 0
         with self._lock:
             full = self._closed or self._pending_bytes + size > self.max_pending_bytes
@@ -247,11 +243,22 @@ class PayloadLog:
             total -= info.size or 0
 
 
+def _queued_bytes(array: np.ndarray) -> int:
+    """What a queued array keeps alive: a BYTES (object) array's ``nbytes`` counts only its
+    references, so the texts they point at are added (only sampled requests pay for the sum).
+    A postprocess may answer other objects than texts: they count as their reference (offer must
+    not fail on the request's path)."""
+    if array.dtype == object:
+        return array.nbytes + sum(len(value) for value in array.flat if isinstance(value, bytes | str))
+    return array.nbytes
+
+
 def _list_columns(arrays: list[np.ndarray | None], counts: list[int]) -> tuple[pa.Array, pa.Array]:
     """One list<T> value per batch row (flattened) and its row shape; rows of a request that lacks
-    the tensor are null. Numpy does the per-value work: this runs beside the requests, on the GIL."""
+    the tensor are null (no values, no dims: the offsets stay in step with the values of the rows
+    that have it). Numpy does the per-value work: this runs beside the requests, on the GIL."""
     shapes = [() if a is None else a.shape[1:] for a in arrays]
-    row_sizes = np.repeat([math.prod(shape) for shape in shapes], counts)
+    row_sizes = np.repeat([0 if a is None else math.prod(a.shape[1:]) for a in arrays], counts)
     offsets = np.zeros(len(row_sizes) + 1, np.int32)
     np.cumsum(row_sizes, out=offsets[1:])
     present = [a.reshape(-1) for a in arrays if a is not None]
@@ -291,8 +298,10 @@ def _written_at(info: pafs.FileInfo) -> datetime:
 @dataclass
 class Window:
     """Rows of the payload log, oldest first; ``inputs``/``outputs`` hold one array per row in its
-    own shape (without the batch axis). A tensor only some of the rows have (the interface changed
-    within the window) is left out: filter by ``model_version`` to get it."""
+    own shape (without the batch axis). A tensor only some of the files have (the interface changed
+    within the window) is left out: filter by ``model_version`` to get it. A row whose request
+    lacked a tensor the other rows of its file have (a V2 request that asked for some outputs) gives
+    an empty array for it."""
 
     ts: np.ndarray  # datetime64[ms], UTC
     request_ids: list[str]
@@ -370,9 +379,13 @@ def _window(tables: list[pa.Table], last_rows: int | None) -> Window:
         request_ids=table.column("request_id").to_pylist(),
         versions=table.column("model_version").to_pylist(),
     )
+    # A shape column is "<value column>.shape" of a value column that is there: by exact name, so
+    # a tensor named "shape" ("input.shape", its shape "input.shape.shape") is a value column.
+    present = set(columns)
+    shapes = {name for name in columns if name.endswith(".shape") and name[: -len(".shape")] in present}
     for prefix, into in (("input.", window.inputs), ("output.", window.outputs)):
         for name in columns:
-            if name.startswith(prefix) and not name.endswith(".shape"):
+            if name.startswith(prefix) and name not in shapes:
                 into[name[len(prefix) :]] = _rows(table.column(name), table.column(f"{name}.shape"))
     return window
 

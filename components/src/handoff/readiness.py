@@ -40,6 +40,7 @@ from handoff.lineage import git_sha
 from handoff.model_card import project_card_problems
 from handoff.onnx_io import check_arrays
 from handoff.project import Project
+from handoff.raw_io import has_raw_hooks
 from handoff.runtime import seed_everything
 
 REPORT_MD = "readiness.md"
@@ -330,6 +331,11 @@ def monitoring_item(evidence: Evidence) -> ReadinessItem:
         problems.append("handoff.yaml monitoring.sample_rate is 0: the server logs no payloads to compare")
     if not evidence.alerts:
         problems.append("no alert rules were generated from contract.yaml")
+    if has_raw_hooks(evidence.project.contract):
+        problems.append(
+            "the contract's raw: requests (preprocess/postprocess in the server) are logged as clients "
+            "send them, which `handoff monitor` cannot compare with the model's reference profile yet"
+        )
     if problems:
         return ReadinessItem(MONITORING_ITEM, False, "; ".join(problems))
     assert reference is not None

@@ -35,10 +35,10 @@ def _concat(tables: list[pd.DataFrame]) -> pd.DataFrame:
 
 def reference_inputs(project: Project, cfg: Any) -> pd.DataFrame:
     """Input columns of up to ``REFERENCE_ROWS`` training items spread over the split."""
-    specs = project.contract.inputs
+    contract = project.contract
     return _concat(
         [
-            feature_table(input_columns(specs, feeds))
+            feature_table(input_columns(contract, feeds))
             for feeds in training_feeds(project, cfg, REFERENCE_ROWS, BATCH)
         ]
     )

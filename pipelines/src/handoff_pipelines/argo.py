@@ -189,7 +189,7 @@ write_termination_message(line)
 """
 
 
-def _container_security() -> m.SecurityContext:
+def container_security() -> m.SecurityContext:
     return m.SecurityContext(
         allow_privilege_escalation=False,
         read_only_root_filesystem=True,
@@ -197,7 +197,7 @@ def _container_security() -> m.SecurityContext:
     )
 
 
-def _pod_security() -> m.PodSecurityContext:
+def pod_security() -> m.PodSecurityContext:
     return m.PodSecurityContext(
         run_as_non_root=True,
         run_as_user=RUN_AS_USER,
@@ -207,7 +207,7 @@ def _pod_security() -> m.PodSecurityContext:
     )
 
 
-def _resources(cpu: str, memory: str, gpus: int = 0) -> Resources:
+def resources(cpu: str, memory: str, gpus: int = 0) -> Resources:
     return Resources(
         cpu_request=cpu,
         cpu_limit=cpu,
@@ -217,11 +217,11 @@ def _resources(cpu: str, memory: str, gpus: int = 0) -> Resources:
     )
 
 
-def _mounts(step: StepPlan | None) -> list[m.VolumeMount]:
-    mounts = [m.VolumeMount(name=TMP_VOLUME[0], mount_path=TMP_VOLUME[1])]
+def mounts(step: StepPlan | None) -> list[m.VolumeMount]:
+    found = [m.VolumeMount(name=TMP_VOLUME[0], mount_path=TMP_VOLUME[1])]
     if step is not None and step.shared_memory:
-        mounts.append(m.VolumeMount(name=SHM_VOLUME[0], mount_path=SHM_VOLUME[1]))
-    return mounts
+        found.append(m.VolumeMount(name=SHM_VOLUME[0], mount_path=SHM_VOLUME[1]))
+    return found
 
 
 def _workspace_mounts(project: Project, step: StepPlan) -> list[m.VolumeMount]:
@@ -246,15 +246,15 @@ def _retry(step: StepPlan, retries: int) -> RetryStrategy | None:
     )
 
 
-def _env(project: Project) -> list[Env | SecretEnv]:
+def env(project: Project) -> list[Env | SecretEnv]:
     cluster = project.settings.cluster
     # The image the step runs in, as compiled (a digest from CI): register records it (handoff.image).
-    env: list[Env | SecretEnv] = [Env(name=IMAGE_ENV, value=project.settings.image)]
+    variables: list[Env | SecretEnv] = [Env(name=IMAGE_ENV, value=project.settings.image)]
     if cluster.mlflow_tracking_uri:
-        env.append(Env(name=TRACKING_URI_ENV, value=cluster.mlflow_tracking_uri))
+        variables.append(Env(name=TRACKING_URI_ENV, value=cluster.mlflow_tracking_uri))
     # Secret references: the values never enter the workflow, its parameters or the Argo UI.
-    env += [SecretEnv(name=s.name, secret_name=s.secret, secret_key=s.key) for s in cluster.secret_env]
-    return env
+    variables += [SecretEnv(name=s.name, secret_name=s.secret, secret_key=s.key) for s in cluster.secret_env]
+    return variables
 
 
 def _step_template(project: Project, step: StepPlan) -> Container:
@@ -273,10 +273,10 @@ def _step_template(project: Project, step: StepPlan) -> Container:
         image_pull_policy=pull_policy(project.settings.image),
         command=["python", "-m", "handoff", step.name],
         args=step_arguments(step.name),
-        env=_env(project),
-        resources=_resources(step.cpu, step.memory, step.gpus),
-        security_context=_container_security(),
-        volume_mounts=_mounts(step) + _workspace_mounts(project, step),
+        env=env(project),
+        resources=resources(step.cpu, step.memory, step.gpus),
+        security_context=container_security(),
+        volume_mounts=mounts(step) + _workspace_mounts(project, step),
         node_selector=dict(step.node_selector) or None,
         tolerations=[m.Toleration(**t.model_dump(exclude_none=True)) for t in step.tolerations] or None,
         retry_strategy=_retry(step, project.settings.cluster.retries),
@@ -330,7 +330,7 @@ def workflow_template(project: Project) -> WorkflowTemplate:
         service_account_name=settings.cluster.service_account,
         arguments=[Parameter(name=PROJECT_DIR, value=PROJECT_DIR_IN_IMAGE)],
         pod_metadata=m.Metadata(labels=labels(settings.project)),
-        security_context=_pod_security(),
+        security_context=pod_security(),
         volumes=volumes,
         active_deadline_seconds=settings.cluster.timeout_s,
         pod_gc=POD_GC,
@@ -360,9 +360,9 @@ def workflow_template(project: Project) -> WorkflowTemplate:
             image_pull_policy=pull_policy(settings.image),
             command=["python", "-c", OUTCOME_PROGRAM],
             args=["{{workflow.name}}", "{{workflow.status}}", "{{workflow.duration}}"],
-            resources=_resources("100m", "256Mi"),
-            security_context=_container_security(),
-            volume_mounts=_mounts(None),
+            resources=resources("100m", "256Mi"),
+            security_context=container_security(),
+            volume_mounts=mounts(None),
         )
     return template
 

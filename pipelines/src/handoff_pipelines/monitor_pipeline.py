@@ -57,11 +57,11 @@ from handoff_pipelines.argo import (
     POD_GC,
     PROJECT_DIR,
     TTL,
-    _container_security,
-    _env,
-    _mounts,
-    _pod_security,
-    _resources,
+    container_security,
+    env,
+    mounts,
+    pod_security,
+    resources,
 )
 from handoff_pipelines.graph import RETRY_BACKOFF_FACTOR, RETRY_BACKOFF_S, TMP_VOLUME, StepPlan, on_cluster
 
@@ -300,7 +300,7 @@ def monitor_workflow_template(project: Project) -> WorkflowTemplate:
         service_account_name=settings.cluster.service_account,
         arguments=list(ARGO_PARAMETERS),
         pod_metadata=m.Metadata(labels=labels(settings.project, COMPONENT)),
-        security_context=_pod_security(),
+        security_context=pod_security(),
         volumes=[m.Volume(name=TMP_VOLUME[0], empty_dir=m.EmptyDirVolumeSource())],
         active_deadline_seconds=settings.cluster.timeout_s,
         pod_gc=POD_GC,
@@ -314,10 +314,10 @@ def monitor_workflow_template(project: Project) -> WorkflowTemplate:
             image_pull_policy=pull_policy(settings.image),
             command=["python", "-m", "handoff", step.name],
             args=monitor_arguments(),
-            env=_env(project),
-            resources=_resources(step.cpu, step.memory),
-            security_context=_container_security(),
-            volume_mounts=_mounts(step),
+            env=env(project),
+            resources=resources(step.cpu, step.memory),
+            security_context=container_security(),
+            volume_mounts=mounts(step),
             retry_strategy=_retry_on_error(step, settings.cluster.retries),
             active_deadline_seconds=step.deadline_s,
             # Kept whatever the exit code; unarchived, so the Argo UI shows the report as a page.
@@ -337,9 +337,9 @@ def monitor_workflow_template(project: Project) -> WorkflowTemplate:
             image_pull_policy=pull_policy(settings.image),
             command=["python", "-c", OUTCOME_PROGRAM],
             args=["{{workflow.name}}", "{{workflow.status}}", "{{workflow.duration}}"],
-            resources=_resources("100m", "256Mi"),
-            security_context=_container_security(),
-            volume_mounts=_mounts(None),
+            resources=resources("100m", "256Mi"),
+            security_context=container_security(),
+            volume_mounts=mounts(None),
         )
     return template
 

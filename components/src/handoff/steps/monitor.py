@@ -27,7 +27,14 @@ import pandas as pd
 
 from handoff.artifacts import EXTRA_DIR, ONNX_FILE, REFERENCE_FILE
 from handoff.contract import Contract, Drift, load_contract
-from handoff.drift_features import PREDICTION, feature_table, input_columns, prediction_columns
+from handoff.drift_features import (
+    CLASS,
+    categorical,
+    feature_table,
+    input_columns,
+    prediction_columns,
+    tensor_of,
+)
 from handoff.errors import HandoffError
 from handoff.files import sha256_of, write_json
 from handoff.payload_log import Window, payload_store, read_window
@@ -136,13 +143,9 @@ def _current(contract: Contract, window: Window) -> pd.DataFrame:
             f"outputs {sorted(window.outputs)}, the served contract names inputs {contract.input_names} "
             f"and outputs {contract.output_names}"
         )
-    columns = input_columns(contract.inputs, window.inputs)
+    columns = input_columns(contract, window.inputs)
     columns.update(prediction_columns(contract, window.outputs))
     return feature_table(columns)
-
-
-def _tensor_of(column: str) -> str:
-    return re.split(r"[\[.]", column, maxsplit=1)[0] if column not in (PREDICTION, "confidence") else column
 
 
 def _evidently(
@@ -153,10 +156,10 @@ def _evidently(
     from evidently.metrics import ValueDrift
     from evidently.presets import DataDriftPreset
 
-    categorical = [c for c in (*inputs, *outputs) if c == PREDICTION]
+    labels = categorical(current)
     definition = DataDefinition(
-        numerical_columns=[c for c in (*inputs, *outputs) if c not in categorical],
-        categorical_columns=categorical,
+        numerical_columns=[c for c in (*inputs, *outputs) if c not in labels],
+        categorical_columns=labels,
     )
     options: dict[str, Any] = {}
     if drift.method is not None:
@@ -204,7 +207,8 @@ def _verdict(
             f"{len(drifted)} of {len(inputs)} input columns drifted ({share:.0%} >= "
             f"slo.drift.max_drift_share {drift.max_drift_share:.0%}): {', '.join(drifted)}"
         )
-    scored = outputs.get(PREDICTION) or next(iter(outputs.values()), None)
+    # The prediction drift score: a classifier's class column's, else the first output column's.
+    scored = next((d for c, d in outputs.items() if c.endswith(CLASS)), next(iter(outputs.values()), None))
     drifted_outputs = sorted(c for c, d in outputs.items() if d.drifted)
     if drift.prediction and drifted_outputs:
         reasons.append(f"the model's outputs drifted: {', '.join(drifted_outputs)} (slo.drift.prediction)")
@@ -332,7 +336,7 @@ def monitor(
         columns = {
             column: ColumnDrift(
                 "input" if column in inputs else "output",
-                _tensor_of(column),
+                tensor_of(column, [*contract.input_names, *contract.output_names]),
                 method,
                 _finite(score),
                 threshold,
