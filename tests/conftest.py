@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
 import os
 import shutil
 import subprocess
@@ -23,9 +24,12 @@ BIN = Path(sys.executable).parent
 HANDOFF = str(BIN / "handoff")
 
 
+REGENERATE = "--regenerate-goldens"
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
-        "--regenerate-goldens",
+        REGENERATE,
         action="store_true",
         default=False,
         help="rewrite the goldens (pipelines/goldens/, manifests/monitoring/) from the default project "
@@ -54,6 +58,25 @@ def _state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("HANDOFF_STATE_DIR", str(tmp_path_factory.mktemp("handoff-state")))
         yield
+
+
+def check_golden(
+    golden: Path, actual: str, request: pytest.FixtureRequest, test_file: str, made_by: str
+) -> str:
+    """``actual`` must equal the committed ``golden`` (rewritten first under --regenerate-goldens);
+    the failure shows the diff and the command that regenerates it. The golden's text is returned."""
+    if request.config.getoption(REGENERATE, default=False):
+        golden.parent.mkdir(parents=True, exist_ok=True)
+        golden.write_text(actual)
+    regenerate = f"`pytest {test_file} {REGENERATE}`"
+    assert golden.is_file(), f"{golden.relative_to(TEMPLATE)} is missing: write it with {regenerate}"
+    expected = golden.read_text()
+    diff = difflib.unified_diff(expected.splitlines(True), actual.splitlines(True), "golden", "generated")
+    assert actual == expected, (
+        f"{golden.relative_to(TEMPLATE)} no longer matches what {made_by}; if the change is intended, "
+        f"regenerate it with {regenerate} and commit the diff:\n" + "".join(list(diff)[:40])
+    )
+    return expected
 
 
 def generate(output_dir: Path, **answers: str) -> Path:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import json
 import re
 import subprocess
@@ -40,7 +39,7 @@ from handoff_pipelines.argo import EXIT_HANDLER, GATE_TEMPLATE, OUTCOME_PROGRAM,
 from handoff_pipelines.compiled import ARGO_FILE, KFP_FILE, TRAIN_JOB_FILE, compile_project
 from handoff_pipelines.graph import RUN_AS_USER, TRACKING_URI_ENV, build_pipeline, cluster_plan
 
-from .conftest import TEMPLATE, edit_yaml, generate, handoff
+from .conftest import TEMPLATE, check_golden, edit_yaml, generate, handoff
 from .fake_kube import strict
 
 pytestmark = pytest.mark.unit
@@ -52,7 +51,6 @@ PINNED = "registry.example.com/ml/digits-classifier@sha256:" + "0123456789abcdef
 # Goldens hold this instead of the template version: a release must leave the old version nowhere
 # in the tree (tests/test_release.py), and goldens that carry none need no rewriting.
 VERSION_PLACEHOLDER = "X.Y.Z"
-REGENERATE = "--regenerate-goldens"
 
 
 def without_version(text: str) -> str:
@@ -170,17 +168,12 @@ def test_compiled_output_of_the_default_project_matches_its_golden(
 ) -> None:
     golden = GOLDENS / name
     actual = without_version((default_compiled.folder / name).read_text())
-    if request.config.getoption(REGENERATE, default=False):
-        golden.parent.mkdir(exist_ok=True)
-        golden.write_text(actual)
-    regenerate = f"`pytest tests/test_compile_targets.py {REGENERATE}`"
-    assert golden.is_file(), f"{golden.relative_to(TEMPLATE)} is missing: write it with {regenerate}"
-    expected = golden.read_text()
-    diff = difflib.unified_diff(expected.splitlines(True), actual.splitlines(True), "golden", "compiled")
-    assert actual == expected, (
-        f"{golden.relative_to(TEMPLATE)} no longer matches what `handoff compile` writes for the default "
-        f"project; if the change is intended, regenerate it with {regenerate} and commit the diff:\n"
-        + "".join(list(diff)[:40])
+    check_golden(
+        golden,
+        actual,
+        request,
+        "tests/test_compile_targets.py",
+        "`handoff compile` writes for the default project",
     )
 
 

@@ -10,7 +10,6 @@ regenerate them with ``pytest tests/test_monitor_pipeline.py --regenerate-golden
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 from pathlib import Path
 from typing import Any
@@ -37,9 +36,8 @@ from handoff_pipelines.compiled import (
 from handoff_pipelines.graph import RUN_AS_USER
 from handoff_pipelines.monitor_pipeline import ARGO_OUTPUTS, FAIL_FLAG, MONITOR_PLAN, check_drift
 
-from .conftest import TEMPLATE, edit_yaml, handoff
+from .conftest import TEMPLATE, check_golden, edit_yaml, handoff
 from .test_compile_targets import (
-    REGENERATE,
     VERSION_PLACEHOLDER,
     argo_errors,
     pod_errors,
@@ -130,16 +128,12 @@ def test_compiled_monitoring_pipelines_match_their_goldens(
 ) -> None:
     golden = GOLDENS / name
     actual = without_version((monitored.folder / name).read_text())
-    if request.config.getoption(REGENERATE, default=False):
-        golden.write_text(actual)
-    regenerate = f"`pytest tests/test_monitor_pipeline.py {REGENERATE}`"
-    assert golden.is_file(), f"{golden.relative_to(TEMPLATE)} is missing: write it with {regenerate}"
-    expected = golden.read_text()
-    diff = difflib.unified_diff(expected.splitlines(True), actual.splitlines(True), "golden", "compiled")
-    assert actual == expected, (
-        f"{golden.relative_to(TEMPLATE)} no longer matches what `handoff compile` writes for the default "
-        f"project with monitoring.store set; if the change is intended, regenerate it with {regenerate} "
-        "and commit the diff:\n" + "".join(list(diff)[:40])
+    expected = check_golden(
+        golden,
+        actual,
+        request,
+        "tests/test_monitor_pipeline.py",
+        "`handoff compile` writes for the default project with monitoring.store set",
     )
     assert f"(handoff monitor, ml-template {VERSION_PLACEHOLDER})" in expected
     assert str(TEMPLATE) not in expected and "/home/" not in expected and "pytest" not in expected

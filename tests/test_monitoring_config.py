@@ -12,7 +12,6 @@ must return a sample there, so each names a metric and label the server really e
 from __future__ import annotations
 
 import contextlib
-import difflib
 import http.server
 import json
 import re
@@ -38,12 +37,11 @@ from handoff.project import Project
 from handoff.serving import local_server
 from tests.model_server import start_server
 
-from .conftest import TEMPLATE, edit_yaml
+from .conftest import TEMPLATE, check_golden, edit_yaml
 
 pytestmark = pytest.mark.local
 
 GOLDENS = TEMPLATE / "manifests" / "monitoring"
-REGENERATE = "--regenerate-goldens"
 GENERATED = (mc.RULES_FILE, mc.PROMETHEUS_RULE_FILE, mc.POD_MONITOR_FILE, mc.DASHBOARD_FILE)
 NAMESPACE = "ml-models"  # the namespace label the synthetic series carry
 VERSION = "3"  # the version the drift gauges and the served model carry
@@ -356,17 +354,9 @@ def test_the_pod_monitor_scrapes_the_predictor_pods_of_the_deployed_service(load
 def test_manifests_monitoring_holds_what_the_default_project_generates(
     written: Path, name: str, request: pytest.FixtureRequest
 ) -> None:
-    golden, actual = GOLDENS / name, (written / name).read_text()
-    if request.config.getoption(REGENERATE, default=False):
-        golden.write_text(actual)
-    regenerate = f"`pytest tests/test_monitoring_config.py {REGENERATE}`"
-    assert golden.is_file(), f"{golden.relative_to(TEMPLATE)} is missing: write it with {regenerate}"
-    expected = golden.read_text()
-    diff = difflib.unified_diff(expected.splitlines(True), actual.splitlines(True), "golden", "generated")
-    assert actual == expected, (
-        f"{golden.relative_to(TEMPLATE)} no longer matches what the default project generates; if "
-        f"the change is intended, regenerate it with {regenerate} and commit the diff:\n"
-        + "".join(list(diff)[:40])
+    actual = (written / name).read_text()
+    check_golden(
+        GOLDENS / name, actual, request, "tests/test_monitoring_config.py", "the default project generates"
     )
     assert str(TEMPLATE) not in actual and "/tmp/" not in actual and "pytest" not in actual
 

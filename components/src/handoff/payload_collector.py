@@ -79,6 +79,8 @@ from handoff.serving.v2_wire import (
     bytes_elements,
     decode_binary,
     decode_json,
+    flat_values,
+    object_array,
     parse_json,
 )
 from handoff.settings import SETTINGS_FILE, load_settings
@@ -154,22 +156,13 @@ def _array(tensor: Tensor, where: str) -> np.ndarray:
         if tensor.raw is not None:
             items = bytes_elements(tensor.raw, count, where)
         else:
-            flat: list[Any] = []
-            stack: list[Any] = [tensor.data]
-            while stack:  # V2 JSON data may be flat or nested in the tensor's shape
-                item = stack.pop()
-                if isinstance(item, list):
-                    stack.extend(reversed(item))
-                else:
-                    flat.append(item)
+            flat = flat_values(tensor.data)
             if not all(isinstance(v, str) for v in flat):
                 raise WireError(f"{where}: data must be strings for datatype BYTES")
             items = [v.encode("utf-8") for v in flat]
         if len(items) != count:
             raise WireError(f"{where}: shape {tensor.shape} needs {count} values, data has {len(items)}")
-        array = np.empty(len(items), dtype=object)
-        array[:] = items
-        return array.reshape(tensor.shape)
+        return object_array(items, tensor.shape)
     dtype = NUMPY_OF_DATATYPE[tensor.datatype]
     try:
         if tensor.raw is not None:  # sizes were checked against the shape when it was split off

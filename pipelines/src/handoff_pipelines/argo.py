@@ -354,17 +354,23 @@ def workflow_template(project: Project) -> WorkflowTemplate:
             )
         for step in plan:
             _step_template(project, step)
-        Container(
-            name=EXIT_HANDLER,
-            image=settings.image,
-            image_pull_policy=pull_policy(settings.image),
-            command=["python", "-c", OUTCOME_PROGRAM],
-            args=["{{workflow.name}}", "{{workflow.status}}", "{{workflow.duration}}"],
-            resources=resources("100m", "256Mi"),
-            security_context=container_security(),
-            volume_mounts=mounts(None),
-        )
+        exit_handler(settings.image)
     return template
+
+
+def exit_handler(image: str) -> Container:
+    """The workflow's onExit template (inside a WorkflowTemplate's context): one line saying how
+    the run ended."""
+    return Container(
+        name=EXIT_HANDLER,
+        image=image,
+        image_pull_policy=pull_policy(image),
+        command=["python", "-c", OUTCOME_PROGRAM],
+        args=["{{workflow.name}}", "{{workflow.status}}", "{{workflow.duration}}"],
+        resources=resources("100m", "256Mi"),
+        security_context=container_security(),
+        volume_mounts=mounts(None),
+    )
 
 
 def workflow_template_dict(project: Project) -> dict[str, Any]:

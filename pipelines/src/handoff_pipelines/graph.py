@@ -13,7 +13,7 @@ KFP reads the pipeline's annotations at definition time, so this module keeps th
 (no ``from __future__ import annotations``).
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -176,6 +176,34 @@ def on_cluster(task: Any, step: StepPlan, cluster: ClusterSettings, image: str) 
         kubernetes.empty_dir_mount(task, volume_name=SHM_VOLUME[0], mount_path=SHM_VOLUME[1], medium="Memory")
 
 
+def pod_placer(
+    plan: Sequence[StepPlan], image: str, pod_labels: dict[str, str] | None, cluster: ClusterSettings | None
+) -> Callable[[Any, str], Any]:
+    """``on_pods(task, step)``: the task's pod labelled with ``pod_labels`` and, with ``cluster``,
+    placed as ``plan`` says for ``step`` (``on_cluster``); the task back, for chaining."""
+    plans = {step.name: step for step in plan}
+
+    def on_pods(task: Any, step: str) -> Any:
+        for key, value in sorted((pod_labels or {}).items()):
+            kubernetes.add_pod_label(task, key, value)
+        if cluster is not None:
+            on_cluster(task, plans[step], cluster, image)
+        return task
+
+    return on_pods
+
+
+def component_maker(image: str) -> Callable[[Callable[..., Any]], Any]:
+    """A KFP component of a plain function, run in ``image``."""
+
+    def component(function: Callable[..., Any]) -> Any:
+        # install_kfp_package=False: the image (and a local venv) already has kfp and handoff;
+        # installing at run time would make every step slower and less reproducible.
+        return dsl.component(function, base_image=image, install_kfp_package=False)
+
+    return component
+
+
 def build_pipeline(
     image: str,
     training: TrainingSettings | None = None,
@@ -193,19 +221,8 @@ def build_pipeline(
     wrappers: a regression project's evaluate step shows a residual plot where a classification
     project's shows its confusion matrix (``regression_components``).
     """
-    plans = {step.name: step for step in cluster_plan(training or TrainingSettings())}
-
-    def on_pods(task: Any, step: str) -> Any:
-        for key, value in sorted((pod_labels or {}).items()):
-            kubernetes.add_pod_label(task, key, value)
-        if cluster is not None:
-            on_cluster(task, plans[step], cluster, image)
-        return task
-
-    def component(function: Callable[..., Any]) -> Any:
-        # install_kfp_package=False: the image (and a local venv) already has kfp and handoff;
-        # installing at run time would make every step slower and less reproducible.
-        return dsl.component(function, base_image=image, install_kfp_package=False)
+    on_pods = pod_placer(cluster_plan(training or TrainingSettings()), image, pod_labels, cluster)
+    component = component_maker(image)
 
     wrappers = regression_components if task_type == "regression" else components
 

@@ -40,7 +40,7 @@ from hera.workflows import DAG, Container, NoneArchiveStrategy, Parameter, Task,
 # kfp's Artifact keeps its own name: KFP runs each step's source as written, with kfp.dsl's names.
 from hera.workflows import Artifact as ArgoArtifact
 from hera.workflows import models as m
-from kfp import compiler, dsl, kubernetes
+from kfp import compiler, dsl
 from kfp.dsl import HTML, Artifact, Input, Metrics, Output
 
 from handoff import __version__
@@ -53,17 +53,24 @@ from handoff_pipelines import PIPELINE_NAME
 from handoff_pipelines.argo import (
     EXIT_HANDLER,
     OUT,
-    OUTCOME_PROGRAM,
     POD_GC,
     PROJECT_DIR,
     TTL,
     container_security,
     env,
+    exit_handler,
     mounts,
     pod_security,
     resources,
 )
-from handoff_pipelines.graph import RETRY_BACKOFF_FACTOR, RETRY_BACKOFF_S, TMP_VOLUME, StepPlan, on_cluster
+from handoff_pipelines.graph import (
+    RETRY_BACKOFF_FACTOR,
+    RETRY_BACKOFF_S,
+    TMP_VOLUME,
+    StepPlan,
+    component_maker,
+    pod_placer,
+)
 
 MONITOR_PIPELINE_NAME = f"{PIPELINE_NAME}-monitor"
 COMPONENT = "monitor"  # app.kubernetes.io/component of the monitoring pods: a selector tells them apart
@@ -211,18 +218,8 @@ def build_monitor_pipeline(
 ) -> Callable[..., Any]:
     """The KFP monitoring pipeline for a project whose steps run in ``image``; ``cluster`` and
     ``pod_labels`` place its pods as ``graph.build_pipeline`` places the training pipeline's."""
-    plans = {step.name: step for step in MONITOR_PLAN}
-
-    def on_pods(task: Any, step: str) -> Any:
-        for key, value in sorted((pod_labels or {}).items()):
-            kubernetes.add_pod_label(task, key, value)
-        if cluster is not None:
-            on_cluster(task, plans[step], cluster, image)
-        return task
-
-    def component(function: Callable[..., Any]) -> Any:
-        return dsl.component(function, base_image=image, install_kfp_package=False)
-
+    on_pods = pod_placer(MONITOR_PLAN, image, pod_labels, cluster)
+    component = component_maker(image)
     monitor_op, check_op = component(monitor), component(check_drift)
 
     @dsl.pipeline(name=MONITOR_PIPELINE_NAME, description=monitor_description(contract_sha256))
@@ -331,16 +328,7 @@ def monitor_workflow_template(project: Project) -> WorkflowTemplate:
                 for name, file, optional in ARGO_OUTPUTS
             ],
         )
-        Container(
-            name=EXIT_HANDLER,
-            image=settings.image,
-            image_pull_policy=pull_policy(settings.image),
-            command=["python", "-c", OUTCOME_PROGRAM],
-            args=["{{workflow.name}}", "{{workflow.status}}", "{{workflow.duration}}"],
-            resources=resources("100m", "256Mi"),
-            security_context=container_security(),
-            volume_mounts=mounts(None),
-        )
+        exit_handler(settings.image)
     return template
 
 

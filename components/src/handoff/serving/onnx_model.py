@@ -42,7 +42,16 @@ from handoff.payload_log import PayloadLog
 from handoff.raw_io import HookRaised, check_raw_hooks, has_raw_hooks, load_serving_hooks, run_hook
 from handoff.serving import metrics
 from handoff.serving.batcher import Batcher
-from handoff.serving.v2_wire import NUMPY_OF_DATATYPE, Output, Request, Tensor, WireError, bytes_elements
+from handoff.serving.v2_wire import (
+    NUMPY_OF_DATATYPE,
+    Output,
+    Request,
+    Tensor,
+    WireError,
+    bytes_elements,
+    flat_values,
+    object_array,
+)
 
 # A child of KServe's logger, so its lines land in the server log in the same format.
 log = logging.getLogger("kserve.handoff")
@@ -129,25 +138,12 @@ def _checked(where: str, spec: TensorSpec, shape: list[int], data: list[Any]) ->
 def _checked_bytes(where: str, shape: list[int], data: list[Any]) -> np.ndarray:
     """JSON strings for a BYTES input, as the object array of UTF-8 ``bytes`` preprocess gets."""
     expected_count = math.prod(shape)
-    flat: list[Any] = []
-    stack = [data]
-    while stack:  # V2 JSON data may be flat or nested in the tensor's shape
-        item = stack.pop()
-        if isinstance(item, list):
-            stack.extend(reversed(item))
-        else:
-            flat.append(item)
+    flat = flat_values(data)
     if len(flat) != expected_count:
         raise InvalidInput(f"{where}: shape {shape} needs {expected_count} values, data has {len(flat)}")
     if not all(isinstance(v, str) for v in flat):
         raise InvalidInput(f"{where}: data must be strings for datatype BYTES")
-    return _object_array([v.encode("utf-8") for v in flat], shape)
-
-
-def _object_array(items: list[bytes], shape: list[int]) -> np.ndarray:
-    array = np.empty(len(items), dtype=object)
-    array[:] = items
-    return array.reshape(shape)
+    return object_array([v.encode("utf-8") for v in flat], shape)
 
 
 def _all_finite(array: np.ndarray) -> bool:
@@ -255,7 +251,7 @@ class OnnxModel(kserve.Model):
         elif spec.v2_datatype == "BYTES":
             assert tensor.raw is not None
             try:
-                return _object_array(bytes_elements(tensor.raw, math.prod(shape), where), shape)
+                return object_array(bytes_elements(tensor.raw, math.prod(shape), where), shape)
             except WireError as exc:
                 raise InvalidInput(str(exc)) from None
         else:  # binary tensor data extension: the bytes are already typed (sizes checked on decoding)

@@ -272,6 +272,26 @@ class Output(NamedTuple):
     binary: bool
 
 
+def flat_values(data: Any) -> list[Any]:
+    """V2 JSON ``data``, flat or nested in its tensor's shape, as one flat list in order."""
+    flat: list[Any] = []
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(reversed(item))
+        else:
+            flat.append(item)
+    return flat
+
+
+def object_array(items: list[bytes], shape: list[int]) -> np.ndarray:
+    """BYTES elements as the object array of ``bytes`` numpy code (and preprocess) gets."""
+    array = np.empty(len(items), dtype=object)
+    array[:] = items
+    return array.reshape(shape)
+
+
 def _json_data(output: Output) -> Any:
     array = output.array
     if output.datatype == "BYTES":
