@@ -39,7 +39,7 @@ lock: ## Re-resolve requirements/lock.txt from the pyproject ranges (LOCK=<file>
 	$$pip install --quiet $(LOCK_PIP); \
 	$$pip install --quiet -c requirements/constraints.txt --upgrade setuptools \
 		$(if $(TORCH_CPU_INDEX),--extra-index-url $(TORCH_CPU_INDEX)) \
-		"$$tmp/components" "$$tmp/pipelines" -r requirements/dev.txt; \
+		"$$tmp/components[monitor]" "$$tmp/pipelines" -r requirements/dev.txt; \
 	$$pip check; \
 	if $$pip freeze --all | grep -qiE '^(nvidia-|triton==)'; then \
 		echo "make lock: torch came with its CUDA packages (nvidia-*, triton), which the lock must not pin;" \

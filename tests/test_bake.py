@@ -255,11 +255,13 @@ def test_platform_pins_name_the_template_repository_at_the_release_tag(
     tag = f"v{__version__}"
     if address is None:
         assert platform["platform"] == [f"ml-handoff=={__version__}", f"ml-handoff-pipelines=={__version__}"]
+        assert platform["monitor"] == [f"ml-handoff[monitor]=={__version__}"]
     else:
         assert platform["platform"] == [
             f"ml-handoff @ git+{address}@{tag}#subdirectory=components",
             f"ml-handoff-pipelines @ git+{address}@{tag}#subdirectory=pipelines",
         ]
+        assert platform["monitor"] == [f"ml-handoff[monitor] @ git+{address}@{tag}#subdirectory=components"]
 
 
 # --- the first commit ---------------------------------------------------------------------------

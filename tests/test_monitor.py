@@ -297,3 +297,27 @@ def test_padded_training_reviews_and_unpadded_requests_describe_the_same_data(tm
     assert "tokens.size" in columns and reference["tokens.size"].nunique() > 1
     _, tested = _evidently(reference, current[columns], columns, [], project.contract.slo.drifting)
     assert [c for c, (_, _, _, drifted) in tested.items() if drifted] == []
+
+
+@pytest.mark.unit
+def test_without_evidently_monitor_says_how_to_get_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Evidently is an extra (about 25 packages a researcher's first setup need not wait for)."""
+    import sys
+
+    import pandas as pd
+
+    from handoff.contract import Drift
+    from handoff.errors import HandoffError
+    from handoff.steps.monitor import _evidently
+
+    for name in [m for m in sys.modules if m == "evidently" or m.startswith("evidently.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "evidently", None)  # what a venv without the extra gives
+    with pytest.raises(HandoffError) as missing:
+        _evidently(pd.DataFrame(), pd.DataFrame(), [], [], Drift())
+    assert "handoff monitor compares with Evidently, which is not installed here: pip install " in str(
+        missing.value
+    )
+    assert "'ml-handoff[monitor]==" in str(missing.value) and "make setup EXTRAS=monitor" in str(
+        missing.value
+    )

@@ -429,7 +429,9 @@ def monitor(
     since: Annotated[
         str | None, typer.Option(help="Only rows this recent: a duration (30m, 24h, 7d) or an ISO time.")
     ] = None,
-    last_rows: Annotated[int | None, typer.Option(min=1, help="Only the newest N logged rows.")] = None,
+    last_rows: Annotated[
+        int | None, typer.Option(min=1, help="Only the newest N logged rows (default 50000).")
+    ] = None,
     out: Annotated[
         Path, typer.Option(help="Folder for report.html, verdict.json and metrics.prom.", file_okay=False)
     ] = Path("monitor"),

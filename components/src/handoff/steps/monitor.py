@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from handoff import __version__
 from handoff.artifacts import EXTRA_DIR, ONNX_FILE, REFERENCE_FILE
 from handoff.contract import Contract, Drift, load_contract
 from handoff.drift_features import (
@@ -48,6 +49,9 @@ REPORT_FILE = "report.html"
 VERDICT_FILE = "verdict.json"
 METRICS_FILE = "metrics.prom"
 PUSH_JOB = "handoff-monitor"
+# The newest rows a verdict reads when --last-rows does not say: a day of busy traffic at
+# sample_rate 1.0 would take minutes to read and test, and tells no more about drift.
+MAX_WINDOW_ROWS = 50_000
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 
@@ -152,9 +156,16 @@ def _evidently(
     reference: pd.DataFrame, current: pd.DataFrame, inputs: list[str], outputs: list[str], drift: Drift
 ) -> tuple[Any, dict[str, tuple[str, float, float, bool]]]:
     """Run Evidently; each column's (method, score, threshold, drifted), as its tests decided."""
-    from evidently import DataDefinition, Dataset, Report
-    from evidently.metrics import ValueDrift
-    from evidently.presets import DataDriftPreset
+    try:
+        from evidently import DataDefinition, Dataset, Report
+        from evidently.metrics import ValueDrift
+        from evidently.presets import DataDriftPreset
+    except ImportError:
+        raise HandoffError(
+            "handoff monitor compares with Evidently, which is not installed here: "
+            f"pip install 'ml-handoff[monitor]=={__version__}' (in a project: `make setup EXTRAS=monitor`; "
+            "the platform image has it)"
+        ) from None
 
     labels = categorical(current)
     definition = DataDefinition(
@@ -307,7 +318,7 @@ def monitor(
     window = read_window(
         store or payload_store(project),
         since=parse_since(since),
-        last_rows=last_rows,
+        last_rows=last_rows or MAX_WINDOW_ROWS,
         model_version=version,
         model_sha256=sha256,
     )
