@@ -71,6 +71,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from handoff.contract import TensorSpec, load_contract
 from handoff.errors import HandoffError
 from handoff.payload_log import MIB, PayloadLog
+from handoff.serving.metrics import payload_log_metrics
 from handoff.serving.v2_wire import (
     NUMPY_OF_DATATYPE,
     Request,
@@ -462,18 +463,7 @@ class PayloadCollector:
         self.waiting = Gauge(
             "handoff_collector_pending_events", "Events waiting for their partner", registry=self.registry
         )
-        self.rows = Counter(
-            "handoff_payload_log_rows",
-            "Rows written to the payload log",
-            ["model"],
-            registry=self.registry,
-        )
-        self.rows_dropped = Counter(
-            "handoff_payload_log_dropped",
-            "Sampled rows the payload log could not write (queue full or a failed write)",
-            ["model"],
-            registry=self.registry,
-        )
+        self.rows, self.rows_dropped = payload_log_metrics(self.registry)  # the model server's series
         for reason in ("malformed", "expired", "overflow", "duplicate", "mismatch", "too_large"):
             self.dropped.labels(reason)  # every reason shows, at 0, from the start
         self._sweeper: asyncio.Task[None] | None = None

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 
 REQUESTS = Counter(
     "handoff_inference_requests",  # exposed as handoff_inference_requests_total
@@ -33,16 +33,27 @@ BATCH_REQUESTS = Histogram(
     buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64),
 )
 
-PAYLOAD_ROWS = Counter(
-    "handoff_payload_log_rows",  # exposed as handoff_payload_log_rows_total
-    "Rows the payload log wrote to its store",
-    ["model"],
-)
-PAYLOAD_DROPPED = Counter(
-    "handoff_payload_log_dropped",
-    "Sampled rows the payload log dropped (its queue was full, or its store could not be written)",
-    ["model"],
-)
+
+def payload_log_metrics(registry: CollectorRegistry = REGISTRY) -> tuple[Counter, Counter]:
+    """The payload log's rows written and dropped, by model: the model server's (the default
+    registry) and the cluster's payload collector's (a registry of its own) are the same series."""
+    return (
+        Counter(
+            "handoff_payload_log_rows",  # exposed as handoff_payload_log_rows_total
+            "Rows the payload log wrote to its store",
+            ["model"],
+            registry=registry,
+        ),
+        Counter(
+            "handoff_payload_log_dropped",
+            "Sampled rows the payload log dropped (its queue was full, or its store could not be written)",
+            ["model"],
+            registry=registry,
+        ),
+    )
+
+
+PAYLOAD_ROWS, PAYLOAD_DROPPED = payload_log_metrics()
 
 
 def latency_histogram(slo_s: float | None = None) -> Histogram:
