@@ -29,8 +29,7 @@ pytestmark = pytest.mark.bake
 PLATFORM_DOCKERFILE = TEMPLATE / "components" / "Dockerfile"
 HADOLINT = str(Path(sys.executable).parent / "hadolint")
 NUMERIC_NON_ROOT = re.compile(r"^[1-9][0-9]*(:[0-9]+)?$")
-# What the platform build copies into its context (its COPY sources), minus .dockerignore's noise.
-PLATFORM_CONTEXT = ("requirements/lock.txt", "components", "pipelines")
+# What .dockerignore keeps out of the platform build's context.
 BUILD_NOISE = shutil.ignore_patterns("__pycache__", "*.egg-info", ".mypy_cache", "Dockerfile")
 
 
@@ -45,6 +44,17 @@ def last_stage_user(dockerfile: Path) -> str:
     users = [i["value"] for i in structure[last_from:] if i["instruction"] == "USER"]
     assert users, f"{dockerfile}: the final stage sets no USER"
     return users[-1]
+
+
+def copy_into(source: Path, context: Path, destination: str) -> None:
+    """One COPY source, as the builder copies it: a folder's content into ``destination``; a file
+    into it when it ends with ``/``, else to that path."""
+    if source.is_dir():
+        shutil.copytree(source, context / destination, ignore=BUILD_NOISE, dirs_exist_ok=True)
+        return
+    target = context / destination / source.name if destination.endswith("/") else context / destination
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(source, target)
 
 
 def run_build_step(command: str, cwd: Path, paths: dict[str, Path], env: dict[str, str]) -> None:
@@ -99,18 +109,24 @@ def test_build_steps_install_the_pinned_platform_and_run_a_project(
 ) -> None:
     """The platform build's RUN, then the project build's RUN, in a fresh venv: then ``handoff check``."""
     context = tmp_path / "context"
-    for name in PLATFORM_CONTEXT:
-        source = TEMPLATE / name
-        if source.is_dir():
-            shutil.copytree(source, context / name, ignore=BUILD_NOISE)
-        else:
-            (context / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, context / name)
+    context.mkdir()
     venv = tmp_path / "opt-handoff"
     python_dir = str(Path(sys.executable).resolve().parent)
     build_env = {"PATH": f"{python_dir}:{os.environ['PATH']}", "TORCH_INDEX_URL": ""}
-    (install,) = [r for r in instructions(PLATFORM_DOCKERFILE, "RUN") if "pip install" in r]
-    run_build_step(install, context, {"/opt/handoff": venv}, build_env)
+    # The build stage's COPY and RUN instructions in order: the dependency layer sees only the lock
+    # and the pyproject files, the code layer the packages' code.
+    build_stage = DockerfileParser(str(PLATFORM_DOCKERFILE)).structure
+    build_stage = build_stage[: [n for n, i in enumerate(build_stage) if i["instruction"] == "FROM"][1]]
+    runs = 0
+    for step in build_stage:
+        if step["instruction"] == "COPY":
+            *sources, destination = step["value"].split()
+            for source in sources:
+                copy_into(TEMPLATE / source, context, destination)
+        elif step["instruction"] == "RUN":
+            run_build_step(step["value"], context, {"/opt/handoff": venv}, build_env)
+            runs += 1
+    assert runs == 2  # the dependency layer, then the packages' code over it
     assert (venv / "constraints.txt").read_text() == (TEMPLATE / "requirements/lock.txt").read_text()
 
     app = tmp_path / "app"

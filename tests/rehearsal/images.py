@@ -451,7 +451,9 @@ class ImageBuilder:
             extra={**args, "PYTHON_IMAGE": self.podman.image_id(base), "pip.conf": self.pip.conf()},
         )
         ref = f"{REPOSITORY}/ml-handoff:{__version__}-cpu-{digest}"
-        return self._ensure(ref, lambda: self._build(ref, context, dockerfile, args, "platform"))
+        # With layers: the Dockerfile's dependency layer (minutes of pip) is reused until the lock
+        # or a pyproject.toml changes, so a change to the packages' code rebuilds in seconds.
+        return self._ensure(ref, lambda: self._build(ref, context, dockerfile, args, "platform", layers=True))
 
     def project(self, project_dir: Path, *, git_sha: str | None = None) -> Image:
         """A generated project's image from its own Dockerfile, on the platform image."""
@@ -486,7 +488,16 @@ class ImageBuilder:
         ref = f"{REPOSITORY}/storage-initializer:{KSERVE_STORAGE_VERSION}-{digest}"
         return self._ensure(ref, lambda: self._build(ref, context, dockerfile, args, "storage-initializer"))
 
-    def _build(self, ref: str, context: Path, dockerfile: Path, args: dict[str, str], log_name: str) -> None:
+    def _build(
+        self,
+        ref: str,
+        context: Path,
+        dockerfile: Path,
+        args: dict[str, str],
+        log_name: str,
+        *,
+        layers: bool = False,
+    ) -> None:
         self.podman.build(
             context,
             tag=ref,
@@ -494,5 +505,6 @@ class ImageBuilder:
             build_args=args,
             volumes=self._pip_volumes(),
             network="host",  # pip reaches the index as this machine does
+            layers=layers,
             log=self.work_dir / "logs" / f"{log_name}.log",
         )

@@ -421,7 +421,9 @@ class Podman:
         """``podman build``; returns the image id. ``volumes`` are read-only build-time mounts
         (``RUN`` sees them, the image does not keep them). Without ``layers`` no intermediate
         images are kept: a caller that caches whole images by their inputs gains little from them,
-        and a multi-stage build would leave its build stage (GBs) behind at every change."""
+        and a multi-stage build would leave its build stage (GBs) behind at every change. The
+        platform image is the exception: its dependency layer is kept, and reused by every change
+        of the code above it (components/Dockerfile)."""
         iidfile = log.with_suffix(".iid")
         args = [
             "build",
