@@ -35,8 +35,11 @@ import functools
 import hashlib
 import json
 import re
+import secrets
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -102,12 +105,20 @@ INFERENCESERVICE = Resource(
     "InferenceService",
     "kserve-inferenceservice-v1beta1.schema.json",
 )
+INFERENCEGRAPH = Resource(
+    "serving.kserve.io",
+    "v1alpha1",
+    "inferencegraphs",
+    "InferenceGraph",
+    "kserve-inferencegraph-v1alpha1.schema.json",
+)
 RESOURCES = [
     Resource(
         "trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob", "kubeflow-trainjob-v1alpha1.schema.json"
     ),
     Resource("kubeflow.org", "v1", "pytorchjobs", "PyTorchJob", "kubeflow-pytorchjob-v1.schema.json"),
     INFERENCESERVICE,
+    INFERENCEGRAPH,
 ]
 BY_PLURAL = {r.plural: r for r in RESOURCES}
 
@@ -1236,6 +1247,9 @@ class KServe:
             # The service URL splits traffic; a single URL stands in for it: the majority's.
             majority = max(traffic, key=lambda t: (t["percent"], t["latestRevision"]))
             status["url"] = next(r.url for r in service.revisions if r.name == majority["revisionName"])
+            # The in-cluster address (http://<name>.<namespace>.svc.cluster.local, through the mesh
+            # to the same revisions): on the fake's loopback network, the same URL.
+            status["address"] = {"url": status["url"]}
         fake.replace_status(INFERENCESERVICE.plural, meta["namespace"], name, status, generation=generation)
 
     @staticmethod
@@ -1535,6 +1549,7 @@ class KServe:
             status["observedGeneration"] = observed  # the Deployment's, not the InferenceService's
         if url:
             status["url"] = url  # the Service reaches the pods that are available
+            status["address"] = {"url": url}  # <name>-predictor.<namespace>.svc.cluster.local, here loopback
         meta = obj["metadata"]
         fake.replace_status(
             INFERENCESERVICE.plural, meta["namespace"], meta["name"], status, generation=meta["generation"]
@@ -1559,3 +1574,132 @@ def _deployment_condition(type_: str, true: bool, reason: str = "", message: str
         "lastUpdateTime": stamp,
         "lastTransitionTime": stamp,
     }
+
+
+# --- KServe's InferenceGraph controller and router ------------------------------------------------
+#
+# Read from kserve/kserve at v0.20.0 (1fb781055dd1):
+# - pkg/controller/v1alpha1/inferencegraph/controller.go: each step with a ``serviceName`` needs that
+#   InferenceService (else the reconcile requeues, writing no status); an empty ``serviceUrl`` is
+#   filled, in the router's copy of the spec only, from the service's ``status.address.url`` and
+#   ``/v2/models/<model>/infer`` (GetPredictorEndpoint; <model> is the service's name unless its
+#   predictor names another in --model_name or MLSERVER_MODEL_NAME), and requeues while the
+#   service has no address. In Knative mode the graph's conditions are its Knative Service's
+#   (ConfigurationsReady, Ready, RoutesReady) plus ``Stopped`` False, and ``status.url`` the
+#   Knative Service's URL while Ready; no observedGeneration.
+# - cmd/router/main.go: every request, whatever its path, is POSTed to one step's URL; a Splitter
+#   draws it per request (``pickupRoute``: crypto/rand below 100 against the running sum of
+#   weights); the step's status and body come back, not its headers.
+
+
+@dataclass
+class KServeGraphs:
+    """Plays KServe for InferenceServices (``kserve``) and for InferenceGraphs, as a fake's controller.
+
+    A graph is reconciled in a thread: once every step's service exists (and has an address where
+    a step needs its URL filled), a router for it starts on 127.0.0.1, Knative-style Ready
+    conditions are written and ``status.url`` is the router's. The router plays KServe's for
+    ``Splitter`` nodes; ``picks`` records the step each request went to. ``close`` stops the routers.
+    """
+
+    kserve: KServe
+    requeue_s: float = 0.01
+    picks: list[str] = field(default_factory=list)
+    routers: dict[tuple[str, str], ThreadingHTTPServer] = field(default_factory=dict)
+
+    def __call__(self, fake: FakeKube, obj: dict[str, Any]) -> None:
+        if obj.get("kind") == INFERENCEGRAPH.kind:
+            threading.Thread(target=self._reconcile, args=(fake, obj), daemon=True).start()
+        else:
+            self.kserve(fake, obj)
+
+    def close(self) -> None:
+        for server in self.routers.values():
+            server.shutdown()
+            server.server_close()
+        self.routers.clear()
+
+    def _reconcile(self, fake: FakeKube, obj: dict[str, Any]) -> None:
+        meta = obj["metadata"]
+        key = (INFERENCEGRAPH.plural, meta["namespace"], meta["name"])
+        spec = copy.deepcopy(obj["spec"])
+        while not self._resolved(fake, meta["namespace"], spec):  # the controller's requeue
+            if (
+                fake.closed
+                or fake.objects.get(key, {}).get("metadata", {}).get("generation") != meta["generation"]
+            ):
+                return
+            time.sleep(self.requeue_s)
+        url = self._serve(meta["namespace"], meta["name"], spec)
+        status = {
+            "conditions": [
+                {k: v for k, v in condition(t, "", "").items() if v != ""}
+                for t in ("ConfigurationsReady", "Ready", "RoutesReady")
+            ]
+            + [{k: v for k, v in condition("Stopped", "", "", status="False").items() if v != ""}],
+            "url": url,
+        }
+        fake.replace_status(*key, status, generation=meta["generation"])
+
+    @staticmethod
+    def _resolved(fake: FakeKube, namespace: str, spec: dict[str, Any]) -> bool:
+        for node in spec["nodes"].values():
+            for step in node.get("steps") or []:
+                if not step.get("serviceName"):
+                    continue
+                with fake.lock:
+                    isvc = fake.objects.get((INFERENCESERVICE.plural, namespace, step["serviceName"]))
+                if isvc is None:
+                    return False
+                if not step.get("serviceUrl"):
+                    address = ((isvc.get("status") or {}).get("address") or {}).get("url")
+                    if not address:
+                        return False
+                    step["serviceUrl"] = f"{address}/v2/models/{isvc['metadata']['name']}/infer"
+        return True
+
+    def _serve(self, namespace: str, name: str, spec: dict[str, Any]) -> str:
+        picks = self.picks
+
+        class Router(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                node = spec["nodes"]["root"]
+                assert node["routerType"] == "Splitter", "the fake router plays Splitter nodes only"
+                point, end, step = secrets.randbelow(100), 0, None
+                for candidate in node["steps"]:
+                    end += int(candidate["weight"])
+                    if point < end:
+                        step = candidate
+                        break
+                if step is None:
+                    code, answer = 500, b'{"error": "no route was selected by the splitter"}'
+                else:
+                    picks.append(step.get("name", ""))
+                    sent = urllib.request.Request(
+                        step["serviceUrl"],
+                        data=body,
+                        headers={"Content-Type": self.headers.get("Content-Type") or "application/json"},
+                    )
+                    try:
+                        with urllib.request.urlopen(sent, timeout=30) as response:
+                            code, answer = response.status, response.read()
+                    except urllib.error.HTTPError as exc:
+                        code, answer = exc.code, exc.read()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Router)
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+        old = self.routers.pop((namespace, name), None)
+        self.routers[(namespace, name)] = server
+        if old is not None:
+            old.shutdown()
+            old.server_close()
+        return f"http://127.0.0.1:{server.server_address[1]}"

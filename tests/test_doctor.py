@@ -41,8 +41,8 @@ from handoff.project import Project
 
 from .conftest import TEMPLATE, build, edit_yaml, handoff
 from .fake_kube import FakeKube, fake_kube
+from .fake_pipeline_apis import fake_argo
 from .fake_rbac import CLUSTER_ADMIN, RBAC_GROUP, User, service_account
-from .test_submit import fake_argo
 
 pytestmark = pytest.mark.unit
 
@@ -386,7 +386,7 @@ def test_a_ready_cluster_passes_every_check(project: Path, mlflow_url: str) -> N
         "kfp",
         "argo",
     ]
-    assert found["access"].detail == f"{ACCOUNT} may make the pipeline's 9 API calls in ml-models"
+    assert found["access"].detail == f"{ACCOUNT} may make the pipeline's 10 API calls in ml-models"
     assert found["argo executor"].detail == (
         "executor.securityContext in argo/workflow-controller-configmap passes Pod Security restricted in "
         "ml-models"
@@ -460,7 +460,8 @@ def test_a_cluster_admin_without_the_role_applied_still_fails_access(project: Pa
     assert found.outcome == "fail"
     assert found.detail == (
         f"{ACCOUNT} may not, in ml-models: get inferenceservices.serving.kserve.io, create "
-        "inferenceservices.serving.kserve.io, patch inferenceservices.serving.kserve.io, list pods, get "
+        "inferenceservices.serving.kserve.io, patch inferenceservices.serving.kserve.io, get "
+        "inferencegraphs.serving.kserve.io, list pods, get "
         "deployments.apps, create workflowtaskresults.argoproj.io, patch workflowtaskresults.argoproj.io, "
         f"get pods (grant: {ROLE}); {ACCOUNT} may not, in ml-models: get configmaps 'kfp-launcher', get "
         "secrets 'mlpipeline-minio-artifact' (grant: manifests/components/kfp (add it to the overlay's "
@@ -477,7 +478,7 @@ def test_the_rendered_role_grants_every_call_the_pods_make(project: Path) -> Non
         fake.namespaces["ml-models"] = RESTRICTED
         fake.apply(*pipeline_rbac(loaded))
         assert cluster_checks(loaded, fake)["access"] == Finding(
-            "access", "pass", f"{ACCOUNT} may make the pipeline's 13 API calls in ml-models"
+            "access", "pass", f"{ACCOUNT} may make the pipeline's 14 API calls in ml-models"
         )
         # The binding naming another namespace's account (as one copied from another overlay
         # would) grants this one nothing.
@@ -537,7 +538,8 @@ def test_kfps_minio_secret_is_reviewed_when_the_launcher_reads_it(project: Path)
         f"{ACCOUNT} may not, in ml-models: get secrets 'mlpipeline-minio-artifact' (grant: "
         "manifests/components/kfp (add it to the overlay's components))",
     )
-    assert s3_root == Finding("access", "pass", f"{ACCOUNT} may make the pipeline's 9 API calls in ml-models")
+    calls = "the pipeline's 10 API calls in ml-models"
+    assert s3_root == Finding("access", "pass", f"{ACCOUNT} may make {calls}")
 
 
 def test_a_caller_who_may_not_review_other_accounts_gets_a_skip_that_says_what_to_run(project: Path) -> None:
@@ -856,7 +858,8 @@ def test_single_user_kfp_reviews_the_account_in_kfps_namespace(project: Path) ->
     assert base_only.outcome == "fail"
     assert base_only.detail == (
         f"{kubeflow_account} may not, in ml-models: get inferenceservices.serving.kserve.io, create "
-        "inferenceservices.serving.kserve.io, patch inferenceservices.serving.kserve.io, list pods, get "
+        "inferenceservices.serving.kserve.io, patch inferenceservices.serving.kserve.io, get "
+        "inferencegraphs.serving.kserve.io, list pods, get "
         "deployments.apps (grant: manifests/components/kfp-single-user (add it to the overlay's "
         "components)); "
         f"{kubeflow_account} may not, in kubeflow: create workflowtaskresults.argoproj.io, patch "
@@ -865,7 +868,7 @@ def test_single_user_kfp_reviews_the_account_in_kfps_namespace(project: Path) ->
         "once))"
     )
     assert granted == Finding(
-        "access", "pass", f"{kubeflow_account} may make the pipeline's 10 API calls in kubeflow and ml-models"
+        "access", "pass", f"{kubeflow_account} may make the pipeline's 11 API calls in kubeflow and ml-models"
     )
 
 

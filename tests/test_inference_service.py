@@ -781,8 +781,9 @@ def test_an_unavailable_api_server_is_retried_but_not_forever(
         retries = [line for line in log_lines(capsys) if "retrying" in line]
         assert len(retries) == 6 and "HTTP 503: the server is unable to handle it" in retries[0]
         fake.unavailable_requests = isvc.MAX_API_FAILURES
+        # The first read (is an A/B test's graph routing to the service?) is the one that gives up.
         with pytest.raises(
-            HandoffError, match=r"gave up on InferenceService ml-models/digits-classifier after 30"
+            HandoffError, match=r"gave up on InferenceGraph ml-models/digits-classifier-ab after 30"
         ):
             deploy(registered, fake, "2")
         assert version_of(stored(fake)) == "1"  # it gave up before changing anything

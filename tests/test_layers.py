@@ -32,7 +32,7 @@ SOURCES = (TEMPLATE / "components" / "src", TEMPLATE / "pipelines" / "src")
 # Rich wraps at 80 columns when not on a terminal: wide enough that no line the tests read wraps.
 WIDE = {"COLUMNS": "200", "NO_COLOR": "1"}
 PIPELINES = "ml-handoff-pipelines"
-ADDED = ("run", "compile", "submit")
+ADDED = ("run", "compile", "submit", "schedule", "retrain")
 
 
 def lint_imports(cwd: Path, *sources: Path) -> subprocess.CompletedProcess[str]:
@@ -164,7 +164,7 @@ def test_without_the_pipelines_package_its_commands_say_what_to_install(tmp_path
     listed = run(python, "-m", "handoff", "--help", cwd=tmp_path)
     assert listed.returncode == 0
     commands = listed_commands(listed.stdout)
-    assert list(commands)[:6] == ["version", "check", *ADDED, "train"]
+    assert list(commands)[: len(ADDED) + 3] == ["version", "check", *ADDED, "train"]
     for command in ADDED:
         assert commands[command].endswith(f"(needs {PIPELINES}).")
     # The step library itself works as before.
@@ -178,7 +178,7 @@ def test_the_pipelines_package_adds_its_commands_by_entry_point(tmp_path: Path) 
     assert listed.returncode == 0
     commands = listed_commands(listed.stdout)
     # In the place and with the help they always had, before the step commands.
-    assert list(commands)[:6] == ["version", "check", *ADDED, "train"]
+    assert list(commands)[: len(ADDED) + 3] == ["version", "check", *ADDED, "train"]
     assert (
         commands["run"]
         == "Run the whole pipeline: train, export, optimize, evaluate, register, deploy and smoke-test."

@@ -54,6 +54,7 @@ COMMON_LABELS = {"app.kubernetes.io/part-of": "ml-template", "app.kubernetes.io/
 # tests/test_doctor.py holds equal to the rendered Role.
 PIPELINE_RULES = {
     ("serving.kserve.io", "inferenceservices"): {"get", "create", "patch"},
+    ("serving.kserve.io", "inferencegraphs"): {"get"},
     ("", "pods"): {"get", "list"},
     ("apps", "deployments"): {"get"},
     ("trainer.kubeflow.org", "trainjobs"): {"create", "get", "delete"},

@@ -26,6 +26,7 @@ from handoff.labels import labels
 from handoff.settings import IMAGE_ENV, TRACKING_URI_ENV
 from handoff.step_entry import record_json
 from handoff.steps import monitor as monitor_step
+from handoff_pipelines import commands as pipeline_commands
 from handoff_pipelines.compiled import (
     ARGO_FILE,
     KFP_FILE,
@@ -201,10 +202,22 @@ def test_the_cli_refuses_monitor_without_a_store_in_one_line_and_no_monitor_skip
 def test_kfp_loads_the_pipeline_and_its_parameters_have_their_defaults(monitored: Monitoring) -> None:
     loaded = components.load_component_from_file(str(monitored.folder / MONITOR_KFP_FILE))
     assert loaded.name == "handoff-monitor"
-    assert set(loaded.component_spec.inputs) == {"project_dir", "version", "since", "fail_on_drift"}
+    assert set(loaded.component_spec.inputs) == {
+        "project_dir",
+        "version",
+        "since",
+        "fail_on_drift",
+        "retrain_on_drift",
+    }
     parameters = monitored.ir["root"]["inputDefinitions"]["parameters"]
     defaults = {name: spec.get("defaultValue") for name, spec in parameters.items()}
-    assert defaults == {"project_dir": "/app", "version": "", "since": "24h", "fail_on_drift": True}
+    assert defaults == {
+        "project_dir": "/app",
+        "version": "",
+        "since": "24h",
+        "fail_on_drift": True,
+        "retrain_on_drift": False,  # a drift verdict starts a training run only when asked
+    }
 
 
 def test_kfp_keeps_the_report_and_verdict_and_fails_the_run_in_a_step_after(monitored: Monitoring) -> None:
@@ -217,24 +230,34 @@ def test_kfp_keeps_the_report_and_verdict_and_fails_the_run_in_a_step_after(moni
     }
     tasks = monitored.ir["root"]["dag"]["tasks"]
     assert set(tasks) == {plan.name for plan in MONITOR_PLAN}
-    check = tasks["check-drift"]
-    assert check["dependentTasks"] == ["monitor"]
-    assert check["inputs"]["artifacts"]["verdict"]["taskOutputArtifact"] == {
-        "outputArtifactKey": "verdict",
-        "producerTask": "monitor",
-    }
+    check, retrain = tasks["check-drift"], tasks["retrain"]
+    verdict = {"outputArtifactKey": "verdict", "producerTask": "monitor"}
+    # Retrain reads the verdict before check-drift fails the run (KFP starts nothing after a failure).
+    assert retrain["dependentTasks"] == ["monitor"] and sorted(check["dependentTasks"]) == [
+        "monitor",
+        "retrain",
+    ]
+    for task in (check, retrain):
+        assert task["inputs"]["artifacts"]["verdict"]["taskOutputArtifact"] == verdict
     assert check["inputs"]["parameters"]["fail_on_drift"] == {"componentInputParameter": "fail_on_drift"}
+    assert retrain["inputs"]["parameters"]["retrain_on_drift"] == {
+        "componentInputParameter": "retrain_on_drift"
+    }
+    assert retrain["inputs"]["parameters"]["project_dir"] == {"componentInputParameter": "project_dir"}
     # The log changes between runs while the inputs do not: nothing is ever served from a cache.
     assert all(task["cachingOptions"] == {} for task in tasks.values())
-    # Monitor is retried; check-drift's failure is the verdict, never retried.
-    assert tasks["monitor"]["retryPolicy"]["maxRetryCount"] == 2 and "retryPolicy" not in check
+    # Monitor is retried; check-drift's failure is the verdict and a second retrain could start a
+    # second training run: neither is retried.
+    assert tasks["monitor"]["retryPolicy"]["maxRetryCount"] == 2
+    assert "retryPolicy" not in check and "retryPolicy" not in retrain
 
 
 def test_kfp_pods_are_the_projects_monitoring_pods_as_the_training_pipeline_places_them(
     on_cluster: Monitoring,
 ) -> None:
     executors = on_cluster.ir["deploymentSpec"]["executors"]
-    assert set(on_cluster.kfp_pods) == {"monitor", "check-drift"}
+    # Every pod gets cluster.secret_env: the retrain pod's KF_PIPELINES_TOKEN comes from there.
+    assert set(on_cluster.kfp_pods) == {"monitor", "retrain", "check-drift"}
     for name, settings in on_cluster.kfp_pods.items():
         assert settings["securityContext"] == {
             "runAsUser": str(RUN_AS_USER),
@@ -269,7 +292,7 @@ def test_argo_template_passes_argos_schema_strictly_and_round_trips_through_hera
 
 def test_every_argo_pod_is_a_valid_restricted_pod(monitored: Monitoring, on_cluster: Monitoring) -> None:
     found = pods(on_cluster.argo)
-    assert set(found) == {"monitor", "outcome"}
+    assert set(found) == {"monitor", "retrain", "outcome"}
     for name, pod in found.items():
         assert pod_errors(pod) == [], name
         assert pod["spec"]["serviceAccountName"] == "ml-runner"
@@ -280,12 +303,13 @@ def test_every_argo_pod_is_a_valid_restricted_pod(monitored: Monitoring, on_clus
             "capabilities": {"drop": ["ALL"]},
             "readOnlyRootFilesystem": True,
         }, name
-    env = on_cluster.templates["monitor"]["container"]["env"]
-    assert {"name": TRACKING_URI_ENV, "value": TRACKING} in env
-    assert {
-        "name": "AWS_ACCESS_KEY_ID",
-        "valueFrom": {"secretKeyRef": {"name": "s3-credentials", "key": "access-key"}},
-    } in env
+    for name in ("monitor", "retrain"):  # the retrain pod's ARGO_TOKEN comes from cluster.secret_env
+        env = on_cluster.templates[name]["container"]["env"]
+        assert {"name": TRACKING_URI_ENV, "value": TRACKING} in env
+        assert {
+            "name": "AWS_ACCESS_KEY_ID",
+            "valueFrom": {"secretKeyRef": {"name": "s3-credentials", "key": "access-key"}},
+        } in env
     assert pods(monitored.argo)["monitor"]["spec"]["serviceAccountName"] == "handoff-pipeline"
 
 
@@ -313,8 +337,34 @@ def test_argo_keeps_the_report_and_verdict_of_a_drifted_run_and_retries_only_pod
         "version": "",
         "since": "24h",
         "fail-on-drift": "true",
+        "retrain-on-drift": "false",
     }
-    assert parameters["fail-on-drift"]["enum"] == ["true", "false"]
+    assert parameters["fail-on-drift"]["enum"] == parameters["retrain-on-drift"]["enum"] == ["true", "false"]
+
+
+def test_argo_retrains_after_monitor_whatever_its_exit_and_only_when_asked(monitored: Monitoring) -> None:
+    """Monitor exits 1 on drift: retrain depends on its failure too, reads the verdict it kept, and
+    fails in turn on drift (fail-on-drift), since Argo takes the DAG's outcome from its last task."""
+    (dag,) = [t["dag"] for t in monitored.argo["spec"]["templates"] if "dag" in t]
+    tasks = {task["name"]: task for task in dag["tasks"]}
+    assert tasks["retrain"] == {
+        "name": "retrain",
+        "template": "retrain",
+        "depends": "monitor.Succeeded || monitor.Failed",
+        # Skipped otherwise: a skipped task takes its parent's outcome, so monitor's exit is the run's.
+        "when": "{{workflow.parameters.retrain-on-drift}} == true",
+        "arguments": {
+            "artifacts": [
+                {"name": "verdict", "from": "{{tasks.monitor.outputs.artifacts.verdict}}", "optional": True}
+            ]
+        },
+    }
+    template = monitored.templates["retrain"]
+    assert template["container"]["command"] == ["python", "-m", "handoff", "retrain"]
+    assert template["inputs"]["artifacts"] == [
+        {"name": "verdict", "path": "/tmp/inputs/verdict.json", "optional": True}
+    ]
+    assert "retryStrategy" not in template  # a second attempt could start a second training run
 
 
 def test_argo_files_are_the_ones_handoff_monitor_writes() -> None:
@@ -346,6 +396,20 @@ def test_argo_calls_options_the_handoff_cli_has(
     commands = typer.main.get_command(app).commands  # type: ignore[attr-defined]
     context = commands["monitor"].make_context("monitor", args)
     assert context.params["fail_on_drift"] is (fail_on_drift == "true")
+    # The retrain step's command line, parsed by the real `handoff retrain` (the pipelines' commands).
+    retrain_args = [
+        flag if arg == FAIL_FLAG else arg.replace("{{workflow.parameters.project-dir}}", "/app")
+        for arg in monitored.templates["retrain"]["container"]["args"]
+    ]
+    assert "{{" not in " ".join(retrain_args)
+    retrain = typer.main.get_command(pipeline_commands.app).commands["retrain"]  # type: ignore[attr-defined]
+    parsed = retrain.make_context("retrain", retrain_args).params
+    assert parsed["fail_on_drift"] is (fail_on_drift == "true")
+    assert (str(parsed["verdict"]), parsed["target"], str(parsed["out"])) == (
+        "/tmp/inputs/verdict.json",
+        "argo",
+        "/tmp/outputs/retrain",  # /app is read-only in pods
+    )
 
 
 # --- check-drift --------------------------------------------------------------------------------

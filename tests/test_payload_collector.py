@@ -33,6 +33,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from handoff import __version__
 from handoff.errors import HandoffError
+from handoff.feedback import read_labels
 from handoff.kube import isvc_manifest
 from handoff.payload_collector import (
     MAX_OPEN_LOGS,
@@ -220,6 +221,26 @@ def test_requests_and_responses_pair_in_either_order_into_payload_rows(collector
     np.testing.assert_array_equal(np.stack(window.outputs["logits"]), np.concatenate([logits_a, logits_b]))
     pairs = collector.metrics()[("handoff_collector_pairs_total", (("model", MODEL),))]
     assert pairs == 2
+
+
+def test_feedback_posted_to_the_collector_is_kept_beside_the_payload_log(collector: Collector) -> None:
+    """On a cluster the model server keeps no store, so product code reports outcomes here: what
+    ``handoff ab status`` joins with the logged predictions, by request id."""
+    url = f"{collector.url}/v2/models/{MODEL}/feedback"
+    recorded = requests.post(url, json=[{"id": "req-fb", "labels": [3, 1]}], timeout=10)
+    assert recorded.status_code == 200 and recorded.json() == {"recorded": 1, "rows": 2}
+    refused = requests.post(url, json={"id": "req-fb"}, timeout=10)
+    assert refused.status_code == 400 and "labels must be a non-empty list" in refused.json()["error"]
+    other = requests.post(
+        f"{collector.url}/v2/models/other/feedback", json={"id": "x", "labels": [1]}, timeout=10
+    )
+    assert (
+        other.status_code == 400 and "this collector logs model 'digits-classifier'" in other.json()["error"]
+    )
+    deadline = time.monotonic() + 10
+    while not (labels := read_labels(str(collector.store))) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert labels["req-fb"].tolist() == [3.0, 1.0]
 
 
 def test_a_request_whose_response_never_comes_expires_and_is_counted(collector: Collector) -> None:

@@ -208,12 +208,12 @@ def test_a_bad_monitoring_setting_names_its_field(default_project: Path, tmp_pat
 def test_deploy_points_the_server_at_the_state_folder_by_default(
     default_project: Path, tmp_path: Path
 ) -> None:
-    from handoff.deployment import _write_spec
+    from handoff.deployment import write_spec
     from handoff.payload_log import payload_store
     from handoff.project import Project, state_dir_of
 
     project = Project.load(default_project)
-    spec = json.loads(_write_spec(project, tmp_path, MODEL, "4", 8123, tmp_path / "h.sock").read_text())
+    spec = json.loads(write_spec(project, tmp_path, MODEL, "4", 8123, tmp_path / "h.sock").read_text())
     store = state_dir_of(project.root) / "payloads" / project.contract.name
     assert payload_store(project) == str(store)  # where `handoff monitor` reads
     assert spec["payload_log"] == {"sample_rate": 1.0, "max_bytes": 256 * 1024 * 1024, "store": str(store)}

@@ -5,7 +5,7 @@ tools/. It checks what GitHub would reject or silently get wrong: expressions, c
 outputs and dependencies (not actions' inputs: the actions are pinned by commit SHA, which it
 cannot look up; tests/test_project_lint.py checks the pins). What it cannot see into (the Python
 that reads handoff.yaml, the submit job's condition, the `handoff compile` and `handoff submit`
-command lines) is run here against a generated project, with test_submit.py's fakes of the
+command lines) is run here against a generated project, with fake_pipeline_apis.py's fakes of the
 Kubeflow Pipelines API and the Argo Server as the cluster, so a renamed option or output fails a
 test instead of the project's first CI run.
 """
@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from .conftest import BIN, TEMPLATE, edit_yaml
-from .test_submit import NAMESPACE, FakeApi, fake_argo, fake_kfp
+from .fake_pipeline_apis import NAMESPACE, FakeApi, fake_argo, fake_kfp
 
 pytestmark = pytest.mark.bake
 

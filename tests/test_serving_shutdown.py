@@ -223,10 +223,10 @@ def test_the_handover_socket_is_removed_when_the_server_ends(
 def test_deploy_writes_handoff_yamls_serving_settings_into_the_spec(
     default_project: Path, tmp_path: Path
 ) -> None:
-    from handoff.deployment import _write_spec
+    from handoff.deployment import write_spec
     from handoff.project import Project
 
-    spec_file = _write_spec(Project.load(default_project), tmp_path, MODEL, "4", 8123, tmp_path / "h.sock")
+    spec_file = write_spec(Project.load(default_project), tmp_path, MODEL, "4", 8123, tmp_path / "h.sock")
     spec = json.loads(spec_file.read_text())
     assert {k: spec[k] for k in ("model_version", "port", "max_concurrency", "shutdown_grace_s")} == {
         "model_version": "4",

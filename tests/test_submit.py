@@ -1,272 +1,29 @@
 """`handoff submit`: the compiled pipeline goes to Kubeflow Pipelines and/or the Argo Server.
 
 The real clients (``kfp.Client``, hera's ``WorkflowsService``) talk over loopback HTTP to small
-fakes of the two APIs. The fakes check what a real server checks: the path and method, the bearer
-token, and the body (KFP: the run and the pipeline spec parsed strictly into KFP's own protobuf
-messages, as the API server does; Argo: Argo's JSON schema for the request, strict about unknown
-fields). They answer with the same shapes and error bodies (grpc-gateway JSON) as the servers.
+fakes of the two APIs (``tests/fake_pipeline_apis.py``), which check bodies as the servers do.
 """
 
 from __future__ import annotations
 
-import copy
-import json
-import random
 import socket
-import string
-import threading
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import yaml
-from google.protobuf import json_format
-from kfp.pipeline_spec import pipeline_spec_pb2
 
 from handoff.errors import HandoffError
 from handoff.labels import labels
 from handoff_pipelines.compiled import ARGO_FILE, KFP_FILE
 from handoff_pipelines.submit import ARGO_TOKEN_ENV, KFP_TOKEN_ENV, submit_project
 
-from . import test_compile_targets as compile_checks
 from .conftest import edit_yaml, handoff
+from .fake_pipeline_apis import NAMESPACE, TOKEN, fake_argo, fake_kfp, point_at
 
 pytestmark = pytest.mark.unit
 
-NAMESPACE = "ml-models"
 PROJECT = "digits-classifier"
 SHA = "3f2c1e0d9b8a7f6e5d4c3b2a1f0e9d8c7b6a5f4e"
-TOKEN = "s3cr3t-token"
-# Fields of KFP's v2beta1 Run message (backend/api/v2beta1/run.proto): anything else is a typo.
-RUN_FIELDS = {
-    "experiment_id",
-    "run_id",
-    "display_name",
-    "storage_state",
-    "description",
-    "pipeline_version_id",
-    "pipeline_spec",
-    "pipeline_version_reference",
-    "runtime_config",
-    "service_account",
-    "created_at",
-    "scheduled_at",
-    "finished_at",
-    "state",
-    "error",
-    "run_details",
-    "recurring_run_id",
-    "state_history",
-}
-
-
-@dataclass
-class Seen:
-    method: str
-    path: str
-    query: dict[str, list[str]]
-    authorization: str | None
-    body: Any
-
-
-@dataclass
-class FakeApi:
-    """State and request log shared by a fake server's handler threads."""
-
-    token: str | None = TOKEN
-    failures: dict[str, tuple[int, str]] = field(default_factory=dict)  # "METHOD path" -> (status, message)
-    seen: list[Seen] = field(default_factory=list)
-    objects: dict[str, dict[str, Any]] = field(default_factory=dict)
-    url: str = ""
-
-    def calls(self) -> list[str]:
-        return [f"{s.method} {s.path}" for s in self.seen]
-
-
-class Reply(Exception):
-    """Answer the request with ``status`` and a grpc-gateway error body (or ``body``)."""
-
-    def __init__(self, status: int, message: str = "", body: Any = None):
-        self.status = status
-        self.body = body if body is not None else {"error": message, "code": 2, "message": message}
-
-
-def serve(api: FakeApi, route: Any) -> Any:
-    class Handler(BaseHTTPRequestHandler):
-        def _handle(self) -> None:
-            parts = urlsplit(self.path)
-            length = int(self.headers.get("Content-Length") or 0)
-            raw = self.rfile.read(length) if length else b""
-            seen = Seen(
-                self.command,
-                parts.path,
-                parse_qs(parts.query),
-                self.headers.get("Authorization"),
-                json.loads(raw) if raw else None,
-            )
-            api.seen.append(seen)
-            try:
-                if api.token and seen.authorization != f"Bearer {api.token}":
-                    raise Reply(401, "Unauthenticated: a valid bearer token is required")
-                failure = api.failures.get(f"{seen.method} {seen.path}")
-                if failure:
-                    raise Reply(*failure)
-                status, body = 200, route(api, seen)
-            except Reply as reply:
-                status, body = reply.status, reply.body
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        do_GET = do_POST = do_PUT = _handle
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    return Handler
-
-
-@contextmanager
-def running(api: FakeApi, route: Any) -> Iterator[FakeApi]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), serve(api, route))
-    api.url = f"http://127.0.0.1:{server.server_port}"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield api
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-# --- the Kubeflow Pipelines v2beta1 API ---------------------------------------------------------
-
-
-def kfp_route(api: FakeApi, seen: Seen) -> Any:
-    experiments = api.objects.setdefault("experiments", {})
-    if (seen.method, seen.path) == ("GET", "/apis/v2beta1/healthz"):
-        return {
-            "commit_sha": "unknown",
-            "tag_name": "2.17.0",
-            "multi_user": False,
-            "pipeline_store": "database",
-        }
-    if (seen.method, seen.path) == ("GET", "/apis/v2beta1/experiments"):
-        (namespace,) = seen.query["namespace"]
-        (predicate,) = json.loads(seen.query["filter"][0])["predicates"]
-        assert predicate["key"] == "display_name"
-        found = [
-            e
-            for e in experiments.values()
-            if (e["display_name"], e["namespace"]) == (predicate["stringValue"], namespace)
-        ]
-        return {"experiments": found, "total_size": len(found)} if found else {}
-    if (seen.method, seen.path) == ("POST", "/apis/v2beta1/experiments"):
-        if set(seen.body) - {"display_name", "description", "namespace"}:
-            raise Reply(400, f"unknown fields in experiment: {sorted(seen.body)}")
-        experiment = {
-            **copy.deepcopy(seen.body),
-            "experiment_id": str(uuid.uuid4()),
-            "storage_state": "AVAILABLE",
-        }
-        experiments[experiment["experiment_id"]] = experiment
-        return experiment
-    if (seen.method, seen.path) == ("POST", "/apis/v2beta1/runs"):
-        run = seen.body
-        if (
-            set(run) - RUN_FIELDS
-            or not run.get("display_name")
-            or run.get("experiment_id") not in experiments
-        ):
-            raise Reply(400, f"Invalid input error: run {sorted(run)}")
-        try:  # what the API server does with the pipeline spec: parse it into the protos, strictly
-            json_format.ParseDict(run["pipeline_spec"]["pipeline_spec"], pipeline_spec_pb2.PipelineSpec())
-            json_format.ParseDict(run["pipeline_spec"]["platform_spec"], pipeline_spec_pb2.PlatformSpec())
-        except (json_format.ParseError, KeyError) as exc:
-            raise Reply(400, f"Invalid input error: pipeline spec: {exc}") from None
-        created = {**copy.deepcopy(run), "run_id": str(uuid.uuid4()), "state": "PENDING"}
-        api.objects.setdefault("runs", {})[created["run_id"]] = created
-        return created
-    raise Reply(404, f"Not Found: {seen.method} {seen.path}")
-
-
-@contextmanager
-def fake_kfp(**kwargs: Any) -> Iterator[FakeApi]:
-    with running(FakeApi(**kwargs), kfp_route) as api:
-        yield api
-
-
-# --- the Argo Server ----------------------------------------------------------------------------
-
-
-def argo_route(api: FakeApi, seen: Seen) -> Any:
-    templates = api.objects.setdefault("templates", {})
-    if (seen.method, seen.path) == ("GET", "/api/v1/version"):
-        return {"version": "v3.7.4", "gitCommit": "0" * 40, "platform": "linux/amd64"}
-    base = f"/api/v1/workflow-templates/{NAMESPACE}"
-
-    def valid(kind: str) -> None:
-        errors = compile_checks.argo_errors(seen.body, kind)
-        if errors:
-            raise Reply(400, "; ".join(errors))
-
-    if (seen.method, seen.path) == ("POST", base):
-        valid("WorkflowTemplateCreateRequest")
-        template = copy.deepcopy(seen.body["template"])
-        name = template["metadata"]["name"]
-        if name in templates:
-            raise Reply(409, f'workflowtemplates.argoproj.io "{name}" already exists')
-        template["metadata"].update(resourceVersion="1", uid=str(uuid.uuid4()))
-        templates[name] = template
-        return template
-    if seen.path.startswith(base + "/"):
-        name = seen.path.removeprefix(base + "/")
-        if name not in templates:
-            raise Reply(404, f'workflowtemplates.argoproj.io "{name}" not found')
-        if seen.method == "GET":
-            return templates[name]
-        if seen.method == "PUT":
-            valid("WorkflowTemplateUpdateRequest")
-            template = copy.deepcopy(seen.body["template"])
-            version = template["metadata"].get("resourceVersion")
-            if version != templates[name]["metadata"]["resourceVersion"]:
-                raise Reply(
-                    409, f"Operation cannot be fulfilled: resourceVersion {version!r} is not the latest"
-                )
-            template["metadata"]["resourceVersion"] = str(int(version) + 1)
-            templates[name] = template
-            return template
-    if (seen.method, seen.path) == ("POST", f"/api/v1/workflows/{NAMESPACE}"):
-        valid("WorkflowCreateRequest")
-        workflow = copy.deepcopy(seen.body["workflow"])
-        ref = workflow["spec"]["workflowTemplateRef"]["name"]
-        if ref not in templates:
-            raise Reply(400, f'workflowtemplates.argoproj.io "{ref}" not found')
-        metadata = workflow["metadata"]
-        if len(metadata["generateName"]) > 58:  # what the Argo Server's validation refuses
-            raise Reply(
-                400, f"workflow name prefix {metadata['generateName']!r} is longer than 58 characters"
-            )
-        suffix = "".join(random.choices(string.ascii_lowercase + string.digits, k=5))
-        metadata.update(name=metadata.pop("generateName") + suffix, uid=str(uuid.uuid4()))
-        api.objects.setdefault("workflows", {})[metadata["name"]] = workflow
-        return workflow
-    raise Reply(404, f"Not Found: {seen.method} {seen.path}")
-
-
-@contextmanager
-def fake_argo(**kwargs: Any) -> Iterator[FakeApi]:
-    with running(FakeApi(**kwargs), argo_route) as api:
-        yield api
 
 
 # --- tests ---------------------------------------------------------------------------------------
@@ -279,14 +36,6 @@ def env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     monkeypatch.setenv(ARGO_TOKEN_ENV, f"Bearer {TOKEN}")
     monkeypatch.setenv("HANDOFF_GIT_SHA", SHA)
     return monkeypatch
-
-
-def point_at(project: Path, kfp: FakeApi | None = None, argo: FakeApi | None = None, **settings: Any) -> None:
-    def change(data: dict[str, Any]) -> None:
-        data.update(settings)
-        data["cluster"].update(kfp_endpoint=kfp and kfp.url, argo_server=argo and argo.url)
-
-    edit_yaml(project / "handoff.yaml", change)
 
 
 def test_kfp_submit_creates_the_experiment_and_starts_a_run(project: Path, env: pytest.MonkeyPatch) -> None:

@@ -83,6 +83,8 @@ ADDED_COMMANDS = {
     "run": "Run the whole pipeline: train, export, optimize, evaluate, register, deploy and smoke-test",
     "compile": "Compile the pipeline for a cluster: Kubeflow Pipelines and/or Argo Workflows",
     "submit": "Compile, then start a run on the cluster",
+    "schedule": "Retrain on a schedule (KFP recurring run, Argo CronWorkflow) or on drift",
+    "retrain": "Start a training run when a drift verdict says so",
 }
 
 
@@ -514,18 +516,97 @@ def collect(
 
 @app.command()
 def stop(project: ProjectOpt = Path(".")) -> None:
-    """Stop the project's local model server."""
+    """Stop the project's local model server (and an A/B test's servers)."""
+    from handoff.ab import stop_servers
     from handoff.project import Project
     from handoff.serving import local_server
 
     loaded = Project.load(project)
     with local_server.deploy_lock(loaded.state_dir):  # never in the middle of a deploy's stop/start
         handle = local_server.stop(loaded.state_dir, project=loaded.root)
+        ab = stop_servers(loaded)
+    if ab is not None:
+        typer.echo(f"stopped the A/B test of {ab.model_name} v{ab.champion} vs v{ab.challenger} at {ab.url}")
+    elif handle:
+        typer.echo(f"stopped {handle.model_name} v{handle.version} at {handle.url}")
+    else:
+        typer.echo("no local model server is running for this project")
+
+
+ab_app = typer.Typer(
+    help="A/B test a registered challenger against the champion on live traffic, to a verdict.",
+    no_args_is_help=True,
+)
+app.add_typer(ab_app, name="ab")
+
+
+@ab_app.command("start")
+def ab_start(
+    challenger: Annotated[str, typer.Option(help="The registered version to test against the champion.")],
+    project: ProjectOpt = Path("."),
+    share: Annotated[int, typer.Option(help="Percent of the traffic the challenger gets (1-99).")] = 50,
+    key_header: Annotated[
+        str | None,
+        typer.Option(
+            help="Request header whose value picks the arm (e.g. a user id): a caller sticks to one arm. "
+            "Default: the V2 request id."
+        ),
+    ] = None,
+    cluster: Annotated[
+        bool,
+        typer.Option(
+            "--cluster/--local",
+            help="A KServe InferenceGraph Splitter over two InferenceServices, or the local router "
+            "in front of two model servers on the project's port.",
+        ),
+    ] = False,
+) -> None:
+    """Serve the champion and a challenger side by side, each request to one arm by a stable hash."""
+    from handoff.ab import start
+
+    ab = start(project, challenger, share=share, key_header=key_header, cluster=cluster)
     typer.echo(
-        f"stopped {handle.model_name} v{handle.version} at {handle.url}"
-        if handle
-        else "no local model server is running for this project"
+        f"A/B test started at {ab.url}: champion v{ab.champion} {100 - ab.share}%, challenger "
+        f"v{ab.challenger} {ab.share}%; report outcomes to /v2/models/{ab.model_name}/feedback, "
+        "then `handoff ab status`"
     )
+
+
+@ab_app.command("status")
+def ab_status(
+    project: ProjectOpt = Path("."),
+    as_json: Annotated[bool, typer.Option("--json", help="The whole status as JSON.")] = False,
+) -> None:
+    """Each arm's requests, errors, latency and metrics from feedback, and the verdict."""
+    from handoff.ab import format_status, status
+
+    found = status(project)
+    typer.echo(json.dumps(found, indent=2, default=str) if as_json else format_status(found))
+
+
+@ab_app.command("stop")
+def ab_stop(
+    project: ProjectOpt = Path("."),
+    promote: Annotated[
+        bool | None,
+        typer.Option(
+            "--promote/--rollback",
+            help="Make the challenger champion and serve it alone, or keep the champion alone.",
+            show_default=False,
+        ),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option(help="Promote even when the verdict is not 'challenger better'.")
+    ] = False,
+) -> None:
+    """End the A/B test: --promote (on a 'challenger better' verdict) or --rollback."""
+    from handoff.ab import stop as stop_ab
+
+    if promote is None:
+        raise HandoffError(
+            "say how the test ends: `handoff ab stop --promote` or `handoff ab stop --rollback`"
+        )
+    typer.echo(stop_ab(project, promote=promote, force=force))
 
 
 def main() -> None:

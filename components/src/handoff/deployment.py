@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from handoff.ab_state import running_ab
 from handoff.artifacts import EXAMPLE_FILE, EXTRA_DIR, ONNX_FILE
 from handoff.contract import CONTRACT_FILE, Contract, load_contract
 from handoff.contract_changes import contract_changes
@@ -78,12 +79,19 @@ def _port_of(handle: ServerHandle) -> int:
     return int(urlsplit(handle.url).port or 80)
 
 
-def _write_spec(
-    project: Project, model_dir: Path, model_name: str, version: str, port: int, handover: Path
+def write_spec(
+    project: Project,
+    model_dir: Path,
+    model_name: str,
+    version: str,
+    port: int,
+    handover: Path | None,
+    spec_file: Path | None = None,
 ) -> Path:
-    """The server's spec: the version's files, where to listen, and handoff.yaml's serving settings."""
+    """The server's spec (``spec_file``, by default ``server.json`` beside the version's files): the
+    version's files, where to listen, and handoff.yaml's serving settings."""
     serving = project.settings.serving
-    spec_file = model_dir / "server.json"
+    spec_file = spec_file or model_dir / "server.json"
     local_server.serving_marker(spec_file).unlink(missing_ok=True)
     write_json(
         spec_file,
@@ -95,7 +103,7 @@ def _write_spec(
             "port": port,
             # The payload log `handoff monitor` reads (payload_store: the state folder by default).
             **server_settings(serving, version, project.settings.monitoring, payload_store(project)),
-            "handover": str(handover),
+            "handover": str(handover or ""),
         },
     )
     return spec_file
@@ -156,6 +164,17 @@ def _promotion_follows(project: Project, name: str, version: str, champion_only:
         raise HandoffError(f"{exc}; {done}") from None
 
 
+def refuse_during_ab(project: Project) -> None:
+    """A deploy while ``handoff ab`` splits the port's traffic would end the test half-way."""
+    ab = running_ab(project)
+    if ab is not None:
+        raise HandoffError(
+            f"an A/B test of {ab.model_name} v{ab.champion} against v{ab.challenger} serves this "
+            "project's port; end it first with `handoff ab stop --promote` or `--rollback` "
+            "(`handoff ab status` shows where it stands)"
+        )
+
+
 def require_champion(project: Project, name: str, version: str) -> None:
     """Refuse to serve a version that is not the champion: a pipeline deploys what its register
     promoted, and a later run may have promoted another since (that run deploys its own)."""
@@ -175,8 +194,12 @@ def deploy_locally(
     *,
     champion_only: bool = False,
     registered_contract: bool = False,
+    ending_ab: bool = False,
 ) -> DeployResult:
     """Serve ``model_name`` version ``version`` on this machine, blue/green, and smoke-test it.
+
+    While an A/B test serves the port (``handoff ab``), only ``handoff ab stop`` deploys
+    (``ending_ab``): the router's arms would otherwise be left running unseen.
 
     The checks enforce the working tree's contract.yaml (``enforced_contract``: its SLOs may have
     moved on since registration; its interface may not), or with ``registered_contract`` (what
@@ -200,6 +223,8 @@ def deploy_locally(
         if champion_only:
             require_champion(project, model_name, version)
         with _promotion_follows(project, model_name, version, champion_only):
+            if not ending_ab:  # inside: a pipeline's promotion is undone when its deploy is refused
+                refuse_during_ab(project)
             handle, smoke, latency = _blue_green(project, model_name, version, registered_contract)
         mark_served(project, model_name, version, f"local {handle.url}")
     return DeployResult(
@@ -231,7 +256,7 @@ def _blue_green(
         private = sockets.enter_context(local_server.bind(project.settings.serving.host, 0))
         check_url = local_server.url_of(private)
         handover = local_server.handover_path()
-        spec_file = _write_spec(project, model_dir, model_name, version, port.getsockname()[1], handover)
+        spec_file = write_spec(project, model_dir, model_name, version, port.getsockname()[1], handover)
         try:
             handle = local_server.start(
                 spec_file,
@@ -307,15 +332,19 @@ def deploy_to_cluster(
     poll_s: float = 5.0,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
+    ending_ab: bool = False,
 ) -> DeployResult:
     """Roll ``model_name`` version ``version`` out to the project's InferenceService (``deploy_locally``
-    says what ``champion_only`` and ``registered_contract`` do)."""
+    says what ``champion_only``, ``registered_contract`` and ``ending_ab`` do; on a cluster an A/B
+    test is the project's InferenceGraph, ``handoff ab start --cluster``)."""
     started = time.perf_counter()
     project = Project.load(project_dir)
     if champion_only:
         require_champion(project, model_name, version)
     with _promotion_follows(project, model_name, version, champion_only):
-        done = _roll_out(project, model_name, version, api, poll_s, clock, sleep, registered_contract)
+        done = _roll_out(
+            project, model_name, version, api, poll_s, clock, sleep, registered_contract, ending_ab
+        )
     mark_served(project, model_name, version, f"cluster {done.url}")
     return DeployResult(
         url=done.url,
@@ -339,10 +368,12 @@ def _roll_out(
     clock: Callable[[], float],
     sleep: Callable[[float], None],
     registered_contract: bool,
+    ending_ab: bool,
 ) -> Rollout:
     """Point the InferenceService at the version, canary, smoke-test, promote or roll back."""
     from handoff.kube import inference_service as isvc
     from handoff.kube.client import api_client
+    from handoff.kube.inference_graph import GraphClient, graph_name
 
     release, registered, example = registered_release(project, model_name, version)
     contract = enforced_contract(
@@ -354,9 +385,17 @@ def _roll_out(
             f"warning: the model's files are on a local path ({release.triton_uri}); the predictor "
             "can only download them if that path is mounted into it (use object storage for MLflow)"
         )
-    services = isvc.ServiceClient(
-        project.settings.namespace, project.settings.project, api or api_client(), retry_s=poll_s, sleep=sleep
-    )
+    api = api or api_client()
+    namespace = project.settings.namespace
+    services = isvc.ServiceClient(namespace, project.settings.project, api, retry_s=poll_s, sleep=sleep)
+    if not ending_ab:  # the graph's champion arm is this service: a new version would end the test
+        graph = GraphClient(namespace, graph_name(project.settings.project), api, retry_s=poll_s, sleep=sleep)
+        if graph.get() is not None:
+            raise HandoffError(
+                f"an A/B test ({graph.what}) routes between this project's InferenceService and its "
+                "challenger; end it first with `handoff ab stop --promote` or `--rollback` (where it "
+                "was started)"
+            )
     return isvc.rollout(
         services,
         project.settings,

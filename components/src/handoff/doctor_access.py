@@ -67,6 +67,7 @@ def needed_rules(project: Project, *, minio_secret: bool = False) -> list[ApiRul
     """Every API call the pipeline's pods make, for this project's settings; ``minio_secret``:
     KFP's launcher reads its MinIO Secret (a ``minio://`` pipeline root, or one not known)."""
     rules = [ApiRule("serving.kserve.io", "inferenceservices", v) for v in ("get", "create", "patch")]
+    rules.append(ApiRule("serving.kserve.io", "inferencegraphs", "get"))  # deploy: no A/B test running
     rules.append(ApiRule("", "pods", "list"))
     rules.append(ApiRule("apps", "deployments", "get"))
     training = project.settings.training

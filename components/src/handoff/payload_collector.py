@@ -68,7 +68,8 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from handoff.contract import TensorSpec, load_contract
+from handoff import feedback
+from handoff.contract import Contract, TensorSpec, load_contract
 from handoff.errors import HandoffError
 from handoff.payload_log import MIB, PayloadLog
 from handoff.serving.metrics import payload_log_metrics
@@ -364,6 +365,7 @@ class Target:
     model: str | None = None
     inputs: tuple[TensorSpec, ...] = ()
     outputs: tuple[TensorSpec, ...] = ()
+    contract: Contract | None = None  # a project's: what feedback labels are checked against
 
     @classmethod
     def of_project(cls, project_dir: Path) -> Target:
@@ -386,6 +388,7 @@ class Target:
             model=contract.name,
             inputs=tuple(contract.request_inputs),
             outputs=tuple(contract.response_outputs),
+            contract=contract,
         )
 
     def store_of(self, model: str) -> str:
@@ -426,7 +429,8 @@ class Target:
 
 
 class PayloadCollector:
-    """The ASGI app: ``POST /`` (KServe's logger events), ``GET /healthz``, ``GET /metrics``."""
+    """The ASGI app: ``POST /`` (KServe's logger events), ``POST /v2/models/<model>/feedback`` (ground
+    truth, ``handoff.feedback``), ``GET /healthz``, ``GET /metrics``."""
 
     def __init__(
         self,
@@ -441,6 +445,7 @@ class PayloadCollector:
         self.pending = Pending(pending_ttl_s, max_pending, max_pending_bytes)
         self.flush_s = flush_s
         self.logs: OrderedDict[tuple[str, str], PayloadLog] = OrderedDict()
+        self.feedback_logs: dict[str, PayloadLog] = {}
         # Evicted logs still writing what they held: close() waits for them.
         self._closing: list[threading.Thread] = []
         # A registry of its own: several collectors (tests) in one process do not collide.
@@ -483,10 +488,14 @@ class PayloadCollector:
         elif path == "/" and method == "POST":
             status, message = await self._event(scope, receive)
             await _answer(send, status, json.dumps({"error": message}).encode() if message else b"")
+        elif (model := _feedback_model(path)) is not None and method == "POST":
+            status, answer = await self._feedback(model, receive)
+            await _answer(send, status, json.dumps(answer).encode())
         elif path in ("/", "/healthz", "/metrics"):
             await _answer(send, 405, b'{"error": "method not allowed"}')
         else:
-            await _answer(send, 404, b'{"error": "not found: KServe\'s logger posts to /"}')
+            where = "not found: KServe's logger posts to /, feedback goes to /v2/models/<model>/feedback"
+            await _answer(send, 404, json.dumps({"error": where}).encode())
 
     async def _event(self, scope: Scope, receive: Receive) -> tuple[int, str | None]:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
@@ -518,6 +527,25 @@ class PayloadCollector:
             log.warning("payload collector: event %s: %s", event.id, exc)
             return 400, f"event {event.id}: {exc}"
         return 200, None
+
+    async def _feedback(self, model: str, receive: Receive) -> tuple[int, dict[str, Any]]:
+        """Ground truth for logged requests (``handoff.feedback``): on a cluster product code posts
+        it here, beside the payload log it is joined with."""
+        body = await _read_body(receive, MAX_BODY_BYTES)
+        if body is None:
+            return 413, {"error": f"feedback bodies are limited to {MAX_BODY_BYTES // MIB} MiB"}
+        try:
+            store = self.target.store_of(model)
+            reports = feedback.parse(body, self.target.contract)
+        except (EventError, feedback.BadFeedback) as exc:
+            return 400, {"error": str(exc)}
+        writer = self.feedback_logs.get(model)
+        if writer is None:
+            writer = feedback.feedback_log(store, model=model, version="", max_bytes=self.target.max_bytes)
+            self.feedback_logs[model] = writer
+        for request_id, labels in reports:
+            writer.offer({feedback.LABEL: labels}, {}, request_id)
+        return 200, {"recorded": len(reports), "rows": sum(len(labels) for _, labels in reports)}
 
     def _log(self, request: Decoded, response: Decoded) -> None:
         model = response.model or request.model
@@ -576,9 +604,10 @@ class PayloadCollector:
         lost, and counted)."""
         for _ in self.pending.expire(math.inf):
             self.dropped.labels("expired").inc()
-        for payload_log in self.logs.values():
+        for payload_log in [*self.logs.values(), *self.feedback_logs.values()]:
             payload_log.close()
         self.logs.clear()
+        self.feedback_logs.clear()
         for thread in self._closing:
             thread.join()
         self._closing.clear()
@@ -600,6 +629,14 @@ class PayloadCollector:
                 await asyncio.to_thread(self.close)
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+def _feedback_model(path: str) -> str | None:
+    """The model of a feedback path, ``/v2/models/<model>/feedback`` (the model server's route)."""
+    parts = path.strip("/").split("/")
+    if len(parts) == 4 and parts[:2] == ["v2", "models"] and parts[3] == "feedback":
+        return parts[2]
+    return None
 
 
 async def _read_body(receive: Receive, limit: int) -> bytes | None:

@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 import tomllib
+from datetime import datetime
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -53,6 +54,9 @@ CODE_TAG = "handoff.served_code_sha256"
 # Set by deploy once the version has served (passed its smoke test and latency check): where and
 # when. A champion without it never served, and a failed deploy undoes its promotion.
 SERVED_TAG = "handoff.served"
+# When a drift verdict on this version last started a training run (UTC ISO time, then the runs):
+# what keeps a drift that lasts from starting a run at every monitoring run (handoff retrain).
+RETRAIN_TAG = "handoff.retrain.requested"
 
 
 def version_tags(project: Project, name: str, version: str, *, field: str | None = None) -> dict[str, str]:
@@ -256,3 +260,31 @@ def describe_registered_model(client: MlflowClient, name: str, project: Project)
     description = f"{about}\n\n{now}" if about else now
     client.update_registered_model(name, description)
     return description
+
+
+def retrain_requested(client: MlflowClient, name: str, version: str) -> tuple[datetime, str] | None:
+    """When a drift verdict on ``version`` last started a training run, and which (its
+    ``RETRAIN_TAG``); None when none did or the registry does not hold the version."""
+    try:
+        value = client.get_model_version(name, version).tags.get(RETRAIN_TAG)
+    except MlflowException:
+        return None
+    if not value:
+        return None
+    stamp, _, runs = value.partition(" ")
+    try:
+        return datetime.fromisoformat(stamp), runs
+    except ValueError:
+        return None
+
+
+def record_retrain(client: MlflowClient, name: str, version: str, runs: str, now: datetime) -> bool:
+    """Record on ``version`` that its drift started ``runs`` at ``now``; False when the registry
+    does not hold the version (a verdict on a version registered elsewhere)."""
+    try:
+        client.set_model_version_tag(
+            name, version, RETRAIN_TAG, f"{now.isoformat(timespec='seconds')} {runs}"
+        )
+    except MlflowException:
+        return False
+    return True

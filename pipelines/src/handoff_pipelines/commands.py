@@ -1,4 +1,5 @@
-"""The ``handoff`` commands this package brings: run the pipeline here, compile it, submit it.
+"""The ``handoff`` commands this package brings: run the pipeline here, compile it, submit it,
+schedule it, and retrain on a drift verdict.
 
 The step library's CLI (``handoff.cli``) finds this Typer app at start-up through the
 ``handoff.commands`` entry point declared in this package's pyproject.toml, and adds its commands
@@ -83,13 +84,30 @@ def compile_(
     image: ImageOpt = None,
     target: TargetOpt = None,
     monitor: MonitorOpt = None,
+    cron: Annotated[
+        str | None,
+        typer.Option(help='Also the Argo CronWorkflow that trains on this schedule, e.g. "0 3 * * 1" (UTC).'),
+    ] = None,
+    on_drift_cron: Annotated[
+        str | None,
+        typer.Option(
+            help="Also the Argo CronWorkflow that runs the monitoring pipeline with retrain-on-drift on "
+            'this schedule, e.g. "0 * * * *" (UTC).'
+        ),
+    ] = None,
 ) -> None:
     """Compile for a cluster: the KFP pipeline (and its training job when training.nodes > 1) and/or
     the Argo WorkflowTemplate, each with its monitoring pipeline when monitoring.store is set."""
     from handoff_pipelines.compiled import compile_project
 
     written = compile_project(
-        project, out, image=_checked_image(image), targets=_targets(target), monitor=monitor
+        project,
+        out,
+        image=_checked_image(image),
+        targets=_targets(target),
+        monitor=monitor,
+        cron=cron,
+        on_drift_cron=on_drift_cron,
     )
     for path in written:
         typer.echo(f"wrote {path}")
@@ -108,3 +126,95 @@ def submit(
 
     for run in submit_project(project, out, image=_checked_image(image), targets=_targets(target)):
         typer.echo(f"submitted {run.target} run {run.name} ({run.id}): {run.url}")
+
+
+@app.command()
+def schedule(
+    project: ProjectOpt = Path("."),
+    cron: Annotated[
+        str | None,
+        typer.Option(
+            help='When, in UTC: 5 cron fields, e.g. "0 3 * * 1" (Mondays 03:00); with --on-drift the '
+            'default is "0 * * * *" (hourly).'
+        ),
+    ] = None,
+    on_drift: Annotated[
+        bool,
+        typer.Option(
+            "--on-drift",
+            help="Schedule the monitoring pipeline instead, with retrain_on_drift: a drift verdict "
+            "starts a training run (needs monitoring.store).",
+        ),
+    ] = False,
+    remove: Annotated[
+        bool, typer.Option("--remove", help="Delete the schedule instead (nothing to delete is no error).")
+    ] = False,
+    out: OutOpt = Path("compiled"),
+    image: ImageOpt = None,
+    target: TargetOpt = None,
+) -> None:
+    """Compile, then run the training pipeline on a schedule (<project>-retrain), or with --on-drift
+    the monitoring pipeline (<project>-monitor): a KFP recurring run and/or an Argo CronWorkflow,
+    replacing the earlier one of the same name."""
+    from handoff_pipelines.schedule import schedule_project, unschedule_project
+
+    if remove:
+        for engine, name, count in unschedule_project(project, on_drift=on_drift, targets=_targets(target)):
+            typer.echo(
+                f"removed {engine} schedule {name}" if count else f"no {engine} schedule {name} to remove"
+            )
+        return
+    for made in schedule_project(
+        project, out, cron, on_drift=on_drift, image=_checked_image(image), targets=_targets(target)
+    ):
+        what = "recurring run" if made.target == "kfp" else "CronWorkflow"
+        replaced = f", replacing {made.replaced} earlier" if made.replaced else ""
+        typer.echo(
+            f"scheduled {made.target} {what} {made.name} ({made.id}) at {made.cron!r}{replaced}: {made.url}"
+        )
+
+
+@app.command()
+def retrain(
+    verdict: Annotated[
+        Path, typer.Option(help="The verdict `handoff monitor` wrote (verdict.json).", dir_okay=False)
+    ],
+    project: ProjectOpt = Path("."),
+    out: OutOpt = Path("compiled"),
+    image: ImageOpt = None,
+    target: TargetOpt = None,
+    fail_on_drift: Annotated[
+        bool,
+        typer.Option(
+            "--fail-on-drift/--no-fail-on-drift",
+            help="After submitting on a drift verdict, exit 1 (as `handoff monitor` does), or 0.",
+        ),
+    ] = False,
+    cooldown_hours: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            help="Start no run for a version whose drift started one less than this long ago (0: always).",
+        ),
+    ] = 24.0,
+) -> None:
+    """Submit the training pipeline (as `handoff submit`) when the verdict is drift; else nothing."""
+    from handoff.step_entry import write_termination_message
+    from handoff_pipelines.retrain import retrain as start
+
+    done = start(
+        project,
+        verdict,
+        out,
+        targets=_targets(target),
+        image=_checked_image(image),
+        cooldown_hours=cooldown_hours,
+    )
+    typer.echo(done.line, err=True)
+    for run in done.submitted:
+        typer.echo(f"submitted {run.target} run {run.name} ({run.id}): {run.url}")
+    if not done.drift_detected:
+        typer.echo("handoff: retrain: no drift: nothing submitted", err=True)
+    elif fail_on_drift:
+        write_termination_message(done.line)  # the failed pod's message (the Argo UI, kubectl describe)
+        raise typer.Exit(1)

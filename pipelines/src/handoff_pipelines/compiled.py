@@ -5,6 +5,10 @@ diffed and validated before a run.
 Which engines: ``targets``, by default what handoff.yaml's ``orchestrator`` says (``both``: both).
 For each, the monitoring pipeline too (``handoff_pipelines.monitor_pipeline``) when handoff.yaml's
 ``monitoring.store`` is a store the pods can read; otherwise a note says why it was left out.
+On request (``cron``, ``on_drift_cron``), the Argo CronWorkflows ``handoff schedule`` would create
+(``handoff_pipelines.cron``), for clusters whose Argo objects are applied from git with
+kubectl or kustomize rather than through the Argo Server; KFP keeps its recurring runs in its own
+database, behind its API, so they have no file (``handoff schedule`` creates them).
 Outputs are deterministic (same project, same bytes), so they can be committed and checked for
 drift in CI.
 """
@@ -14,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 from kfp import compiler
@@ -27,11 +32,16 @@ from handoff.raw_io import check_cluster_runtime
 from handoff.settings import PROJECT_DIR_IN_IMAGE
 from handoff_pipelines.graph import build_pipeline
 
+if TYPE_CHECKING:
+    from handoff_pipelines.cron import Kind
+
 KFP_FILE = "pipeline.kfp.yaml"
 ARGO_FILE = "workflow-template.argo.yaml"
 TRAIN_JOB_FILE = "train-job.yaml"
 MONITOR_KFP_FILE = "monitor.kfp.yaml"
 MONITOR_ARGO_FILE = "monitor-workflow-template.argo.yaml"
+RETRAIN_CRON_FILE = "retrain-cron-workflow.argo.yaml"
+MONITOR_CRON_FILE = "monitor-cron-workflow.argo.yaml"
 TARGETS = ("kfp", "argo")
 # The train step names its job after the pipeline run; the compiled copy shows this one.
 EXAMPLE_RUN_KEY = "example-run"
@@ -91,6 +101,8 @@ def compile_project(
     image: str | None = None,
     targets: tuple[str, ...] | None = None,
     monitor: bool | None = None,
+    cron: str | None = None,
+    on_drift_cron: str | None = None,
 ) -> list[Path]:
     """Write everything a cluster run needs into ``out_dir``; returns the files written.
 
@@ -101,6 +113,9 @@ def compile_project(
     before anything is written.
     ``monitor``: also the monitoring pipeline (refused when ``monitoring.store`` is no store the pods
     can read), or not; None (the default): when the store is one, else a note on stderr says why not.
+    ``cron`` / ``on_drift_cron``: also the Argo CronWorkflow that trains on that schedule / that
+    runs the monitoring pipeline with retrain-on-drift on it (``handoff_pipelines.schedule``); files
+    written on an earlier request are left as they are when not asked for again.
     """
     project = Project.load(project_dir)
     if image is not None:
@@ -125,6 +140,7 @@ def compile_project(
                 raise
             print(f"handoff: note: no monitoring pipeline: {exc}", file=sys.stderr, flush=True)
             monitor = False
+    schedules = _checked_schedules(chosen, cron, on_drift_cron, monitor is not False)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -139,7 +155,32 @@ def compile_project(
     if "argo" in chosen:
         written.append(compile_argo(project, out / ARGO_FILE))
         written += _monitor_file(project, out / MONITOR_ARGO_FILE, monitor is not False, "argo")
+        from handoff_pipelines.cron import write_cron_workflow
+
+        for kind, (expression, name) in schedules.items():
+            written.append(write_cron_workflow(project, kind, expression, out / name))
     return written
+
+
+def _checked_schedules(
+    chosen: tuple[str, ...], cron: str | None, on_drift_cron: str | None, monitored: bool
+) -> dict[Kind, tuple[str, str]]:
+    """The CronWorkflows asked for, checked before anything is written: kind -> (cron, file)."""
+    from handoff_pipelines.cron import MONITOR, RETRAIN, check_cron
+
+    asked: dict[Kind, tuple[str | None, str]] = {
+        RETRAIN: (cron, RETRAIN_CRON_FILE),
+        MONITOR: (on_drift_cron, MONITOR_CRON_FILE),
+    }
+    found = {kind: (check_cron(value), name) for kind, (value, name) in asked.items() if value is not None}
+    if found and "argo" not in chosen:
+        raise HandoffError(
+            "--cron and --on-drift-cron write Argo CronWorkflows, and the target is only Kubeflow "
+            "Pipelines, which keeps recurring runs behind its API: create them with `handoff schedule`"
+        )
+    if MONITOR in found and not monitored:
+        raise HandoffError("--on-drift-cron schedules the monitoring pipeline: drop --no-monitor")
+    return found
 
 
 def _monitor_file(project: Project, path: Path, wanted: bool, target: str) -> list[Path]:

@@ -9,20 +9,29 @@ account, secrets, tracking URI, image, retries and deadlines are set as the trai
 sets them (``graph.on_cluster``, ``handoff_pipelines.argo``).
 
 Parameters, on both engines: the project's folder in the image, the ``version`` to check (empty:
-the champion), ``since`` (the window, a duration or an ISO time; empty: the whole log) and
+the champion), ``since`` (the window, a duration or an ISO time; empty: the whole log),
 ``fail_on_drift`` (a drift verdict fails the run, so a scheduled run shows red; its report and
-verdict are kept either way).
+verdict are kept either way) and ``retrain_on_drift`` (default false: a drift verdict also starts
+a training run of the project, through ``handoff submit``'s path; ``handoff schedule --on-drift``
+sets it). The ``retrain`` step (``handoff_pipelines.retrain``) reads the verdict and submits the
+training pipeline to the engine it runs on, at handoff.yaml's endpoint, with the token its pod
+gets from ``cluster.secret_env`` (``KF_PIPELINES_TOKEN`` / ``ARGO_TOKEN``); it is never retried,
+as a second attempt could start a second training run.
 
 How a drifted run fails differs, because the engines keep different things of a failed task:
 
 - KFP uploads no outputs of a failed task (its launcher registers only the executor's logs), so
   ``monitor`` never fails on drift: it writes the report (an HTML artifact the KFP UI shows), the
-  verdict and its numbers (KFP Metrics), and a second step, ``check-drift``, reads the verdict
-  and fails when it is drift and ``fail_on_drift`` is set.
-- Argo's wait container saves a step's output artifacts whatever its exit code, so its one step is
+  verdict and its numbers (KFP Metrics); ``retrain`` reads the verdict next, then ``check-drift``
+  reads it and fails when it is drift and ``fail_on_drift`` is set.
+- Argo's wait container saves a step's output artifacts whatever its exit code, so its step is
   ``python -m handoff monitor``, the command a researcher runs by hand, which exits 1 on drift
   (``--no-fail-on-drift``: 0). It is retried only on an Argo error (an evicted or preempted pod),
-  never on its own exit: a drift verdict is not a transient failure.
+  never on its own exit: a drift verdict is not a transient failure. With ``retrain-on-drift``,
+  ``python -m handoff retrain`` runs after it whether it succeeded or failed (``depends``) and
+  exits as monitor did (1 on drift with ``fail-on-drift``, 1 without a verdict): Argo takes a
+  DAG's outcome from its last task, so the run still ends red on drift. Without it the step is
+  skipped and monitor's outcome is the run's, as before.
 
 Nothing is cached: every run reads a newer window of a log that keeps changing.
 
@@ -52,6 +61,7 @@ from handoff.settings import PROJECT_DIR_IN_IMAGE, SETTINGS_FILE, ClusterSetting
 from handoff_pipelines import PIPELINE_NAME
 from handoff_pipelines.argo import (
     EXIT_HANDLER,
+    IN,
     OUT,
     POD_GC,
     PROJECT_DIR,
@@ -82,10 +92,19 @@ MONITOR_DEADLINE_S = 3600
 # own outputs and sets gauges); check-drift is not: its failure is the verdict, and repeating it
 # would only delay the red run. Neither is ever served from a cache (side_effects): monitor's
 # inputs are the same every run while the log it reads is not.
+# Retrain compiles and submits (kfp and hera in one process: 1Gi); never retried, as a second
+# attempt could start a second training run.
 MONITOR_PLAN = (
     StepPlan("monitor", (), "1", "4Gi", MONITOR_DEADLINE_S, side_effects=True, deadline_s=MONITOR_DEADLINE_S),
+    StepPlan("retrain", ("monitor",), "500m", "1Gi", 0, side_effects=True, deadline_s=MONITOR_DEADLINE_S),
     StepPlan(
-        "check-drift", ("monitor",), "100m", "512Mi", 0, side_effects=True, deadline_s=MONITOR_DEADLINE_S
+        "check-drift",
+        ("monitor", "retrain"),
+        "100m",
+        "512Mi",
+        0,
+        side_effects=True,
+        deadline_s=MONITOR_DEADLINE_S,
     ),
 )
 DEFAULT_SINCE = "24h"
@@ -104,8 +123,19 @@ ARGO_PARAMETERS = (
         enum=["true", "false"],
         description="Whether a drift verdict fails the run (its report and verdict are kept either way).",
     ),
+    Parameter(
+        name="retrain-on-drift",
+        value="false",
+        enum=["true", "false"],
+        description="Whether a drift verdict also starts a training run of the project (handoff retrain).",
+    ),
 )
 MONITOR_OUT = f"{OUT}/monitor"  # --out: report.html, verdict.json, metrics.prom
+RETRAIN_VERDICT = f"{IN}/verdict.json"  # the retrain step's copy of monitor's verdict
+RETRAIN_OUT = f"{OUT}/retrain"  # the training pipeline it compiles (under /tmp: /app is read-only)
+# Argo: retrain runs after monitor whatever monitor's exit (drift is exit 1), only when asked.
+RETRAIN_DEPENDS = "monitor.Succeeded || monitor.Failed"
+RETRAIN_WHEN = "{{workflow.parameters.retrain-on-drift}} == true"
 # handoff.steps.monitor's REPORT_FILE and VERDICT_FILE, kept as literals so compiling does not import
 # the step and what it needs (a test checks they agree). No report when the window had too few rows.
 ARGO_OUTPUTS = (("report", "report.html", True), ("verdict", "verdict.json", False))
@@ -210,6 +240,26 @@ def check_drift(verdict: Input[Artifact], fail_on_drift: bool):
         raise SystemExit(1)
 
 
+def retrain(project_dir: str, verdict: Input[Artifact], retrain_on_drift: bool):
+    """Submit the training pipeline to this KFP when monitor's verdict is drift and retrain_on_drift
+    is set: ``python -m handoff retrain``, the command the Argo step runs (handoff submit's path);
+    before check-drift, which fails the run."""
+    import subprocess
+    import sys
+    import tempfile
+
+    if not retrain_on_drift:
+        print("handoff: retrain: retrain_on_drift is false: nothing to submit", flush=True)
+        return
+    out = tempfile.mkdtemp(prefix="retrain-")  # the project folder is read-only in pods
+    command = ["--project", project_dir, "--verdict", verdict.path, "--target", "kfp", "--out", out]
+    # --no-fail-on-drift: check-drift fails the run next. An error is reported by the command
+    # itself (its message is the pod's termination message).
+    done = subprocess.run([sys.executable, "-m", "handoff", "retrain", *command, "--no-fail-on-drift"])
+    if done.returncode:
+        raise SystemExit(done.returncode)
+
+
 def build_monitor_pipeline(
     image: str,
     contract_sha256: str = "",
@@ -220,14 +270,24 @@ def build_monitor_pipeline(
     ``pod_labels`` place its pods as ``graph.build_pipeline`` places the training pipeline's."""
     on_pods = pod_placer(MONITOR_PLAN, image, pod_labels, cluster)
     component = component_maker(image)
-    monitor_op, check_op = component(monitor), component(check_drift)
+    monitor_op, retrain_op, check_op = component(monitor), component(retrain), component(check_drift)
 
     @dsl.pipeline(name=MONITOR_PIPELINE_NAME, description=monitor_description(contract_sha256))
     def handoff_monitor(
-        project_dir: str, version: str = "", since: str = DEFAULT_SINCE, fail_on_drift: bool = True
+        project_dir: str,
+        version: str = "",
+        since: str = DEFAULT_SINCE,
+        fail_on_drift: bool = True,
+        retrain_on_drift: bool = False,
     ) -> None:
         monitored = on_pods(monitor_op(project_dir=project_dir, version=version, since=since), "monitor")
-        on_pods(check_op(verdict=monitored.outputs["verdict"], fail_on_drift=fail_on_drift), "check-drift")
+        verdict = monitored.outputs["verdict"]
+        retrained = on_pods(
+            retrain_op(project_dir=project_dir, verdict=verdict, retrain_on_drift=retrain_on_drift), "retrain"
+        )
+        # After retrain: check-drift's failure ends the run, and the training run must start first.
+        checked = check_op(verdict=verdict, fail_on_drift=fail_on_drift).after(retrained)
+        on_pods(checked, "check-drift")
 
     return handoff_monitor
 
@@ -267,6 +327,40 @@ def monitor_arguments() -> list[str]:
     ]
 
 
+def retrain_arguments() -> list[str]:
+    """``python -m handoff retrain``'s options (see ``handoff retrain --help``)."""
+    return [
+        "--project",
+        f"{{{{workflow.parameters.{PROJECT_DIR}}}}}",
+        "--verdict",
+        RETRAIN_VERDICT,
+        "--target",
+        "argo",
+        "--out",
+        RETRAIN_OUT,
+        FAIL_FLAG,
+    ]
+
+
+def _container(project: Project, step: StepPlan, args: list[str], **extra: Any) -> Container:
+    """One step of the monitoring workflow: ``python -m handoff <step>`` in the platform image,
+    with the pipeline's environment, resources, security context and mounts."""
+    settings = project.settings
+    return Container(
+        name=step.name,
+        image=settings.image,
+        image_pull_policy=pull_policy(settings.image),
+        command=["python", "-m", "handoff", step.name],
+        args=args,
+        env=env(project),
+        resources=resources(step.cpu, step.memory),
+        security_context=container_security(),
+        volume_mounts=mounts(step),
+        active_deadline_seconds=step.deadline_s,
+        **extra,
+    )
+
+
 def _retry_on_error(step: StepPlan, retries: int) -> m.RetryStrategy | None:
     """OnError: an evicted or preempted pod (an Argo error); never the step's own exit 1, the verdict."""
     if not retries:
@@ -286,7 +380,7 @@ def monitor_workflow_template(project: Project) -> WorkflowTemplate:
     """The project's monitoring WorkflowTemplate, ``<project>-monitor``, in its namespace."""
     check_monitor_target(project)
     settings = project.settings
-    step = MONITOR_PLAN[0]
+    step, retrain_step = MONITOR_PLAN[0], MONITOR_PLAN[1]
     with WorkflowTemplate(
         name=f"{settings.project}-monitor",
         namespace=settings.namespace,
@@ -305,18 +399,27 @@ def monitor_workflow_template(project: Project) -> WorkflowTemplate:
     ) as template:
         with DAG(name=MONITOR_PIPELINE_NAME):
             Task(name=step.name, template=step.name)
-        Container(
-            name=step.name,
-            image=settings.image,
-            image_pull_policy=pull_policy(settings.image),
-            command=["python", "-m", "handoff", step.name],
-            args=monitor_arguments(),
-            env=env(project),
-            resources=resources(step.cpu, step.memory),
-            security_context=container_security(),
-            volume_mounts=mounts(step),
+            Task(
+                name=retrain_step.name,
+                template=retrain_step.name,
+                depends=RETRAIN_DEPENDS,
+                when=RETRAIN_WHEN,
+                # Optional here too: a monitor that failed before writing its verdict leaves none,
+                # and Argo resolves a missing argument artifact only when it is optional
+                # (workflow/controller/dag.go, resolveDependencyReferences).
+                arguments=[
+                    m.Artifact(
+                        name="verdict",
+                        from_=f"{{{{tasks.{step.name}.outputs.artifacts.verdict}}}}",
+                        optional=True,
+                    )
+                ],
+            )
+        _container(
+            project,
+            step,
+            monitor_arguments(),
             retry_strategy=_retry_on_error(step, settings.cluster.retries),
-            active_deadline_seconds=step.deadline_s,
             # Kept whatever the exit code; unarchived, so the Argo UI shows the report as a page.
             outputs=[
                 ArgoArtifact(
@@ -327,6 +430,13 @@ def monitor_workflow_template(project: Project) -> WorkflowTemplate:
                 )
                 for name, file, optional in ARGO_OUTPUTS
             ],
+        )
+        _container(
+            project,
+            retrain_step,
+            retrain_arguments(),
+            # Optional: monitor may fail before writing one; retrain then says so and exits 1.
+            inputs=[ArgoArtifact(name="verdict", path=RETRAIN_VERDICT, optional=True)],
         )
         exit_handler(settings.image)
     return template

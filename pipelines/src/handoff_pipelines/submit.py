@@ -24,6 +24,7 @@ import json
 import os
 import re
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -127,36 +128,57 @@ def _kfp_error(exc: Any, host: str, action: str) -> HandoffError:
     return HandoffError(f"Kubeflow Pipelines at {host}: {action} failed: {status} {detail}".rstrip())
 
 
-def submit_kfp(project: Project, pipeline_file: Path, name: str) -> Submitted:
-    """Start a run of the compiled pipeline; the experiment is the project (created if missing)."""
+@dataclass
+class Session:
+    """An API client for one engine, its address and what it is doing now (for error messages)."""
+
+    api: Any  # kfp.Client, or hera's WorkflowsService
+    host: str
+    namespace: str
+    action: str = "connecting"
+
+
+@contextlib.contextmanager
+def kfp_session(project: Project) -> Iterator[Session]:
+    """A ``kfp.Client`` for handoff.yaml's ``cluster.kfp_endpoint``; API errors become HandoffErrors
+    naming ``session.action``, the endpoint, and the setting or the variable to fix."""
     import kfp
     import kfp_server_api
     import urllib3
 
     host = endpoint(project, "kfp")
-    settings = project.settings
+    namespace = project.settings.namespace
+    session = Session(None, host, namespace)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             # kfp.Client warns about server versions and prints links; ours are printed by the CLI.
             warnings.simplefilter("ignore", FutureWarning)
-            client = kfp.Client(host=host, namespace=settings.namespace, existing_token=_token(KFP_TOKEN_ENV))
-            result = client.create_run_from_pipeline_package(
-                str(pipeline_file),
-                arguments={},
-                run_name=name,
-                experiment_name=settings.project,
-                namespace=settings.namespace,
-                service_account=settings.cluster.service_account,
-            )
+            session.api = kfp.Client(host=host, namespace=namespace, existing_token=_token(KFP_TOKEN_ENV))
+            yield session
     except kfp_server_api.ApiException as exc:
-        raise _kfp_error(exc, host, f"starting run {name!r}") from None
+        raise _kfp_error(exc, host, session.action) from None
     except (urllib3.exceptions.HTTPError, OSError) as exc:
         raise HandoffError(
             f"cannot reach Kubeflow Pipelines at {host} ({exc.__class__.__name__}); check "
             f"{ENDPOINT_FIELDS['kfp']} in {SETTINGS_FILE}",
         ) from None
+
+
+def submit_kfp(project: Project, pipeline_file: Path, name: str) -> Submitted:
+    """Start a run of the compiled pipeline; the experiment is the project (created if missing)."""
+    settings = project.settings
+    with kfp_session(project) as session:
+        session.action = f"starting run {name!r}"
+        result = session.api.create_run_from_pipeline_package(
+            str(pipeline_file),
+            arguments={},
+            run_name=name,
+            experiment_name=settings.project,
+            namespace=settings.namespace,
+            service_account=settings.cluster.service_account,
+        )
     run_id = str(result.run_id)
-    return Submitted("kfp", name, run_id, f"{host}/#/runs/details/{run_id}")
+    return Submitted("kfp", name, run_id, f"{session.host}/#/runs/details/{run_id}")
 
 
 # --- Argo Workflows -----------------------------------------------------------------------------
@@ -180,58 +202,82 @@ def _argo_error(exc: Exception, host: str, action: str) -> HandoffError:
     return HandoffError(f"the Argo Server at {host}: {action} failed: {code}{message}")
 
 
-def submit_argo(project: Project, template_file: Path, name: str) -> Submitted:
-    """Create or update the WorkflowTemplate, then start a Workflow from it."""
-    from hera.exceptions import AlreadyExists, HeraException
+@contextlib.contextmanager
+def argo_session(project: Project) -> Iterator[Session]:
+    """hera's ``WorkflowsService`` for handoff.yaml's ``cluster.argo_server``; API errors become
+    HandoffErrors naming ``session.action``, the server, and the setting or the variable to fix."""
+    from hera.exceptions import HeraException
     from hera.workflows import WorkflowsService
-    from hera.workflows import models as m
 
     host = endpoint(project, "argo")
-    settings = project.settings
-    namespace = settings.namespace
-    template = m.WorkflowTemplate.model_validate(yaml.safe_load(template_file.read_text()))
-    template_name = template.metadata.name or settings.project
-    what = f"WorkflowTemplate {namespace}/{template_name}"
+    namespace = project.settings.namespace
     service = WorkflowsService(
         host=host, token=_token(ARGO_TOKEN_ENV), namespace=namespace, session=_Session()
     )
-    action = f"creating {what}"
+    session = Session(service, host, namespace)
     try:
         with service, warnings.catch_warnings():
             # hera 7.1 serialises requests with pydantic's deprecated `.json()`: not the user's concern.
             warnings.simplefilter("ignore", DeprecationWarning)
-            try:
-                service.create_workflow_template(
-                    m.WorkflowTemplateCreateRequest(template=template), namespace
-                )
-            except AlreadyExists:
-                # The API server accepts an update only at the version it holds now.
-                action = f"updating {what}"
-                current = service.get_workflow_template(template_name, namespace)
-                template.metadata.resource_version = current.metadata.resource_version
-                service.update_workflow_template(
-                    template_name,
-                    m.WorkflowTemplateUpdateRequest(name=template_name, template=template),
-                    namespace,
-                )
-            action = f"starting a workflow from {what}"
-            workflow = m.Workflow(
-                metadata=m.ObjectMeta(
-                    generate_name=generate_name(name), namespace=namespace, labels=labels(settings.project)
-                ),
-                spec=m.WorkflowSpec(workflow_template_ref=m.WorkflowTemplateRef(name=template_name)),
-            )
-            created = service.create_workflow(m.WorkflowCreateRequest(workflow=workflow), namespace)
+            yield session
     except HeraException as exc:
-        raise _argo_error(exc, host, action) from None
+        raise _argo_error(exc, host, session.action) from None
     except requests.RequestException as exc:
         raise HandoffError(
             f"cannot reach the Argo Server at {host} ({exc.__class__.__name__}); check "
             f"{ENDPOINT_FIELDS['argo']} in {SETTINGS_FILE}",
         ) from None
+
+
+def apply_workflow_template(session: Session, template_file: Path) -> str:
+    """Create the compiled WorkflowTemplate, or update it when it exists; its name."""
+    from hera.exceptions import AlreadyExists
+    from hera.workflows import models as m
+
+    namespace = session.namespace
+    template = m.WorkflowTemplate.model_validate(yaml.safe_load(template_file.read_text()))
+    template_name = template.metadata.name
+    if not template_name:
+        raise HandoffError("a WorkflowTemplate needs a name", file=template_file, field="metadata.name")
+    what = f"WorkflowTemplate {namespace}/{template_name}"
+    session.action = f"creating {what}"
+    try:
+        session.api.create_workflow_template(m.WorkflowTemplateCreateRequest(template=template), namespace)
+    except AlreadyExists:
+        # The API server accepts an update only at the version it holds now.
+        session.action = f"updating {what}"
+        current = session.api.get_workflow_template(template_name, namespace)
+        template.metadata.resource_version = current.metadata.resource_version
+        session.api.update_workflow_template(
+            template_name,
+            m.WorkflowTemplateUpdateRequest(name=template_name, template=template),
+            namespace,
+        )
+    return template_name
+
+
+def submit_argo(project: Project, template_file: Path, name: str) -> Submitted:
+    """Create or update the WorkflowTemplate, then start a Workflow from it."""
+    from hera.workflows import models as m
+
+    settings = project.settings
+    namespace = settings.namespace
+    with argo_session(project) as session:
+        template_name = apply_workflow_template(session, template_file)
+        session.action = f"starting a workflow from WorkflowTemplate {namespace}/{template_name}"
+        workflow = m.Workflow(
+            metadata=m.ObjectMeta(
+                generate_name=generate_name(name), namespace=namespace, labels=labels(settings.project)
+            ),
+            spec=m.WorkflowSpec(workflow_template_ref=m.WorkflowTemplateRef(name=template_name)),
+        )
+        created = session.api.create_workflow(m.WorkflowCreateRequest(workflow=workflow), namespace)
     workflow_name = created.metadata.name or ""
     return Submitted(
-        "argo", workflow_name, created.metadata.uid or "", f"{host}/workflows/{namespace}/{workflow_name}"
+        "argo",
+        workflow_name,
+        created.metadata.uid or "",
+        f"{session.host}/workflows/{namespace}/{workflow_name}",
     )
 
 

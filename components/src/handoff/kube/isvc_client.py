@@ -37,7 +37,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import urllib3
 from kubernetes import client
@@ -109,6 +109,11 @@ class Services(Protocol):
 class ServiceClient:
     """The calls a deploy makes for one InferenceService, retried while the API server is away."""
 
+    # The resource it reads and applies; a subclass names another kind (an InferenceGraph).
+    group: ClassVar[str] = GROUP
+    version: ClassVar[str] = VERSION
+    plural: ClassVar[str] = PLURAL
+    kind: ClassVar[str] = KIND
     namespace: str
     name: str
     api: client.ApiClient
@@ -126,7 +131,7 @@ class ServiceClient:
 
     @property
     def what(self) -> str:
-        return describe(KIND, self.namespace, self.name)
+        return describe(self.kind, self.namespace, self.name)
 
     def _retry(self, action: str, call: Callable[[], T]) -> T:
         """``call()``, again after transient failures (a restarting or overloaded API server)."""
@@ -153,7 +158,7 @@ class ServiceClient:
             return self._retry(
                 "read",
                 lambda: self.objects.get_namespaced_custom_object(
-                    GROUP, VERSION, self.namespace, PLURAL, self.name
+                    self.group, self.version, self.namespace, self.plural, self.name
                 ),
             )
         except ApiException as exc:
@@ -166,7 +171,7 @@ class ServiceClient:
     ) -> dict[str, Any]:
         """PATCH the service with ``body``; the object as stored. Conflict on 409, and on 422 for a
         JSON patch (a ``test`` that failed: the object changed since it was read)."""
-        path = f"/apis/{GROUP}/{VERSION}/namespaces/{self.namespace}/{PLURAL}/{self.name}"
+        path = f"/apis/{self.group}/{self.version}/namespaces/{self.namespace}/{self.plural}/{self.name}"
 
         def send() -> dict[str, Any]:
             found: dict[str, Any] = self.api.call_api(
@@ -231,6 +236,21 @@ class ServiceClient:
             except Conflict:
                 self.say(f"{self.what}: changed since it was read; reading it again")
         raise HandoffError(f"{self.what} kept changing under the deploy ({MAX_CONFLICTS} conflicts in a row)")
+
+    def delete(self) -> bool:
+        """Delete the object (its controller then removes what it made); False if it was gone."""
+        try:
+            self._retry(
+                "delete",
+                lambda: self.objects.delete_namespaced_custom_object(
+                    self.group, self.version, self.namespace, self.plural, self.name
+                ),
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise api_error(exc, "delete", self.what) from None
+        return True
 
     def pods(self, selector: str) -> list[Any]:
         """The predictor pods ``selector`` picks."""

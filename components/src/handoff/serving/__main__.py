@@ -25,27 +25,23 @@ then finishes the in-flight requests and exits (taking nothing from the queue it
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import gc
 import json
 import logging
 import math
-import os
 import signal
 import socket
-import struct
 import sys
 import threading
 from pathlib import Path
 from typing import Any
 
+from handoff import feedback
 from handoff.contract import load_contract
 from handoff.files import read_json, sha256_of
 from handoff.payload_log import PayloadLog
-from handoff.serving import graceful, guards, kserve_internals, metrics
+from handoff.serving import ab_router, graceful, guards, kserve_internals, metrics, takeover
 from handoff.serving.front import FrontDoor
-from handoff.serving.local_server import serving_marker
 from handoff.serving.onnx_model import OnnxModel
 from handoff.serving.spec import server_settings
 from handoff.settings import BatchingSettings, ServingSettings
@@ -58,9 +54,24 @@ def serve(spec_path: Path, fd: int | None = None, takeover_fd: int | None = None
     kserve_internals.check()  # an upgraded KServe or uvicorn stops here, naming what moved
     # handoff.yaml's defaults for whatever the spec leaves out (serving/spec.py writes the keys).
     spec = {**server_settings(ServingSettings(), "1"), **read_json(spec_path)}
+    if "router" in spec:  # `handoff ab`: the router in front of two model servers
+        signal.signal(signal.SIGTERM, _exit_at_once)
+        ab_router.route(spec_path, spec, fd, takeover_fd)
+        return
     contract = load_contract(Path(spec["contract_dir"]))
     batching = BatchingSettings.model_validate(spec["batching"])
     payload_log = _payload_log(spec)
+    # Ground truth reported for answered requests, joined with the payload log (handoff.feedback).
+    feedback_log = (
+        None
+        if payload_log is None
+        else feedback.feedback_log(
+            spec["payload_log"]["store"],
+            model=spec["model_name"],
+            version=str(spec["model_version"]),
+            max_bytes=int(spec["payload_log"]["max_bytes"]),
+        )
+    )
     model = OnnxModel(
         spec["model_name"],
         Path(spec["onnx_path"]),
@@ -111,6 +122,7 @@ def serve(spec_path: Path, fd: int | None = None, takeover_fd: int | None = None
             max_inflight_bytes=int(spec["max_inflight_bytes"]),
             idle_timeout_s=header_timeout_s,  # a body that stops arriving is timed like a head
             closing=lambda: retiring.is_set() or shutting_down.is_set(),
+            feedback=feedback_log,
         )
 
     class GuardedRESTServer(kserve_internals.FrontedRESTServer):
@@ -145,26 +157,6 @@ def serve(spec_path: Path, fd: int | None = None, takeover_fd: int | None = None
                 ),
             )
 
-        async def take_over(self, sock: socket.socket) -> None:
-            """Listen on ``sock`` too, with the same app and connection bookkeeping as uvicorn's own
-            sockets (what ``uvicorn.Server.startup`` does for each), so shutdown drains both."""
-            server = self.graceful
-            listening = await asyncio.get_running_loop().create_server(
-                server.protocol_factory, sock=sock, backlog=server.config.backlog
-            )
-            server.servers.append(listening)
-            server.listening.append(sock)
-            serving_marker(spec_path).touch()
-            where = sock.getsockname()[:2]
-            print(f"model {model.name} now also serves on {where} (took over)", file=sys.stderr, flush=True)
-
-        def retire(self) -> None:
-            """Stop accepting (the next version accepts from the same socket); close connections
-            after their current response. SIGTERM follows."""
-            retiring.set()
-            self.graceful.stop_accepting()
-            print(f"model {model.name} stopped accepting (retired)", file=sys.stderr, flush=True)
-
     rest = GuardedRESTServer(server, spec["port"], math.ceil(shutdown_grace_s), front)
     rest.use_graceful_server()
     handover = Path(spec["handover"]) if spec.get("handover") else None
@@ -173,34 +165,14 @@ def serve(spec_path: Path, fd: int | None = None, takeover_fd: int | None = None
     signal.signal(signal.SIGTERM, _exit_at_once)
     try:
         if takeover_fd is not None:
-            takeover = socket.socket(fileno=takeover_fd)
-
-            def start_taking_over() -> None:
-                task = asyncio.get_running_loop().create_task(rest.take_over(takeover))
-                task.add_done_callback(report_failure)
-
-            def report_failure(task: asyncio.Task[None]) -> None:
-                if not task.cancelled() and task.exception() is not None:
-                    # deploy waits for the marker, then points at this log
-                    print(
-                        f"model {model.name} could not take over: {task.exception()}",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-
-            def on_sigusr1(signum: int, frame: Any) -> None:
-                loop = asyncio.get_running_loop()  # the handler runs on the main thread, inside the loop
-                loop.call_soon_threadsafe(start_taking_over)
-                signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # once
-
-            def on_sigusr2(signum: int, frame: Any) -> None:
-                asyncio.get_running_loop().call_soon_threadsafe(rest.retire)
-                signal.signal(signal.SIGUSR2, signal.SIG_IGN)
-
-            signal.signal(signal.SIGUSR1, on_sigusr1)
-            signal.signal(signal.SIGUSR2, on_sigusr2)
-            if handover is not None:
-                hand_over(handover, takeover)
+            what = f"model {model.name}"
+            takeover.on_signals(
+                socket.socket(fileno=takeover_fd),
+                handover,
+                lambda sock: takeover.take_over(rest.graceful, sock, spec_path, what),
+                lambda: takeover.retire(rest.graceful, retiring, what),
+                what,
+            )
         threading.Thread(target=rest.load_or_stop, name="load-model", daemon=True).start()
         rest.run(sockets=[sock])
     finally:
@@ -209,6 +181,8 @@ def serve(spec_path: Path, fd: int | None = None, takeover_fd: int | None = None
             handover.unlink(missing_ok=True)
         if payload_log is not None:
             payload_log.close()  # every request answered is sampled by now: write the last ones
+        if feedback_log is not None:
+            feedback_log.close()
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if failed.is_set():
         sys.exit(1)  # never ready: the deploy step (or Kubernetes) sees the exit and the one line above
@@ -235,32 +209,6 @@ def _payload_log(spec: dict[str, Any]) -> PayloadLog | None:
 def _exit_at_once(signum: int, frame: Any) -> None:
     """SIGTERM before the server serves (or after it stopped): nothing to finish, so exit 0 now."""
     raise SystemExit(0)
-
-
-def hand_over(path: Path, listening: socket.socket) -> None:
-    """Give ``listening`` to whoever connects at ``path`` (a Unix socket in a folder only this user
-    can enter): the deploy of the next version, so that both servers accept from one socket."""
-    path.unlink(missing_ok=True)
-    offer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        offer.bind(str(path))
-    except OSError as exc:
-        sys.exit(f"cannot offer the listening socket at {path}: {exc}")
-    offer.listen(4)
-
-    def give() -> None:
-        while True:
-            conn, _ = offer.accept()
-            with conn, contextlib.suppress(OSError):  # retired: the socket is closed, nothing to give
-                if hasattr(socket, "SO_PEERCRED"):  # Linux: only this user's processes get it
-                    peer_uid = struct.unpack(
-                        "3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-                    )[1]
-                    if peer_uid != os.getuid():
-                        continue
-                socket.send_fds(conn, [b"listening socket"], [listening.fileno()])
-
-    threading.Thread(target=give, name="handover", daemon=True).start()
 
 
 if __name__ == "__main__":

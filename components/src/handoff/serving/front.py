@@ -47,7 +47,8 @@ import numpy as np
 import orjson
 from kserve.errors import InferenceError, InvalidInput
 
-from handoff import __version__
+from handoff import __version__, feedback
+from handoff.payload_log import PayloadLog
 from handoff.serving import metrics
 from handoff.serving.kserve_internals import PREDICT_HIST_TIME
 from handoff.serving.onnx_model import OnnxModel
@@ -105,8 +106,10 @@ class FrontDoor:
         max_inflight_bytes: int,
         idle_timeout_s: float = 10.0,
         closing: Callable[[], bool] = lambda: False,
+        feedback: PayloadLog | None = None,
     ) -> None:
         self.app = app
+        self.feedback = feedback
         self.model = model
         self.version = version
         self.expected = expected
@@ -149,6 +152,7 @@ class FrontDoor:
             routes[base] = {"GET": self.model_metadata}
             routes[f"{base}/ready"] = {"GET": self.model_ready}
             routes[f"{base}/infer"] = {"POST": self.infer}
+            routes[f"{base}/feedback"] = {"POST": self.record_feedback}
         self.routes = routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -246,19 +250,26 @@ class FrontDoor:
         await self.respond(send, HTTPStatus.OK, orjson.dumps(body))
         return HTTPStatus.OK
 
-    async def repository_index(self, scope: Scope, receive: Receive, send: Send) -> int:
-        """The model repository extension's index: this server's one model, its version and state
-        (``{"ready": true}`` in the body lists only ready models, as Triton's does)."""
+    async def small_body(self, scope: Scope, receive: Receive, send: Send) -> bytes | int:
+        """A JSON route's whole body, with the request limits and timeouts of inference; or the
+        status it was refused with (the refusal is sent)."""
         state = _Body(receive)
         self.watch(state)
         try:
-            body = await self.read_body(state)
+            return await self.read_body(state)
         except Refused as refused:
             await self.refuse(scope, state, send, refused)
             return refused.status
         finally:
             self.inflight -= state.held
             self.reading.discard(state)
+
+    async def repository_index(self, scope: Scope, receive: Receive, send: Send) -> int:
+        """The model repository extension's index: this server's one model, its version and state
+        (``{"ready": true}`` in the body lists only ready models, as Triton's does)."""
+        body = await self.small_body(scope, receive, send)
+        if isinstance(body, int):
+            return body
         ready_only = False
         if body.strip():
             try:
@@ -287,6 +298,31 @@ class FrontDoor:
         log.info("rejected request: %s", message)
         await self.respond(send, HTTPStatus.BAD_REQUEST, error_body(message))
         return HTTPStatus.BAD_REQUEST
+
+    async def record_feedback(self, scope: Scope, receive: Receive, send: Send) -> int:
+        """Record ground truth for answered requests (``handoff.feedback`` says the body), to be
+        joined with the payload log by request id."""
+        body = await self.small_body(scope, receive, send)
+        if isinstance(body, int):
+            return body
+        if self.feedback is None:
+            message = (
+                "this server keeps no payload log, so feedback could not be joined to its predictions; "
+                "set monitoring.sample_rate above 0 in handoff.yaml and deploy again"
+            )
+            await self.respond(send, HTTPStatus.CONFLICT, error_body(message))
+            return HTTPStatus.CONFLICT
+        try:
+            reports = feedback.parse(body, self.model.contract)
+        except feedback.BadFeedback as exc:
+            log.info("rejected feedback: %s", exc)
+            await self.respond(send, HTTPStatus.BAD_REQUEST, error_body(str(exc)))
+            return HTTPStatus.BAD_REQUEST
+        for request_id, labels in reports:
+            self.feedback.offer({feedback.LABEL: labels}, {}, request_id)
+        rows = sum(len(labels) for _, labels in reports)
+        await self.respond(send, HTTPStatus.OK, orjson.dumps({"recorded": len(reports), "rows": rows}))
+        return HTTPStatus.OK
 
     def watch(self, body: _Body) -> None:
         """Have the sweep time ``body``'s waits, started on the running loop at first use."""

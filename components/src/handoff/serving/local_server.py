@@ -161,7 +161,7 @@ def url_of(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def _alive(handle: ServerHandle) -> bool:
+def alive(handle: ServerHandle) -> bool:
     """True only for the very process recorded (same pid, start time and spec file)."""
     try:
         process = psutil.Process(handle.pid)
@@ -194,7 +194,7 @@ def current(state_dir: Path, project: Path | None = None) -> ServerHandle | None
         return None
     if project is not None and handle.project != str(project):
         return None
-    return handle if _alive(handle) else None
+    return handle if alive(handle) else None
 
 
 def _grace_s(handle: ServerHandle) -> float:
@@ -212,7 +212,7 @@ def terminate(handle: ServerHandle, timeout_s: float | None = None) -> None:
     ``timeout_s`` (default: its ``shutdown_grace_s`` and a few seconds)."""
     if timeout_s is None:
         timeout_s = _grace_s(handle)
-    if _alive(handle):
+    if alive(handle):
         with contextlib.suppress(psutil.NoSuchProcess):
             process = psutil.Process(handle.pid)
             process.terminate()
@@ -320,7 +320,7 @@ def take_over(handle: ServerHandle, timeout_s: float = 10.0) -> None:
         while time.monotonic() < deadline:
             if marker.exists():
                 return
-            if not _alive(handle):
+            if not alive(handle):
                 break
             time.sleep(0.01)
     except psutil.Error:
@@ -334,7 +334,7 @@ def retire(handle: ServerHandle, drain_s: float = 3.0) -> None:
     """Retire a server whose socket the next version accepts on: SIGUSR2 makes it stop accepting
     and answer with ``Connection: close``, so its clients' next requests open connections to the
     new server; once its connections are gone (or after ``drain_s``) SIGTERM finishes the rest."""
-    if _alive(handle):
+    if alive(handle):
         with contextlib.suppress(psutil.Error):
             process = psutil.Process(handle.pid)
             process.send_signal(signal.SIGUSR2)

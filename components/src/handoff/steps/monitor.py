@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from handoff import __version__
+from handoff.ab_state import running_ab
 from handoff.artifacts import EXTRA_DIR, ONNX_FILE, REFERENCE_FILE
 from handoff.contract import Contract, Drift, load_contract
 from handoff.drift_features import (
@@ -106,8 +107,12 @@ def parse_since(value: str | None) -> datetime | None:
 
 
 def served_version(project: Project) -> str:
-    """The version this machine's model server serves for the project, else the champion."""
+    """The version this machine's model server serves for the project (during an A/B test, the
+    champion it started from: `handoff monitor --version` names the challenger), else the champion."""
     name = project.contract.name
+    ab = running_ab(project)
+    if ab is not None and ab.model_name == name:
+        return ab.champion
     handle = local_server.current(project.state_dir, project.root)
     if handle is not None and handle.model_name == name:
         return handle.version
