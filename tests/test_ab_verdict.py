@@ -22,6 +22,8 @@ from .conftest import replace_in
 
 pytestmark = pytest.mark.unit
 
+MODEL = "digits-classifier"
+
 
 @pytest.fixture
 def contract(project: Path):  # type: ignore[no-untyped-def]
@@ -145,3 +147,25 @@ def test_a_cluster_ab_test_needs_the_collectors_store_and_a_real_share(project: 
         HandoffError, match=r"monitoring.store: on a cluster each arm is scored from the payload collector's"
     ):
         start(project, "2", cluster=True)
+
+
+def test_a_verdict_needs_the_scored_output_in_the_logged_responses(project: Path) -> None:
+    """A postprocess that answers with other outputs (raw.outputs) leaves nothing to score: said so."""
+    from dataclasses import asdict
+
+    from handoff.ab import status
+    from handoff.ab_state import AB_FILE, AbTest
+    from handoff.files import write_json
+    from handoff.payload_log import PayloadLog, payload_store
+    from handoff.project import Project
+
+    loaded = Project.load(project)
+    log = PayloadLog(payload_store(loaded), model=MODEL, version="2", sample_rate=1.0, max_bytes=1 << 20)
+    answered = {"label": np.array([b"three", b"five"], object)}
+    log.offer({"image": np.zeros((2, 1, 8, 8), np.float32)}, answered, "r1")
+    log.close()
+    ab = AbTest(MODEL, "1", "2", 50, None, 0.0, "cluster", "http://graph.example")
+    write_json(loaded.state_dir / AB_FILE, asdict(ab))
+    expected = r"raw.outputs: the payload log holds what v2 answered \(label\), not logits"
+    with pytest.raises(HandoffError, match=expected):
+        status(project)

@@ -36,7 +36,7 @@ import requests
 from handoff import ab_verdict
 from handoff.ab_state import AB_FILE, AbTest, load_ab, running_ab
 from handoff.artifacts import EXAMPLE_FILE, EXTRA_DIR
-from handoff.contract import load_contract
+from handoff.contract import CONTRACT_FILE, load_contract
 from handoff.errors import HandoffError
 from handoff.feedback import joined, read_labels
 from handoff.files import read_json, write_json
@@ -287,6 +287,14 @@ def status(project_dir: Path | str) -> dict[str, Any]:
     arms = {}
     for arm, version in (("champion", ab.champion), ("challenger", ab.challenger)):
         window = read_window(store, since=since, model_version=version)
+        if window.rows and output not in window.outputs:
+            raise HandoffError(
+                f"the payload log holds what v{version} answered ({', '.join(window.outputs)}), not "
+                f"{output}, the output the contract's metrics score (a postprocess turns it into "
+                "raw.outputs): an A/B verdict needs the scored output in the responses",
+                file=project.root / CONTRACT_FILE,
+                field="raw.outputs",
+            )
         found = joined(window, labels, output)
         counts = seen.get(arm, {})
         label_array = found.labels
