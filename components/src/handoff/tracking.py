@@ -24,6 +24,9 @@ def use_tracking(project: Project) -> MlflowClient:
     """
     # Steps run in short-lived processes on machines that may have no network: no telemetry.
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # A model's files are fetched in a blink: a progress bar per fetch only buries the command's
+    # own lines (handoff deploy, handoff ab), in a terminal and in a pod's log alike.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     uri = project.tracking_uri
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
